@@ -1,0 +1,427 @@
+//! The dedup engine: claim → forward → record → answer (design §3, §6).
+//!
+//! It knows no HTTP: it is handed a `Store`, an `Upstream` and a `Clock`, so it runs the same
+//! against sled and a real service as against the reference store and a simulated service.
+//! It never forwards a call without a durable claim, never answers a first attempt before its
+//! outcome is durable, and never lets a client's cancel stop a call that was forwarded.
+
+use crate::key::{self, Key};
+use crate::record::{self, ClaimRequest, Claimed, Disposition, Fenced, Response, Token};
+use crate::status::{Reason, Refusal};
+use crate::store::{Store, StoreError};
+use bytes::Bytes;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+
+/// Wall-clock time for records, which outlive the process.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The wall clock read once at start, then advanced by the monotonic (tokio) clock, so leases
+/// do not jump with the system time during a run and paused-time tests move it.
+#[derive(Debug, Clone)]
+pub struct SystemClock {
+    base_ms: u64,
+    start: Instant,
+}
+
+impl SystemClock {
+    /// Reads the wall clock now.
+    pub fn new() -> SystemClock {
+        let base_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as u64)
+            .unwrap_or(0);
+        SystemClock {
+            base_ms,
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        SystemClock::new()
+    }
+}
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        self.base_ms + self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// What the upstream did with a forwarded call.
+#[derive(Debug)]
+pub enum Reply<S> {
+    /// A complete answer, buffered within the response limit.
+    Complete(Response),
+    /// An answer larger than may be kept: it is streamed on to the caller unrecorded.
+    Oversized(S),
+    /// The service did not process the request (connect failure, refused stream).
+    NotProcessed(String),
+    /// The request may have reached the service, and no complete answer came back.
+    Unknown(String),
+}
+
+/// The service behind the sidecar.
+pub trait Upstream: Send + Sync + 'static {
+    /// Everything of the call but its body (for HTTP: the request head).
+    type Request: Send + 'static;
+    /// An oversized answer still being received.
+    type Stream: Send + 'static;
+
+    /// Forwards one call and collects its answer.
+    fn call(
+        &self,
+        request: Self::Request,
+        body: Bytes,
+    ) -> impl Future<Output = Reply<Self::Stream>> + Send;
+}
+
+/// One deduplicated call.
+#[derive(Debug)]
+pub struct Call<R> {
+    /// `/package.Service/Method`.
+    pub method: String,
+    /// Who calls, or [`key::ANONYMOUS_CALLER`].
+    pub caller: String,
+    /// The request serial number (the key header's value).
+    pub serial: Bytes,
+    /// The whole request body: its gRPC message frames.
+    pub body: Bytes,
+    /// The call's own deadline (`grpc-timeout`), if it sent one.
+    pub timeout: Option<Duration>,
+    /// What the upstream needs besides the body.
+    pub request: R,
+}
+
+/// What the caller gets.
+#[derive(Debug)]
+pub enum Answer<S> {
+    /// The service's own answer to this first attempt.
+    Fresh(Response),
+    /// The recorded answer of an earlier attempt.
+    Replay(Response),
+    /// The service's answer, too large to keep, streamed on.
+    Stream(S),
+    /// idemproxy answers in the service's place.
+    Refused(Refusal),
+}
+
+/// The engine's limits; every wait and record has one.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long a record protects its key.
+    pub retention: Duration,
+    /// The lease of a call that sent no `grpc-timeout`.
+    pub lease_default: Duration,
+    /// Added to a call's deadline to form its lease.
+    pub lease_margin: Duration,
+    /// How long a duplicate waits for an in-flight first attempt.
+    pub in_flight_wait_max: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            retention: Duration::from_secs(24 * 3600),
+            lease_default: Duration::from_secs(30),
+            lease_margin: Duration::from_secs(5),
+            in_flight_wait_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Claim tokens unique to this process: an incarnation id and a counter.
+#[derive(Debug)]
+pub struct Tokens {
+    incarnation: [u8; 8],
+    next: AtomicU64,
+}
+
+impl Tokens {
+    /// Tokens prefixed with `incarnation`, which must differ between processes.
+    pub fn new(incarnation: [u8; 8]) -> Tokens {
+        Tokens {
+            incarnation,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// An incarnation id from the process id and the time, for production.
+    pub fn for_this_process() -> Tokens {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos())
+            .unwrap_or(0);
+        let seed = format!("{}:{nanos}", std::process::id());
+        let digest = key::fingerprint(seed.as_bytes());
+        Tokens::new(digest[..8].try_into().expect("a digest has 32 bytes"))
+    }
+
+    fn next(&self) -> Token {
+        let mut token = [0u8; 16];
+        token[..8].copy_from_slice(&self.incarnation);
+        token[8..].copy_from_slice(&self.next.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        token
+    }
+}
+
+/// The dedup engine over one store, one upstream and one clock.
+pub struct Engine<S, U, C> {
+    store: Arc<S>,
+    upstream: Arc<U>,
+    clock: C,
+    tokens: Tokens,
+    limits: Limits,
+}
+
+fn store_refusal(key: Key, error: &StoreError) -> Refusal {
+    tracing::warn!(key = %key, %error, "store failed; refusing the call (fail closed)");
+    Refusal::new(
+        Reason::StoreUnavailable,
+        format!("the idempotency store is unavailable: {error}"),
+    )
+    .with_key(key)
+}
+
+impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
+    /// An engine over its parts.
+    pub fn new(store: Arc<S>, upstream: Arc<U>, clock: C, tokens: Tokens, limits: Limits) -> Self {
+        Engine {
+            store,
+            upstream,
+            clock,
+            tokens,
+            limits,
+        }
+    }
+
+    /// The store this engine records in.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// Serves one deduplicated call. The forwarded part runs in its own task: dropping this
+    /// future (the client cancelled) leaves the call running and its outcome recorded.
+    pub async fn handle(self: &Arc<Self>, call: Call<U::Request>) -> Answer<U::Stream> {
+        if let Err(error) = key::validate_serial(&call.serial) {
+            return Answer::Refused(Refusal::new(Reason::KeyInvalid, error.to_string()));
+        }
+        let key = Key::derive(&call.method, &call.caller, &call.serial);
+        let fingerprint = key::fingerprint(&call.body);
+        let token = self.tokens.next();
+        let lease = call.timeout.unwrap_or(self.limits.lease_default) + self.limits.lease_margin;
+        if let Err(answer) = self.claim(&call, key, &fingerprint, token, lease).await {
+            return answer;
+        }
+        let engine = self.clone();
+        let forwarded = tokio::spawn(async move {
+            engine.forward(key, token, lease, call.request, call.body).await
+        });
+        match forwarded.await {
+            Ok(answer) => answer,
+            Err(error) => {
+                tracing::error!(key = %key, %error, "the forwarding task failed");
+                Answer::Refused(
+                    Refusal::new(Reason::OutcomeUnknown, "the call's outcome is unknown")
+                        .with_key(key)
+                        .with_state("IN_DOUBT"),
+                )
+            }
+        }
+    }
+
+    /// Claims the key, waiting on an in-flight first attempt. `Ok` means ours to forward.
+    async fn claim(
+        &self,
+        call: &Call<U::Request>,
+        key: Key,
+        fingerprint: &[u8; 32],
+        token: Token,
+        lease: Duration,
+    ) -> Result<(), Answer<U::Stream>> {
+        let wait = call
+            .timeout
+            .map_or(self.limits.in_flight_wait_max, |t| t.min(self.limits.in_flight_wait_max));
+        let wait_until = Instant::now() + wait;
+        let mut armed = None;
+        loop {
+            let now_ms = self.clock.now_ms();
+            let request = ClaimRequest {
+                fingerprint,
+                method: &call.method,
+                caller: &call.caller,
+                token,
+                now_ms,
+                lease_until_ms: now_ms + lease.as_millis() as u64,
+                expires_ms: now_ms + self.limits.retention.as_millis() as u64,
+            };
+            let claimed = self.store.update(&key, |current| record::claim(current, &request)).await;
+            let lease_until_ms = match claimed {
+                Ok(Claimed::Owned) => return Ok(()),
+                Ok(Claimed::InProgress { lease_until_ms }) => lease_until_ms,
+                Ok(other) => return Err(Self::answer_duplicate(key, other)),
+                Err(error) => {
+                    // The claim may have landed in memory without reaching the disk: take it
+                    // back if we can, so the key is not left blocked by a call never forwarded.
+                    let _ = self.store.update(&key, |current| record::release(current, &token)).await;
+                    return Err(Answer::Refused(store_refusal(key, &error)));
+                }
+            };
+            let Some(changed) = armed.take() else {
+                // Arm the watch, then read again: a change between the two is never missed.
+                armed = Some(self.store.changed(&key));
+                continue;
+            };
+            let now = Instant::now();
+            if now >= wait_until {
+                let retry_after = Duration::from_millis(lease_until_ms.saturating_sub(now_ms))
+                    .min(self.limits.in_flight_wait_max)
+                    .max(Duration::from_millis(1));
+                return Err(Answer::Refused(
+                    Refusal::new(Reason::InProgress, "an earlier attempt with this key is still running")
+                        .with_key(key)
+                        .with_state("IN_FLIGHT")
+                        .with_retry_after(retry_after),
+                ));
+            }
+            let lease_left = Duration::from_millis(lease_until_ms.saturating_sub(now_ms));
+            let wake = wait_until.min(now + lease_left);
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    fn answer_duplicate(key: Key, claimed: Claimed) -> Answer<U::Stream> {
+        let refusal = match claimed {
+            Claimed::Replay(response) => return Answer::Replay(response),
+            Claimed::KeyReused => Refusal::new(
+                Reason::KeyReused,
+                "this idempotency key was already used with another request",
+            ),
+            Claimed::InDoubt => Refusal::new(
+                Reason::OutcomeUnknown,
+                "an earlier attempt with this key may have taken effect and its outcome is unknown",
+            )
+            .with_state("IN_DOUBT"),
+            Claimed::ResponseNotKept => Refusal::new(
+                Reason::ResponseNotKept,
+                "an earlier attempt with this key completed, but its response was too large to keep",
+            )
+            .with_state("COMPLETED"),
+            Claimed::Owned | Claimed::InProgress { .. } => {
+                unreachable!("claim() handles Owned and InProgress itself")
+            }
+        };
+        Answer::Refused(refusal.with_key(key))
+    }
+
+    /// Forwards a claimed call within its lease and records what happened.
+    async fn forward(
+        &self,
+        key: Key,
+        token: Token,
+        lease: Duration,
+        request: U::Request,
+        body: Bytes,
+    ) -> Answer<U::Stream> {
+        let reply = tokio::time::timeout(lease, self.upstream.call(request, body))
+            .await
+            .unwrap_or_else(|_| Reply::Unknown("no answer within the call's lease".into()));
+        match reply {
+            Reply::Complete(response) => self.record(key, token, response).await,
+            Reply::Oversized(stream) => {
+                let expires_ms = self.expires_ms();
+                let now_ms = self.clock.now_ms();
+                let kept = self
+                    .store
+                    .update(&key, |current| record::complete(current, &token, None, now_ms, expires_ms))
+                    .await;
+                if let Err(error) = kept {
+                    tracing::warn!(key = %key, %error, "could not record an oversized outcome");
+                }
+                Answer::Stream(stream)
+            }
+            Reply::NotProcessed(why) => {
+                self.settle(key, |current| record::release(current, &token)).await;
+                Answer::Refused(
+                    Refusal::new(
+                        Reason::UpstreamUnavailable,
+                        format!("the service is unavailable: {why}"),
+                    )
+                    .with_key(key),
+                )
+            }
+            Reply::Unknown(why) => {
+                self.settle(key, |current| record::mark_in_doubt(current, &token, &why)).await;
+                Answer::Refused(
+                    Refusal::new(
+                        Reason::OutcomeUnknown,
+                        format!("the call may have taken effect and its outcome is unknown: {why}"),
+                    )
+                    .with_key(key)
+                    .with_state("IN_DOUBT"),
+                )
+            }
+        }
+    }
+
+    async fn record(&self, key: Key, token: Token, response: Response) -> Answer<U::Stream> {
+        match record::classify(&response) {
+            Disposition::Record => {
+                let now_ms = self.clock.now_ms();
+                let expires_ms = self.expires_ms();
+                let kept = Some(response.clone());
+                let result = self
+                    .store
+                    .update(&key, move |current| {
+                        record::complete(current, &token, kept.clone(), now_ms, expires_ms)
+                    })
+                    .await;
+                match result {
+                    Ok(Fenced::Applied) => Answer::Fresh(response),
+                    Ok(Fenced::NotOwner) => {
+                        tracing::warn!(key = %key, "the record changed hands before the outcome; answering unrecorded");
+                        Answer::Fresh(response)
+                    }
+                    // The service acted, but no retry could learn it: say the outcome is unknown.
+                    Err(error) => Answer::Refused(store_refusal(key, &error).with_state("IN_FLIGHT")),
+                }
+            }
+            Disposition::Release => {
+                self.settle(key, |current| record::release(current, &token)).await;
+                Answer::Fresh(response)
+            }
+            Disposition::InDoubt => {
+                let why = format!("the service answered grpc-status {}", response.grpc_status);
+                self.settle(key, |current| record::mark_in_doubt(current, &token, &why)).await;
+                Answer::Fresh(response)
+            }
+        }
+    }
+
+    /// Applies a release or in-doubt mark; on failure the record stays IN_FLIGHT and becomes
+    /// IN_DOUBT when its lease runs out, which is safe, so the caller still gets its answer.
+    async fn settle(
+        &self,
+        key: Key,
+        transition: impl FnMut(Option<&record::Record>) -> (record::Change, Fenced) + Send,
+    ) {
+        if let Err(error) = self.store.update(&key, transition).await {
+            tracing::warn!(key = %key, %error, "could not settle a record; it becomes IN_DOUBT at its lease");
+        }
+    }
+
+    fn expires_ms(&self) -> u64 {
+        self.clock.now_ms() + self.limits.retention.as_millis() as u64
+    }
+}

@@ -1,0 +1,34 @@
+//! idemproxy: a gRPC idempotency sidecar. See ARCHITECTURE.md for the map of this crate.
+
+pub mod engine;
+pub mod key;
+pub mod record;
+pub mod status;
+pub mod store;
+
+/// Code generated from `proto/` at build time.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod pb {
+    /// `google.rpc`: the error model idemproxy emits.
+    pub mod google {
+        pub mod rpc {
+            include!(concat!(env!("OUT_DIR"), "/google.rpc.rs"));
+        }
+    }
+    /// `idemproxy.*` packages.
+    pub mod idemproxy {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/idemproxy.v1.rs"));
+        }
+        pub mod demo {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/idemproxy.demo.v1.rs"));
+            }
+        }
+        pub mod testing {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/idemproxy.testing.v1.rs"));
+            }
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The record state machine (design §3): the only place that decides a state.
+//!
+//! Every function here is a pure transition: it reads the current record (if any) and returns
+//! the change to apply plus what the caller learns. Stores apply a change atomically (one
+//! compare-and-swap or one script) and never invent a state of their own. Nothing here does
+//! I/O or reads a clock: the instant is an argument.
+
+pub use crate::pb::idemproxy::v1::{Header, Record, Response, State};
+
+/// The version written in every new record.
+pub const RECORD_VERSION: u32 = 1;
+
+/// What a store must do with the record it read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Leave it as it is.
+    Keep,
+    /// Replace it (or create it) with this record.
+    Put(Record),
+    /// Delete it: the key is free again.
+    Delete,
+}
+
+/// The claim token: identifies one claim, so only its owner may complete or release it.
+pub type Token = [u8; 16];
+
+/// A first attempt's request to own a key.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest<'a> {
+    /// Fingerprint of the request messages.
+    pub fingerprint: &'a [u8; 32],
+    /// `/package.Service/Method`.
+    pub method: &'a str,
+    /// The caller, as the caller source named it.
+    pub caller: &'a str,
+    /// The new claim's token.
+    pub token: Token,
+    /// Now, in Unix milliseconds.
+    pub now_ms: u64,
+    /// Until when the claimant may run the call.
+    pub lease_until_ms: u64,
+    /// When the record stops protecting the key.
+    pub expires_ms: u64,
+}
+
+/// What a claim learned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claimed {
+    /// The key is ours: forward the call.
+    Owned,
+    /// A recorded outcome for this very request: replay it.
+    Replay(Response),
+    /// The call ran, but its response was too large to keep.
+    ResponseNotKept,
+    /// Another attempt owns the key until `lease_until_ms`.
+    InProgress {
+        /// When that owner's lease runs out.
+        lease_until_ms: u64,
+    },
+    /// The service may have acted and its outcome is unknown.
+    InDoubt,
+    /// The same key arrived with another request payload.
+    KeyReused,
+}
+
+/// Whether the owner's write landed, or another claim holds the record now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fenced {
+    /// The transition was applied.
+    Applied,
+    /// The record is not ours (another token, or gone): nothing was changed.
+    NotOwner,
+}
+
+/// True when `record` no longer protects its key at `now_ms` and may be replaced.
+///
+/// A live IN_FLIGHT record is never dead: its owner may still be running the call.
+pub fn is_expired(record: &Record, now_ms: u64) -> bool {
+    let live_in_flight =
+        record.state() == State::InFlight && record.lease_until_ms > now_ms;
+    !live_in_flight && record.expires_ms <= now_ms
+}
+
+/// The state as of `now_ms`: an IN_FLIGHT record past its lease is IN_DOUBT.
+pub fn effective_state(record: &Record, now_ms: u64) -> State {
+    match record.state() {
+        State::InFlight if record.lease_until_ms <= now_ms => State::InDoubt,
+        state => state,
+    }
+}
+
+/// A first attempt or a duplicate arrives: claim the key, or learn its standing.
+pub fn claim(current: Option<&Record>, request: &ClaimRequest<'_>) -> (Change, Claimed) {
+    let record = match current {
+        Some(record) if !is_expired(record, request.now_ms) => record,
+        _ => return (Change::Put(new_in_flight(request)), Claimed::Owned),
+    };
+    if record.fingerprint != request.fingerprint[..] {
+        return (Change::Keep, Claimed::KeyReused);
+    }
+    match effective_state(record, request.now_ms) {
+        State::InFlight => (
+            Change::Keep,
+            Claimed::InProgress {
+                lease_until_ms: record.lease_until_ms,
+            },
+        ),
+        State::InDoubt if record.state() == State::InFlight => {
+            // The lease ran out: the owner crashed or hung. Record that, never re-execute.
+            let change = Change::Put(in_doubt(record, "the owner's lease expired"));
+            (change, Claimed::InDoubt)
+        }
+        State::InDoubt | State::Unspecified => (Change::Keep, Claimed::InDoubt),
+        State::Completed if record.response_not_kept => (Change::Keep, Claimed::ResponseNotKept),
+        State::Completed => match &record.response {
+            Some(response) => (Change::Keep, Claimed::Replay(response.clone())),
+            None => (Change::Keep, Claimed::ResponseNotKept),
+        },
+    }
+}
+
+fn new_in_flight(request: &ClaimRequest<'_>) -> Record {
+    Record {
+        version: RECORD_VERSION,
+        state: State::InFlight as i32,
+        fingerprint: request.fingerprint.to_vec(),
+        method: request.method.to_owned(),
+        caller: request.caller.to_owned(),
+        created_ms: request.now_ms,
+        expires_ms: request.expires_ms,
+        token: request.token.to_vec(),
+        lease_until_ms: request.lease_until_ms,
+        ..Record::default()
+    }
+}
+
+fn in_doubt(record: &Record, reason: &str) -> Record {
+    Record {
+        state: State::InDoubt as i32,
+        in_doubt_reason: reason.to_owned(),
+        ..record.clone()
+    }
+}
+
+fn owns(record: &Record, token: &Token) -> bool {
+    record.token == token[..] && matches!(record.state(), State::InFlight | State::InDoubt)
+}
+
+/// The owner records the outcome: COMPLETED with the response (or without, when it was too
+/// large to keep). A late owner may complete its own IN_DOUBT record: we learn the truth.
+pub fn complete(
+    current: Option<&Record>,
+    token: &Token,
+    response: Option<Response>,
+    now_ms: u64,
+    expires_ms: u64,
+) -> (Change, Fenced) {
+    match current {
+        Some(record) if owns(record, token) => {
+            let completed = Record {
+                state: State::Completed as i32,
+                response_not_kept: response.is_none(),
+                response,
+                completed_ms: now_ms,
+                expires_ms,
+                in_doubt_reason: String::new(),
+                ..record.clone()
+            };
+            (Change::Put(completed), Fenced::Applied)
+        }
+        _ => (Change::Keep, Fenced::NotOwner),
+    }
+}
+
+/// The owner learned the service did not act: free the key so a retry executes.
+pub fn release(current: Option<&Record>, token: &Token) -> (Change, Fenced) {
+    match current {
+        Some(record) if owns(record, token) => (Change::Delete, Fenced::Applied),
+        _ => (Change::Keep, Fenced::NotOwner),
+    }
+}
+
+/// The owner cannot tell whether the service acted.
+pub fn mark_in_doubt(current: Option<&Record>, token: &Token, reason: &str) -> (Change, Fenced) {
+    match current {
+        Some(record) if record.token == token[..] && record.state() == State::InFlight => {
+            (Change::Put(in_doubt(record, reason)), Fenced::Applied)
+        }
+        _ => (Change::Keep, Fenced::NotOwner),
+    }
+}
+
+/// At start: a record left IN_FLIGHT by a previous process has no owner any more.
+pub fn recover(current: Option<&Record>) -> Change {
+    match current {
+        Some(record) if record.state() == State::InFlight => {
+            Change::Put(in_doubt(record, "the owning process ended before the outcome"))
+        }
+        _ => Change::Keep,
+    }
+}
+
+/// The sweeper's look at one record: delete what expired, settle leases that ran out.
+pub fn sweep(current: Option<&Record>, now_ms: u64) -> Change {
+    match current {
+        Some(record) if is_expired(record, now_ms) => Change::Delete,
+        Some(record)
+            if record.state() == State::InFlight && record.lease_until_ms <= now_ms =>
+        {
+            Change::Put(in_doubt(record, "the owner's lease expired"))
+        }
+        _ => Change::Keep,
+    }
+}
+
+/// The store is over its size bound: only COMPLETED records may go, never a claim or an
+/// unknown outcome.
+pub fn evict(current: Option<&Record>) -> Change {
+    match current {
+        Some(record) if record.state() == State::Completed => Change::Delete,
+        _ => Change::Keep,
+    }
+}
+
+/// What an upstream answer means for its record (design §3, outcome classification).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// A deterministic answer: COMPLETED, replayed to duplicates.
+    Record,
+    /// The service did not act: free the key so a retry executes.
+    Release,
+    /// The service may have acted: IN_DOUBT.
+    InDoubt,
+}
+
+/// Classifies a complete upstream response by its gRPC status.
+pub fn classify(response: &Response) -> Disposition {
+    match response.grpc_status {
+        // OK and the deterministic refusals: the same request gets the same answer.
+        0 | 3 | 5 | 6 | 9 | 11 | 12 => Disposition::Record,
+        // UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, ABORTED: not acted on.
+        16 | 7 | 8 | 10 => Disposition::Release,
+        // UNAVAILABLE before any response header: the request was not processed.
+        14 if response.trailers_only => Disposition::Release,
+        // DEADLINE_EXCEEDED, CANCELLED, UNKNOWN, INTERNAL, DATA_LOSS, late UNAVAILABLE, and
+        // any code the protocol does not define.
+        _ => Disposition::InDoubt,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: [u8; 32] = [7; 32];
+    const OTHER_FP: [u8; 32] = [8; 32];
+
+    fn request(token: u8, now_ms: u64) -> ClaimRequest<'static> {
+        ClaimRequest {
+            fingerprint: &FP,
+            method: "/s.S/M",
+            caller: "-",
+            token: [token; 16],
+            now_ms,
+            lease_until_ms: now_ms + 1_000,
+            expires_ms: now_ms + 10_000,
+        }
+    }
+
+    fn put(change: Change) -> Record {
+        match change {
+            Change::Put(record) => record,
+            other => panic!("expected a put, got {other:?}"),
+        }
+    }
+
+    fn ok_response() -> Response {
+        Response {
+            http_status: 200,
+            grpc_status: 0,
+            body: b"\0\0\0\0\x01z".to_vec().into(),
+            ..Response::default()
+        }
+    }
+
+    #[test]
+    fn classification_follows_the_design_table() {
+        let of = |grpc_status, trailers_only| {
+            classify(&Response { grpc_status, trailers_only, ..Response::default() })
+        };
+        for code in [0, 3, 5, 6, 9, 11, 12] {
+            assert_eq!(of(code, false), Disposition::Record, "code {code}");
+        }
+        for code in [16, 7, 8, 10] {
+            assert_eq!(of(code, true), Disposition::Release, "code {code}");
+        }
+        assert_eq!(of(14, true), Disposition::Release);
+        assert_eq!(of(14, false), Disposition::InDoubt);
+        for code in [1, 2, 4, 13, 15, 99] {
+            assert_eq!(of(code, true), Disposition::InDoubt, "code {code}");
+        }
+    }
+
+    #[test]
+    fn first_claim_owns_then_duplicates_wait() {
+        let (change, claimed) = claim(None, &request(1, 100));
+        assert_eq!(claimed, Claimed::Owned);
+        let record = put(change);
+        assert_eq!(record.state(), State::InFlight);
+        let (change, claimed) = claim(Some(&record), &request(2, 200));
+        assert_eq!(change, Change::Keep);
+        assert_eq!(claimed, Claimed::InProgress { lease_until_ms: 1_100 });
+    }
+
+    #[test]
+    fn other_payload_is_key_reuse_in_every_state() {
+        let record = put(claim(None, &request(1, 100)).0);
+        let mut other = request(2, 200);
+        other.fingerprint = &OTHER_FP;
+        assert_eq!(claim(Some(&record), &other).1, Claimed::KeyReused);
+        let done = put(complete(Some(&record), &[1; 16], Some(ok_response()), 150, 10_100).0);
+        assert_eq!(claim(Some(&done), &other).1, Claimed::KeyReused);
+    }
+
+    #[test]
+    fn completed_replays_until_expiry() {
+        let record = put(claim(None, &request(1, 100)).0);
+        let done = put(complete(Some(&record), &[1; 16], Some(ok_response()), 150, 10_100).0);
+        assert_eq!(
+            claim(Some(&done), &request(2, 10_099)).1,
+            Claimed::Replay(ok_response())
+        );
+        assert_eq!(claim(Some(&done), &request(3, 10_100)).1, Claimed::Owned);
+    }
+
+    #[test]
+    fn lease_expiry_makes_in_doubt_never_owned() {
+        let record = put(claim(None, &request(1, 100)).0);
+        let (change, claimed) = claim(Some(&record), &request(2, 1_100));
+        assert_eq!(claimed, Claimed::InDoubt);
+        assert_eq!(put(change).state(), State::InDoubt);
+    }
+
+    #[test]
+    fn only_the_token_owner_completes_or_releases() {
+        let record = put(claim(None, &request(1, 100)).0);
+        let stranger = [9; 16];
+        assert_eq!(
+            complete(Some(&record), &stranger, Some(ok_response()), 1, 2).1,
+            Fenced::NotOwner
+        );
+        assert_eq!(release(Some(&record), &stranger).1, Fenced::NotOwner);
+        assert_eq!(release(None, &[1; 16]).1, Fenced::NotOwner);
+        assert_eq!(release(Some(&record), &[1; 16]).0, Change::Delete);
+    }
+
+    #[test]
+    fn late_owner_completes_its_in_doubt_record() {
+        let record = put(claim(None, &request(1, 100)).0);
+        let doubted = put(mark_in_doubt(Some(&record), &[1; 16], "reset").0);
+        let (change, fenced) = complete(Some(&doubted), &[1; 16], Some(ok_response()), 5, 9);
+        assert_eq!(fenced, Fenced::Applied);
+        assert_eq!(put(change).state(), State::Completed);
+    }
+
+    #[test]
+    fn a_new_claim_fences_the_old_token() {
+        let record = put(claim(None, &request(1, 100)).0);
+        let done = put(complete(Some(&record), &[1; 16], None, 150, 200).0);
+        assert!(done.response_not_kept);
+        let reclaimed = put(claim(Some(&done), &request(2, 300)).0);
+        assert_eq!(release(Some(&reclaimed), &[1; 16]).1, Fenced::NotOwner);
+    }
+
+    #[test]
+    fn recovery_sweep_and_eviction_never_free_an_unknown_outcome() {
+        let record = put(claim(None, &request(1, 100)).0);
+        assert_eq!(put(recover(Some(&record))).state(), State::InDoubt);
+        assert_eq!(evict(Some(&record)), Change::Keep);
+        assert_eq!(sweep(Some(&record), 500), Change::Keep);
+        assert_eq!(put(sweep(Some(&record), 1_100)).state(), State::InDoubt);
+        let doubted = put(recover(Some(&record)));
+        assert_eq!(evict(Some(&doubted)), Change::Keep);
+        assert_eq!(sweep(Some(&doubted), 10_100), Change::Delete);
+    }
+}

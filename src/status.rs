@@ -1,0 +1,270 @@
+//! gRPC status codes and idemproxy's refusals (design §3, "What a caller gets").
+//!
+//! Owns the one mapping from a refusal to the wire: `grpc-status`, a percent-encoded
+//! `grpc-message`, and `grpc-status-details-bin` holding a `google.rpc.Status` with a
+//! `google.rpc.ErrorInfo` (domain `idemproxy`) and, when a retry should wait, a
+//! `google.rpc.RetryInfo` plus the `grpc-retry-pushback-ms` trailer. It never decides whether
+//! to refuse: the engine does.
+
+use crate::key::Key;
+use crate::pb::google::rpc::{ErrorInfo, RetryInfo, Status};
+use base64::Engine as _;
+use http::{HeaderMap, HeaderValue};
+use prost::Message;
+use std::time::Duration;
+
+/// The ErrorInfo domain of every refusal.
+pub const DOMAIN: &str = "idemproxy";
+
+/// gRPC status codes, as the protocol numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+#[allow(missing_docs)]
+pub enum Code {
+    Ok = 0,
+    Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
+
+/// Why idemproxy answered instead of the service: the `ErrorInfo.reason` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Same key, another payload.
+    KeyReused,
+    /// A duplicate waited as long as it may for the first attempt.
+    InProgress,
+    /// The key's outcome is unknown (IN_DOUBT).
+    OutcomeUnknown,
+    /// The key header is malformed.
+    KeyInvalid,
+    /// A key is required and none came.
+    KeyMissing,
+    /// The request is larger than may be deduplicated.
+    RequestTooLarge,
+    /// The call ran once but its response was too large to keep.
+    ResponseNotKept,
+    /// The store cannot durably claim or record: nothing is forwarded.
+    StoreUnavailable,
+    /// The service could not be reached; the key was released, so a retry executes.
+    UpstreamUnavailable,
+    /// The request is not a well-formed gRPC call.
+    MalformedRequest,
+}
+
+impl Reason {
+    /// The stable reason string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::KeyReused => "IDEMPOTENCY_KEY_REUSED",
+            Reason::InProgress => "IDEMPOTENCY_IN_PROGRESS",
+            Reason::OutcomeUnknown => "IDEMPOTENCY_OUTCOME_UNKNOWN",
+            Reason::KeyInvalid => "IDEMPOTENCY_KEY_INVALID",
+            Reason::KeyMissing => "IDEMPOTENCY_KEY_MISSING",
+            Reason::RequestTooLarge => "IDEMPOTENCY_REQUEST_TOO_LARGE",
+            Reason::ResponseNotKept => "IDEMPOTENCY_RESPONSE_NOT_KEPT",
+            Reason::StoreUnavailable => "IDEMPOTENCY_STORE_UNAVAILABLE",
+            Reason::UpstreamUnavailable => "IDEMPOTENCY_UPSTREAM_UNAVAILABLE",
+            Reason::MalformedRequest => "IDEMPOTENCY_MALFORMED_REQUEST",
+        }
+    }
+
+    /// The status code this reason is answered with.
+    pub fn code(self) -> Code {
+        match self {
+            Reason::KeyReused | Reason::OutcomeUnknown | Reason::ResponseNotKept => {
+                Code::FailedPrecondition
+            }
+            Reason::InProgress => Code::Aborted,
+            Reason::KeyInvalid | Reason::KeyMissing => Code::InvalidArgument,
+            Reason::RequestTooLarge => Code::ResourceExhausted,
+            Reason::StoreUnavailable | Reason::UpstreamUnavailable => Code::Unavailable,
+            Reason::MalformedRequest => Code::Internal,
+        }
+    }
+}
+
+/// An answer idemproxy gives in the service's place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// Why.
+    pub reason: Reason,
+    /// A human sentence for `grpc-message`.
+    pub message: String,
+    /// The key concerned, shown as its hash.
+    pub key: Option<Key>,
+    /// The record state concerned (`IN_FLIGHT`, `IN_DOUBT`, ...).
+    pub state: Option<&'static str>,
+    /// How long a retry should wait.
+    pub retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    /// A refusal with a reason and message and nothing else.
+    pub fn new(reason: Reason, message: impl Into<String>) -> Refusal {
+        Refusal {
+            reason,
+            message: message.into(),
+            key: None,
+            state: None,
+            retry_after: None,
+        }
+    }
+
+    /// Names the key concerned.
+    pub fn with_key(mut self, key: Key) -> Refusal {
+        self.key = Some(key);
+        self
+    }
+
+    /// Names the record state concerned.
+    pub fn with_state(mut self, state: &'static str) -> Refusal {
+        self.state = Some(state);
+        self
+    }
+
+    /// Tells the client when to retry.
+    pub fn with_retry_after(mut self, delay: Duration) -> Refusal {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// The `google.rpc.Status` carried in `grpc-status-details-bin`.
+    pub fn to_status_proto(&self) -> Status {
+        let mut metadata = std::collections::HashMap::new();
+        if let Some(key) = &self.key {
+            metadata.insert("key_hash".to_string(), key.hex());
+        }
+        if let Some(state) = self.state {
+            metadata.insert("state".to_string(), state.to_string());
+        }
+        let info = ErrorInfo {
+            reason: self.reason.as_str().to_string(),
+            domain: DOMAIN.to_string(),
+            metadata,
+        };
+        let mut details = vec![any("google.rpc.ErrorInfo", &info)];
+        if let Some(delay) = self.retry_after {
+            let retry = RetryInfo {
+                retry_delay: Some(prost_types::Duration {
+                    seconds: i64::try_from(delay.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(delay.subsec_nanos()).unwrap_or(0),
+                }),
+            };
+            details.push(any("google.rpc.RetryInfo", &retry));
+        }
+        Status {
+            code: self.reason.code() as i32,
+            message: self.message.clone(),
+            details,
+        }
+    }
+
+    /// The status fields, as a trailers-only response's headers carry them.
+    pub fn to_headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::with_capacity(5);
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(self.reason.code() as u32));
+        let message = percent_encode(&self.message);
+        if let Ok(value) = HeaderValue::from_str(&message) {
+            headers.insert("grpc-message", value);
+        }
+        let details = base64::engine::general_purpose::STANDARD_NO_PAD
+            .encode(self.to_status_proto().encode_to_vec());
+        headers.insert(
+            "grpc-status-details-bin",
+            HeaderValue::from_str(&details).expect("base64 is a valid header value"),
+        );
+        if let Some(delay) = self.retry_after {
+            let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+            headers.insert("grpc-retry-pushback-ms", HeaderValue::from(millis));
+        }
+        headers
+    }
+}
+
+fn any(name: &str, message: &impl Message) -> prost_types::Any {
+    prost_types::Any {
+        type_url: format!("type.googleapis.com/{name}"),
+        value: message.encode_to_vec(),
+    }
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: every byte outside
+/// 0x20..=0x7e, and `%` itself.
+pub fn percent_encode(message: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            write!(out, "%{byte:02X}").expect("writing to a String cannot fail");
+        }
+    }
+    out
+}
+
+/// Maps an HTTP status of a non-gRPC answer to a gRPC code, as the gRPC spec's
+/// "HTTP to gRPC Status Code Mapping" does.
+pub fn code_of_http_status(status: u16) -> Code {
+    match status {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_encoding_follows_the_spec() {
+        assert_eq!(percent_encode("plain text"), "plain text");
+        assert_eq!(percent_encode("100%"), "100%25");
+        assert_eq!(percent_encode("é\n"), "%C3%A9%0A");
+    }
+
+    #[test]
+    fn refusal_headers_carry_error_info_and_pushback() {
+        let key = Key::derive("/s.S/M", "-", b"k");
+        let refusal = Refusal::new(Reason::InProgress, "wait")
+            .with_key(key)
+            .with_state("IN_FLIGHT")
+            .with_retry_after(Duration::from_millis(250));
+        let headers = refusal.to_headers();
+        assert_eq!(headers["grpc-status"], "10");
+        assert_eq!(headers["grpc-retry-pushback-ms"], "250");
+        let raw = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(headers["grpc-status-details-bin"].as_bytes())
+            .expect("details are base64");
+        let status = Status::decode(&raw[..]).expect("details are a google.rpc.Status");
+        assert_eq!(status.code, 10);
+        let info = ErrorInfo::decode(&status.details[0].value[..]).expect("ErrorInfo");
+        assert_eq!(info.reason, "IDEMPOTENCY_IN_PROGRESS");
+        assert_eq!(info.domain, "idemproxy");
+        assert_eq!(info.metadata["key_hash"], key.hex());
+        assert_eq!(info.metadata["state"], "IN_FLIGHT");
+        assert_eq!(status.details[1].type_url, "type.googleapis.com/google.rpc.RetryInfo");
+    }
+}

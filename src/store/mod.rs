@@ -1,0 +1,84 @@
+//! The `Store` trait: where records live (design §5).
+//!
+//! A store applies the transitions that `record.rs` decides, atomically (one compare-and-swap)
+//! and durably (the change is on disk before `update` returns). It never decides a state
+//! itself and never reads-then-writes. Backends: `sled` (embedded default) and `memory` (the
+//! reference model the other backends are tested against).
+
+pub mod flusher;
+pub mod memory;
+pub mod sled;
+
+use crate::key::Key;
+use crate::record::{Change, Record};
+use std::future::Future;
+
+/// Why a store could not do what was asked. Expected outcomes (a key already claimed) are
+/// values of the transition, never errors.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Reading or writing the disk failed; nothing acknowledged rests on it.
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    /// The store's data is corrupt: it is never served from and never silently wiped.
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    /// A stored record could not be decoded.
+    #[error("record {key} could not be decoded: {reason}")]
+    Undecodable {
+        /// The record's key.
+        key: Key,
+        /// The decoder's complaint.
+        reason: String,
+    },
+    /// The store is at its size bound and holds nothing it may evict.
+    #[error("store is full: {bytes} bytes stored, bound {bytes_max}, nothing evictable")]
+    Full {
+        /// Bytes stored now.
+        bytes: u64,
+        /// The configured bound.
+        bytes_max: u64,
+    },
+}
+
+/// What one maintenance round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Maintenance {
+    /// Records deleted because their retention ended.
+    pub expired: u64,
+    /// COMPLETED records deleted to keep the store under its size bound.
+    pub evicted: u64,
+}
+
+/// Counts of what a store holds, for readiness, tests and operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Records stored.
+    pub records: u64,
+    /// Bytes of keys and values stored (the bound applies to this).
+    pub bytes: u64,
+}
+
+/// A durable home for records.
+pub trait Store: Send + Sync + 'static {
+    /// Applies `transition` to the record of `key` atomically: the closure sees the current
+    /// record and returns the change plus a value. It may run more than once when another
+    /// writer races; only the run whose change lands counts. When `update` returns, the
+    /// change — and the record the closure saw, if it kept it — is durable.
+    fn update<T, F>(&self, key: &Key, transition: F) -> impl Future<Output = Result<T, StoreError>> + Send
+    where
+        T: Send,
+        F: FnMut(Option<&Record>) -> (Change, T) + Send;
+
+    /// Resolves when the record of `key` may have changed after this call. Arm it before
+    /// reading the record, so no change is missed between the read and the wait.
+    fn changed(&self, key: &Key) -> impl Future<Output = ()> + Send + 'static;
+
+    /// One maintenance round at `now_ms`: expire records, and evict the COMPLETED records
+    /// closest to expiry while the store is over its size bound. Blocking: run it off the
+    /// async runtime's threads.
+    fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError>;
+
+    /// What the store holds now.
+    fn usage(&self) -> Usage;
+}

@@ -1,0 +1,386 @@
+//! The embedded store on sled 0.34 (design §5): one process owns the data dir.
+//!
+//! Records live in the `records` tree, one protobuf `Record` per 32-byte key, changed only by
+//! compare-and-swap. The `expiry` tree indexes (expires_ms, key) for the sweeper and for
+//! eviction; it may lag the records and is reconciled at start, but it never decides a claim.
+//! Every acknowledged change is flushed by the group-commit flusher before `update` returns,
+//! and so is any record a reader sees while its writer still waits for that flush.
+
+use super::flusher::Flusher;
+use super::{Maintenance, Store, StoreError, Usage};
+use crate::key::Key;
+use crate::record::{self, Change, Record, State};
+use prost::Message;
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// How many index entries one maintenance round looks at, so a round stays short.
+const MAINTENANCE_ENTRIES_MAX: usize = 10_000;
+
+/// Eviction stops when the store is this fraction of its bound, so it does not run again at
+/// the very next write.
+const EVICTION_LOW_WATER_PERCENT: u64 = 90;
+
+/// Lock shards of the set of keys whose writes are not yet flushed.
+const PENDING_SHARDS: usize = 16;
+
+/// How to open the sled store.
+#[derive(Debug, Clone)]
+pub struct SledOptions {
+    /// The data directory; created when missing.
+    pub dir: PathBuf,
+    /// sled's page cache; its memory use is a multiple of this.
+    pub cache_bytes: u64,
+    /// The store's size bound: COMPLETED records are evicted past it.
+    pub bytes_max: u64,
+    /// Flush every write on its own instead of group commit (benchmark baseline only).
+    pub flush_per_write: bool,
+}
+
+/// The sled-backed store.
+pub struct SledStore {
+    db: sled::Db,
+    records: sled::Tree,
+    expiry: sled::Tree,
+    flusher: Flusher,
+    /// Keys written but not yet flushed, with how many writers are waiting on each.
+    pending: [Mutex<HashMap<Key, u32>>; PENDING_SHARDS],
+    records_count: AtomicU64,
+    bytes: AtomicU64,
+    bytes_max: u64,
+    /// Set when the last maintenance round found the store over its bound with nothing to
+    /// evict: new claims are refused until it clears.
+    full: AtomicBool,
+}
+
+/// What opening a store found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Records found.
+    pub records: u64,
+    /// IN_FLIGHT records of a previous process, now IN_DOUBT.
+    pub in_doubt: u64,
+}
+
+fn store_error(error: sled::Error) -> StoreError {
+    match error {
+        sled::Error::Corruption { .. } => StoreError::Corrupt(error.to_string()),
+        other => StoreError::Io(other.to_string()),
+    }
+}
+
+fn decode(key: &Key, bytes: &[u8]) -> Result<Record, StoreError> {
+    Record::decode(bytes).map_err(|error| StoreError::Undecodable {
+        key: *key,
+        reason: error.to_string(),
+    })
+}
+
+fn index_key(expires_ms: u64, key: &Key) -> [u8; 40] {
+    let mut out = [0u8; 40];
+    out[..8].copy_from_slice(&expires_ms.to_be_bytes());
+    out[8..].copy_from_slice(key.as_bytes());
+    out
+}
+
+fn entry_bytes(value_len: usize) -> u64 {
+    (32 + value_len) as u64
+}
+
+impl SledStore {
+    /// Opens (or creates) the store, turns records left IN_FLIGHT by a previous process into
+    /// IN_DOUBT, reconciles the expiry index and counts what is stored. Blocking.
+    pub fn open(options: &SledOptions) -> Result<(SledStore, Recovery), StoreError> {
+        std::fs::create_dir_all(&options.dir).map_err(|error| {
+            StoreError::Io(format!("cannot create data dir {}: {error}", options.dir.display()))
+        })?;
+        let db = sled::Config::new()
+            .path(&options.dir)
+            .cache_capacity(options.cache_bytes)
+            // Our flusher makes every acknowledged write durable; sled's timer adds nothing.
+            .flush_every_ms(None)
+            .open()
+            .map_err(store_error)?;
+        let records = db.open_tree("records").map_err(store_error)?;
+        let expiry = db.open_tree("expiry").map_err(store_error)?;
+        let flush_db = db.clone();
+        let flusher = Flusher::start(
+            Box::new(move || flush_db.flush().map(|_| ()).map_err(|e| e.to_string())),
+            options.flush_per_write,
+        )
+        .map_err(|error| StoreError::Io(format!("cannot start the flusher thread: {error}")))?;
+        let store = SledStore {
+            db,
+            records,
+            expiry,
+            flusher,
+            pending: Default::default(),
+            records_count: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            bytes_max: options.bytes_max,
+            full: AtomicBool::new(false),
+        };
+        let recovery = store.recover()?;
+        Ok((store, recovery))
+    }
+
+    fn recover(&self) -> Result<Recovery, StoreError> {
+        let mut recovery = Recovery::default();
+        let mut bytes = 0;
+        for entry in self.records.iter() {
+            let (raw_key, value) = entry.map_err(store_error)?;
+            let key = Key::from_slice(&raw_key).ok_or_else(|| {
+                StoreError::Corrupt(format!("a record key is {} bytes, not 32", raw_key.len()))
+            })?;
+            let mut current = decode(&key, &value)?;
+            if let Change::Put(doubted) = record::recover(Some(&current)) {
+                let encoded = doubted.encode_to_vec();
+                self.records
+                    .compare_and_swap(raw_key, Some(value), Some(encoded))
+                    .map_err(store_error)?
+                    .map_err(|_| StoreError::Io("a record changed during recovery".into()))?;
+                recovery.in_doubt += 1;
+                current = doubted;
+            }
+            let index = index_key(current.expires_ms, &key);
+            if !self.expiry.contains_key(index).map_err(store_error)? {
+                self.expiry.insert(index, &[]).map_err(store_error)?;
+            }
+            recovery.records += 1;
+            bytes += entry_bytes(current.encoded_len());
+        }
+        self.records_count.store(recovery.records, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.db.flush().map_err(store_error)?;
+        Ok(recovery)
+    }
+
+    fn shard(&self, key: &Key) -> &Mutex<HashMap<Key, u32>> {
+        &self.pending[key.as_bytes()[0] as usize % PENDING_SHARDS]
+    }
+
+    fn mark_pending(&self, key: &Key) {
+        let mut shard = self.shard(key).lock().expect("pending lock is never poisoned");
+        *shard.entry(*key).or_insert(0) += 1;
+    }
+
+    fn unmark_pending(&self, key: &Key) {
+        let mut shard = self.shard(key).lock().expect("pending lock is never poisoned");
+        if let Some(count) = shard.get_mut(key) {
+            *count -= 1;
+            if *count == 0 {
+                shard.remove(key);
+            }
+        }
+    }
+
+    fn is_pending(&self, key: &Key) -> bool {
+        let shard = self.shard(key).lock().expect("pending lock is never poisoned");
+        shard.contains_key(key)
+    }
+
+    /// One compare-and-swap attempt loop; returns the value and whether a write landed.
+    fn apply<T>(
+        &self,
+        key: &Key,
+        transition: &mut impl FnMut(Option<&Record>) -> (Change, T),
+        marked: &mut bool,
+    ) -> Result<T, StoreError> {
+        loop {
+            let old = self.records.get(key.as_bytes()).map_err(store_error)?;
+            let current = old.as_ref().map(|bytes| decode(key, bytes)).transpose()?;
+            let (change, value) = transition(current.as_ref());
+            let new = match &change {
+                Change::Keep => return Ok(value),
+                Change::Put(record) => {
+                    if current.is_none() && self.full.load(Ordering::Acquire) {
+                        let bytes = self.bytes.load(Ordering::Relaxed);
+                        return Err(StoreError::Full {
+                            bytes,
+                            bytes_max: self.bytes_max,
+                        });
+                    }
+                    Some(record.encode_to_vec())
+                }
+                Change::Delete => None,
+            };
+            if !*marked {
+                // Before the write is visible, so any reader of it knows to wait for a flush.
+                self.mark_pending(key);
+                *marked = true;
+            }
+            let new_len = new.as_ref().map(Vec::len);
+            let swapped = self
+                .records
+                .compare_and_swap(key.as_bytes(), old.as_ref(), new)
+                .map_err(store_error)?;
+            if swapped.is_err() {
+                continue;
+            }
+            self.account(old.as_ref().map(|v| v.len()), new_len);
+            if let Change::Put(record) = &change {
+                // The index may lag the record; a missing entry is rebuilt at start.
+                let index = index_key(record.expires_ms, key);
+                self.expiry.insert(index, &[]).map_err(store_error)?;
+            }
+            return Ok(value);
+        }
+    }
+
+    fn account(&self, old_len: Option<usize>, new_len: Option<usize>) {
+        match (old_len, new_len) {
+            (None, Some(new)) => {
+                self.records_count.fetch_add(1, Ordering::Relaxed);
+                self.bytes.fetch_add(entry_bytes(new), Ordering::Relaxed);
+            }
+            (Some(old), None) => {
+                self.records_count.fetch_sub(1, Ordering::Relaxed);
+                self.bytes.fetch_sub(entry_bytes(old), Ordering::Relaxed);
+            }
+            (Some(old), Some(new)) => {
+                self.bytes.fetch_add(entry_bytes(new), Ordering::Relaxed);
+                self.bytes.fetch_sub(entry_bytes(old), Ordering::Relaxed);
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Applies `decide` to the record an index entry points at; drops stale entries.
+    /// Returns whether the record was deleted.
+    fn maintain_entry(
+        &self,
+        index: &[u8],
+        decide: impl Fn(Option<&Record>) -> Change,
+    ) -> Result<bool, StoreError> {
+        let key = Key::from_slice(&index[8..])
+            .ok_or_else(|| StoreError::Corrupt("an expiry index entry is malformed".into()))?;
+        let expires_ms = u64::from_be_bytes(index[..8].try_into().expect("index keys are 40 bytes"));
+        let mut deleted = false;
+        let mut marked = false;
+        let result = self.apply(
+            &key,
+            &mut |current| match current {
+                Some(record) if record.expires_ms == expires_ms => {
+                    let change = decide(current);
+                    deleted = change == Change::Delete;
+                    (change, ())
+                }
+                _ => (Change::Keep, ()),
+            },
+            &mut marked,
+        );
+        if marked {
+            self.unmark_pending(&key);
+        }
+        result?;
+        // The entry is stale (record gone or re-dated) or its record is deleted now.
+        let still_indexed = !deleted
+            && self
+                .records
+                .get(key.as_bytes())
+                .map_err(store_error)?
+                .map(|bytes| decode(&key, &bytes))
+                .transpose()?
+                .is_some_and(|record| record.expires_ms == expires_ms);
+        if !still_indexed {
+            self.expiry.remove(index).map_err(store_error)?;
+        }
+        Ok(deleted)
+    }
+
+    fn evict(&self, outcome: &mut Maintenance) -> Result<(), StoreError> {
+        let low_water = self.bytes_max / 100 * EVICTION_LOW_WATER_PERCENT;
+        if self.bytes.load(Ordering::Relaxed) <= self.bytes_max {
+            self.full.store(false, Ordering::Release);
+            return Ok(());
+        }
+        for entry in self.expiry.iter().take(MAINTENANCE_ENTRIES_MAX) {
+            if self.bytes.load(Ordering::Relaxed) <= low_water {
+                break;
+            }
+            let (index, _) = entry.map_err(store_error)?;
+            if self.maintain_entry(&index, record::evict)? {
+                outcome.evicted += 1;
+            }
+        }
+        let still_over = self.bytes.load(Ordering::Relaxed) > self.bytes_max;
+        self.full.store(still_over, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Store for SledStore {
+    async fn update<T, F>(&self, key: &Key, mut transition: F) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: FnMut(Option<&Record>) -> (Change, T) + Send,
+    {
+        let mut marked = false;
+        let applied = self.apply(key, &mut transition, &mut marked);
+        let needs_flush = marked || (applied.is_ok() && self.is_pending(key));
+        let flushed = if needs_flush {
+            self.flusher.flush().await.map_err(StoreError::Io)
+        } else {
+            Ok(())
+        };
+        if marked {
+            self.unmark_pending(key);
+        }
+        let value = applied?;
+        flushed?;
+        Ok(value)
+    }
+
+    fn changed(&self, key: &Key) -> impl Future<Output = ()> + Send + 'static {
+        let subscriber = self.records.watch_prefix(key.as_bytes());
+        async move {
+            let _ = subscriber.await;
+        }
+    }
+
+    fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
+        let mut outcome = Maintenance::default();
+        let due = self
+            .expiry
+            .range(..index_key(now_ms.saturating_add(1), &Key::from_slice(&[0; 32]).expect("32 bytes")))
+            .take(MAINTENANCE_ENTRIES_MAX);
+        for entry in due {
+            let (index, _) = entry.map_err(store_error)?;
+            if self.maintain_entry(&index, |current| record::sweep(current, now_ms))? {
+                outcome.expired += 1;
+            }
+        }
+        self.evict(&mut outcome)?;
+        Ok(outcome)
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            records: self.records_count.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl SledStore {
+    /// Reads one record as stored, for tests and operator tools.
+    pub fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        let value = self.records.get(key.as_bytes()).map_err(store_error)?;
+        value.map(|bytes| decode(key, &bytes)).transpose()
+    }
+
+    /// How many records are in each state, for tests and operator tools. Blocking: scans.
+    pub fn count_states(&self) -> Result<HashMap<State, u64>, StoreError> {
+        let mut counts = HashMap::new();
+        for entry in self.records.iter() {
+            let (raw_key, value) = entry.map_err(store_error)?;
+            let key = Key::from_slice(&raw_key)
+                .ok_or_else(|| StoreError::Corrupt("a record key is not 32 bytes".into()))?;
+            *counts.entry(decode(&key, &value)?.state()).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+}

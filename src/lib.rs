@@ -1,10 +1,15 @@
 //! idemproxy: a gRPC idempotency sidecar. See ARCHITECTURE.md for the map of this crate.
 
+pub mod config;
+pub mod demo;
 pub mod engine;
+pub mod proxy;
+pub mod server;
 pub mod key;
 pub mod record;
 pub mod status;
 pub mod store;
+pub mod telemetry;
 
 /// Code generated from `proto/` at build time.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -1,1 +1,44 @@
-fn main(){}
+//! The `idemproxy` binary: parses the command line and hands over to the library.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// A gRPC idempotency sidecar: each keyed request takes effect once.
+#[derive(Debug, Parser)]
+#[command(name = "idemproxy", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the sidecar in front of a gRPC service.
+    Run(idemproxy::config::RunArgs),
+    /// Show, in seconds and with no setup, what the sidecar prevents.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("idemproxy: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Run(args) => {
+            let config = idemproxy::config::load(args)?;
+            idemproxy::telemetry::init_logs();
+            runtime.block_on(idemproxy::server::run(config))?;
+        }
+        Command::Demo => runtime.block_on(idemproxy::demo::run())?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

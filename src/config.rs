@@ -1,0 +1,428 @@
+//! Settings: flags, `IDEMPROXY_*` environment variables and an optional TOML file, resolved
+//! into one validated `Config` (design §7: flag > env > file > default).
+//!
+//! clap reads flags and the environment into `RunArgs` (every field optional, so "not given"
+//! is visible); `resolve` lays them over the file and the defaults. Nothing here starts
+//! anything; a bad setting is an error that names it, never a panic.
+
+use crate::engine::Limits;
+use clap::Args;
+use http::HeaderName;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Flags of `idemproxy run` (each also an `IDEMPROXY_<FLAG>` variable).
+#[derive(Debug, Default, Clone, Args)]
+pub struct RunArgs {
+    /// TOML file with any of these settings (keys as the flags, without the dashes in front).
+    #[arg(long, env = "IDEMPROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address the gRPC proxy listens on [default: 0.0.0.0:16000].
+    #[arg(long, env = "IDEMPROXY_LISTEN")]
+    pub listen: Option<String>,
+    /// The service behind the sidecar, as http://host:port (required).
+    #[arg(long, env = "IDEMPROXY_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Directory of the embedded store [default: /var/lib/idemproxy].
+    #[arg(long, env = "IDEMPROXY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Header carrying the request serial number [default: idempotency-key].
+    #[arg(long, env = "IDEMPROXY_KEY_HEADER")]
+    pub key_header: Option<String>,
+    /// Header naming the caller, set by a trusted mesh or gateway [default: x-caller-id].
+    #[arg(long, env = "IDEMPROXY_CALLER_HEADER")]
+    pub caller_header: Option<String>,
+    /// How long an outcome is kept and replayed [default: 24h].
+    #[arg(long, env = "IDEMPROXY_RETENTION")]
+    pub retention: Option<String>,
+    /// Longest wait of a duplicate for an in-flight first attempt [default: 10s].
+    #[arg(long, env = "IDEMPROXY_MAX_IN_FLIGHT_WAIT")]
+    pub max_in_flight_wait: Option<String>,
+    /// Lease of a call that sends no grpc-timeout [default: 30s].
+    #[arg(long, env = "IDEMPROXY_DEFAULT_LEASE")]
+    pub default_lease: Option<String>,
+    /// Added to every call's deadline to form its lease [default: 5s].
+    #[arg(long, env = "IDEMPROXY_LEASE_MARGIN")]
+    pub lease_margin: Option<String>,
+    /// Largest request body that is deduplicated [default: 4MiB].
+    #[arg(long, env = "IDEMPROXY_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<String>,
+    /// Largest response that is recorded [default: 4MiB].
+    #[arg(long, env = "IDEMPROXY_MAX_RESPONSE_BYTES")]
+    pub max_response_bytes: Option<String>,
+    /// Size bound of the store; the COMPLETED records closest to expiry go first [default: 1GiB].
+    #[arg(long, env = "IDEMPROXY_MAX_STORE_BYTES")]
+    pub max_store_bytes: Option<String>,
+    /// sled's page cache (its memory use is a multiple of this) [default: 32MiB].
+    #[arg(long, env = "IDEMPROXY_SLED_CACHE_BYTES")]
+    pub sled_cache_bytes: Option<String>,
+    /// How often expired records are swept [default: 1s].
+    #[arg(long, env = "IDEMPROXY_SWEEP_INTERVAL")]
+    pub sweep_interval: Option<String>,
+    /// `group` (one flush serves every waiting write) or `per-write` (benchmark baseline)
+    /// [default: group].
+    #[arg(long, env = "IDEMPROXY_FLUSH")]
+    pub flush: Option<String>,
+}
+
+/// The same settings in a TOML file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileSettings {
+    listen: Option<String>,
+    upstream: Option<String>,
+    data_dir: Option<PathBuf>,
+    key_header: Option<String>,
+    caller_header: Option<String>,
+    retention: Option<String>,
+    max_in_flight_wait: Option<String>,
+    default_lease: Option<String>,
+    lease_margin: Option<String>,
+    max_request_bytes: Option<Scalar>,
+    max_response_bytes: Option<Scalar>,
+    max_store_bytes: Option<Scalar>,
+    sled_cache_bytes: Option<Scalar>,
+    sweep_interval: Option<String>,
+    flush: Option<String>,
+}
+
+/// A TOML value that may be written as a number or a string (`4194304` or `"4MiB"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Number(u64),
+    Text(String),
+}
+
+impl Scalar {
+    fn into_text(self) -> String {
+        match self {
+            Scalar::Number(n) => n.to_string(),
+            Scalar::Text(text) => text,
+        }
+    }
+}
+
+/// A setting that cannot be used, by name.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value that does not parse or is out of range.
+    #[error("invalid --{setting} {value:?}: {reason}")]
+    Invalid {
+        /// The flag's name.
+        setting: &'static str,
+        /// What was given.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A required setting that was not given.
+    #[error("--{0} is required (or IDEMPROXY_{1}, or `{0}` in the config file)")]
+    Missing(&'static str, &'static str),
+    /// The config file cannot be read or parsed.
+    #[error("config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// How writes reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushMode {
+    /// One flush serves every write waiting at that moment.
+    Group,
+    /// A flush per write: only to measure what group commit saves.
+    PerWrite,
+}
+
+/// Every setting of `run`, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the proxy listens.
+    pub listen: SocketAddr,
+    /// `http://host:port` of the service.
+    pub upstream: String,
+    /// The sled directory.
+    pub data_dir: PathBuf,
+    /// The serial's header.
+    pub key_header: HeaderName,
+    /// The caller's header.
+    pub caller_header: HeaderName,
+    /// Retention, leases and waits.
+    pub limits: Limits,
+    /// Largest request body deduplicated.
+    pub request_bytes_max: usize,
+    /// Largest response recorded.
+    pub response_bytes_max: usize,
+    /// The store's size bound.
+    pub store_bytes_max: u64,
+    /// sled's cache.
+    pub sled_cache_bytes: u64,
+    /// Sweeper period.
+    pub sweep_interval: Duration,
+    /// Group commit or not.
+    pub flush: FlushMode,
+}
+
+/// The longest retention accepted: a year.
+const RETENTION_MAX: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Request and response limits stay below what one record can hold comfortably.
+const MESSAGE_BYTES_LIMIT: u64 = 64 << 20;
+
+fn invalid(setting: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn duration(setting: &'static str, value: &str, min: Duration, max: Duration) -> Result<Duration, ConfigError> {
+    let parsed = humantime::parse_duration(value)
+        .map_err(|error| invalid(setting, value, format!("{error} (write e.g. 500ms, 10s, 24h)")))?;
+    if parsed < min || parsed > max {
+        return Err(invalid(
+            setting,
+            value,
+            format!("must be between {} and {}", humantime::format_duration(min), humantime::format_duration(max)),
+        ));
+    }
+    Ok(parsed)
+}
+
+/// Parses `4194304`, `4MiB`, `512KiB`, `1GiB`, `10MB`.
+pub fn parse_bytes(value: &str) -> Option<u64> {
+    let value = value.trim();
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let number: u64 = digits.parse().ok()?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    number.checked_mul(scale)
+}
+
+fn bytes(setting: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let parsed = parse_bytes(value)
+        .ok_or_else(|| invalid(setting, value, "not a size (write e.g. 4194304, 512KiB, 4MiB, 1GiB)"))?;
+    if parsed < min || parsed > max {
+        return Err(invalid(setting, value, format!("must be between {min} and {max} bytes")));
+    }
+    Ok(parsed)
+}
+
+fn header(setting: &'static str, value: &str) -> Result<HeaderName, ConfigError> {
+    let name = HeaderName::from_bytes(value.as_bytes())
+        .map_err(|_| invalid(setting, value, "not a valid HTTP header name"))?;
+    if name.as_str() != value || value.starts_with(':') || value.starts_with("grpc-") {
+        return Err(invalid(
+            setting,
+            value,
+            "must be a lowercase header name that is not reserved by HTTP/2 or gRPC",
+        ));
+    }
+    Ok(name)
+}
+
+/// Reads a config file.
+pub fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::File {
+        path: path.to_owned(),
+        reason: error.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|error| ConfigError::File {
+        path: path.to_owned(),
+        reason: error.to_string(),
+    })
+}
+
+/// Lays flags and environment (`args`) over the file over the defaults, and validates.
+pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError> {
+    let pick = |flag: Option<String>, file: Option<String>, default: &str| {
+        flag.or(file).unwrap_or_else(|| default.to_owned())
+    };
+    let pick_bytes = |flag: Option<String>, file: Option<Scalar>, default: &str| {
+        flag.or(file.map(Scalar::into_text)).unwrap_or_else(|| default.to_owned())
+    };
+    let listen_text = pick(args.listen, file.listen, "0.0.0.0:16000");
+    let listen = listen_text
+        .parse()
+        .map_err(|_| invalid("listen", &listen_text, "not an address (write e.g. 0.0.0.0:16000)"))?;
+    let upstream = args
+        .upstream
+        .or(file.upstream)
+        .ok_or(ConfigError::Missing("upstream", "UPSTREAM"))?;
+    crate::proxy::upstream::HttpUpstream::new(&upstream, 0)
+        .map_err(|error| invalid("upstream", &upstream, error.to_string()))?;
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/idemproxy"));
+    let key_header = header("key-header", &pick(args.key_header, file.key_header, "idempotency-key"))?;
+    let caller_header = header("caller-header", &pick(args.caller_header, file.caller_header, "x-caller-id"))?;
+    if key_header == caller_header {
+        return Err(invalid("caller-header", caller_header.as_str(), "must differ from --key-header"));
+    }
+    let ms = Duration::from_millis;
+    let limits = Limits {
+        retention: duration("retention", &pick(args.retention, file.retention, "24h"), ms(1), RETENTION_MAX)?,
+        in_flight_wait_max: duration(
+            "max-in-flight-wait",
+            &pick(args.max_in_flight_wait, file.max_in_flight_wait, "10s"),
+            ms(0),
+            Duration::from_secs(3600),
+        )?,
+        lease_default: duration(
+            "default-lease",
+            &pick(args.default_lease, file.default_lease, "30s"),
+            ms(1),
+            Duration::from_secs(24 * 3600),
+        )?,
+        lease_margin: duration(
+            "lease-margin",
+            &pick(args.lease_margin, file.lease_margin, "5s"),
+            ms(0),
+            Duration::from_secs(3600),
+        )?,
+    };
+    let request_bytes_max = bytes(
+        "max-request-bytes",
+        &pick_bytes(args.max_request_bytes, file.max_request_bytes, "4MiB"),
+        5,
+        MESSAGE_BYTES_LIMIT,
+    )? as usize;
+    let response_bytes_max = bytes(
+        "max-response-bytes",
+        &pick_bytes(args.max_response_bytes, file.max_response_bytes, "4MiB"),
+        0,
+        MESSAGE_BYTES_LIMIT,
+    )? as usize;
+    let store_bytes_max = bytes(
+        "max-store-bytes",
+        &pick_bytes(args.max_store_bytes, file.max_store_bytes, "1GiB"),
+        1 << 10,
+        u64::MAX,
+    )?;
+    let sled_cache_bytes = bytes(
+        "sled-cache-bytes",
+        &pick_bytes(args.sled_cache_bytes, file.sled_cache_bytes, "32MiB"),
+        1 << 20,
+        64 << 30,
+    )?;
+    let sweep_interval = duration(
+        "sweep-interval",
+        &pick(args.sweep_interval, file.sweep_interval, "1s"),
+        ms(10),
+        Duration::from_secs(3600),
+    )?;
+    let flush_text = pick(args.flush, file.flush, "group");
+    let flush = match flush_text.as_str() {
+        "group" => FlushMode::Group,
+        "per-write" => FlushMode::PerWrite,
+        _ => return Err(invalid("flush", &flush_text, "must be `group` or `per-write`")),
+    };
+    Ok(Config {
+        listen,
+        upstream,
+        data_dir,
+        key_header,
+        caller_header,
+        limits,
+        request_bytes_max,
+        response_bytes_max,
+        store_bytes_max,
+        sled_cache_bytes,
+        sweep_interval,
+        flush,
+    })
+}
+
+/// Reads the file named by `args.config` (if any) and resolves.
+pub fn load(args: RunArgs) -> Result<Config, ConfigError> {
+    let file = match &args.config {
+        Some(path) => read_file(path)?,
+        None => FileSettings::default(),
+    };
+    resolve(args, file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> RunArgs {
+        RunArgs {
+            upstream: Some("http://127.0.0.1:50051".into()),
+            ..RunArgs::default()
+        }
+    }
+
+    fn error_text(result: Result<Config, ConfigError>) -> String {
+        result.expect_err("the setting must be refused").to_string()
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let config = resolve(args(), FileSettings::default()).expect("defaults are valid");
+        assert_eq!(config.listen.to_string(), "0.0.0.0:16000");
+        assert_eq!(config.key_header.as_str(), "idempotency-key");
+        assert_eq!(config.caller_header.as_str(), "x-caller-id");
+        assert_eq!(config.limits.retention, Duration::from_secs(86_400));
+        assert_eq!(config.request_bytes_max, 4 << 20);
+        assert_eq!(config.flush, FlushMode::Group);
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file: FileSettings = toml::from_str(
+            "retention = \"1h\"\nmax-request-bytes = 1024\nkey-header = \"x-request-id\"",
+        )
+        .expect("valid TOML");
+        let mut flags = args();
+        flags.retention = Some("2h".into());
+        let config = resolve(flags, file).expect("valid");
+        assert_eq!(config.limits.retention, Duration::from_secs(7_200));
+        assert_eq!(config.request_bytes_max, 1024);
+        assert_eq!(config.key_header.as_str(), "x-request-id");
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let mut bad = args();
+        bad.retention = Some("soon".into());
+        assert!(error_text(resolve(bad, FileSettings::default())).contains("--retention"));
+        let mut bad = args();
+        bad.key_header = Some("Bad Header".into());
+        assert!(error_text(resolve(bad, FileSettings::default())).contains("--key-header"));
+        let mut bad = args();
+        bad.upstream = Some("https://svc:443".into());
+        assert!(error_text(resolve(bad, FileSettings::default())).contains("--upstream"));
+        let mut bad = args();
+        bad.max_request_bytes = Some("4 parsecs".into());
+        assert!(error_text(resolve(bad, FileSettings::default())).contains("--max-request-bytes"));
+        assert!(error_text(resolve(RunArgs::default(), FileSettings::default())).contains("--upstream is required"));
+        let unknown = toml::from_str::<FileSettings>("retension = \"1h\"");
+        assert!(unknown.expect_err("unknown keys are refused").to_string().contains("retension"));
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("4MiB"), Some(4 << 20));
+        assert_eq!(parse_bytes("10 MB"), Some(10_000_000));
+        assert_eq!(parse_bytes("12"), Some(12));
+        assert_eq!(parse_bytes("MiB"), None);
+        assert_eq!(parse_bytes("99999999999999999999GiB"), None);
+    }
+}

@@ -1,0 +1,187 @@
+//! `idemproxy demo`: the failure from the field, replayed in a few seconds with no setup.
+//!
+//! A message queue delivers "extend subscription by 1 year" five times: twice one after the
+//! other (redelivery after a lost ack), then three copies at once (a consumer group
+//! rebalancing). The same deliveries go once straight to a non-idempotent subscriptions
+//! service, and once through idemproxy on a temporary sled store. The demo runs the real
+//! sidecar (`server::start`), the real proxy and a real tonic service over loopback.
+
+use crate::config::{Config, FlushMode};
+use crate::engine::Limits;
+use crate::pb::idemproxy::demo::v1::subscriptions_client::SubscriptionsClient;
+use crate::pb::idemproxy::demo::v1::subscriptions_server::{Subscriptions, SubscriptionsServer};
+use crate::pb::idemproxy::demo::v1::{ExtendRequest, Subscription};
+use anyhow::Context;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+/// The year every demo subscription is paid until before the story starts.
+const START_YEAR: u32 = 2026;
+/// How many times the queue delivers the one message.
+const SEQUENTIAL_DELIVERIES: usize = 2;
+const CONCURRENT_DELIVERIES: usize = 3;
+
+/// The non-idempotent service: every call extends again.
+#[derive(Default)]
+struct SubscriptionService {
+    subscriptions: Mutex<HashMap<String, Subscription>>,
+}
+
+#[tonic::async_trait]
+impl Subscriptions for SubscriptionService {
+    async fn extend(
+        &self,
+        request: tonic::Request<ExtendRequest>,
+    ) -> Result<tonic::Response<Subscription>, tonic::Status> {
+        let request = request.into_inner();
+        // A little work, so concurrent deliveries overlap as they do in production.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut subscriptions = self.subscriptions.lock().expect("demo lock is never poisoned");
+        let subscription = subscriptions
+            .entry(request.subscription_id.clone())
+            .or_insert_with(|| Subscription {
+                subscription_id: request.subscription_id.clone(),
+                paid_until_year: START_YEAR,
+                extensions: 0,
+            });
+        subscription.paid_until_year += request.years;
+        subscription.extensions += 1;
+        Ok(tonic::Response::new(subscription.clone()))
+    }
+}
+
+/// What one side of the demo saw.
+struct Tally {
+    subscription: Subscription,
+    replayed: usize,
+}
+
+async fn deliver(
+    client: &mut SubscriptionsClient<Channel>,
+    subscription_id: &str,
+    message_id: Option<&str>,
+) -> anyhow::Result<(Subscription, bool)> {
+    let mut request = tonic::Request::new(ExtendRequest {
+        subscription_id: subscription_id.to_owned(),
+        years: 1,
+    });
+    if let Some(id) = message_id {
+        request.metadata_mut().insert("idempotency-key", id.parse()?);
+        request.metadata_mut().insert("x-caller-id", "billing-consumer".parse()?);
+    }
+    let response = client.extend(request).await?;
+    let replayed = response.metadata().get("idempotency-replayed").is_some();
+    Ok((response.into_inner(), replayed))
+}
+
+/// Delivers the one message as the queue does and returns what the service ended with.
+async fn replay_story(channel: Channel, subscription_id: &str, message_id: Option<&str>) -> anyhow::Result<Tally> {
+    let mut client = SubscriptionsClient::new(channel);
+    let mut replayed = 0;
+    let mut last = None;
+    for _ in 0..SEQUENTIAL_DELIVERIES {
+        let (subscription, was_replayed) = deliver(&mut client, subscription_id, message_id).await?;
+        replayed += usize::from(was_replayed);
+        last = Some(subscription);
+    }
+    let concurrent = (0..CONCURRENT_DELIVERIES).map(|_| {
+        let mut client = client.clone();
+        let subscription_id = subscription_id.to_owned();
+        let message_id = message_id.map(str::to_owned);
+        tokio::spawn(async move { deliver(&mut client, &subscription_id, message_id.as_deref()).await })
+    });
+    for delivery in concurrent.collect::<Vec<_>>() {
+        let (subscription, was_replayed) = delivery.await??;
+        replayed += usize::from(was_replayed);
+        if last.as_ref().is_none_or(|s: &Subscription| subscription.extensions > s.extensions) {
+            last = Some(subscription);
+        }
+    }
+    let subscription = last.context("the queue delivered nothing")?;
+    Ok(Tally {
+        subscription,
+        replayed,
+    })
+}
+
+fn temp_data_dir() -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!("idemproxy-demo-{}-{nanos}", std::process::id()))
+}
+
+async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?.connect().await?)
+}
+
+/// Runs the demo and prints the two outcomes side by side.
+pub async fn run() -> anyhow::Result<()> {
+    let service_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let service_addr = service_listener.local_addr()?;
+    let service = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(SubscriptionsServer::new(SubscriptionService::default()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(service_listener)),
+    );
+    let data_dir = temp_data_dir();
+    let config = Config {
+        listen: "127.0.0.1:0".parse()?,
+        upstream: format!("http://{service_addr}"),
+        data_dir: data_dir.clone(),
+        key_header: http::HeaderName::from_static("idempotency-key"),
+        caller_header: http::HeaderName::from_static("x-caller-id"),
+        limits: Limits::default(),
+        request_bytes_max: 4 << 20,
+        response_bytes_max: 4 << 20,
+        store_bytes_max: 64 << 20,
+        sled_cache_bytes: 8 << 20,
+        sweep_interval: Duration::from_secs(1),
+        flush: FlushMode::Group,
+    };
+    let sidecar = crate::server::start(&config).await?;
+    let total = SEQUENTIAL_DELIVERIES + CONCURRENT_DELIVERIES;
+
+    println!("A message queue delivers \"extend subscription by 1 year\" {total} times:");
+    println!("{SEQUENTIAL_DELIVERIES} redeliveries one after the other, then {CONCURRENT_DELIVERIES} copies at once.\n");
+    let direct = replay_story(connect(service_addr).await?, "sub-direct", None).await?;
+    let proxied = replay_story(connect(sidecar.proxy_addr).await?, "sub-proxied", Some("msg-7f3a")).await?;
+
+    println!("{:<34} {:>16} {:>22}", "", "service directly", "through idemproxy");
+    println!("{:<34} {:>16} {:>22}", "deliveries", total, total);
+    println!(
+        "{:<34} {:>16} {:>22}",
+        "times the service executed", direct.subscription.extensions, proxied.subscription.extensions
+    );
+    println!(
+        "{:<34} {:>16} {:>22}",
+        "subscription extended by (years)",
+        direct.subscription.paid_until_year - START_YEAR,
+        proxied.subscription.paid_until_year - START_YEAR
+    );
+    println!(
+        "{:<34} {:>16} {:>22}",
+        "paid until", direct.subscription.paid_until_year, proxied.subscription.paid_until_year
+    );
+    println!("{:<34} {:>16} {:>22}", "duplicates answered from the record", direct.replayed, proxied.replayed);
+    println!(
+        "\nThe customer paid for 1 year. Directly, the service granted {}; through idemproxy, {}.",
+        direct.subscription.paid_until_year - START_YEAR,
+        proxied.subscription.paid_until_year - START_YEAR
+    );
+
+    sidecar.stop().await;
+    service.abort();
+    let _ = std::fs::remove_dir_all(&data_dir);
+    anyhow::ensure!(
+        proxied.subscription.extensions == 1,
+        "idemproxy let the message execute {} times",
+        proxied.subscription.extensions
+    );
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! The gRPC proxy: an HTTP/2 server in front of the service (design §6).
+//!
+//! Each call is classified once: a call carrying the key header is deduplicated by the engine
+//! (read whole, bounded, then claimed, forwarded and recorded); every other call streams
+//! through both ways, never buffered. This module speaks HTTP; the engine does not.
+
+pub mod body;
+pub mod grpc;
+pub mod upstream;
+
+use crate::engine::{Answer, Call, Clock, Engine};
+use crate::key::ANONYMOUS_CALLER;
+use crate::record::Response;
+use crate::status::{Reason, Refusal};
+use crate::store::Store;
+use body::ProxyBody;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use upstream::HttpUpstream;
+
+/// The metadata a replayed answer carries.
+pub const REPLAYED_HEADER: &str = "idempotency-replayed";
+
+/// What the proxy reads from each call.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// The header holding the request serial number.
+    pub key_header: HeaderName,
+    /// The header naming the caller (set by a trusted mesh or gateway).
+    pub caller_header: HeaderName,
+    /// The largest request body that is deduplicated.
+    pub request_bytes_max: usize,
+}
+
+/// The proxy: settings, the engine, and the upstream for passthrough.
+pub struct Proxy<S, C> {
+    settings: ProxySettings,
+    engine: Arc<Engine<S, HttpUpstream, C>>,
+    upstream: HttpUpstream,
+}
+
+type HttpResponse = http::Response<ProxyBody>;
+
+/// A trailers-only answer in the service's place.
+pub fn refusal_response(refusal: &Refusal) -> HttpResponse {
+    let mut response = http::Response::new(ProxyBody::empty());
+    *response.headers_mut() = refusal.to_headers();
+    response
+}
+
+/// Writes a recorded (or fresh) response back as it was received.
+pub fn recorded_response(recorded: Response, replayed: bool) -> HttpResponse {
+    let mut headers = grpc::from_headers(&recorded.headers, 1);
+    if replayed {
+        headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    }
+    let body = if recorded.trailers_only {
+        ProxyBody::empty()
+    } else {
+        ProxyBody::buffered(recorded.body, Some(grpc::from_headers(&recorded.trailers, 0)))
+    };
+    let mut response = http::Response::new(body);
+    *response.status_mut() =
+        http::StatusCode::from_u16(recorded.http_status as u16).unwrap_or(http::StatusCode::OK);
+    *response.headers_mut() = headers;
+    response
+}
+
+impl<S: Store, C: Clock> Proxy<S, C> {
+    /// A proxy over an engine and the upstream it forwards to.
+    pub fn new(
+        settings: ProxySettings,
+        engine: Arc<Engine<S, HttpUpstream, C>>,
+        upstream: HttpUpstream,
+    ) -> Proxy<S, C> {
+        Proxy {
+            settings,
+            engine,
+            upstream,
+        }
+    }
+
+    /// Answers one call. Never fails: every problem becomes a gRPC status.
+    pub async fn serve(self: Arc<Self>, request: Request<Incoming>) -> Result<HttpResponse, Infallible> {
+        if request.headers().contains_key(&self.settings.key_header) {
+            return Ok(self.deduplicate(request).await);
+        }
+        Ok(self.pass_through(request).await)
+    }
+
+    async fn pass_through(&self, request: Request<Incoming>) -> HttpResponse {
+        match self.upstream.stream(request.map(ProxyBody::Streaming)).await {
+            Ok(response) => response,
+            Err(error) => refusal_response(&Refusal::new(
+                Reason::UpstreamUnavailable,
+                format!("the service is unavailable: {error}"),
+            )),
+        }
+    }
+
+    async fn deduplicate(&self, request: Request<Incoming>) -> HttpResponse {
+        let (parts, incoming) = request.into_parts();
+        let serial = parts.headers[&self.settings.key_header].clone();
+        let caller = match parts.headers.get(&self.settings.caller_header) {
+            None => ANONYMOUS_CALLER.to_owned(),
+            Some(value) => match value.to_str() {
+                Ok(caller) if !caller.is_empty() => caller.to_owned(),
+                _ => {
+                    return refusal_response(&Refusal::new(
+                        Reason::KeyInvalid,
+                        format!("the {} header is not visible ASCII", self.settings.caller_header),
+                    ))
+                }
+            },
+        };
+        let body = match Limited::new(incoming, self.settings.request_bytes_max).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                return refusal_response(&Refusal::new(
+                    Reason::RequestTooLarge,
+                    format!(
+                        "the request is larger than the {} bytes that can be deduplicated",
+                        self.settings.request_bytes_max
+                    ),
+                ))
+            }
+            Err(error) => {
+                return refusal_response(&Refusal::new(
+                    Reason::MalformedRequest,
+                    format!("the request body could not be read: {error}"),
+                ))
+            }
+        };
+        let has_encoding = parts.headers.contains_key("grpc-encoding");
+        if let Err(error) = grpc::check_framing(&body, has_encoding) {
+            return refusal_response(&Refusal::new(Reason::MalformedRequest, error.to_string()));
+        }
+        let timeout = parts
+            .headers
+            .get("grpc-timeout")
+            .and_then(|value| grpc::parse_timeout(value.as_bytes()));
+        let call = Call {
+            method: parts.uri.path().to_owned(),
+            caller,
+            serial: Bytes::copy_from_slice(serial.as_bytes()),
+            body,
+            timeout,
+            request: parts,
+        };
+        match self.engine.handle(call).await {
+            Answer::Fresh(response) => recorded_response(response, false),
+            Answer::Replay(response) => recorded_response(response, true),
+            Answer::Stream(response) => response,
+            Answer::Refused(refusal) => refusal_response(&refusal),
+        }
+    }
+}
+
+/// Serves HTTP/2 (prior knowledge, as gRPC speaks it) on `listener` until `shutdown`
+/// resolves. Each connection runs in its own task.
+pub async fn serve<S: Store, C: Clock>(
+    listener: TcpListener,
+    proxy: Arc<Proxy<S, C>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder.timer(hyper_util::rt::TokioTimer::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: keep serving the open connections.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let connection = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(move |request| proxy.clone().serve(request)),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+}

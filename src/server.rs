@@ -1,0 +1,173 @@
+//! Assembles a running sidecar from a `Config`: opens the store, starts the sweeper, binds
+//! the proxy listener. Used by `idemproxy run` and by the demo, so both run the same parts.
+
+use crate::config::{Config, FlushMode};
+use crate::engine::{Engine, SystemClock, Tokens};
+use crate::proxy::upstream::HttpUpstream;
+use crate::proxy::{self, Proxy, ProxySettings};
+use crate::store::sled::{SledOptions, SledStore};
+use crate::store::Store;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store cannot be opened; it is never wiped to make it open.
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        /// The data dir.
+        dir: String,
+        /// What sled said.
+        source: crate::store::StoreError,
+    },
+    /// The listener cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The upstream URL is unusable.
+    #[error(transparent)]
+    Upstream(#[from] proxy::upstream::UpstreamUrlError),
+}
+
+/// A started sidecar.
+pub struct Running {
+    /// The address the proxy listens on (the real port when 0 was asked for).
+    pub proxy_addr: SocketAddr,
+    /// The store, for the demo and tests to inspect.
+    pub store: Arc<SledStore>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting calls and ends the background tasks.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Opens the store and starts serving.
+pub async fn start(config: &Config) -> Result<Running, StartError> {
+    let options = SledOptions {
+        dir: config.data_dir.clone(),
+        cache_bytes: config.sled_cache_bytes,
+        bytes_max: config.store_bytes_max,
+        flush_per_write: config.flush == FlushMode::PerWrite,
+    };
+    let opened = tokio::task::spawn_blocking(move || SledStore::open(&options))
+        .await
+        .expect("opening the store does not panic");
+    let (store, recovery) = opened.map_err(|source| StartError::Store {
+        dir: config.data_dir.display().to_string(),
+        source,
+    })?;
+    tracing::info!(
+        dir = %config.data_dir.display(),
+        records = recovery.records,
+        in_doubt_from_previous_run = recovery.in_doubt,
+        "store open"
+    );
+    let store = Arc::new(store);
+    let upstream = HttpUpstream::new(&config.upstream, config.response_bytes_max)?;
+    let engine = Arc::new(Engine::new(
+        store.clone(),
+        Arc::new(upstream.clone()),
+        SystemClock::new(),
+        Tokens::for_this_process(),
+        config.limits.clone(),
+    ));
+    let settings = ProxySettings {
+        key_header: config.key_header.clone(),
+        caller_header: config.caller_header.clone(),
+        request_bytes_max: config.request_bytes_max,
+    };
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let proxy_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    tracing::info!(addr = %proxy_addr, upstream = %config.upstream, "proxy listening");
+    let (stop, stopped) = watch::channel(false);
+    let proxy = Arc::new(Proxy::new(settings, engine, upstream));
+    let serving = tokio::spawn(proxy::serve(listener, proxy, wait_for(stopped.clone())));
+    let sweeping = tokio::spawn(sweep(store.clone(), config.sweep_interval, wait_for(stopped)));
+    Ok(Running {
+        proxy_addr,
+        store,
+        stop,
+        tasks: vec![serving, sweeping],
+    })
+}
+
+async fn wait_for(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// Expires and evicts records every `interval`, off the runtime's threads.
+async fn sweep<S: Store>(store: Arc<S>, interval: Duration, stopped: impl std::future::Future<Output = ()>) {
+    let clock = SystemClock::new();
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            () = &mut stopped => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let now_ms = crate::engine::Clock::now_ms(&clock);
+        let round_store = store.clone();
+        match tokio::task::spawn_blocking(move || round_store.maintain(now_ms)).await {
+            Ok(Ok(done)) if done.expired > 0 || done.evicted > 0 => {
+                tracing::info!(expired = done.expired, evicted = done.evicted, "store maintenance");
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "store maintenance failed"),
+            Err(error) => tracing::error!(%error, "store maintenance panicked"),
+        }
+    }
+}
+
+/// `idemproxy run`: serves until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let running = start(&config).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(terminate) => terminate,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; stopping on SIGINT only");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -11,6 +11,9 @@ pub use crate::pb::idemproxy::v1::{Header, Record, Response, State};
 pub const RECORD_VERSION: u32 = 1;
 
 /// What a store must do with the record it read.
+// A change is consumed at once by the store that asked for it, never kept in bulk, so the
+// size of `Put` costs nothing and a box would cost an allocation per write.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// Leave it as it is.

@@ -1,0 +1,122 @@
+//! Shared helpers of the integration tests, written once: a real tonic upstream that counts
+//! executions, the sidecar in process or as the real binary, and HTTP/2 clients.
+#![allow(dead_code)]
+
+pub mod binary;
+pub mod ledger;
+pub mod raw;
+
+use idemproxy::config::{self, RunArgs};
+use idemproxy::pb::google::rpc::{ErrorInfo, Status as RpcStatus};
+use idemproxy::pb::idemproxy::testing::v1::ledger_client::LedgerClient;
+use idemproxy::pb::idemproxy::testing::v1::{ApplyReply, ApplyRequest};
+use idemproxy::server::Running;
+use prost::Message;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// A sidecar running in this process on a fresh sled directory.
+pub struct Sidecar {
+    pub addr: SocketAddr,
+    pub running: Running,
+    pub dir: tempfile::TempDir,
+}
+
+/// Settings every test sidecar starts from: loopback, a fresh dir, fast sweeps.
+pub fn test_args(upstream: SocketAddr, dir: &std::path::Path) -> RunArgs {
+    RunArgs {
+        listen: Some("127.0.0.1:0".into()),
+        upstream: Some(format!("http://{upstream}")),
+        data_dir: Some(dir.to_owned()),
+        sweep_interval: Some("50ms".into()),
+        ..RunArgs::default()
+    }
+}
+
+/// Starts a sidecar in front of `upstream`; `tweak` adjusts the settings.
+pub async fn start_sidecar(upstream: SocketAddr, tweak: impl FnOnce(&mut RunArgs)) -> Sidecar {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut args = test_args(upstream, dir.path());
+    tweak(&mut args);
+    let config = config::resolve(args, Default::default()).expect("test settings are valid");
+    let running = idemproxy::server::start(&config).await.expect("the sidecar starts");
+    Sidecar {
+        addr: running.proxy_addr,
+        running,
+        dir,
+    }
+}
+
+/// A tonic client of the ledger at `addr` (the sidecar or the upstream itself).
+pub async fn client(addr: SocketAddr) -> LedgerClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("a valid URI")
+        .connect()
+        .await
+        .expect("connects");
+    LedgerClient::new(channel)
+}
+
+/// One Apply call with an optional key and caller.
+pub async fn apply(
+    client: &mut LedgerClient<Channel>,
+    request: ApplyRequest,
+    key: Option<&str>,
+    caller: Option<&str>,
+) -> Result<tonic::Response<ApplyReply>, tonic::Status> {
+    let mut request = tonic::Request::new(request);
+    if let Some(key) = key {
+        request.metadata_mut().insert("idempotency-key", key.parse().expect("ASCII key"));
+    }
+    if let Some(caller) = caller {
+        request.metadata_mut().insert("x-caller-id", caller.parse().expect("ASCII caller"));
+    }
+    client.apply(request).await
+}
+
+/// A request adding `amount` to `account`.
+pub fn add(account: &str, amount: i64) -> ApplyRequest {
+    ApplyRequest {
+        account: account.into(),
+        amount,
+        ..ApplyRequest::default()
+    }
+}
+
+/// The `ErrorInfo` of an idemproxy refusal: (reason, domain, metadata).
+pub fn error_info(status: &tonic::Status) -> Option<ErrorInfo> {
+    let details = RpcStatus::decode(status.details()).ok()?;
+    let any = details
+        .details
+        .iter()
+        .find(|any| any.type_url == "type.googleapis.com/google.rpc.ErrorInfo")?;
+    ErrorInfo::decode(&any.value[..]).ok()
+}
+
+/// The reason of an idemproxy refusal, or "" when the status carries none.
+pub fn reason(status: &tonic::Status) -> String {
+    error_info(status).map(|info| info.reason).unwrap_or_default()
+}
+
+/// Whether the response was answered from a record.
+pub fn was_replayed<T>(response: &tonic::Response<T>) -> bool {
+    response
+        .metadata()
+        .get("idempotency-replayed")
+        .is_some_and(|value| value == "true")
+}
+
+/// Polls `condition` every 10 ms until it holds or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

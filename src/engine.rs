@@ -247,9 +247,12 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         token: Token,
         lease: Duration,
     ) -> Result<(), Answer<U::Stream>> {
-        let wait = call
-            .timeout
-            .map_or(self.limits.in_flight_wait_max, |t| t.min(self.limits.in_flight_wait_max));
+        // Stop a little before the caller's own deadline, so it hears ABORTED with a
+        // pushback instead of timing out with nothing.
+        let wait = call.timeout.map_or(self.limits.in_flight_wait_max, |timeout| {
+            let answer_time = (timeout / 10).min(Duration::from_millis(100));
+            timeout.saturating_sub(answer_time).min(self.limits.in_flight_wait_max)
+        });
         let wait_until = Instant::now() + wait;
         let mut armed = None;
         loop {

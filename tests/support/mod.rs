@@ -120,3 +120,16 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+impl Sidecar {
+    /// Waits until the store holds `records` records (a claim landed, say).
+    pub async fn wait_for_records(&self, records: u64) {
+        use idemproxy::store::Store;
+        let store = self.running.store.clone();
+        eventually(Duration::from_secs(5), "the store's record count", || {
+            let store = store.clone();
+            async move { store.usage().records == records }
+        })
+        .await;
+    }
+}

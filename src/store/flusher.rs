@@ -15,7 +15,9 @@ pub type FlushFn = Box<dyn FnMut() -> Result<(), String> + Send>;
 
 /// Handle to the flusher thread; cheap to share.
 pub struct Flusher {
-    queue: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    /// `None` only while dropping: closing the queue ends the thread.
+    queue: Option<mpsc::Sender<oneshot::Sender<Result<(), String>>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     healthy: Arc<AtomicBool>,
     per_write: bool,
 }
@@ -27,7 +29,7 @@ impl Flusher {
         let (queue, waiting) = mpsc::channel::<oneshot::Sender<Result<(), String>>>();
         let healthy = Arc::new(AtomicBool::new(true));
         let thread_healthy = healthy.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("idemproxy-flusher".into())
             .spawn(move || {
                 // Ends when every `Flusher` handle is gone and the queue is drained.
@@ -45,7 +47,8 @@ impl Flusher {
                 }
             })?;
         Ok(Flusher {
-            queue,
+            queue: Some(queue),
+            thread: Some(thread),
             healthy,
             per_write,
         })
@@ -55,6 +58,8 @@ impl Flusher {
     pub async fn flush(&self) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
         self.queue
+            .as_ref()
+            .expect("the queue is open until drop")
             .send(reply)
             .map_err(|_| "the flusher thread has stopped".to_string())?;
         answer
@@ -70,5 +75,16 @@ impl Flusher {
     /// True when each write is flushed on its own.
     pub fn is_per_write(&self) -> bool {
         self.per_write
+    }
+}
+
+impl Drop for Flusher {
+    /// Closes the queue and waits for the thread, so whatever it flushes (and the database
+    /// handle it holds) is released before the store counts as closed.
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

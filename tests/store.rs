@@ -1,0 +1,154 @@
+//! The sled store on a real directory: retention, the size bound and its eviction order,
+//! refusal when nothing may be evicted, and recovery of a previous process's claims.
+
+mod support;
+
+use idemproxy::key::Key;
+use idemproxy::record::{self, ClaimRequest, Claimed, Response, State};
+use idemproxy::store::sled::{SledOptions, SledStore};
+use idemproxy::store::{Store, StoreError};
+use std::time::Duration;
+use support::{add, apply, client, ledger, reason, start_sidecar, was_replayed};
+
+fn options(dir: &std::path::Path, bytes_max: u64) -> SledOptions {
+    SledOptions {
+        dir: dir.to_owned(),
+        cache_bytes: 4 << 20,
+        bytes_max,
+        flush_per_write: false,
+    }
+}
+
+async fn claim(store: &SledStore, serial: &str, token: u8, now_ms: u64) -> Result<Claimed, StoreError> {
+    let key = Key::derive("/s.S/M", "-", serial.as_bytes());
+    let request = ClaimRequest {
+        fingerprint: &[1; 32],
+        method: "/s.S/M",
+        caller: "-",
+        token: [token; 16],
+        now_ms,
+        lease_until_ms: now_ms + 60_000,
+        expires_ms: now_ms + 3_600_000 + u64::from(token),
+    };
+    store.update(&key, |current| record::claim(current, &request)).await
+}
+
+async fn complete(store: &SledStore, serial: &str, token: u8, body_bytes: usize) {
+    let key = Key::derive("/s.S/M", "-", serial.as_bytes());
+    let response = Response {
+        http_status: 200,
+        body: vec![0; body_bytes].into(),
+        ..Response::default()
+    };
+    let done = store
+        .update(&key, |current| {
+            record::complete(current, &[token; 16], Some(response.clone()), 1, 3_600_000 + u64::from(token))
+        })
+        .await
+        .expect("the store writes");
+    assert_eq!(done, record::Fenced::Applied);
+}
+
+#[tokio::test]
+async fn records_expire_after_the_retention_and_the_key_runs_again() {
+    let upstream = ledger::start().await;
+    let sidecar = start_sidecar(upstream.addr, |args| args.retention = Some("300ms".into())).await;
+    let mut client = client(sidecar.addr).await;
+    apply(&mut client, add("r", 1), Some("r"), None).await.unwrap();
+    let replay = apply(&mut client, add("r", 1), Some("r"), None).await.unwrap();
+    assert!(was_replayed(&replay));
+    sidecar.wait_for_records(0).await;
+    let again = apply(&mut client, add("r", 1), Some("r"), None).await.unwrap();
+    assert!(!was_replayed(&again), "after the retention the key is new again");
+    assert_eq!(upstream.state.executions(), 2);
+}
+
+#[tokio::test]
+async fn the_size_bound_evicts_completed_records_closest_to_expiry_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = SledStore::open(&options(dir.path(), 16 << 10)).expect("opens");
+    // An unknown outcome and a live claim come first: the oldest, yet never evicted.
+    assert_eq!(claim(&store, "doubt", 1, 0).await.unwrap(), Claimed::Owned);
+    let key = Key::derive("/s.S/M", "-", b"doubt");
+    store
+        .update(&key, |current| record::mark_in_doubt(current, &[1; 16], "test"))
+        .await
+        .unwrap();
+    assert_eq!(claim(&store, "flight", 2, 0).await.unwrap(), Claimed::Owned);
+    for n in 3..40u8 {
+        let serial = format!("done-{n}");
+        assert_eq!(claim(&store, &serial, n, 0).await.unwrap(), Claimed::Owned);
+        complete(&store, &serial, n, 1000).await;
+    }
+    assert!(store.usage().bytes > 16 << 10);
+    let done = store.maintain(0).expect("maintenance runs");
+    assert!(done.evicted > 0, "records were evicted");
+    assert!(store.usage().bytes <= 16 << 10, "back under the bound");
+    let state = |serial: &str| store.get(&Key::derive("/s.S/M", "-", serial.as_bytes())).unwrap().map(|r| r.state());
+    assert_eq!(state("doubt"), Some(State::InDoubt));
+    assert_eq!(state("flight"), Some(State::InFlight));
+    assert_eq!(state("done-3"), None, "closest to expiry went first");
+    assert_eq!(state("done-39"), Some(State::Completed), "the newest stays");
+}
+
+#[tokio::test]
+async fn a_full_store_with_nothing_to_evict_refuses_new_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = SledStore::open(&options(dir.path(), 1 << 10)).expect("opens");
+    for n in 0..20u8 {
+        claim(&store, &format!("flight-{n}"), n, 0).await.unwrap();
+    }
+    store.maintain(0).unwrap();
+    let refused = claim(&store, "one-more", 99, 0).await.expect_err("full");
+    assert!(matches!(refused, StoreError::Full { .. }), "{refused:?}");
+    // A duplicate of a stored record is still answered.
+    assert!(matches!(claim(&store, "flight-1", 98, 0).await.unwrap(), Claimed::InProgress { .. }));
+}
+
+#[tokio::test]
+async fn a_restart_turns_the_previous_process_claims_into_in_doubt() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
+        claim(&store, "running", 1, 0).await.unwrap();
+        claim(&store, "finished", 2, 0).await.unwrap();
+        complete(&store, "finished", 2, 10).await;
+    }
+    let (store, recovery) = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
+    assert_eq!(recovery.records, 2);
+    assert_eq!(recovery.in_doubt, 1);
+    assert_eq!(claim(&store, "running", 3, 1).await.unwrap(), Claimed::InDoubt);
+    assert!(matches!(claim(&store, "finished", 4, 1).await.unwrap(), Claimed::Replay(_)));
+    // The expiry index was rebuilt, so the sweeper finds both when they expire.
+    let swept = store.maintain(u64::MAX / 2).unwrap();
+    assert_eq!(swept.expired, 2);
+    assert_eq!(store.usage().records, 0);
+}
+
+#[tokio::test]
+async fn the_sidecar_refuses_when_its_store_is_full() {
+    let upstream = ledger::start().await;
+    let sidecar = start_sidecar(upstream.addr, |args| {
+        args.max_store_bytes = Some("1KiB".into());
+        args.max_in_flight_wait = Some("0s".into());
+    })
+    .await;
+    let mut client = client(sidecar.addr).await;
+    // Unknown outcomes can never be evicted: fill the store with them.
+    let mut n = 0;
+    let refused = loop {
+        let mut request = add(&format!("f{n}"), 1);
+        request.fail_code = tonic::Code::Internal as u32;
+        match apply(&mut client, request, Some(&format!("f{n}")), None).await {
+            Err(status) if reason(&status) == "IDEMPOTENCY_STORE_UNAVAILABLE" => break status,
+            _ => {}
+        }
+        n += 1;
+        assert!(n < 500, "the store never reported full");
+        if n % 5 == 0 {
+            tokio::time::sleep(Duration::from_millis(60)).await; // let a sweeper round run
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(upstream.state.executions(), n, "the refused call was never forwarded");
+}

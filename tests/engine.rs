@@ -1,0 +1,177 @@
+//! The dedup engine alone, without a network: the reference store, an in-process upstream
+//! that counts executions, and paused tokio time, so leases and a 24-hour retention are
+//! tested in milliseconds.
+
+use bytes::Bytes;
+use idemproxy::engine::{Answer, Call, Engine, Limits, Reply, SystemClock, Tokens, Upstream};
+use idemproxy::record::{Response, State};
+use idemproxy::status::Reason;
+use idemproxy::store::memory::MemoryStore;
+use idemproxy::key::Key;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Answers OK after `delay`, counting executions; `status` sets the gRPC status.
+struct Counting {
+    executions: AtomicU64,
+    delay: Duration,
+    status: u32,
+}
+
+impl Upstream for Counting {
+    type Request = ();
+    type Stream = ();
+
+    async fn call(&self, _request: (), body: Bytes) -> Reply<()> {
+        tokio::time::sleep(self.delay).await;
+        let n = self.executions.fetch_add(1, Ordering::SeqCst) + 1;
+        Reply::Complete(Response {
+            http_status: 200,
+            body: Bytes::from(format!("{n}:{}", body.len())),
+            grpc_status: self.status,
+            trailers_only: self.status != 0,
+            ..Response::default()
+        })
+    }
+}
+
+type TestEngine = Engine<MemoryStore, Counting, SystemClock>;
+
+fn engine(delay: Duration, status: u32, limits: Limits) -> Arc<TestEngine> {
+    let upstream = Counting {
+        executions: AtomicU64::new(0),
+        delay,
+        status,
+    };
+    Arc::new(Engine::new(
+        Arc::new(MemoryStore::new(1 << 30)),
+        Arc::new(upstream),
+        SystemClock::new(),
+        Tokens::new([7; 8]),
+        limits,
+    ))
+}
+
+fn call(serial: &str, timeout: Option<Duration>) -> Call<()> {
+    Call {
+        method: "/pkg.Svc/Do".into(),
+        caller: "tester".into(),
+        serial: Bytes::copy_from_slice(serial.as_bytes()),
+        body: Bytes::from_static(b"\0\0\0\0\x01x"),
+        timeout,
+        request: (),
+    }
+}
+
+fn reason(answer: &Answer<()>) -> Option<Reason> {
+    match answer {
+        Answer::Refused(refusal) => Some(refusal.reason),
+        _ => None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_retention_keeps_an_outcome_for_24_hours() {
+    let engine = engine(Duration::ZERO, 0, Limits::default());
+    assert!(matches!(engine.handle(call("k", None)).await, Answer::Fresh(_)));
+    tokio::time::advance(Duration::from_secs(24 * 3600 - 1)).await;
+    assert!(matches!(engine.handle(call("k", None)).await, Answer::Replay(_)));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(matches!(engine.handle(call("k", None)).await, Answer::Fresh(_)), "expired: runs again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_follows_the_call_deadline_plus_the_margin() {
+    let limits = Limits {
+        lease_margin: Duration::from_secs(5),
+        in_flight_wait_max: Duration::ZERO,
+        ..Limits::default()
+    };
+    // The service hangs far past any deadline.
+    let engine = engine(Duration::from_secs(3600), 0, limits);
+    let first = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.handle(call("slow", Some(Duration::from_secs(2)))).await }
+    });
+    tokio::time::advance(Duration::from_millis(6_900)).await;
+    let during = engine.handle(call("slow", Some(Duration::from_secs(2)))).await;
+    assert_eq!(reason(&during), Some(Reason::InProgress), "still within 2 s + 5 s");
+    tokio::time::advance(Duration::from_millis(200)).await;
+    let first = first.await.unwrap();
+    assert_eq!(reason(&first), Some(Reason::OutcomeUnknown), "the lease ended the wait");
+    let after = engine.handle(call("slow", Some(Duration::from_secs(2)))).await;
+    assert_eq!(reason(&after), Some(Reason::OutcomeUnknown));
+    let key = Key::derive("/pkg.Svc/Do", "tester", b"slow");
+    assert_eq!(engine.store().get(&key).unwrap().state(), State::InDoubt);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_without_a_deadline_gets_the_default_lease() {
+    let limits = Limits {
+        lease_default: Duration::from_secs(30),
+        lease_margin: Duration::from_secs(5),
+        in_flight_wait_max: Duration::ZERO,
+        ..Limits::default()
+    };
+    let engine = engine(Duration::from_secs(3600), 0, limits);
+    let first = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.handle(call("nodeadline", None)).await }
+    });
+    tokio::time::advance(Duration::from_secs(34)).await;
+    assert_eq!(reason(&engine.handle(call("nodeadline", None)).await), Some(Reason::InProgress));
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(reason(&first.await.unwrap()), Some(Reason::OutcomeUnknown));
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_duplicates_are_bounded_by_the_max_wait() {
+    let limits = Limits {
+        in_flight_wait_max: Duration::from_secs(3),
+        ..Limits::default()
+    };
+    let engine = engine(Duration::from_secs(10), 0, limits);
+    let first = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.handle(call("w", None)).await }
+    });
+    tokio::task::yield_now().await;
+    let started = tokio::time::Instant::now();
+    let second = engine.handle(call("w", None)).await;
+    assert_eq!(reason(&second), Some(Reason::InProgress));
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+    match second {
+        Answer::Refused(refusal) => assert!(refusal.retry_after.is_some()),
+        _ => unreachable!(),
+    }
+    assert!(matches!(first.await.unwrap(), Answer::Fresh(_)));
+    assert!(matches!(engine.handle(call("w", None)).await, Answer::Replay(_)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_released_answer_lets_the_retry_execute() {
+    // PERMISSION_DENIED: the service did not act.
+    let engine = engine(Duration::ZERO, 7, Limits::default());
+    assert!(matches!(engine.handle(call("p", None)).await, Answer::Fresh(_)));
+    assert!(matches!(engine.handle(call("p", None)).await, Answer::Fresh(_)));
+    let key = Key::derive("/pkg.Svc/Do", "tester", b"p");
+    assert!(engine.store().get(&key).is_none(), "released: no record");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_leaves_the_dead_process_claims_in_doubt() {
+    let limits = Limits {
+        in_flight_wait_max: Duration::ZERO,
+        ..Limits::default()
+    };
+    let engine = engine(Duration::from_secs(60), 0, limits);
+    let running = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.handle(call("crash", None)).await }
+    });
+    tokio::task::yield_now().await;
+    running.abort(); // The handling task dies; the forwarding task is the process's to lose.
+    assert_eq!(engine.store().restart(), 1);
+    assert_eq!(reason(&engine.handle(call("crash", None)).await), Some(Reason::OutcomeUnknown));
+}

@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// sled's page cache (its memory use is a multiple of this) [default: 32MiB].
     #[arg(long, env = "IDEMPROXY_SLED_CACHE_BYTES")]
     pub sled_cache_bytes: Option<String>,
+    /// Longest wait for the store to confirm a write; past it the call fails closed
+    /// [default: 5s].
+    #[arg(long, env = "IDEMPROXY_STORE_TIMEOUT")]
+    pub store_timeout: Option<String>,
     /// How often expired records are swept [default: 1s].
     #[arg(long, env = "IDEMPROXY_SWEEP_INTERVAL")]
     pub sweep_interval: Option<String>,
@@ -84,6 +88,7 @@ pub struct FileSettings {
     max_response_bytes: Option<Scalar>,
     max_store_bytes: Option<Scalar>,
     sled_cache_bytes: Option<Scalar>,
+    store_timeout: Option<String>,
     sweep_interval: Option<String>,
     flush: Option<String>,
 }
@@ -163,6 +168,8 @@ pub struct Config {
     pub store_bytes_max: u64,
     /// sled's cache.
     pub sled_cache_bytes: u64,
+    /// Longest wait for the store to confirm a write.
+    pub store_timeout: Duration,
     /// Sweeper period.
     pub sweep_interval: Duration,
     /// Group commit or not.
@@ -321,6 +328,12 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         1 << 20,
         64 << 30,
     )?;
+    let store_timeout = duration(
+        "store-timeout",
+        &pick(args.store_timeout, file.store_timeout, "5s"),
+        ms(10),
+        Duration::from_secs(600),
+    )?;
     let sweep_interval = duration(
         "sweep-interval",
         &pick(args.sweep_interval, file.sweep_interval, "1s"),
@@ -344,6 +357,7 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         response_bytes_max,
         store_bytes_max,
         sled_cache_bytes,
+        store_timeout,
         sweep_interval,
         flush,
     })

@@ -65,6 +65,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         cache_bytes: config.sled_cache_bytes,
         bytes_max: config.store_bytes_max,
         flush_per_write: config.flush == FlushMode::PerWrite,
+        flush_timeout: config.store_timeout,
     };
     let opened = tokio::task::spawn_blocking(move || SledStore::open(&options))
         .await

@@ -16,6 +16,7 @@ fn options(dir: &std::path::Path, bytes_max: u64) -> SledOptions {
         cache_bytes: 4 << 20,
         bytes_max,
         flush_per_write: false,
+        flush_timeout: Duration::from_secs(5),
     }
 }
 

@@ -4,7 +4,9 @@
 //! takes every slot queued when it wakes, flushes once, and answers them all. We do not use
 //! sled's `flush_async`, which hangs when eight or more tasks await it at once (sled #1308).
 //! A failed flush is reported to every waiter of that round and makes the store suspect: no
-//! later acknowledgement rests on it until a flush succeeds again.
+//! later acknowledgement rests on it until a flush succeeds again. A flush that does not
+//! return (sled 0.34 can block forever in `flush` once the disk is full) is abandoned by its
+//! waiters at their deadline; while it stays stuck, `is_stuck` lets writers fail fast.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -19,6 +21,8 @@ pub struct Flusher {
     queue: Option<mpsc::Sender<oneshot::Sender<Result<(), String>>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     healthy: Arc<AtomicBool>,
+    /// True while a flush runs.
+    flushing: Arc<AtomicBool>,
     per_write: bool,
 }
 
@@ -28,7 +32,9 @@ impl Flusher {
     pub fn start(mut flush: FlushFn, per_write: bool) -> std::io::Result<Flusher> {
         let (queue, waiting) = mpsc::channel::<oneshot::Sender<Result<(), String>>>();
         let healthy = Arc::new(AtomicBool::new(true));
+        let flushing = Arc::new(AtomicBool::new(false));
         let thread_healthy = healthy.clone();
+        let thread_flushing = flushing.clone();
         let thread = std::thread::Builder::new()
             .name("idemproxy-flusher".into())
             .spawn(move || {
@@ -38,7 +44,9 @@ impl Flusher {
                     if !per_write {
                         batch.extend(waiting.try_iter());
                     }
+                    thread_flushing.store(true, Ordering::Release);
                     let result = flush();
+                    thread_flushing.store(false, Ordering::Release);
                     thread_healthy.store(result.is_ok(), Ordering::Release);
                     for waiter in batch {
                         // A waiter that gave up (its call was dropped) needs no answer.
@@ -50,21 +58,35 @@ impl Flusher {
             queue: Some(queue),
             thread: Some(thread),
             healthy,
+            flushing,
             per_write,
         })
     }
 
-    /// Waits until everything written before this call is on disk.
-    pub async fn flush(&self) -> Result<(), String> {
+    /// Waits until everything written before this call is on disk, or `timeout` passes
+    /// (then the write is not durable, and the store is marked unhealthy).
+    pub async fn flush(&self, timeout: std::time::Duration) -> Result<(), String> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .as_ref()
             .expect("the queue is open until drop")
             .send(reply)
             .map_err(|_| "the flusher thread has stopped".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the flusher thread has stopped".to_string())?
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(answer) => answer.map_err(|_| "the flusher thread has stopped".to_string())?,
+            Err(_) => {
+                self.healthy.store(false, Ordering::Release);
+                Err(format!(
+                    "the disk did not confirm a flush within {timeout:?} (full or failing?)"
+                ))
+            }
+        }
+    }
+
+    /// True when the last flush failed or timed out and has not returned yet: a write now
+    /// would only wait behind it.
+    pub fn is_stuck(&self) -> bool {
+        !self.is_healthy() && self.flushing.load(Ordering::Acquire)
     }
 
     /// False after a failed flush, until a flush succeeds again.
@@ -82,9 +104,13 @@ impl Drop for Flusher {
     /// Closes the queue and waits for the thread, so whatever it flushes (and the database
     /// handle it holds) is released before the store counts as closed.
     fn drop(&mut self) {
+        let stuck = self.is_stuck();
         drop(self.queue.take());
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            // A thread stuck in the disk's flush would never join: leave it to the process.
+            if !stuck {
+                let _ = thread.join();
+            }
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct SledOptions {
     pub bytes_max: u64,
     /// Flush every write on its own instead of group commit (benchmark baseline only).
     pub flush_per_write: bool,
+    /// Longest wait for the disk to confirm a flush.
+    pub flush_timeout: std::time::Duration,
 }
 
 /// The sled-backed store.
@@ -51,6 +53,7 @@ pub struct SledStore {
     records_count: AtomicU64,
     bytes: AtomicU64,
     bytes_max: u64,
+    flush_timeout: std::time::Duration,
     /// Set when the last maintenance round found the store over its bound with nothing to
     /// evict: new claims are refused until it clears.
     full: AtomicBool,
@@ -121,6 +124,7 @@ impl SledStore {
             records_count: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             bytes_max: options.bytes_max,
+            flush_timeout: options.flush_timeout,
             full: AtomicBool::new(false),
         };
         let recovery = store.recover()?;
@@ -207,6 +211,14 @@ impl SledStore {
                 }
                 Change::Delete => None,
             };
+            if self.flusher.is_stuck() {
+                // Fail fast and closed: nothing written now could become durable. Reads of
+                // durable records (the `Keep` above) are still answered.
+                return Err(StoreError::Io(
+                    "the disk has not confirmed the last flush; refusing writes until it does"
+                        .into(),
+                ));
+            }
             if !*marked {
                 // Before the write is visible, so any reader of it knows to wait for a flush.
                 self.mark_pending(key);
@@ -322,7 +334,7 @@ impl Store for SledStore {
         let applied = self.apply(key, &mut transition, &mut marked);
         let needs_flush = marked || (applied.is_ok() && self.is_pending(key));
         let flushed = if needs_flush {
-            self.flusher.flush().await.map_err(StoreError::Io)
+            self.flusher.flush(self.flush_timeout).await.map_err(StoreError::Io)
         } else {
             Ok(())
         };

@@ -189,14 +189,28 @@ fn invalid(setting: &'static str, value: &str, reason: impl Into<String>) -> Con
     }
 }
 
-fn duration(setting: &'static str, value: &str, min: Duration, max: Duration) -> Result<Duration, ConfigError> {
-    let parsed = humantime::parse_duration(value)
-        .map_err(|error| invalid(setting, value, format!("{error} (write e.g. 500ms, 10s, 24h)")))?;
+fn duration(
+    setting: &'static str,
+    value: &str,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    let parsed = humantime::parse_duration(value).map_err(|error| {
+        invalid(
+            setting,
+            value,
+            format!("{error} (write e.g. 500ms, 10s, 24h)"),
+        )
+    })?;
     if parsed < min || parsed > max {
         return Err(invalid(
             setting,
             value,
-            format!("must be between {} and {}", humantime::format_duration(min), humantime::format_duration(max)),
+            format!(
+                "must be between {} and {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
         ));
     }
     Ok(parsed)
@@ -205,7 +219,9 @@ fn duration(setting: &'static str, value: &str, min: Duration, max: Duration) ->
 /// Parses `4194304`, `4MiB`, `512KiB`, `1GiB`, `10MB`.
 pub fn parse_bytes(value: &str) -> Option<u64> {
     let value = value.trim();
-    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
     let (digits, unit) = value.split_at(split);
     let number: u64 = digits.parse().ok()?;
     let scale: u64 = match unit.trim() {
@@ -222,10 +238,19 @@ pub fn parse_bytes(value: &str) -> Option<u64> {
 }
 
 fn bytes(setting: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
-    let parsed = parse_bytes(value)
-        .ok_or_else(|| invalid(setting, value, "not a size (write e.g. 4194304, 512KiB, 4MiB, 1GiB)"))?;
+    let parsed = parse_bytes(value).ok_or_else(|| {
+        invalid(
+            setting,
+            value,
+            "not a size (write e.g. 4194304, 512KiB, 4MiB, 1GiB)",
+        )
+    })?;
     if parsed < min || parsed > max {
-        return Err(invalid(setting, value, format!("must be between {min} and {max} bytes")));
+        return Err(invalid(
+            setting,
+            value,
+            format!("must be between {min} and {max} bytes"),
+        ));
     }
     Ok(parsed)
 }
@@ -261,12 +286,17 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         flag.or(file).unwrap_or_else(|| default.to_owned())
     };
     let pick_bytes = |flag: Option<String>, file: Option<Scalar>, default: &str| {
-        flag.or(file.map(Scalar::into_text)).unwrap_or_else(|| default.to_owned())
+        flag.or(file.map(Scalar::into_text))
+            .unwrap_or_else(|| default.to_owned())
     };
     let listen_text = pick(args.listen, file.listen, "0.0.0.0:16000");
-    let listen = listen_text
-        .parse()
-        .map_err(|_| invalid("listen", &listen_text, "not an address (write e.g. 0.0.0.0:16000)"))?;
+    let listen = listen_text.parse().map_err(|_| {
+        invalid(
+            "listen",
+            &listen_text,
+            "not an address (write e.g. 0.0.0.0:16000)",
+        )
+    })?;
     let upstream = args
         .upstream
         .or(file.upstream)
@@ -277,14 +307,29 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         .data_dir
         .or(file.data_dir)
         .unwrap_or_else(|| PathBuf::from("/var/lib/idemproxy"));
-    let key_header = header("key-header", &pick(args.key_header, file.key_header, "idempotency-key"))?;
-    let caller_header = header("caller-header", &pick(args.caller_header, file.caller_header, "x-caller-id"))?;
+    let key_header = header(
+        "key-header",
+        &pick(args.key_header, file.key_header, "idempotency-key"),
+    )?;
+    let caller_header = header(
+        "caller-header",
+        &pick(args.caller_header, file.caller_header, "x-caller-id"),
+    )?;
     if key_header == caller_header {
-        return Err(invalid("caller-header", caller_header.as_str(), "must differ from --key-header"));
+        return Err(invalid(
+            "caller-header",
+            caller_header.as_str(),
+            "must differ from --key-header",
+        ));
     }
     let ms = Duration::from_millis;
     let limits = Limits {
-        retention: duration("retention", &pick(args.retention, file.retention, "24h"), ms(1), RETENTION_MAX)?,
+        retention: duration(
+            "retention",
+            &pick(args.retention, file.retention, "24h"),
+            ms(1),
+            RETENTION_MAX,
+        )?,
         in_flight_wait_max: duration(
             "max-in-flight-wait",
             &pick(args.max_in_flight_wait, file.max_in_flight_wait, "10s"),
@@ -344,7 +389,13 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
     let flush = match flush_text.as_str() {
         "group" => FlushMode::Group,
         "per-write" => FlushMode::PerWrite,
-        _ => return Err(invalid("flush", &flush_text, "must be `group` or `per-write`")),
+        _ => {
+            return Err(invalid(
+                "flush",
+                &flush_text,
+                "must be `group` or `per-write`",
+            ))
+        }
     };
     Ok(Config {
         listen,
@@ -426,9 +477,15 @@ mod tests {
         let mut bad = args();
         bad.max_request_bytes = Some("4 parsecs".into());
         assert!(error_text(resolve(bad, FileSettings::default())).contains("--max-request-bytes"));
-        assert!(error_text(resolve(RunArgs::default(), FileSettings::default())).contains("--upstream is required"));
+        assert!(
+            error_text(resolve(RunArgs::default(), FileSettings::default()))
+                .contains("--upstream is required")
+        );
         let unknown = toml::from_str::<FileSettings>("retension = \"1h\"");
-        assert!(unknown.expect_err("unknown keys are refused").to_string().contains("retension"));
+        assert!(unknown
+            .expect_err("unknown keys are refused")
+            .to_string()
+            .contains("retension"));
     }
 
     #[test]

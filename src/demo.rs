@@ -40,7 +40,10 @@ impl Subscriptions for SubscriptionService {
         let request = request.into_inner();
         // A little work, so concurrent deliveries overlap as they do in production.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let mut subscriptions = self.subscriptions.lock().expect("demo lock is never poisoned");
+        let mut subscriptions = self
+            .subscriptions
+            .lock()
+            .expect("demo lock is never poisoned");
         let subscription = subscriptions
             .entry(request.subscription_id.clone())
             .or_insert_with(|| Subscription {
@@ -70,8 +73,12 @@ async fn deliver(
         years: 1,
     });
     if let Some(id) = message_id {
-        request.metadata_mut().insert("idempotency-key", id.parse()?);
-        request.metadata_mut().insert("x-caller-id", "billing-consumer".parse()?);
+        request
+            .metadata_mut()
+            .insert("idempotency-key", id.parse()?);
+        request
+            .metadata_mut()
+            .insert("x-caller-id", "billing-consumer".parse()?);
     }
     let response = client.extend(request).await?;
     let replayed = response.metadata().get("idempotency-replayed").is_some();
@@ -79,12 +86,17 @@ async fn deliver(
 }
 
 /// Delivers the one message as the queue does and returns what the service ended with.
-async fn replay_story(channel: Channel, subscription_id: &str, message_id: Option<&str>) -> anyhow::Result<Tally> {
+async fn replay_story(
+    channel: Channel,
+    subscription_id: &str,
+    message_id: Option<&str>,
+) -> anyhow::Result<Tally> {
     let mut client = SubscriptionsClient::new(channel);
     let mut replayed = 0;
     let mut last = None;
     for _ in 0..SEQUENTIAL_DELIVERIES {
-        let (subscription, was_replayed) = deliver(&mut client, subscription_id, message_id).await?;
+        let (subscription, was_replayed) =
+            deliver(&mut client, subscription_id, message_id).await?;
         replayed += usize::from(was_replayed);
         last = Some(subscription);
     }
@@ -92,12 +104,17 @@ async fn replay_story(channel: Channel, subscription_id: &str, message_id: Optio
         let mut client = client.clone();
         let subscription_id = subscription_id.to_owned();
         let message_id = message_id.map(str::to_owned);
-        tokio::spawn(async move { deliver(&mut client, &subscription_id, message_id.as_deref()).await })
+        tokio::spawn(
+            async move { deliver(&mut client, &subscription_id, message_id.as_deref()).await },
+        )
     });
     for delivery in concurrent.collect::<Vec<_>>() {
         let (subscription, was_replayed) = delivery.await??;
         replayed += usize::from(was_replayed);
-        if last.as_ref().is_none_or(|s: &Subscription| subscription.extensions > s.extensions) {
+        if last
+            .as_ref()
+            .is_none_or(|s: &Subscription| subscription.extensions > s.extensions)
+        {
             last = Some(subscription);
         }
     }
@@ -117,7 +134,9 @@ fn temp_data_dir() -> PathBuf {
 }
 
 async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(format!("http://{addr}"))?.connect().await?)
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?)
 }
 
 /// Runs the demo and prints the two outcomes side by side.
@@ -127,7 +146,9 @@ pub async fn run() -> anyhow::Result<()> {
     let service = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(SubscriptionsServer::new(SubscriptionService::default()))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(service_listener)),
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(
+                service_listener,
+            )),
     );
     let data_dir = temp_data_dir();
     let config = Config {
@@ -151,13 +172,23 @@ pub async fn run() -> anyhow::Result<()> {
     println!("A message queue delivers \"extend subscription by 1 year\" {total} times:");
     println!("{SEQUENTIAL_DELIVERIES} redeliveries one after the other, then {CONCURRENT_DELIVERIES} copies at once.\n");
     let direct = replay_story(connect(service_addr).await?, "sub-direct", None).await?;
-    let proxied = replay_story(connect(sidecar.proxy_addr).await?, "sub-proxied", Some("msg-7f3a")).await?;
+    let proxied = replay_story(
+        connect(sidecar.proxy_addr).await?,
+        "sub-proxied",
+        Some("msg-7f3a"),
+    )
+    .await?;
 
-    println!("{:<34} {:>16} {:>22}", "", "service directly", "through idemproxy");
+    println!(
+        "{:<34} {:>16} {:>22}",
+        "", "service directly", "through idemproxy"
+    );
     println!("{:<34} {:>16} {:>22}", "deliveries", total, total);
     println!(
         "{:<34} {:>16} {:>22}",
-        "times the service executed", direct.subscription.extensions, proxied.subscription.extensions
+        "times the service executed",
+        direct.subscription.extensions,
+        proxied.subscription.extensions
     );
     println!(
         "{:<34} {:>16} {:>22}",
@@ -169,7 +200,10 @@ pub async fn run() -> anyhow::Result<()> {
         "{:<34} {:>16} {:>22}",
         "paid until", direct.subscription.paid_until_year, proxied.subscription.paid_until_year
     );
-    println!("{:<34} {:>16} {:>22}", "duplicates answered from the record", direct.replayed, proxied.replayed);
+    println!(
+        "{:<34} {:>16} {:>22}",
+        "duplicates answered from the record", direct.replayed, proxied.replayed
+    );
     println!(
         "\nThe customer paid for 1 year. Directly, the service granted {}; through idemproxy, {}.",
         direct.subscription.paid_until_year - START_YEAR,

@@ -223,7 +223,9 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         }
         let engine = self.clone();
         let forwarded = tokio::spawn(async move {
-            engine.forward(key, token, lease, call.request, call.body).await
+            engine
+                .forward(key, token, lease, call.request, call.body)
+                .await
         });
         match forwarded.await {
             Ok(answer) => answer,
@@ -249,10 +251,14 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     ) -> Result<(), Answer<U::Stream>> {
         // Stop a little before the caller's own deadline, so it hears ABORTED with a
         // pushback instead of timing out with nothing.
-        let wait = call.timeout.map_or(self.limits.in_flight_wait_max, |timeout| {
-            let answer_time = (timeout / 10).min(Duration::from_millis(100));
-            timeout.saturating_sub(answer_time).min(self.limits.in_flight_wait_max)
-        });
+        let wait = call
+            .timeout
+            .map_or(self.limits.in_flight_wait_max, |timeout| {
+                let answer_time = (timeout / 10).min(Duration::from_millis(100));
+                timeout
+                    .saturating_sub(answer_time)
+                    .min(self.limits.in_flight_wait_max)
+            });
         let wait_until = Instant::now() + wait;
         let mut armed = None;
         loop {
@@ -266,7 +272,10 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 lease_until_ms: now_ms + lease.as_millis() as u64,
                 expires_ms: now_ms + self.limits.retention.as_millis() as u64,
             };
-            let claimed = self.store.update(&key, |current| record::claim(current, &request)).await;
+            let claimed = self
+                .store
+                .update(&key, |current| record::claim(current, &request))
+                .await;
             let lease_until_ms = match claimed {
                 Ok(Claimed::Owned) => return Ok(()),
                 Ok(Claimed::InProgress { lease_until_ms }) => lease_until_ms,
@@ -274,7 +283,10 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 Err(error) => {
                     // The claim may have landed in memory without reaching the disk: take it
                     // back if we can, so the key is not left blocked by a call never forwarded.
-                    let _ = self.store.update(&key, |current| record::release(current, &token)).await;
+                    let _ = self
+                        .store
+                        .update(&key, |current| record::release(current, &token))
+                        .await;
                     return Err(Answer::Refused(store_refusal(key, &error)));
                 }
             };
@@ -289,10 +301,13 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                     .min(self.limits.in_flight_wait_max)
                     .max(Duration::from_millis(1));
                 return Err(Answer::Refused(
-                    Refusal::new(Reason::InProgress, "an earlier attempt with this key is still running")
-                        .with_key(key)
-                        .with_state("IN_FLIGHT")
-                        .with_retry_after(retry_after),
+                    Refusal::new(
+                        Reason::InProgress,
+                        "an earlier attempt with this key is still running",
+                    )
+                    .with_key(key)
+                    .with_state("IN_FLIGHT")
+                    .with_retry_after(retry_after),
                 ));
             }
             let lease_left = Duration::from_millis(lease_until_ms.saturating_sub(now_ms));
@@ -347,7 +362,9 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 let now_ms = self.clock.now_ms();
                 let kept = self
                     .store
-                    .update(&key, |current| record::complete(current, &token, None, now_ms, expires_ms))
+                    .update(&key, |current| {
+                        record::complete(current, &token, None, now_ms, expires_ms)
+                    })
                     .await;
                 if let Err(error) = kept {
                     tracing::warn!(key = %key, %error, "could not record an oversized outcome");
@@ -355,7 +372,8 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 Answer::Stream(stream)
             }
             Reply::NotProcessed(why) => {
-                self.settle(key, |current| record::release(current, &token)).await;
+                self.settle(key, |current| record::release(current, &token))
+                    .await;
                 Answer::Refused(
                     Refusal::new(
                         Reason::UpstreamUnavailable,
@@ -365,7 +383,8 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 )
             }
             Reply::Unknown(why) => {
-                self.settle(key, |current| record::mark_in_doubt(current, &token, &why)).await;
+                self.settle(key, |current| record::mark_in_doubt(current, &token, &why))
+                    .await;
                 Answer::Refused(
                     Refusal::new(
                         Reason::OutcomeUnknown,
@@ -397,16 +416,20 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                         Answer::Fresh(response)
                     }
                     // The service acted, but no retry could learn it: say the outcome is unknown.
-                    Err(error) => Answer::Refused(store_refusal(key, &error).with_state("IN_FLIGHT")),
+                    Err(error) => {
+                        Answer::Refused(store_refusal(key, &error).with_state("IN_FLIGHT"))
+                    }
                 }
             }
             Disposition::Release => {
-                self.settle(key, |current| record::release(current, &token)).await;
+                self.settle(key, |current| record::release(current, &token))
+                    .await;
                 Answer::Fresh(response)
             }
             Disposition::InDoubt => {
                 let why = format!("the service answered grpc-status {}", response.grpc_status);
-                self.settle(key, |current| record::mark_in_doubt(current, &token, &why)).await;
+                self.settle(key, |current| record::mark_in_doubt(current, &token, &why))
+                    .await;
                 Answer::Fresh(response)
             }
         }

@@ -3,10 +3,10 @@
 pub mod config;
 pub mod demo;
 pub mod engine;
-pub mod proxy;
-pub mod server;
 pub mod key;
+pub mod proxy;
 pub mod record;
+pub mod server;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -79,8 +79,7 @@ pub enum Fenced {
 ///
 /// A live IN_FLIGHT record is never dead: its owner may still be running the call.
 pub fn is_expired(record: &Record, now_ms: u64) -> bool {
-    let live_in_flight =
-        record.state() == State::InFlight && record.lease_until_ms > now_ms;
+    let live_in_flight = record.state() == State::InFlight && record.lease_until_ms > now_ms;
     !live_in_flight && record.expires_ms <= now_ms
 }
 
@@ -196,9 +195,10 @@ pub fn mark_in_doubt(current: Option<&Record>, token: &Token, reason: &str) -> (
 /// At start: a record left IN_FLIGHT by a previous process has no owner any more.
 pub fn recover(current: Option<&Record>) -> Change {
     match current {
-        Some(record) if record.state() == State::InFlight => {
-            Change::Put(in_doubt(record, "the owning process ended before the outcome"))
-        }
+        Some(record) if record.state() == State::InFlight => Change::Put(in_doubt(
+            record,
+            "the owning process ended before the outcome",
+        )),
         _ => Change::Keep,
     }
 }
@@ -207,9 +207,7 @@ pub fn recover(current: Option<&Record>) -> Change {
 pub fn sweep(current: Option<&Record>, now_ms: u64) -> Change {
     match current {
         Some(record) if is_expired(record, now_ms) => Change::Delete,
-        Some(record)
-            if record.state() == State::InFlight && record.lease_until_ms <= now_ms =>
-        {
+        Some(record) if record.state() == State::InFlight && record.lease_until_ms <= now_ms => {
             Change::Put(in_doubt(record, "the owner's lease expired"))
         }
         _ => Change::Keep,
@@ -289,7 +287,11 @@ mod tests {
     #[test]
     fn classification_follows_the_design_table() {
         let of = |grpc_status, trailers_only| {
-            classify(&Response { grpc_status, trailers_only, ..Response::default() })
+            classify(&Response {
+                grpc_status,
+                trailers_only,
+                ..Response::default()
+            })
         };
         for code in [0, 3, 5, 6, 9, 11, 12] {
             assert_eq!(of(code, false), Disposition::Record, "code {code}");
@@ -312,7 +314,12 @@ mod tests {
         assert_eq!(record.state(), State::InFlight);
         let (change, claimed) = claim(Some(&record), &request(2, 200));
         assert_eq!(change, Change::Keep);
-        assert_eq!(claimed, Claimed::InProgress { lease_until_ms: 1_100 });
+        assert_eq!(
+            claimed,
+            Claimed::InProgress {
+                lease_until_ms: 1_100
+            }
+        );
     }
 
     #[test]

@@ -108,7 +108,11 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let (stop, stopped) = watch::channel(false);
     let proxy = Arc::new(Proxy::new(settings, engine, upstream));
     let serving = tokio::spawn(proxy::serve(listener, proxy, wait_for(stopped.clone())));
-    let sweeping = tokio::spawn(sweep(store.clone(), config.sweep_interval, wait_for(stopped)));
+    let sweeping = tokio::spawn(sweep(
+        store.clone(),
+        config.sweep_interval,
+        wait_for(stopped),
+    ));
     Ok(Running {
         proxy_addr,
         store,
@@ -122,7 +126,11 @@ async fn wait_for(mut stopped: watch::Receiver<bool>) {
 }
 
 /// Expires and evicts records every `interval`, off the runtime's threads.
-async fn sweep<S: Store>(store: Arc<S>, interval: Duration, stopped: impl std::future::Future<Output = ()>) {
+async fn sweep<S: Store>(
+    store: Arc<S>,
+    interval: Duration,
+    stopped: impl std::future::Future<Output = ()>,
+) {
     let clock = SystemClock::new();
     tokio::pin!(stopped);
     loop {
@@ -134,7 +142,11 @@ async fn sweep<S: Store>(store: Arc<S>, interval: Duration, stopped: impl std::f
         let round_store = store.clone();
         match tokio::task::spawn_blocking(move || round_store.maintain(now_ms)).await {
             Ok(Ok(done)) if done.expired > 0 || done.evicted > 0 => {
-                tracing::info!(expired = done.expired, evicted = done.evicted, "store maintenance");
+                tracing::info!(
+                    expired = done.expired,
+                    evicted = done.evicted,
+                    "store maintenance"
+                );
             }
             Ok(Ok(_)) => {}
             Ok(Err(error)) => tracing::warn!(%error, "store maintenance failed"),
@@ -156,14 +168,15 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(terminate) => terminate,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; stopping on SIGINT only");
-                let _ = interrupt.await;
-                return;
-            }
-        };
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(terminate) => terminate,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM; stopping on SIGINT only");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = interrupt => {}
             _ = terminate.recv() => {}

@@ -265,6 +265,9 @@ mod tests {
         assert_eq!(info.domain, "idemproxy");
         assert_eq!(info.metadata["key_hash"], key.hex());
         assert_eq!(info.metadata["state"], "IN_FLIGHT");
-        assert_eq!(status.details[1].type_url, "type.googleapis.com/google.rpc.RetryInfo");
+        assert_eq!(
+            status.details[1].type_url,
+            "type.googleapis.com/google.rpc.RetryInfo"
+        );
     }
 }

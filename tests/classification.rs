@@ -20,7 +20,14 @@ async fn deterministic_answers_are_recorded_and_replayed() {
     let sidecar = start_sidecar(upstream.addr, |_| {}).await;
     let mut client = client(sidecar.addr).await;
     use tonic::Code::*;
-    for code in [InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, OutOfRange, Unimplemented] {
+    for code in [
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        OutOfRange,
+        Unimplemented,
+    ] {
         let account = format!("{code:?}");
         let first = apply(&mut client, failing(&account, code), Some(&account), None)
             .await
@@ -31,8 +38,18 @@ async fn deterministic_answers_are_recorded_and_replayed() {
         assert_eq!(first.code(), code);
         assert_eq!(again.code(), code);
         assert_eq!(again.message(), first.message());
-        assert_eq!(again.metadata().get("idempotency-replayed").map(|v| v.to_str().unwrap()), Some("true"));
-        assert_eq!(upstream.state.executions_of(&account), 1, "{code:?} is replayed, not re-run");
+        assert_eq!(
+            again
+                .metadata()
+                .get("idempotency-replayed")
+                .map(|v| v.to_str().unwrap()),
+            Some("true")
+        );
+        assert_eq!(
+            upstream.state.executions_of(&account),
+            1,
+            "{code:?} is replayed, not re-run"
+        );
     }
 }
 
@@ -42,7 +59,13 @@ async fn answers_that_prove_nothing_was_done_free_the_key() {
     let sidecar = start_sidecar(upstream.addr, |_| {}).await;
     let mut client = client(sidecar.addr).await;
     use tonic::Code::*;
-    for code in [Unauthenticated, PermissionDenied, ResourceExhausted, Aborted, Unavailable] {
+    for code in [
+        Unauthenticated,
+        PermissionDenied,
+        ResourceExhausted,
+        Aborted,
+        Unavailable,
+    ] {
         let account = format!("{code:?}");
         let refused = apply(&mut client, failing(&account, code), Some(&account), None)
             .await
@@ -54,7 +77,11 @@ async fn answers_that_prove_nothing_was_done_free_the_key() {
             .await
             .expect("the retry executes");
         assert!(!was_replayed(&retried));
-        assert_eq!(upstream.state.executions_of(&account), 2, "{code:?} releases the key");
+        assert_eq!(
+            upstream.state.executions_of(&account),
+            2,
+            "{code:?} releases the key"
+        );
     }
 }
 
@@ -69,14 +96,25 @@ async fn answers_that_leave_the_outcome_unknown_are_in_doubt() {
         let first = apply(&mut client, failing(&account, code), Some(&account), None)
             .await
             .expect_err("the service fails");
-        assert_eq!(first.code(), code, "the caller sees the service's own answer");
+        assert_eq!(
+            first.code(),
+            code,
+            "the caller sees the service's own answer"
+        );
         let retry = apply(&mut client, failing(&account, code), Some(&account), None)
             .await
             .expect_err("the retry is refused");
         assert_eq!(retry.code(), FailedPrecondition);
         assert_eq!(reason(&retry), "IDEMPOTENCY_OUTCOME_UNKNOWN");
-        assert_eq!(support::error_info(&retry).unwrap().metadata["state"], "IN_DOUBT");
-        assert_eq!(upstream.state.executions_of(&account), 1, "{code:?} is never re-run");
+        assert_eq!(
+            support::error_info(&retry).unwrap().metadata["state"],
+            "IN_DOUBT"
+        );
+        assert_eq!(
+            upstream.state.executions_of(&account),
+            1,
+            "{code:?} is never re-run"
+        );
     }
 }
 
@@ -96,7 +134,11 @@ async fn unavailable_after_response_headers_is_in_doubt() {
     assert_eq!(first.grpc_status(), Some(14));
     assert!(!first.is_trailers_only());
     let retry = support::raw::call(sidecar.addr, path, &key, support::raw::frame(&request)).await;
-    assert_eq!(retry.grpc_status(), Some(9), "FAILED_PRECONDITION: outcome unknown");
+    assert_eq!(
+        retry.grpc_status(),
+        Some(9),
+        "FAILED_PRECONDITION: outcome unknown"
+    );
     assert_eq!(upstream.state.executions_of("late-unavailable"), 1);
 }
 
@@ -111,7 +153,9 @@ async fn a_stream_reset_after_the_service_acted_is_in_doubt() {
         .await
         .expect_err("the call broke off");
     assert_eq!(reason(&first), "IDEMPOTENCY_OUTCOME_UNKNOWN");
-    let retry = apply(&mut client, request, Some("reset"), None).await.expect_err("refused");
+    let retry = apply(&mut client, request, Some("reset"), None)
+        .await
+        .expect_err("refused");
     assert_eq!(retry.code(), tonic::Code::FailedPrecondition);
     assert_eq!(reason(&retry), "IDEMPOTENCY_OUTCOME_UNKNOWN");
     assert_eq!(upstream.state.executions_of("reset"), 1);
@@ -130,14 +174,20 @@ async fn an_unreachable_service_releases_the_key() {
         .expect_err("nobody answers");
     assert_eq!(down.code(), tonic::Code::Unavailable);
     assert_eq!(reason(&down), "IDEMPOTENCY_UPSTREAM_UNAVAILABLE");
-    let passthrough = apply(&mut client, add("down", 1), None, None).await.expect_err("down");
+    let passthrough = apply(&mut client, add("down", 1), None, None)
+        .await
+        .expect_err("down");
     assert_eq!(passthrough.code(), tonic::Code::Unavailable);
 
     // The service comes up; the same key now executes, once.
     let upstream = ledger::start_on(tokio::net::TcpListener::bind(addr).await.unwrap()).await;
-    let up = apply(&mut client, add("down", 1), Some("down"), None).await.expect("executes");
+    let up = apply(&mut client, add("down", 1), Some("down"), None)
+        .await
+        .expect("executes");
     assert!(!was_replayed(&up));
-    let again = apply(&mut client, add("down", 1), Some("down"), None).await.expect("replayed");
+    let again = apply(&mut client, add("down", 1), Some("down"), None)
+        .await
+        .expect("replayed");
     assert!(was_replayed(&again));
     assert_eq!(upstream.state.executions_of("down"), 1);
 }

@@ -73,7 +73,9 @@ async fn another_payload_under_the_same_key_is_refused() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |_| {}).await;
     let mut client = client(sidecar.addr).await;
-    apply(&mut client, add("a", 10), Some("k1"), None).await.expect("first");
+    apply(&mut client, add("a", 10), Some("k1"), None)
+        .await
+        .expect("first");
     let reused = apply(&mut client, add("a", 999), Some("k1"), None)
         .await
         .expect_err("another payload is refused");
@@ -90,14 +92,32 @@ async fn callers_never_share_a_record() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |_| {}).await;
     let mut client = client(sidecar.addr).await;
-    let alice = apply(&mut client, add("shared", 1), Some("serial-1"), Some("alice")).await.unwrap();
-    let bob = apply(&mut client, add("shared", 1), Some("serial-1"), Some("bob")).await.unwrap();
+    let alice = apply(
+        &mut client,
+        add("shared", 1),
+        Some("serial-1"),
+        Some("alice"),
+    )
+    .await
+    .unwrap();
+    let bob = apply(&mut client, add("shared", 1), Some("serial-1"), Some("bob"))
+        .await
+        .unwrap();
     assert!(!was_replayed(&bob), "bob must never get alice's response");
     assert_ne!(alice.get_ref().execution, bob.get_ref().execution);
-    let anonymous = apply(&mut client, add("shared", 1), Some("serial-1"), None).await.unwrap();
+    let anonymous = apply(&mut client, add("shared", 1), Some("serial-1"), None)
+        .await
+        .unwrap();
     assert!(!was_replayed(&anonymous));
     assert_eq!(upstream.state.executions(), 3);
-    let alice_again = apply(&mut client, add("shared", 1), Some("serial-1"), Some("alice")).await.unwrap();
+    let alice_again = apply(
+        &mut client,
+        add("shared", 1),
+        Some("serial-1"),
+        Some("alice"),
+    )
+    .await
+    .unwrap();
     assert!(was_replayed(&alice_again));
     assert_eq!(alice_again.get_ref(), alice.get_ref());
 }
@@ -108,7 +128,9 @@ async fn calls_without_a_key_pass_through_every_time() {
     let sidecar = start_sidecar(upstream.addr, |_| {}).await;
     let mut client = client(sidecar.addr).await;
     for _ in 0..3 {
-        let reply = apply(&mut client, add("free", 1), None, None).await.unwrap();
+        let reply = apply(&mut client, add("free", 1), None, None)
+            .await
+            .unwrap();
         assert!(!was_replayed(&reply));
     }
     assert_eq!(upstream.state.executions(), 3);
@@ -127,27 +149,40 @@ async fn malformed_keys_are_refused_before_anything_runs() {
             support::raw::frame(&add("x", 1)),
         )
         .await;
-        assert_eq!(response.grpc_status(), Some(3), "key {bad:?} is INVALID_ARGUMENT");
+        assert_eq!(
+            response.grpc_status(),
+            Some(3),
+            "key {bad:?} is INVALID_ARGUMENT"
+        );
         assert!(response.is_trailers_only());
     }
     let mut client = client(sidecar.addr).await;
     let max = "k".repeat(255);
-    apply(&mut client, add("x", 1), Some(&max), None).await.expect("255 bytes is allowed");
+    apply(&mut client, add("x", 1), Some(&max), None)
+        .await
+        .expect("255 bytes is allowed");
     assert_eq!(upstream.state.executions(), 1);
 }
 
 #[tokio::test]
 async fn a_request_over_the_limit_is_refused_and_never_forwarded() {
     let upstream = ledger::start().await;
-    let sidecar = start_sidecar(upstream.addr, |args| args.max_request_bytes = Some("1KiB".into())).await;
+    let sidecar = start_sidecar(upstream.addr, |args| {
+        args.max_request_bytes = Some("1KiB".into())
+    })
+    .await;
     let mut client = client(sidecar.addr).await;
     let big = add(&"x".repeat(2000), 1);
-    let refused = apply(&mut client, big, Some("big"), None).await.expect_err("too large");
+    let refused = apply(&mut client, big, Some("big"), None)
+        .await
+        .expect_err("too large");
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     assert_eq!(reason(&refused), "IDEMPOTENCY_REQUEST_TOO_LARGE");
     // Just under the limit passes.
     let fits = add(&"x".repeat(900), 1);
-    apply(&mut client, fits, Some("fits"), None).await.expect("fits");
+    apply(&mut client, fits, Some("fits"), None)
+        .await
+        .expect("fits");
     assert_eq!(upstream.state.executions(), 1);
 }
 
@@ -155,7 +190,12 @@ async fn a_request_over_the_limit_is_refused_and_never_forwarded() {
 async fn malformed_framing_is_refused_and_never_forwarded() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |_| {}).await;
-    let bodies: [&[u8]; 4] = [b"\0\0\0\0\x09abc", b"\x07\0\0\0\0", b"\x01\0\0\0\0", b"\0\0"];
+    let bodies: [&[u8]; 4] = [
+        b"\0\0\0\0\x09abc",
+        b"\x07\0\0\0\0",
+        b"\x01\0\0\0\0",
+        b"\0\0",
+    ];
     for body in bodies {
         let response = support::raw::call(
             sidecar.addr,
@@ -164,7 +204,48 @@ async fn malformed_framing_is_refused_and_never_forwarded() {
             bytes::Bytes::from_static(body),
         )
         .await;
-        assert_eq!(response.grpc_status(), Some(13), "body {body:?} is INTERNAL");
+        assert_eq!(
+            response.grpc_status(),
+            Some(13),
+            "body {body:?} is INTERNAL"
+        );
     }
     assert_eq!(upstream.state.executions(), 0);
+}
+
+#[tokio::test]
+async fn a_response_too_large_to_keep_reaches_the_caller_and_is_never_rerun() {
+    let upstream = ledger::start().await;
+    let sidecar = start_sidecar(upstream.addr, |args| {
+        args.max_response_bytes = Some("4KiB".into())
+    })
+    .await;
+    let mut client = client(sidecar.addr).await;
+    let mut big = add("big-answer", 1);
+    big.reply_padding_bytes = 64 << 10;
+    let first = apply(&mut client, big.clone(), Some("big-answer"), None)
+        .await
+        .expect("streamed whole");
+    assert_eq!(
+        first.get_ref().padding.len(),
+        64 << 10,
+        "the first caller gets every byte"
+    );
+    let duplicate = apply(&mut client, big, Some("big-answer"), None)
+        .await
+        .expect_err("not kept");
+    assert_eq!(duplicate.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(reason(&duplicate), "IDEMPOTENCY_RESPONSE_NOT_KEPT");
+    assert_eq!(upstream.state.executions(), 1);
+    // A response just under the limit is kept and replayed.
+    let mut small = add("small-answer", 1);
+    small.reply_padding_bytes = 3 << 10;
+    apply(&mut client, small.clone(), Some("small-answer"), None)
+        .await
+        .unwrap();
+    assert!(was_replayed(
+        &apply(&mut client, small, Some("small-answer"), None)
+            .await
+            .unwrap()
+    ));
 }

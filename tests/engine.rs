@@ -4,10 +4,10 @@
 
 use bytes::Bytes;
 use idemproxy::engine::{Answer, Call, Engine, Limits, Reply, SystemClock, Tokens, Upstream};
+use idemproxy::key::Key;
 use idemproxy::record::{Response, State};
 use idemproxy::status::Reason;
 use idemproxy::store::memory::MemoryStore;
-use idemproxy::key::Key;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,11 +74,20 @@ fn reason(answer: &Answer<()>) -> Option<Reason> {
 #[tokio::test(start_paused = true)]
 async fn the_default_retention_keeps_an_outcome_for_24_hours() {
     let engine = engine(Duration::ZERO, 0, Limits::default());
-    assert!(matches!(engine.handle(call("k", None)).await, Answer::Fresh(_)));
+    assert!(matches!(
+        engine.handle(call("k", None)).await,
+        Answer::Fresh(_)
+    ));
     tokio::time::advance(Duration::from_secs(24 * 3600 - 1)).await;
-    assert!(matches!(engine.handle(call("k", None)).await, Answer::Replay(_)));
+    assert!(matches!(
+        engine.handle(call("k", None)).await,
+        Answer::Replay(_)
+    ));
     tokio::time::advance(Duration::from_secs(1)).await;
-    assert!(matches!(engine.handle(call("k", None)).await, Answer::Fresh(_)), "expired: runs again");
+    assert!(
+        matches!(engine.handle(call("k", None)).await, Answer::Fresh(_)),
+        "expired: runs again"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -92,15 +101,31 @@ async fn a_lease_follows_the_call_deadline_plus_the_margin() {
     let engine = engine(Duration::from_secs(3600), 0, limits);
     let first = tokio::spawn({
         let engine = engine.clone();
-        async move { engine.handle(call("slow", Some(Duration::from_secs(2)))).await }
+        async move {
+            engine
+                .handle(call("slow", Some(Duration::from_secs(2))))
+                .await
+        }
     });
     tokio::time::advance(Duration::from_millis(6_900)).await;
-    let during = engine.handle(call("slow", Some(Duration::from_secs(2)))).await;
-    assert_eq!(reason(&during), Some(Reason::InProgress), "still within 2 s + 5 s");
+    let during = engine
+        .handle(call("slow", Some(Duration::from_secs(2))))
+        .await;
+    assert_eq!(
+        reason(&during),
+        Some(Reason::InProgress),
+        "still within 2 s + 5 s"
+    );
     tokio::time::advance(Duration::from_millis(200)).await;
     let first = first.await.unwrap();
-    assert_eq!(reason(&first), Some(Reason::OutcomeUnknown), "the lease ended the wait");
-    let after = engine.handle(call("slow", Some(Duration::from_secs(2)))).await;
+    assert_eq!(
+        reason(&first),
+        Some(Reason::OutcomeUnknown),
+        "the lease ended the wait"
+    );
+    let after = engine
+        .handle(call("slow", Some(Duration::from_secs(2))))
+        .await;
     assert_eq!(reason(&after), Some(Reason::OutcomeUnknown));
     let key = Key::derive("/pkg.Svc/Do", "tester", b"slow");
     assert_eq!(engine.store().get(&key).unwrap().state(), State::InDoubt);
@@ -120,7 +145,10 @@ async fn a_call_without_a_deadline_gets_the_default_lease() {
         async move { engine.handle(call("nodeadline", None)).await }
     });
     tokio::time::advance(Duration::from_secs(34)).await;
-    assert_eq!(reason(&engine.handle(call("nodeadline", None)).await), Some(Reason::InProgress));
+    assert_eq!(
+        reason(&engine.handle(call("nodeadline", None)).await),
+        Some(Reason::InProgress)
+    );
     tokio::time::advance(Duration::from_secs(2)).await;
     assert_eq!(reason(&first.await.unwrap()), Some(Reason::OutcomeUnknown));
 }
@@ -146,15 +174,24 @@ async fn waiting_duplicates_are_bounded_by_the_max_wait() {
         _ => unreachable!(),
     }
     assert!(matches!(first.await.unwrap(), Answer::Fresh(_)));
-    assert!(matches!(engine.handle(call("w", None)).await, Answer::Replay(_)));
+    assert!(matches!(
+        engine.handle(call("w", None)).await,
+        Answer::Replay(_)
+    ));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_released_answer_lets_the_retry_execute() {
     // PERMISSION_DENIED: the service did not act.
     let engine = engine(Duration::ZERO, 7, Limits::default());
-    assert!(matches!(engine.handle(call("p", None)).await, Answer::Fresh(_)));
-    assert!(matches!(engine.handle(call("p", None)).await, Answer::Fresh(_)));
+    assert!(matches!(
+        engine.handle(call("p", None)).await,
+        Answer::Fresh(_)
+    ));
+    assert!(matches!(
+        engine.handle(call("p", None)).await,
+        Answer::Fresh(_)
+    ));
     let key = Key::derive("/pkg.Svc/Do", "tester", b"p");
     assert!(engine.store().get(&key).is_none(), "released: no record");
 }
@@ -173,5 +210,8 @@ async fn a_restart_leaves_the_dead_process_claims_in_doubt() {
     tokio::task::yield_now().await;
     running.abort(); // The handling task dies; the forwarding task is the process's to lose.
     assert_eq!(engine.store().restart(), 1);
-    assert_eq!(reason(&engine.handle(call("crash", None)).await), Some(Reason::OutcomeUnknown));
+    assert_eq!(
+        reason(&engine.handle(call("crash", None)).await),
+        Some(Reason::OutcomeUnknown)
+    );
 }

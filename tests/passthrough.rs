@@ -19,7 +19,11 @@ async fn server_streaming_passes_through_with_its_trailers() {
         fail_message: "done".into(),
         ..add("s", 1)
     };
-    let mut stream = client.watch(request).await.expect("the stream opens").into_inner();
+    let mut stream = client
+        .watch(request)
+        .await
+        .expect("the stream opens")
+        .into_inner();
     let mut messages = 0;
     let status = loop {
         match stream.next().await {
@@ -39,7 +43,11 @@ async fn client_streaming_passes_through() {
     let sidecar = start_sidecar(upstream.addr, |_| {}).await;
     let mut client = client(sidecar.addr).await;
     let requests = tokio_stream::iter((0..4).map(|_| add("c", 10)));
-    let reply = client.collect(requests).await.expect("answered").into_inner();
+    let reply = client
+        .collect(requests)
+        .await
+        .expect("answered")
+        .into_inner();
     assert_eq!(reply.balance, 40);
     assert_eq!(upstream.state.executions(), 4);
 }
@@ -84,7 +92,10 @@ async fn deadlines_reach_the_service() {
         support::raw::frame(&request),
     )
     .await;
-    assert!(started.elapsed() < Duration::from_millis(2500), "the service saw grpc-timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "the service saw grpc-timeout"
+    );
     assert_ne!(response.grpc_status(), Some(0));
     assert_eq!(upstream.state.executions(), 0);
 }

@@ -8,7 +8,11 @@ use idemproxy::pb::idemproxy::testing::v1::ApplyRequest;
 use support::raw::{call, frame, RawResponse};
 use support::{add, ledger, start_sidecar};
 
-async fn first_and_replay(path: &str, request: &ApplyRequest, key: &str) -> (RawResponse, RawResponse, u64) {
+async fn first_and_replay(
+    path: &str,
+    request: &ApplyRequest,
+    key: &str,
+) -> (RawResponse, RawResponse, u64) {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |_| {}).await;
     let headers = [("idempotency-key", key), ("x-caller-id", "payments")];
@@ -21,7 +25,10 @@ fn assert_same_answer(first: &RawResponse, replay: &RawResponse) {
     assert_eq!(first.headers.get("idempotency-replayed"), None);
     assert_eq!(replay.headers["idempotency-replayed"], "true");
     assert_eq!(replay.status, first.status);
-    assert_eq!(replay.headers_without_replay_marker(), first.headers_without_replay_marker());
+    assert_eq!(
+        replay.headers_without_replay_marker(),
+        first.headers_without_replay_marker()
+    );
     assert_eq!(replay.body, first.body, "message frames byte for byte");
     assert_eq!(replay.trailers, first.trailers);
     assert_eq!(replay.is_trailers_only(), first.is_trailers_only());
@@ -33,9 +40,13 @@ async fn an_ok_answer_replays_head_messages_and_trailers() {
         reply_padding_bytes: 3000,
         ..add("ok", 7)
     };
-    let (first, replay, executions) = first_and_replay("/idemproxy.testing.v1.Ledger/Apply", &request, "ok-1").await;
+    let (first, replay, executions) =
+        first_and_replay("/idemproxy.testing.v1.Ledger/Apply", &request, "ok-1").await;
     assert_eq!(first.grpc_status(), Some(0));
-    assert!(first.headers.contains_key("x-ledger-execution"), "custom response metadata");
+    assert!(
+        first.headers.contains_key("x-ledger-execution"),
+        "custom response metadata"
+    );
     assert!(first.body.len() > 3000);
     assert_same_answer(&first, &replay);
     assert_eq!(executions, 1);
@@ -51,7 +62,10 @@ async fn a_trailers_only_error_with_details_replays_as_trailers_only() {
     };
     let (first, replay, executions) =
         first_and_replay("/idemproxy.testing.v1.Ledger/Apply", &request, "nf-1").await;
-    assert!(first.is_trailers_only(), "tonic answers unary errors trailers-only");
+    assert!(
+        first.is_trailers_only(),
+        "tonic answers unary errors trailers-only"
+    );
     assert_eq!(first.grpc_status(), Some(5));
     assert!(first.headers.contains_key("grpc-status-details-bin"));
     assert_eq!(first.headers["x-ledger-trailer"], "kept");

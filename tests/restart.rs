@@ -58,7 +58,10 @@ async fn load(
                     };
                     sent.push(key.clone());
                     if let Ok(reply) = apply(&mut client, payload(&key), Some(&key), None).await {
-                        answers.lock().unwrap().insert(key, reply.into_inner());
+                        answers
+                            .lock()
+                            .expect("answers lock")
+                            .insert(key, reply.into_inner());
                     }
                 }
                 sent
@@ -108,21 +111,42 @@ async fn sigkill_under_load_never_executes_a_key_twice_nor_loses_an_answer() {
             match apply(&mut client, payload(key), Some(key), None).await {
                 Ok(reply) => {
                     if let Some(seen) = seen {
-                        assert!(was_replayed(&reply), "{key}: an answered key must be replayed");
-                        assert_eq!(reply.get_ref(), &seen, "{key}: the replay is the answer seen");
+                        assert!(
+                            was_replayed(&reply),
+                            "{key}: an answered key must be replayed"
+                        );
+                        assert_eq!(
+                            reply.get_ref(),
+                            &seen,
+                            "{key}: the replay is the answer seen"
+                        );
                     } else {
-                        answers.lock().unwrap().insert(key.clone(), reply.into_inner());
+                        answers
+                            .lock()
+                            .unwrap()
+                            .insert(key.clone(), reply.into_inner());
                     }
                 }
                 Err(status) => {
-                    assert!(seen.is_none(), "{key}: an answered key must be replayed, got {status:?}");
-                    assert_eq!(reason(&status), "IDEMPOTENCY_OUTCOME_UNKNOWN", "{key}: {status:?}");
+                    assert!(
+                        seen.is_none(),
+                        "{key}: an answered key must be replayed, got {status:?}"
+                    );
+                    assert_eq!(
+                        reason(&status),
+                        "IDEMPOTENCY_OUTCOME_UNKNOWN",
+                        "{key}: {status:?}"
+                    );
                     in_doubt.insert(key.clone());
                 }
             }
         }
         sidecar.kill().await;
-        assert_eq!(upstream.state.executed_twice(), vec![], "cycle {cycle}: a key ran twice");
+        assert_eq!(
+            upstream.state.executed_twice(),
+            vec![],
+            "cycle {cycle}: a key ran twice"
+        );
     }
     eprintln!(
         "{CYCLES} kill cycles, {} keys, {} executions, {} answered as IN_DOUBT",

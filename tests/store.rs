@@ -20,7 +20,12 @@ fn options(dir: &std::path::Path, bytes_max: u64) -> SledOptions {
     }
 }
 
-async fn claim(store: &SledStore, serial: &str, token: u8, now_ms: u64) -> Result<Claimed, StoreError> {
+async fn claim(
+    store: &SledStore,
+    serial: &str,
+    token: u8,
+    now_ms: u64,
+) -> Result<Claimed, StoreError> {
     let key = Key::derive("/s.S/M", "-", serial.as_bytes());
     let request = ClaimRequest {
         fingerprint: &[1; 32],
@@ -31,7 +36,9 @@ async fn claim(store: &SledStore, serial: &str, token: u8, now_ms: u64) -> Resul
         lease_until_ms: now_ms + 60_000,
         expires_ms: now_ms + 3_600_000 + u64::from(token),
     };
-    store.update(&key, |current| record::claim(current, &request)).await
+    store
+        .update(&key, |current| record::claim(current, &request))
+        .await
 }
 
 async fn complete(store: &SledStore, serial: &str, token: u8, body_bytes: usize) {
@@ -43,7 +50,13 @@ async fn complete(store: &SledStore, serial: &str, token: u8, body_bytes: usize)
     };
     let done = store
         .update(&key, |current| {
-            record::complete(current, &[token; 16], Some(response.clone()), 1, 3_600_000 + u64::from(token))
+            record::complete(
+                current,
+                &[token; 16],
+                Some(response.clone()),
+                1,
+                3_600_000 + u64::from(token),
+            )
         })
         .await
         .expect("the store writes");
@@ -55,12 +68,21 @@ async fn records_expire_after_the_retention_and_the_key_runs_again() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |args| args.retention = Some("300ms".into())).await;
     let mut client = client(sidecar.addr).await;
-    apply(&mut client, add("r", 1), Some("r"), None).await.unwrap();
-    let replay = apply(&mut client, add("r", 1), Some("r"), None).await.unwrap();
+    apply(&mut client, add("r", 1), Some("r"), None)
+        .await
+        .unwrap();
+    let replay = apply(&mut client, add("r", 1), Some("r"), None)
+        .await
+        .unwrap();
     assert!(was_replayed(&replay));
     sidecar.wait_for_records(0).await;
-    let again = apply(&mut client, add("r", 1), Some("r"), None).await.unwrap();
-    assert!(!was_replayed(&again), "after the retention the key is new again");
+    let again = apply(&mut client, add("r", 1), Some("r"), None)
+        .await
+        .unwrap();
+    assert!(
+        !was_replayed(&again),
+        "after the retention the key is new again"
+    );
     assert_eq!(upstream.state.executions(), 2);
 }
 
@@ -72,7 +94,9 @@ async fn the_size_bound_evicts_completed_records_closest_to_expiry_first() {
     assert_eq!(claim(&store, "doubt", 1, 0).await.unwrap(), Claimed::Owned);
     let key = Key::derive("/s.S/M", "-", b"doubt");
     store
-        .update(&key, |current| record::mark_in_doubt(current, &[1; 16], "test"))
+        .update(&key, |current| {
+            record::mark_in_doubt(current, &[1; 16], "test")
+        })
         .await
         .unwrap();
     assert_eq!(claim(&store, "flight", 2, 0).await.unwrap(), Claimed::Owned);
@@ -85,7 +109,12 @@ async fn the_size_bound_evicts_completed_records_closest_to_expiry_first() {
     let done = store.maintain(0).expect("maintenance runs");
     assert!(done.evicted > 0, "records were evicted");
     assert!(store.usage().bytes <= 16 << 10, "back under the bound");
-    let state = |serial: &str| store.get(&Key::derive("/s.S/M", "-", serial.as_bytes())).unwrap().map(|r| r.state());
+    let state = |serial: &str| {
+        store
+            .get(&Key::derive("/s.S/M", "-", serial.as_bytes()))
+            .unwrap()
+            .map(|r| r.state())
+    };
     assert_eq!(state("doubt"), Some(State::InDoubt));
     assert_eq!(state("flight"), Some(State::InFlight));
     assert_eq!(state("done-3"), None, "closest to expiry went first");
@@ -103,7 +132,10 @@ async fn a_full_store_with_nothing_to_evict_refuses_new_claims() {
     let refused = claim(&store, "one-more", 99, 0).await.expect_err("full");
     assert!(matches!(refused, StoreError::Full { .. }), "{refused:?}");
     // A duplicate of a stored record is still answered.
-    assert!(matches!(claim(&store, "flight-1", 98, 0).await.unwrap(), Claimed::InProgress { .. }));
+    assert!(matches!(
+        claim(&store, "flight-1", 98, 0).await.unwrap(),
+        Claimed::InProgress { .. }
+    ));
 }
 
 #[tokio::test]
@@ -118,8 +150,14 @@ async fn a_restart_turns_the_previous_process_claims_into_in_doubt() {
     let (store, recovery) = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
     assert_eq!(recovery.records, 2);
     assert_eq!(recovery.in_doubt, 1);
-    assert_eq!(claim(&store, "running", 3, 1).await.unwrap(), Claimed::InDoubt);
-    assert!(matches!(claim(&store, "finished", 4, 1).await.unwrap(), Claimed::Replay(_)));
+    assert_eq!(
+        claim(&store, "running", 3, 1).await.unwrap(),
+        Claimed::InDoubt
+    );
+    assert!(matches!(
+        claim(&store, "finished", 4, 1).await.unwrap(),
+        Claimed::Replay(_)
+    ));
     // The expiry index was rebuilt, so the sweeper finds both when they expire.
     let swept = store.maintain(u64::MAX / 2).unwrap();
     assert_eq!(swept.expired, 2);
@@ -151,5 +189,9 @@ async fn the_sidecar_refuses_when_its_store_is_full() {
         }
     };
     assert_eq!(refused.code(), tonic::Code::Unavailable);
-    assert_eq!(upstream.state.executions(), n, "the refused call was never forwarded");
+    assert_eq!(
+        upstream.state.executions(),
+        n,
+        "the refused call was never forwarded"
+    );
 }

@@ -2,6 +2,8 @@
 //! filled to ENOSPC, and a new key gets UNAVAILABLE / IDEMPOTENCY_STORE_UNAVAILABLE without
 //! ever reaching the service. Mounting needs root, as on CI and the developers' machines.
 
+#![allow(clippy::unwrap_used)] // Test helpers: a failed unwrap is a failed test.
+
 mod support;
 
 use std::io::Write;
@@ -25,8 +27,14 @@ impl Tmpfs {
             .arg(&path)
             .status()
             .expect("runs mount");
-        assert!(status.success(), "mounting a tmpfs needs root (this test fills a real disk)");
-        Tmpfs { path, _parent: parent }
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (this test fills a real disk)"
+        );
+        Tmpfs {
+            path,
+            _parent: parent,
+        }
     }
 }
 
@@ -43,7 +51,11 @@ fn fill(dir: &Path) -> PathBuf {
     let chunk = vec![0u8; 64 << 10];
     loop {
         if let Err(error) = file.write_all(&chunk).and_then(|()| file.sync_all()) {
-            assert_eq!(error.raw_os_error(), Some(28), "filled until ENOSPC: {error}");
+            assert_eq!(
+                error.raw_os_error(),
+                Some(28),
+                "filled until ENOSPC: {error}"
+            );
             break;
         }
     }
@@ -64,7 +76,9 @@ async fn a_full_disk_fails_closed_and_forwards_nothing() {
     })
     .await;
     let mut client = client(sidecar.addr).await;
-    let first = apply(&mut client, add("before", 1), Some("before"), None).await.expect("disk has room");
+    let first = apply(&mut client, add("before", 1), Some("before"), None)
+        .await
+        .expect("disk has room");
     fill(&tmpfs.path);
 
     let mut refused = Vec::new();
@@ -79,15 +93,27 @@ async fn a_full_disk_fails_closed_and_forwards_nothing() {
             refused.push(key);
         }
     }
-    assert!(refused.len() >= 19, "a full disk refuses new keys: {} refused", refused.len());
+    assert!(
+        refused.len() >= 19,
+        "a full disk refuses new keys: {} refused",
+        refused.len()
+    );
     // Nothing ran twice. At most the first refused call ran: its claim reached the disk and
     // only its outcome did not, so the caller was told the store failed (a retry gets
     // IDEMPOTENCY_OUTCOME_UNKNOWN). Every later one was refused before it was forwarded.
     assert!(upstream.state.executed_twice().is_empty());
-    let forwarded: Vec<_> = refused.iter().filter(|key| upstream.state.executions_of(key) > 0).collect();
-    assert!(forwarded.len() <= 1, "forwarded without a durable claim: {forwarded:?}");
+    let forwarded: Vec<_> = refused
+        .iter()
+        .filter(|key| upstream.state.executions_of(key) > 0)
+        .collect();
+    assert!(
+        forwarded.len() <= 1,
+        "forwarded without a durable claim: {forwarded:?}"
+    );
     // An outcome recorded before the disk filled is still replayed: reads need no flush.
-    let replay = apply(&mut client, add("before", 1), Some("before"), None).await.expect("replayed");
+    let replay = apply(&mut client, add("before", 1), Some("before"), None)
+        .await
+        .expect("replayed");
     assert!(was_replayed(&replay));
     assert_eq!(replay.get_ref(), first.get_ref());
     assert_eq!(upstream.state.executions_of("before"), 1);

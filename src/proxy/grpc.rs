@@ -145,7 +145,10 @@ mod tests {
         assert_eq!(parse_timeout(b"1S"), Some(Duration::from_secs(1)));
         assert_eq!(parse_timeout(b"250m"), Some(Duration::from_millis(250)));
         assert_eq!(parse_timeout(b"2H"), Some(Duration::from_secs(7200)));
-        assert_eq!(parse_timeout(b"99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(
+            parse_timeout(b"99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
         assert_eq!(parse_timeout(b"123456789S"), None);
         assert_eq!(parse_timeout(b"S"), None);
         assert_eq!(parse_timeout(b""), None);
@@ -157,9 +160,18 @@ mod tests {
     fn framing_is_checked_whole() {
         assert_eq!(check_framing(b"", false), Ok(0));
         assert_eq!(check_framing(b"\0\0\0\0\x02ab\0\0\0\0\0", false), Ok(2));
-        assert_eq!(check_framing(b"\0\0\0\0\x03ab", false), Err(FramingError::Truncated(7)));
-        assert_eq!(check_framing(b"\0\0\0", false), Err(FramingError::Truncated(3)));
-        assert_eq!(check_framing(b"\x02\0\0\0\0", false), Err(FramingError::BadFlag(2)));
+        assert_eq!(
+            check_framing(b"\0\0\0\0\x03ab", false),
+            Err(FramingError::Truncated(7))
+        );
+        assert_eq!(
+            check_framing(b"\0\0\0", false),
+            Err(FramingError::Truncated(3))
+        );
+        assert_eq!(
+            check_framing(b"\x02\0\0\0\0", false),
+            Err(FramingError::BadFlag(2))
+        );
         assert_eq!(
             check_framing(b"\x01\0\0\0\0", false),
             Err(FramingError::CompressedWithoutEncoding)
@@ -181,12 +193,20 @@ mod tests {
 
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
-        let response = to_response(200, &HeaderMap::new(), Bytes::from_static(b"\0\0\0\0\0"), Some(&trailers));
+        let response = to_response(
+            200,
+            &HeaderMap::new(),
+            Bytes::from_static(b"\0\0\0\0\0"),
+            Some(&trailers),
+        );
         assert!(!response.trailers_only);
         assert_eq!(response.grpc_status, 0);
 
         let response = to_response(200, &HeaderMap::new(), Bytes::new(), None);
         assert_eq!(response.grpc_status, 13);
-        assert_eq!(to_response(503, &HeaderMap::new(), Bytes::new(), None).grpc_status, 14);
+        assert_eq!(
+            to_response(503, &HeaderMap::new(), Bytes::new(), None).grpc_status,
+            14
+        );
     }
 }

@@ -65,7 +65,10 @@ pub fn recorded_response(recorded: Response, replayed: bool) -> HttpResponse {
     let body = if recorded.trailers_only {
         ProxyBody::empty()
     } else {
-        ProxyBody::buffered(recorded.body, Some(grpc::from_headers(&recorded.trailers, 0)))
+        ProxyBody::buffered(
+            recorded.body,
+            Some(grpc::from_headers(&recorded.trailers, 0)),
+        )
     };
     let mut response = http::Response::new(body);
     *response.status_mut() =
@@ -89,7 +92,10 @@ impl<S: Store, C: Clock> Proxy<S, C> {
     }
 
     /// Answers one call. Never fails: every problem becomes a gRPC status.
-    pub async fn serve(self: Arc<Self>, request: Request<Incoming>) -> Result<HttpResponse, Infallible> {
+    pub async fn serve(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+    ) -> Result<HttpResponse, Infallible> {
         if request.headers().contains_key(&self.settings.key_header) {
             return Ok(self.deduplicate(request).await);
         }
@@ -97,7 +103,11 @@ impl<S: Store, C: Clock> Proxy<S, C> {
     }
 
     async fn pass_through(&self, request: Request<Incoming>) -> HttpResponse {
-        match self.upstream.stream(request.map(ProxyBody::Streaming)).await {
+        match self
+            .upstream
+            .stream(request.map(ProxyBody::Streaming))
+            .await
+        {
             Ok(response) => response,
             Err(error) => refusal_response(&Refusal::new(
                 Reason::UpstreamUnavailable,
@@ -116,12 +126,18 @@ impl<S: Store, C: Clock> Proxy<S, C> {
                 _ => {
                     return refusal_response(&Refusal::new(
                         Reason::KeyInvalid,
-                        format!("the {} header is not visible ASCII", self.settings.caller_header),
+                        format!(
+                            "the {} header is not visible ASCII",
+                            self.settings.caller_header
+                        ),
                     ))
                 }
             },
         };
-        let body = match Limited::new(incoming, self.settings.request_bytes_max).collect().await {
+        let body = match Limited::new(incoming, self.settings.request_bytes_max)
+            .collect()
+            .await
+        {
             Ok(collected) => collected.to_bytes(),
             Err(error) if error.is::<http_body_util::LengthLimitError>() => {
                 return refusal_response(&Refusal::new(

@@ -39,17 +39,21 @@ pub enum UpstreamUrlError {
         reason: String,
     },
     /// Not `http://host:port`.
-    #[error("--upstream {0:?} must be http://host:port (plaintext HTTP/2 to the service beside us)")]
+    #[error(
+        "--upstream {0:?} must be http://host:port (plaintext HTTP/2 to the service beside us)"
+    )]
     Unsupported(String),
 }
 
 impl HttpUpstream {
     /// A client for `url` (`http://host:port`) keeping responses up to `response_bytes_max`.
     pub fn new(url: &str, response_bytes_max: usize) -> Result<HttpUpstream, UpstreamUrlError> {
-        let uri: Uri = url.parse().map_err(|error: http::uri::InvalidUri| UpstreamUrlError::Invalid {
-            url: url.to_owned(),
-            reason: error.to_string(),
-        })?;
+        let uri: Uri =
+            url.parse()
+                .map_err(|error: http::uri::InvalidUri| UpstreamUrlError::Invalid {
+                    url: url.to_owned(),
+                    reason: error.to_string(),
+                })?;
         let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
         else {
             return Err(UpstreamUrlError::Unsupported(url.to_owned()));

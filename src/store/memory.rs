@@ -39,7 +39,9 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Record>> {
-        self.records.lock().expect("memory store lock is never poisoned")
+        self.records
+            .lock()
+            .expect("memory store lock is never poisoned")
     }
 
     /// A copy of one record.
@@ -83,8 +85,15 @@ impl Store for MemoryStore {
         let (change, value) = transition(records.get(key));
         if matches!(change, Change::Put(_)) && !records.contains_key(key) {
             let bytes = bytes_of(&records);
-            if bytes > self.bytes_max && !records.values().any(|r| record::evict(Some(r)) == Change::Delete) {
-                return Err(StoreError::Full { bytes, bytes_max: self.bytes_max });
+            if bytes > self.bytes_max
+                && !records
+                    .values()
+                    .any(|r| record::evict(Some(r)) == Change::Delete)
+            {
+                return Err(StoreError::Full {
+                    bytes,
+                    bytes_max: self.bytes_max,
+                });
             }
         }
         if Self::apply(&mut records, key, change) {
@@ -112,8 +121,10 @@ impl Store for MemoryStore {
             Self::apply(&mut records, key, change);
         }
         // Evict in the order sled does: closest to expiry first.
-        let mut by_expiry: Vec<(u64, Key)> =
-            records.iter().map(|(key, r)| (r.expires_ms, *key)).collect();
+        let mut by_expiry: Vec<(u64, Key)> = records
+            .iter()
+            .map(|(key, r)| (r.expires_ms, *key))
+            .collect();
         by_expiry.sort();
         let low_water = self.bytes_max / 100 * 90;
         let mut bytes = bytes_of(&records);

@@ -65,7 +65,11 @@ pub trait Store: Send + Sync + 'static {
     /// record and returns the change plus a value. It may run more than once when another
     /// writer races; only the run whose change lands counts. When `update` returns, the
     /// change — and the record the closure saw, if it kept it — is durable.
-    fn update<T, F>(&self, key: &Key, transition: F) -> impl Future<Output = Result<T, StoreError>> + Send
+    fn update<T, F>(
+        &self,
+        key: &Key,
+        transition: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send
     where
         T: Send,
         F: FnMut(Option<&Record>) -> (Change, T) + Send;

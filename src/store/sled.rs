@@ -98,7 +98,10 @@ impl SledStore {
     /// IN_DOUBT, reconciles the expiry index and counts what is stored. Blocking.
     pub fn open(options: &SledOptions) -> Result<(SledStore, Recovery), StoreError> {
         std::fs::create_dir_all(&options.dir).map_err(|error| {
-            StoreError::Io(format!("cannot create data dir {}: {error}", options.dir.display()))
+            StoreError::Io(format!(
+                "cannot create data dir {}: {error}",
+                options.dir.display()
+            ))
         })?;
         let db = sled::Config::new()
             .path(&options.dir)
@@ -156,7 +159,8 @@ impl SledStore {
             recovery.records += 1;
             bytes += entry_bytes(current.encoded_len());
         }
-        self.records_count.store(recovery.records, Ordering::Relaxed);
+        self.records_count
+            .store(recovery.records, Ordering::Relaxed);
         self.bytes.store(bytes, Ordering::Relaxed);
         self.db.flush().map_err(store_error)?;
         Ok(recovery)
@@ -167,12 +171,18 @@ impl SledStore {
     }
 
     fn mark_pending(&self, key: &Key) {
-        let mut shard = self.shard(key).lock().expect("pending lock is never poisoned");
+        let mut shard = self
+            .shard(key)
+            .lock()
+            .expect("pending lock is never poisoned");
         *shard.entry(*key).or_insert(0) += 1;
     }
 
     fn unmark_pending(&self, key: &Key) {
-        let mut shard = self.shard(key).lock().expect("pending lock is never poisoned");
+        let mut shard = self
+            .shard(key)
+            .lock()
+            .expect("pending lock is never poisoned");
         if let Some(count) = shard.get_mut(key) {
             *count -= 1;
             if *count == 0 {
@@ -182,7 +192,10 @@ impl SledStore {
     }
 
     fn is_pending(&self, key: &Key) -> bool {
-        let shard = self.shard(key).lock().expect("pending lock is never poisoned");
+        let shard = self
+            .shard(key)
+            .lock()
+            .expect("pending lock is never poisoned");
         shard.contains_key(key)
     }
 
@@ -269,7 +282,8 @@ impl SledStore {
     ) -> Result<bool, StoreError> {
         let key = Key::from_slice(&index[8..])
             .ok_or_else(|| StoreError::Corrupt("an expiry index entry is malformed".into()))?;
-        let expires_ms = u64::from_be_bytes(index[..8].try_into().expect("index keys are 40 bytes"));
+        let expires_ms =
+            u64::from_be_bytes(index[..8].try_into().expect("index keys are 40 bytes"));
         let mut deleted = false;
         let mut marked = false;
         let result = self.apply(
@@ -334,7 +348,10 @@ impl Store for SledStore {
         let applied = self.apply(key, &mut transition, &mut marked);
         let needs_flush = marked || (applied.is_ok() && self.is_pending(key));
         let flushed = if needs_flush {
-            self.flusher.flush(self.flush_timeout).await.map_err(StoreError::Io)
+            self.flusher
+                .flush(self.flush_timeout)
+                .await
+                .map_err(StoreError::Io)
         } else {
             Ok(())
         };
@@ -357,7 +374,12 @@ impl Store for SledStore {
         let mut outcome = Maintenance::default();
         let due = self
             .expiry
-            .range(..index_key(now_ms.saturating_add(1), &Key::from_slice(&[0; 32]).expect("32 bytes")))
+            .range(
+                ..index_key(
+                    now_ms.saturating_add(1),
+                    &Key::from_slice(&[0; 32]).expect("32 bytes"),
+                ),
+            )
             .take(MAINTENANCE_ENTRIES_MAX);
         for entry in due {
             let (index, _) = entry.map_err(store_error)?;

@@ -29,6 +29,20 @@ pub async fn start(args: &[String]) -> BinarySidecar {
         .spawn()
         .expect("the binary starts");
     let stderr = child.stderr.take().expect("stderr is piped");
+    let addr = listening_addr(stderr).await;
+    BinarySidecar { child, addr }
+}
+
+impl BinarySidecar {
+    /// SIGKILL: no chance to flush or clean up, as in an OOM kill.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("the child can be killed");
+    }
+}
+
+/// Reads a child's log until it names the proxy address, then keeps draining it in the
+/// background so the child never blocks on a full pipe.
+pub async fn listening_addr(stderr: tokio::process::ChildStderr) -> SocketAddr {
     let mut lines = BufReader::new(stderr).lines();
     let addr = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.expect("readable stderr") {
@@ -42,14 +56,6 @@ pub async fn start(args: &[String]) -> BinarySidecar {
     })
     .await
     .expect("the binary listens within 30 s");
-    // Keep draining the log so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    BinarySidecar { child, addr }
-}
-
-impl BinarySidecar {
-    /// SIGKILL: no chance to flush or clean up, as in an OOM kill.
-    pub async fn kill(mut self) {
-        self.child.kill().await.expect("the child can be killed");
-    }
+    addr
 }

@@ -32,18 +32,32 @@ impl LedgerState {
 
     /// Executions for one account.
     pub fn executions_of(&self, account: &str) -> u64 {
-        self.per_account.lock().unwrap().get(account).copied().unwrap_or(0)
+        self.per_account
+            .lock()
+            .unwrap()
+            .get(account)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Every account executed more than once, with its count.
     pub fn executed_twice(&self) -> Vec<(String, u64)> {
         let per_account = self.per_account.lock().unwrap();
-        per_account.iter().filter(|(_, n)| **n > 1).map(|(a, n)| (a.clone(), *n)).collect()
+        per_account
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(a, n)| (a.clone(), *n))
+            .collect()
     }
 
     fn act(&self, request: &ApplyRequest) -> ApplyReply {
         let execution = self.executions.fetch_add(1, Ordering::SeqCst) + 1;
-        *self.per_account.lock().unwrap().entry(request.account.clone()).or_insert(0) += 1;
+        *self
+            .per_account
+            .lock()
+            .unwrap()
+            .entry(request.account.clone())
+            .or_insert(0) += 1;
         let mut balances = self.balances.lock().unwrap();
         let balance = balances.entry(request.account.clone()).or_insert(0);
         *balance += request.amount;
@@ -58,11 +72,17 @@ impl LedgerState {
 fn failure(request: &ApplyRequest) -> Status {
     let code = tonic::Code::from(request.fail_code as i32);
     let mut status = if request.with_details {
-        Status::with_details(code, request.fail_message.clone(), b"\x08\x01opaque-details".to_vec().into())
+        Status::with_details(
+            code,
+            request.fail_message.clone(),
+            b"\x08\x01opaque-details".to_vec().into(),
+        )
     } else {
         Status::new(code, request.fail_message.clone())
     };
-    status.metadata_mut().insert("x-ledger-trailer", "kept".parse().unwrap());
+    status
+        .metadata_mut()
+        .insert("x-ledger-trailer", "kept".parse().unwrap());
     status
 }
 
@@ -89,9 +109,10 @@ impl Ledger for LedgerService {
             return Err(failure(&request));
         }
         let mut response = Response::new(reply.clone());
-        response
-            .metadata_mut()
-            .insert("x-ledger-execution", reply.execution.to_string().parse().unwrap());
+        response.metadata_mut().insert(
+            "x-ledger-execution",
+            reply.execution.to_string().parse().unwrap(),
+        );
         Ok(response)
     }
 
@@ -100,15 +121,19 @@ impl Ledger for LedgerService {
     async fn watch(&self, request: Request<ApplyRequest>) -> Result<Response<ReplyStream>, Status> {
         let request = request.into_inner();
         let reply = self.state.act(&request);
-        let mut items: Vec<Result<ApplyReply, Status>> =
-            (0..request.stream_messages).map(|_| Ok(reply.clone())).collect();
+        let mut items: Vec<Result<ApplyReply, Status>> = (0..request.stream_messages)
+            .map(|_| Ok(reply.clone()))
+            .collect();
         if request.fail_code != 0 {
             items.push(Err(failure(&request)));
         }
         Ok(Response::new(Box::pin(tokio_stream::iter(items))))
     }
 
-    async fn collect(&self, request: Request<Streaming<ApplyRequest>>) -> Result<Response<ApplyReply>, Status> {
+    async fn collect(
+        &self,
+        request: Request<Streaming<ApplyRequest>>,
+    ) -> Result<Response<ApplyReply>, Status> {
         let mut stream = request.into_inner();
         let mut last = ApplyReply::default();
         while let Some(item) = stream.message().await? {
@@ -119,7 +144,10 @@ impl Ledger for LedgerService {
 
     type ChatStream = ReplyStream;
 
-    async fn chat(&self, request: Request<Streaming<ApplyRequest>>) -> Result<Response<ReplyStream>, Status> {
+    async fn chat(
+        &self,
+        request: Request<Streaming<ApplyRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
         let mut stream = request.into_inner();
         let state = self.state.clone();
         let replies = async_stream(move |tx| async move {

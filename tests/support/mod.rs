@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests, written once: a real tonic upstream that counts
 //! executions, the sidecar in process or as the real binary, and HTTP/2 clients.
 #![allow(dead_code)]
+// Helpers of tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
 
 pub mod binary;
 pub mod ledger;
@@ -41,7 +43,9 @@ pub async fn start_sidecar(upstream: SocketAddr, tweak: impl FnOnce(&mut RunArgs
     let mut args = test_args(upstream, dir.path());
     tweak(&mut args);
     let config = config::resolve(args, Default::default()).expect("test settings are valid");
-    let running = idemproxy::server::start(&config).await.expect("the sidecar starts");
+    let running = idemproxy::server::start(&config)
+        .await
+        .expect("the sidecar starts");
     Sidecar {
         addr: running.proxy_addr,
         running,
@@ -68,10 +72,14 @@ pub async fn apply(
 ) -> Result<tonic::Response<ApplyReply>, tonic::Status> {
     let mut request = tonic::Request::new(request);
     if let Some(key) = key {
-        request.metadata_mut().insert("idempotency-key", key.parse().expect("ASCII key"));
+        request
+            .metadata_mut()
+            .insert("idempotency-key", key.parse().expect("ASCII key"));
     }
     if let Some(caller) = caller {
-        request.metadata_mut().insert("x-caller-id", caller.parse().expect("ASCII caller"));
+        request
+            .metadata_mut()
+            .insert("x-caller-id", caller.parse().expect("ASCII caller"));
     }
     client.apply(request).await
 }
@@ -97,7 +105,9 @@ pub fn error_info(status: &tonic::Status) -> Option<ErrorInfo> {
 
 /// The reason of an idemproxy refusal, or "" when the status carries none.
 pub fn reason(status: &tonic::Status) -> String {
-    error_info(status).map(|info| info.reason).unwrap_or_default()
+    error_info(status)
+        .map(|info| info.reason)
+        .unwrap_or_default()
 }
 
 /// Whether the response was answered from a record.
@@ -116,7 +126,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     while !condition().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

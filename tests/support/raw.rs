@@ -22,7 +22,10 @@ impl RawResponse {
     /// The grpc-status, from the trailers or a trailers-only head.
     pub fn grpc_status(&self) -> Option<u32> {
         let from = |map: &HeaderMap| map.get("grpc-status")?.to_str().ok()?.parse().ok();
-        self.trailers.as_ref().and_then(from).or_else(|| from(&self.headers))
+        self.trailers
+            .as_ref()
+            .and_then(from)
+            .or_else(|| from(&self.headers))
     }
 
     /// True when the whole answer was one HEADERS frame.
@@ -50,7 +53,12 @@ pub fn frame(message: &impl Message) -> Bytes {
 }
 
 /// Sends one POST over a fresh HTTP/2 connection and reads the whole answer.
-pub async fn call(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: Bytes) -> RawResponse {
+pub async fn call(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> RawResponse {
     let stream = TcpStream::connect(addr).await.expect("connects");
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))

@@ -1,0 +1,150 @@
+//! The binary's command line: settings from flags, `IDEMPROXY_*` variables and a TOML file
+//! (flag > env > file > default), and a clear, non-zero exit naming any bad setting.
+
+mod support;
+
+use std::process::Command;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let output = Command::new(support::binary::path())
+        .args(args)
+        .env_remove("IDEMPROXY_UPSTREAM")
+        .envs(env.iter().copied())
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn a_bad_flag_stops_the_start_and_is_named() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "run",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--retention",
+                "forever",
+            ],
+            "--retention",
+        ),
+        (&["run", "--upstream", "ftp://x"], "--upstream"),
+        (&["run"], "--upstream is required"),
+        (
+            &[
+                "run",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--listen",
+                "nowhere",
+            ],
+            "--listen",
+        ),
+        (
+            &[
+                "run",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--max-request-bytes",
+                "0",
+            ],
+            "--max-request-bytes",
+        ),
+    ];
+    for (args, named) in cases {
+        let (code, stderr) = run(args, &[]);
+        assert_ne!(code, 0, "{args:?} must fail");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn environment_and_file_settings_are_read_and_named_when_bad() {
+    let (code, stderr) = run(
+        &["run"],
+        &[
+            ("IDEMPROXY_UPSTREAM", "http://127.0.0.1:1"),
+            ("IDEMPROXY_RETENTION", "bogus"),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--retention \"bogus\""), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(
+        &file,
+        "upstream = \"http://127.0.0.1:1\"\nkey-header = \"Not Valid\"\n",
+    )
+    .unwrap();
+    let (code, stderr) = run(&["run", "--config", file.to_str().unwrap()], &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--key-header"), "{stderr}");
+
+    std::fs::write(
+        &file,
+        "upstream = \"http://127.0.0.1:1\"\nretension = \"1h\"\n",
+    )
+    .unwrap();
+    let (code, stderr) = run(&["run", "--config", file.to_str().unwrap()], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("retension"),
+        "an unknown key is named: {stderr}"
+    );
+
+    let (code, stderr) = run(&["run", "--config", "/nonexistent/idemproxy.toml"], &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("/nonexistent/idemproxy.toml"), "{stderr}");
+}
+
+#[tokio::test]
+async fn flags_win_over_environment_which_wins_over_the_file() {
+    let upstream = support::ledger::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    // The file names one key header and listen address, the environment another key header
+    // and the flag another address: the environment and the flag win.
+    std::fs::write(
+        &file,
+        format!(
+            "upstream = \"http://{}\"\nkey-header = \"x-from-file\"\nlisten = \"127.0.0.1:1\"\n",
+            upstream.addr
+        ),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let mut child = tokio::process::Command::new(support::binary::path())
+        .args([
+            "run",
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("IDEMPROXY_KEY_HEADER", "x-from-env")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let addr = support::binary::listening_addr(stderr).await;
+    let mut client = support::client(addr).await;
+    for _ in 0..2 {
+        let mut request = tonic::Request::new(support::add("precedence", 1));
+        request
+            .metadata_mut()
+            .insert("x-from-env", "k1".parse().unwrap());
+        client.apply(request).await.expect("answered");
+    }
+    assert_eq!(
+        upstream.state.executions(),
+        1,
+        "the env's key header is the one in force"
+    );
+    child.kill().await.unwrap();
+}

@@ -148,3 +148,14 @@ async fn flags_win_over_environment_which_wins_over_the_file() {
     );
     child.kill().await.unwrap();
 }
+
+#[test]
+fn the_example_config_file_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/config.example.toml");
+    let config = idemproxy::config::load(idemproxy::config::RunArgs {
+        config: Some(path.into()),
+        ..Default::default()
+    })
+    .expect("the shipped example parses and validates");
+    assert_eq!(config.listen.to_string(), "0.0.0.0:16000");
+}

@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/idemproxy/v1/record.proto",
         "proto/idemproxy/demo/v1/subscriptions.proto",
         "proto/idemproxy/testing/v1/ledger.proto",
+        "proto/idemproxy/bench/v1/echo.proto",
     ];
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()

@@ -19,6 +19,15 @@ enum Command {
     Run(idemproxy::config::RunArgs),
     /// Show, in seconds and with no setup, what the sidecar prevents.
     Demo,
+    /// Measure what the sidecar costs against a direct call and nginx; writes BENCHMARKS.md.
+    Bench(idemproxy::bench::BenchArgs),
+    /// The benchmark's echo upstream (started by `bench`).
+    #[command(hide = true)]
+    BenchUpstream {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,6 +52,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(idemproxy::server::run(config))?;
         }
         Command::Demo => runtime.block_on(idemproxy::demo::run())?,
+        Command::Bench(args) => runtime.block_on(idemproxy::bench::run(args))?,
+        Command::BenchUpstream { listen } => {
+            runtime.block_on(idemproxy::bench::serve_upstream(listen))?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -104,7 +104,14 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         addr: config.listen,
         source,
     })?;
-    tracing::info!(addr = %proxy_addr, upstream = %config.upstream, "proxy listening");
+    let usage = store.usage();
+    tracing::info!(
+        addr = %proxy_addr,
+        upstream = %config.upstream,
+        store_records = usage.records,
+        store_bytes = usage.bytes,
+        "proxy listening"
+    );
     let (stop, stopped) = watch::channel(false);
     let proxy = Arc::new(Proxy::new(settings, engine, upstream));
     let serving = tokio::spawn(proxy::serve(listener, proxy, wait_for(stopped.clone())));

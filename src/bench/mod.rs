@@ -1,0 +1,597 @@
+//! `idemproxy bench`: what the sidecar costs, as ratios measured in one run (issue "Performance").
+//!
+//! It starts the echo upstream, nginx (when installed) and the real sidecar binary as separate
+//! processes, drives each variant with the same load generator, interleaved over several
+//! rounds so drift on a noisy machine hits every variant alike, and writes the figures and the
+//! targets to BENCHMARKS.md. It never asserts: a missed target is reported, not hidden.
+
+pub mod load;
+pub mod procs;
+
+use crate::pb::idemproxy::bench::v1::echo_server::{Echo, EchoServer};
+use crate::pb::idemproxy::bench::v1::EchoMessage;
+use anyhow::Context;
+use clap::Args;
+use load::{KeyMode, LoadResult};
+use procs::Process;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Flags of `idemproxy bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Measured time per variant and round.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured time before each measurement.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Rounds; each runs every variant once, in turn.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Request payload size.
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// Calls in flight, comma-separated.
+    #[arg(long, default_value = "1,32", value_delimiter = ',')]
+    pub in_flight: Vec<usize>,
+    /// Stored outcomes for the memory/disk run; 0 skips it.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: u64,
+    /// Where to write the report ("-": standard output only).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub output: String,
+    /// The nginx binary; the nginx variant is skipped when it cannot be found.
+    #[arg(long, default_value = "nginx")]
+    pub nginx: String,
+}
+
+/// The paths compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Variant {
+    Direct,
+    Nginx,
+    Passthrough,
+    Fresh,
+    Duplicate,
+    FreshPerWrite,
+}
+
+impl Variant {
+    const ALL: [Variant; 6] = [
+        Variant::Direct,
+        Variant::Nginx,
+        Variant::Passthrough,
+        Variant::Fresh,
+        Variant::Duplicate,
+        Variant::FreshPerWrite,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Nginx => "nginx grpc_pass",
+            Variant::Passthrough => "idemproxy passthrough",
+            Variant::Fresh => "idemproxy fresh keys",
+            Variant::Duplicate => "idemproxy duplicate hits",
+            Variant::FreshPerWrite => "idemproxy fresh keys, flush per write",
+        }
+    }
+
+    fn key_mode(self) -> KeyMode {
+        match self {
+            Variant::Fresh | Variant::FreshPerWrite => KeyMode::Fresh,
+            Variant::Duplicate => KeyMode::Duplicate,
+            _ => KeyMode::None,
+        }
+    }
+}
+
+/// One variant's figures at one concurrency, over all rounds.
+#[derive(Default)]
+struct Figures {
+    load: LoadResult,
+    cpu_seconds: f64,
+    peak_rss_bytes: u64,
+}
+
+impl Figures {
+    fn cpu_us_per_call(&self) -> Option<f64> {
+        (self.cpu_seconds > 0.0 && self.load.ok > 0)
+            .then(|| self.cpu_seconds * 1e6 / self.load.ok as f64)
+    }
+}
+
+/// The echo service.
+struct EchoService;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn echo(
+        &self,
+        request: tonic::Request<EchoMessage>,
+    ) -> Result<tonic::Response<EchoMessage>, tonic::Status> {
+        Ok(tonic::Response::new(request.into_inner()))
+    }
+}
+
+/// `idemproxy bench-upstream`: serves the echo service and logs its address.
+pub async fn serve_upstream(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    eprintln!("bench upstream listening addr={}", listener.local_addr()?);
+    tonic::transport::Server::builder()
+        .add_service(EchoServer::new(EchoService))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .await?;
+    Ok(())
+}
+
+fn exe() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("cannot find the idemproxy binary")
+}
+
+async fn start_sidecar(upstream: SocketAddr, dir: &Path, flush: &str) -> anyhow::Result<Process> {
+    let args: Vec<String> = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("http://{upstream}"),
+        "--data-dir",
+        &dir.display().to_string(),
+        "--flush",
+        flush,
+        "--max-store-bytes",
+        "8GiB",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    procs::spawn_until(&exe()?, &args, "proxy listening addr=").await
+}
+
+async fn start_nginx(
+    nginx: &str,
+    upstream: SocketAddr,
+    dir: &Path,
+) -> anyhow::Result<Option<Process>> {
+    let Some(program) = find_program(nginx) else {
+        return Ok(None);
+    };
+    let listen = procs::free_port()?;
+    let config = procs::nginx_config(dir, listen, upstream)?;
+    let child = tokio::process::Command::new(&program)
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(&config)
+        .args(["-g", "daemon off;"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "nginx did not listen on {listen}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Some(Process {
+        child,
+        addr: listen,
+        ready_line: String::new(),
+    }))
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let candidate = Path::new(name);
+    if candidate.components().count() > 1 {
+        return candidate.exists().then(|| candidate.to_owned());
+    }
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|path| path.exists())
+}
+
+/// Runs one variant at one concurrency once.
+async fn measure(
+    variant: Variant,
+    in_flight: usize,
+    args: &BenchArgs,
+    upstream: SocketAddr,
+    nginx: Option<&Process>,
+    run_id: u64,
+) -> anyhow::Result<Figures> {
+    let dir = tempfile::tempdir()?;
+    let sidecar = match variant {
+        Variant::Direct | Variant::Nginx => None,
+        Variant::FreshPerWrite => Some(start_sidecar(upstream, dir.path(), "per-write").await?),
+        _ => Some(start_sidecar(upstream, dir.path(), "group").await?),
+    };
+    let (target, pid, with_children) = match (variant, &sidecar, nginx) {
+        (Variant::Direct, _, _) => (upstream, None, false),
+        (Variant::Nginx, _, Some(nginx)) => (nginx.addr, Some(nginx.pid()), true),
+        (Variant::Nginx, _, None) => anyhow::bail!("nginx is not running"),
+        (_, Some(sidecar), _) => (sidecar.addr, Some(sidecar.pid()), false),
+        (_, None, _) => unreachable!("every idemproxy variant starts a sidecar"),
+    };
+    let warm_cpu = async {
+        tokio::time::sleep(args.warmup).await;
+        pid.map(|pid| procs::cpu_seconds(pid, with_children))
+    };
+    let (load, cpu_before) = tokio::join!(
+        load::run(
+            target,
+            variant.key_mode(),
+            in_flight,
+            args.warmup,
+            args.duration,
+            args.payload_bytes,
+            run_id
+        ),
+        warm_cpu
+    );
+    let load = load?;
+    let cpu_after = pid.map(|pid| procs::cpu_seconds(pid, with_children));
+    let peak_rss_bytes = pid.map_or(0, |pid| procs::memory_bytes(pid, "VmHWM"));
+    if let Some(sidecar) = sidecar {
+        sidecar.stop().await;
+    }
+    Ok(Figures {
+        load,
+        cpu_seconds: cpu_after.unwrap_or(0.0) - cpu_before.unwrap_or(0.0),
+        peak_rss_bytes,
+    })
+}
+
+/// What the million-record run found.
+struct StoreFigures {
+    records: u64,
+    fill_seconds: f64,
+    rss_bytes: u64,
+    peak_rss_bytes: u64,
+    disk_bytes: u64,
+    logical_bytes: u64,
+    restart_to_ready: Duration,
+    records_after_restart: u64,
+}
+
+fn field_after(text: &str, name: &str) -> Option<u64> {
+    let at = text.find(name)? + name.len();
+    text[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+async fn fill(addr: SocketAddr, total: u64, payload_bytes: usize) -> anyhow::Result<()> {
+    let channel = load::connect(addr).await?;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let workers: Vec<_> = (0..64)
+        .map(|_| {
+            let mut client =
+                crate::pb::idemproxy::bench::v1::echo_client::EchoClient::new(channel.clone());
+            let next = next.clone();
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= total {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let mut request = tonic::Request::new(EchoMessage {
+                        payload: vec![b'x'; payload_bytes],
+                    });
+                    request
+                        .metadata_mut()
+                        .insert("idempotency-key", format!("fill-{n}").parse()?);
+                    client.echo(request).await?;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(())
+}
+
+async fn measure_store(
+    records: u64,
+    args: &BenchArgs,
+    upstream: SocketAddr,
+) -> anyhow::Result<StoreFigures> {
+    let dir = tempfile::tempdir()?;
+    let sidecar = start_sidecar(upstream, dir.path(), "group").await?;
+    let started = Instant::now();
+    fill(sidecar.addr, records, args.payload_bytes).await?;
+    let fill_seconds = started.elapsed().as_secs_f64();
+    let rss_bytes = procs::memory_bytes(sidecar.pid(), "VmRSS");
+    let peak_rss_bytes = procs::memory_bytes(sidecar.pid(), "VmHWM");
+    sidecar.stop().await;
+    let disk_bytes = procs::disk_bytes(dir.path());
+    let restarted_at = Instant::now();
+    let restarted = start_sidecar(upstream, dir.path(), "group").await?;
+    let restart_to_ready = restarted_at.elapsed();
+    let opened = restarted.ready_line.clone();
+    restarted.stop().await;
+    Ok(StoreFigures {
+        records,
+        fill_seconds,
+        rss_bytes,
+        peak_rss_bytes,
+        disk_bytes,
+        logical_bytes: field_after(&opened, "store_bytes=").unwrap_or(0),
+        restart_to_ready,
+        records_after_restart: field_after(&opened, "store_records=").unwrap_or(0),
+    })
+}
+
+/// `idemproxy bench`.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let upstream = procs::spawn_until(
+        &exe()?,
+        &["bench-upstream".to_string()],
+        "bench upstream listening addr=",
+    )
+    .await?;
+    let nginx_dir = tempfile::tempdir()?;
+    let nginx = start_nginx(&args.nginx, upstream.addr, nginx_dir.path()).await?;
+    if nginx.is_none() {
+        eprintln!("nginx not found ({}): its variant is skipped", args.nginx);
+    }
+    let mut figures: BTreeMap<(usize, Variant), Figures> = BTreeMap::new();
+    let mut run_id = 0;
+    for round in 1..=args.rounds {
+        for &in_flight in &args.in_flight {
+            for variant in Variant::ALL {
+                if variant == Variant::Nginx && nginx.is_none() {
+                    continue;
+                }
+                run_id += 1;
+                let measured = measure(
+                    variant,
+                    in_flight,
+                    &args,
+                    upstream.addr,
+                    nginx.as_ref(),
+                    run_id,
+                )
+                .await?;
+                eprintln!(
+                    "round {round}/{} · {in_flight} in flight · {:<40} {:>9.0} calls/s",
+                    args.rounds,
+                    variant.name(),
+                    measured.load.throughput()
+                );
+                let entry = figures.entry((in_flight, variant)).or_default();
+                entry.load.merge(measured.load);
+                entry.cpu_seconds += measured.cpu_seconds;
+                entry.peak_rss_bytes = entry.peak_rss_bytes.max(measured.peak_rss_bytes);
+            }
+        }
+    }
+    for figure in figures.values_mut() {
+        figure.load.finish();
+    }
+    let store = if args.records > 0 {
+        eprintln!("storing {} outcomes for the memory/disk run", args.records);
+        Some(measure_store(args.records, &args, upstream.addr).await?)
+    } else {
+        None
+    };
+    if let Some(nginx) = nginx {
+        nginx.stop().await;
+    }
+    upstream.stop().await;
+    let report = report(&args, &figures, store.as_ref());
+    print!("{report}");
+    if args.output != "-" {
+        write_report(Path::new(&args.output), &report)?;
+    }
+    Ok(())
+}
+
+/// Marks the end of the generated part of BENCHMARKS.md; what follows is kept.
+const NOTES_MARKER: &str =
+    "<!-- Notes below this line are kept when the benchmark rewrites the file. -->";
+
+fn write_report(path: &Path, report: &str) -> anyhow::Result<()> {
+    let kept = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|old| old.find(NOTES_MARKER).map(|at| old[at..].to_owned()))
+        .unwrap_or_else(|| format!("{NOTES_MARKER}\n"));
+    std::fs::write(path, format!("{report}\n{kept}"))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = procs::memory_total_bytes() as f64 / (1u64 << 30) as f64;
+    format!("{cores} cores ({cpu}), {memory:.0} GiB")
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+fn report(
+    args: &BenchArgs,
+    figures: &BTreeMap<(usize, Variant), Figures>,
+    store: Option<&StoreFigures>,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# Benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Written by `cargo run --release -- bench` (flags: {} per variant and round after {} warm-up, {} rounds interleaved, {}-byte payloads). \
+         Machine: {}. Every figure below comes from that one run: compare ratios, not absolute numbers.\n",
+        humantime::format_duration(args.duration),
+        humantime::format_duration(args.warmup),
+        args.rounds,
+        args.payload_bytes,
+        machine()
+    );
+    for &in_flight in &args.in_flight {
+        let _ = writeln!(out, "## {in_flight} in flight\n");
+        let _ = writeln!(out, "| variant | calls/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | proxy CPU µs/call | proxy peak RSS MiB |");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for variant in Variant::ALL {
+            let Some(f) = figures.get(&(in_flight, variant)) else {
+                continue;
+            };
+            let cpu = f
+                .cpu_us_per_call()
+                .map_or("—".into(), |c| format!("{c:.1}"));
+            let rss = if f.peak_rss_bytes > 0 {
+                format!("{:.1}", mib(f.peak_rss_bytes))
+            } else {
+                "—".into()
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {cpu} | {rss} |",
+                variant.name(),
+                f.load.throughput(),
+                f.load.percentile_us(0.5),
+                f.load.percentile_us(0.9),
+                f.load.percentile_us(0.99),
+                f.load.percentile_us(0.999),
+                f.load.errors
+            );
+        }
+        out.push('\n');
+    }
+    out.push_str(&targets(args, figures, store));
+    out
+}
+
+fn targets(
+    args: &BenchArgs,
+    figures: &BTreeMap<(usize, Variant), Figures>,
+    store: Option<&StoreFigures>,
+) -> String {
+    let mut out = String::from(
+        "## Targets\n\n| # | measure | target | measured | verdict |\n|---|---|---|---|---|\n",
+    );
+    let low = args.in_flight.iter().copied().min().unwrap_or(1);
+    let high = args.in_flight.iter().copied().max().unwrap_or(32);
+    let get = |n: usize, v: Variant| figures.get(&(n, v));
+    let p50 = |n, v| get(n, v).map(|f| f.load.percentile_us(0.5) as f64);
+    let tput = |n, v| get(n, v).map(|f| f.load.throughput());
+    let mut row = |id: &str, what: String, target: &str, measured: Option<(String, bool)>| {
+        let (value, ok) =
+            measured.map_or(("not measured".into(), "—"), |(v, ok)| (v, verdict(ok)));
+        let _ = writeln!(out, "| {id} | {what} | {target} | {value} | {ok} |");
+    };
+    let added = |v| Some(p50(low, v)? - p50(low, Variant::Direct)?);
+    row(
+        "P1",
+        format!("passthrough added p50 at {low} in flight, vs direct"),
+        "≤ nginx's added p50",
+        added(Variant::Passthrough)
+            .zip(added(Variant::Nginx))
+            .map(|(ours, theirs)| {
+                (
+                    format!("{ours:.0} µs vs nginx {theirs:.0} µs"),
+                    ours <= theirs,
+                )
+            }),
+    );
+    let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    let show = |r: Option<f64>, target: f64| r.map(|r| (format!("{r:.2}×"), r >= target));
+    row(
+        "P2",
+        format!("passthrough throughput at {high} in flight, vs nginx"),
+        "≥ 1.5×",
+        show(
+            ratio(tput(high, Variant::Passthrough), tput(high, Variant::Nginx)),
+            1.5,
+        ),
+    );
+    row(
+        "P3",
+        format!("duplicate-hit throughput at {high} in flight, vs direct"),
+        "≥ 1.0×",
+        show(
+            ratio(tput(high, Variant::Duplicate), tput(high, Variant::Direct)),
+            1.0,
+        ),
+    );
+    row(
+        "P4",
+        format!("fresh-key throughput at {high} in flight, vs passthrough"),
+        "≥ 0.5×",
+        show(
+            ratio(tput(high, Variant::Fresh), tput(high, Variant::Passthrough)),
+            0.5,
+        ),
+    );
+    row(
+        "P5",
+        format!("group commit vs flush per write, fresh keys at {high} in flight"),
+        "≥ 5×",
+        show(
+            ratio(
+                tput(high, Variant::Fresh),
+                tput(high, Variant::FreshPerWrite),
+            ),
+            5.0,
+        ),
+    );
+    let p6 = store.map(|s| {
+        let disk_ratio = s.disk_bytes as f64 / s.logical_bytes.max(1) as f64;
+        let ok = s.rss_bytes <= 64 << 20 && disk_ratio <= 2.5 && s.restart_to_ready <= Duration::from_secs(2);
+        (
+            format!(
+                "RSS {:.1} MiB (peak {:.1}); disk {:.0} MiB for {:.0} MiB logical = {disk_ratio:.2}×; restart-to-ready {:.2} s ({} records found)",
+                mib(s.rss_bytes),
+                mib(s.peak_rss_bytes),
+                mib(s.disk_bytes),
+                mib(s.logical_bytes),
+                s.restart_to_ready.as_secs_f64(),
+                s.records_after_restart
+            ),
+            ok,
+        )
+    });
+    let stored = store.map_or(args.records, |s| s.records);
+    row(
+        "P6",
+        format!(
+            "with {stored} stored outcomes: sidecar RSS; disk vs logical bytes; restart-to-ready"
+        ),
+        "≤ 64 MiB; ≤ 2.5×; ≤ 2 s",
+        p6,
+    );
+    if let Some(s) = store {
+        let _ = writeln!(out, "\nStoring the {} outcomes through the sidecar took {:.1} s ({:.0} calls/s at 64 in flight).", s.records, s.fill_seconds, s.records as f64 / s.fill_seconds);
+    }
+    out
+}

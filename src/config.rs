@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// How often expired records are swept [default: 1s].
     #[arg(long, env = "IDEMPROXY_SWEEP_INTERVAL")]
     pub sweep_interval: Option<String>,
+    /// Threads serving calls. One suits a sidecar sharing its pod's cores with the service
+    /// (flushing has a thread of its own) [default: 1].
+    #[arg(long, env = "IDEMPROXY_WORKER_THREADS")]
+    pub worker_threads: Option<String>,
     /// `group` (one flush serves every waiting write) or `per-write` (benchmark baseline)
     /// [default: group].
     #[arg(long, env = "IDEMPROXY_FLUSH")]
@@ -90,6 +94,7 @@ pub struct FileSettings {
     sled_cache_bytes: Option<Scalar>,
     store_timeout: Option<String>,
     sweep_interval: Option<String>,
+    worker_threads: Option<Scalar>,
     flush: Option<String>,
 }
 
@@ -172,6 +177,8 @@ pub struct Config {
     pub store_timeout: Duration,
     /// Sweeper period.
     pub sweep_interval: Duration,
+    /// Threads of the async runtime.
+    pub worker_threads: usize,
     /// Group commit or not.
     pub flush: FlushMode,
 }
@@ -385,6 +392,17 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         ms(10),
         Duration::from_secs(3600),
     )?;
+    let threads_text = pick_bytes(args.worker_threads, file.worker_threads, "1");
+    let worker_threads = match threads_text.parse::<usize>() {
+        Ok(threads) if (1..=256).contains(&threads) => threads,
+        _ => {
+            return Err(invalid(
+                "worker-threads",
+                &threads_text,
+                "must be a whole number from 1 to 256",
+            ))
+        }
+    };
     let flush_text = pick(args.flush, file.flush, "group");
     let flush = match flush_text.as_str() {
         "group" => FlushMode::Group,
@@ -410,6 +428,7 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         sled_cache_bytes,
         store_timeout,
         sweep_interval,
+        worker_threads,
         flush,
     })
 }

@@ -164,6 +164,7 @@ pub async fn run() -> anyhow::Result<()> {
         sled_cache_bytes: 8 << 20,
         store_timeout: Duration::from_secs(5),
         sweep_interval: Duration::from_secs(1),
+        worker_threads: 1,
         flush: FlushMode::Group,
     };
     let sidecar = crate::server::start(&config).await?;

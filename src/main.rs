@@ -21,6 +21,9 @@ enum Command {
     Demo,
     /// Measure what the sidecar costs against a direct call and nginx; writes BENCHMARKS.md.
     Bench(idemproxy::bench::BenchArgs),
+    /// One load run against any address, for profiling a single process.
+    #[command(hide = true)]
+    BenchLoad(idemproxy::bench::LoadArgs),
     /// The benchmark's echo upstream (started by `bench`).
     #[command(hide = true)]
     BenchUpstream {
@@ -53,6 +56,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo => runtime.block_on(idemproxy::demo::run())?,
         Command::Bench(args) => runtime.block_on(idemproxy::bench::run(args))?,
+        Command::BenchLoad(args) => runtime.block_on(idemproxy::bench::run_load(args))?,
         Command::BenchUpstream { listen } => {
             runtime.block_on(idemproxy::bench::serve_upstream(listen))?
         }

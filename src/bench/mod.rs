@@ -50,6 +50,55 @@ pub struct BenchArgs {
     pub nginx: String,
 }
 
+/// Flags of `idemproxy bench-load`.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// The address to load (a sidecar, nginx or the upstream).
+    #[arg(long)]
+    pub target: SocketAddr,
+    /// `none`, `fresh` or `duplicate`.
+    #[arg(long, default_value = "fresh")]
+    pub mode: String,
+    /// Calls in flight.
+    #[arg(long, default_value_t = 32)]
+    pub in_flight: usize,
+    /// Measured time.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+}
+
+/// `idemproxy bench-load`: one measured run, printed.
+pub async fn run_load(args: LoadArgs) -> anyhow::Result<()> {
+    let mode = match args.mode.as_str() {
+        "none" => KeyMode::None,
+        "fresh" => KeyMode::Fresh,
+        "duplicate" => KeyMode::Duplicate,
+        other => anyhow::bail!("--mode {other:?}: must be none, fresh or duplicate"),
+    };
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let mut result = load::run(
+        args.target,
+        mode,
+        args.in_flight,
+        Duration::from_millis(500),
+        args.duration,
+        64,
+        run_id,
+    )
+    .await?;
+    result.finish();
+    println!(
+        "{:.0} calls/s, p50 {} µs, p99 {} µs, {} errors",
+        result.throughput(),
+        result.percentile_us(0.5),
+        result.percentile_us(0.99),
+        result.errors
+    );
+    Ok(())
+}
+
 /// The paths compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Variant {

@@ -27,6 +27,11 @@ const EVICTION_LOW_WATER_PERCENT: u64 = 90;
 /// Lock shards of the set of keys whose writes are not yet flushed.
 const PENDING_SHARDS: usize = 16;
 
+/// Index entries buffered between two sweeps, at most (40 bytes an entry). Past it, entries
+/// are dropped: their records then outlive their retention until the next start rebuilds the
+/// index, which keeps a key protected longer, never shorter.
+const INDEX_BUFFER_MAX: usize = 65_536;
+
 /// How to open the sled store.
 #[derive(Debug, Clone)]
 pub struct SledOptions {
@@ -50,6 +55,11 @@ pub struct SledStore {
     flusher: Flusher,
     /// Keys written but not yet flushed, with how many writers are waiting on each.
     pending: [Mutex<HashMap<Key, u32>>; PENDING_SHARDS],
+    /// Expiry index entries not yet in the `expiry` tree: written in one batch per sweep, so
+    /// the per-call path writes only the record.
+    index_buffer: Mutex<Vec<[u8; 40]>>,
+    /// Set once the buffer overflowed since the last sweep, so the warning is logged once.
+    index_overflowed: AtomicBool,
     records_count: AtomicU64,
     bytes: AtomicU64,
     bytes_max: u64,
@@ -124,6 +134,8 @@ impl SledStore {
             expiry,
             flusher,
             pending: Default::default(),
+            index_buffer: Mutex::new(Vec::new()),
+            index_overflowed: AtomicBool::new(false),
             records_count: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             bytes_max: options.bytes_max,
@@ -248,11 +260,41 @@ impl SledStore {
             self.account(old.as_ref().map(|v| v.len()), new_len);
             if let Change::Put(record) = &change {
                 // The index may lag the record; a missing entry is rebuilt at start.
-                let index = index_key(record.expires_ms, key);
-                self.expiry.insert(index, &[]).map_err(store_error)?;
+                self.buffer_index(index_key(record.expires_ms, key));
             }
             return Ok(value);
         }
+    }
+
+    fn buffer_index(&self, entry: [u8; 40]) {
+        let mut buffer = self
+            .index_buffer
+            .lock()
+            .expect("index buffer lock is never poisoned");
+        if buffer.len() < INDEX_BUFFER_MAX {
+            buffer.push(entry);
+        } else if !self.index_overflowed.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                entries = INDEX_BUFFER_MAX,
+                "the expiry index buffer is full; some records will expire only after a restart"
+            );
+        }
+    }
+
+    /// Writes buffered index entries to the `expiry` tree, one insert each. Not a batch:
+    /// sled's batches take a database-wide lock, and on a full disk one never returns.
+    fn write_index(&self) -> Result<(), StoreError> {
+        let entries = std::mem::take(
+            &mut *self
+                .index_buffer
+                .lock()
+                .expect("index buffer lock is never poisoned"),
+        );
+        self.index_overflowed.store(false, Ordering::Relaxed);
+        for entry in entries {
+            self.expiry.insert(entry, &[]).map_err(store_error)?;
+        }
+        Ok(())
     }
 
     fn account(&self, old_len: Option<usize>, new_len: Option<usize>) {
@@ -371,6 +413,7 @@ impl Store for SledStore {
     }
 
     fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
+        self.write_index()?;
         let mut outcome = Maintenance::default();
         let due = self
             .expiry

@@ -165,6 +165,11 @@ impl Tokens {
         Tokens::new(digest[..8].try_into().expect("a digest has 32 bytes"))
     }
 
+    /// This process's incarnation: the first 8 bytes of every token it issues.
+    pub fn incarnation(&self) -> [u8; 8] {
+        self.incarnation
+    }
+
     fn next(&self) -> Token {
         let mut token = [0u8; 16];
         token[..8].copy_from_slice(&self.incarnation);
@@ -271,6 +276,10 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 now_ms,
                 lease_until_ms: now_ms + lease.as_millis() as u64,
                 expires_ms: now_ms + self.limits.retention.as_millis() as u64,
+                sole_owner: self
+                    .store
+                    .is_sole_owner()
+                    .then(|| self.tokens.incarnation()),
             };
             let claimed = self
                 .store

@@ -44,6 +44,10 @@ pub struct ClaimRequest<'a> {
     pub lease_until_ms: u64,
     /// When the record stops protecting the key.
     pub expires_ms: u64,
+    /// Set when the store has one writer process (sled): this process's incarnation. An
+    /// IN_FLIGHT record claimed under any other incarnation then belongs to a process that has
+    /// ended, and is IN_DOUBT. `None` for stores shared by live processes.
+    pub sole_owner: Option<[u8; 8]>,
 }
 
 /// What a claim learned.
@@ -99,6 +103,12 @@ pub fn claim(current: Option<&Record>, request: &ClaimRequest<'_>) -> (Change, C
     };
     if record.fingerprint != request.fingerprint[..] {
         return (Change::Keep, Claimed::KeyReused);
+    }
+    if let Some(incarnation) = request.sole_owner {
+        if record.state() == State::InFlight && !record.token.starts_with(&incarnation) {
+            let change = Change::Put(in_doubt(record, ENDED_OWNER));
+            return (change, Claimed::InDoubt);
+        }
     }
     match effective_state(record, request.now_ms) {
         State::InFlight => (
@@ -192,13 +202,18 @@ pub fn mark_in_doubt(current: Option<&Record>, token: &Token, reason: &str) -> (
     }
 }
 
-/// At start: a record left IN_FLIGHT by a previous process has no owner any more.
-pub fn recover(current: Option<&Record>) -> Change {
+const ENDED_OWNER: &str = "the owning process ended before the outcome";
+
+/// After a restart: a record left IN_FLIGHT by an earlier process (any incarnation but
+/// `live`) has no owner any more.
+pub fn recover(current: Option<&Record>, live: Option<&[u8; 8]>) -> Change {
     match current {
-        Some(record) if record.state() == State::InFlight => Change::Put(in_doubt(
-            record,
-            "the owning process ended before the outcome",
-        )),
+        Some(record)
+            if record.state() == State::InFlight
+                && live.is_none_or(|incarnation| !record.token.starts_with(incarnation)) =>
+        {
+            Change::Put(in_doubt(record, ENDED_OWNER))
+        }
         _ => Change::Keep,
     }
 }
@@ -265,6 +280,7 @@ mod tests {
             now_ms,
             lease_until_ms: now_ms + 1_000,
             expires_ms: now_ms + 10_000,
+            sole_owner: None,
         }
     }
 
@@ -352,6 +368,32 @@ mod tests {
     }
 
     #[test]
+    fn a_sole_owner_sees_another_incarnation_claim_as_ended() {
+        let record = put(claim(None, &request(1, 100)).0);
+        let mut same_process = request(1, 200);
+        same_process.token = [1; 16];
+        same_process.sole_owner = Some([1; 8]);
+        assert!(matches!(
+            claim(Some(&record), &same_process).1,
+            Claimed::InProgress { .. }
+        ));
+        let mut restarted = request(2, 200);
+        restarted.sole_owner = Some([2; 8]);
+        let (change, claimed) = claim(Some(&record), &restarted);
+        assert_eq!(
+            claimed,
+            Claimed::InDoubt,
+            "never re-run, though the lease is live"
+        );
+        assert_eq!(put(change).state(), State::InDoubt);
+        // A shared store knows nothing of incarnations: a live lease is in progress.
+        assert!(matches!(
+            claim(Some(&record), &request(2, 200)).1,
+            Claimed::InProgress { .. }
+        ));
+    }
+
+    #[test]
     fn only_the_token_owner_completes_or_releases() {
         let record = put(claim(None, &request(1, 100)).0);
         let stranger = [9; 16];
@@ -385,11 +427,16 @@ mod tests {
     #[test]
     fn recovery_sweep_and_eviction_never_free_an_unknown_outcome() {
         let record = put(claim(None, &request(1, 100)).0);
-        assert_eq!(put(recover(Some(&record))).state(), State::InDoubt);
+        assert_eq!(put(recover(Some(&record), None)).state(), State::InDoubt);
+        assert_eq!(
+            recover(Some(&record), Some(&[1; 8])),
+            Change::Keep,
+            "still ours"
+        );
         assert_eq!(evict(Some(&record)), Change::Keep);
         assert_eq!(sweep(Some(&record), 500), Change::Keep);
         assert_eq!(put(sweep(Some(&record), 1_100)).state(), State::InDoubt);
-        let doubted = put(recover(Some(&record)));
+        let doubted = put(recover(Some(&record), Some(&[2; 8])));
         assert_eq!(evict(Some(&doubted)), Change::Keep);
         assert_eq!(sweep(Some(&doubted), 10_100), Change::Delete);
     }

@@ -70,23 +70,31 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let opened = tokio::task::spawn_blocking(move || SledStore::open(&options))
         .await
         .expect("opening the store does not panic");
-    let (store, recovery) = opened.map_err(|source| StartError::Store {
+    let store = Arc::new(opened.map_err(|source| StartError::Store {
         dir: config.data_dir.display().to_string(),
         source,
-    })?;
-    tracing::info!(
-        dir = %config.data_dir.display(),
-        records = recovery.records,
-        in_doubt_from_previous_run = recovery.in_doubt,
-        "store open"
-    );
-    let store = Arc::new(store);
+    })?);
+    let tokens = Tokens::for_this_process();
+    let incarnation = tokens.incarnation();
+    let reconciling = store.clone();
+    let dir = config.data_dir.display().to_string();
+    // Off the serving path: claims already treat earlier processes' IN_FLIGHT records as
+    // IN_DOUBT, so serving need not wait for this walk.
+    tokio::task::spawn_blocking(move || match reconciling.reconcile(&incarnation) {
+        Ok(found) => tracing::info!(
+            dir,
+            records = found.records,
+            in_doubt_from_previous_run = found.in_doubt,
+            "store reconciled"
+        ),
+        Err(error) => tracing::error!(dir, %error, "store reconciliation failed"),
+    });
     let upstream = HttpUpstream::new(&config.upstream, config.response_bytes_max)?;
     let engine = Arc::new(Engine::new(
         store.clone(),
         Arc::new(upstream.clone()),
         SystemClock::new(),
-        Tokens::for_this_process(),
+        tokens,
         config.limits.clone(),
     ));
     let settings = ProxySettings {
@@ -104,14 +112,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         addr: config.listen,
         source,
     })?;
-    let usage = store.usage();
-    tracing::info!(
-        addr = %proxy_addr,
-        upstream = %config.upstream,
-        store_records = usage.records,
-        store_bytes = usage.bytes,
-        "proxy listening"
-    );
+    tracing::info!(addr = %proxy_addr, upstream = %config.upstream, "proxy listening");
     let (stop, stopped) = watch::channel(false);
     let proxy = Arc::new(Proxy::new(settings, engine, upstream));
     let serving = tokio::spawn(proxy::serve(listener, proxy, wait_for(stopped.clone())));

@@ -20,10 +20,19 @@ fn options(dir: &std::path::Path, bytes_max: u64) -> SledOptions {
     }
 }
 
+/// A claim by process `process` (its incarnation: eight bytes of that value), claim number
+/// `n` of that process.
+fn token(process: u8, n: u8) -> [u8; 16] {
+    let mut token = [process; 16];
+    token[8..].fill(n);
+    token
+}
+
 async fn claim(
     store: &SledStore,
     serial: &str,
-    token: u8,
+    process: u8,
+    n: u8,
     now_ms: u64,
 ) -> Result<Claimed, StoreError> {
     let key = Key::derive("/s.S/M", "-", serial.as_bytes());
@@ -31,17 +40,18 @@ async fn claim(
         fingerprint: &[1; 32],
         method: "/s.S/M",
         caller: "-",
-        token: [token; 16],
+        token: token(process, n),
         now_ms,
         lease_until_ms: now_ms + 60_000,
-        expires_ms: now_ms + 3_600_000 + u64::from(token),
+        expires_ms: now_ms + 3_600_000 + u64::from(n),
+        sole_owner: Some([process; 8]),
     };
     store
         .update(&key, |current| record::claim(current, &request))
         .await
 }
 
-async fn complete(store: &SledStore, serial: &str, token: u8, body_bytes: usize) {
+async fn complete(store: &SledStore, serial: &str, process: u8, n: u8, body_bytes: usize) {
     let key = Key::derive("/s.S/M", "-", serial.as_bytes());
     let response = Response {
         http_status: 200,
@@ -52,10 +62,10 @@ async fn complete(store: &SledStore, serial: &str, token: u8, body_bytes: usize)
         .update(&key, |current| {
             record::complete(
                 current,
-                &[token; 16],
+                &token(process, n),
                 Some(response.clone()),
                 1,
-                3_600_000 + u64::from(token),
+                3_600_000 + u64::from(n),
             )
         })
         .await
@@ -89,21 +99,30 @@ async fn records_expire_after_the_retention_and_the_key_runs_again() {
 #[tokio::test]
 async fn the_size_bound_evicts_completed_records_closest_to_expiry_first() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, _) = SledStore::open(&options(dir.path(), 16 << 10)).expect("opens");
+    let store = SledStore::open(&options(dir.path(), 16 << 10)).expect("opens");
     // An unknown outcome and a live claim come first: the oldest, yet never evicted.
-    assert_eq!(claim(&store, "doubt", 1, 0).await.unwrap(), Claimed::Owned);
+    assert_eq!(
+        claim(&store, "doubt", 1, 1, 0).await.unwrap(),
+        Claimed::Owned
+    );
     let key = Key::derive("/s.S/M", "-", b"doubt");
     store
         .update(&key, |current| {
-            record::mark_in_doubt(current, &[1; 16], "test")
+            record::mark_in_doubt(current, &token(1, 1), "test")
         })
         .await
         .unwrap();
-    assert_eq!(claim(&store, "flight", 2, 0).await.unwrap(), Claimed::Owned);
+    assert_eq!(
+        claim(&store, "flight", 1, 2, 0).await.unwrap(),
+        Claimed::Owned
+    );
     for n in 3..40u8 {
         let serial = format!("done-{n}");
-        assert_eq!(claim(&store, &serial, n, 0).await.unwrap(), Claimed::Owned);
-        complete(&store, &serial, n, 1000).await;
+        assert_eq!(
+            claim(&store, &serial, 1, n, 0).await.unwrap(),
+            Claimed::Owned
+        );
+        complete(&store, &serial, 1, n, 1000).await;
     }
     assert!(store.usage().bytes > 16 << 10);
     let done = store.maintain(0).expect("maintenance runs");
@@ -124,16 +143,18 @@ async fn the_size_bound_evicts_completed_records_closest_to_expiry_first() {
 #[tokio::test]
 async fn a_full_store_with_nothing_to_evict_refuses_new_claims() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, _) = SledStore::open(&options(dir.path(), 1 << 10)).expect("opens");
+    let store = SledStore::open(&options(dir.path(), 1 << 10)).expect("opens");
     for n in 0..20u8 {
-        claim(&store, &format!("flight-{n}"), n, 0).await.unwrap();
+        claim(&store, &format!("flight-{n}"), 1, n, 0)
+            .await
+            .unwrap();
     }
     store.maintain(0).unwrap();
-    let refused = claim(&store, "one-more", 99, 0).await.expect_err("full");
+    let refused = claim(&store, "one-more", 1, 99, 0).await.expect_err("full");
     assert!(matches!(refused, StoreError::Full { .. }), "{refused:?}");
     // A duplicate of a stored record is still answered.
     assert!(matches!(
-        claim(&store, "flight-1", 98, 0).await.unwrap(),
+        claim(&store, "flight-1", 1, 98, 0).await.unwrap(),
         Claimed::InProgress { .. }
     ));
 }
@@ -142,26 +163,61 @@ async fn a_full_store_with_nothing_to_evict_refuses_new_claims() {
 async fn a_restart_turns_the_previous_process_claims_into_in_doubt() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (store, _) = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
-        claim(&store, "running", 1, 0).await.unwrap();
-        claim(&store, "finished", 2, 0).await.unwrap();
-        complete(&store, "finished", 2, 10).await;
+        let store = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
+        claim(&store, "running", 1, 1, 0).await.unwrap();
+        claim(&store, "finished", 1, 2, 0).await.unwrap();
+        complete(&store, "finished", 1, 2, 10).await;
     }
-    let (store, recovery) = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
-    assert_eq!(recovery.records, 2);
-    assert_eq!(recovery.in_doubt, 1);
+    let store = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
+    // Before any walk of the store, a claim by the new process (incarnation 3) already sees
+    // the old claim as orphaned: never in progress, never re-run.
     assert_eq!(
-        claim(&store, "running", 3, 1).await.unwrap(),
+        claim(&store, "running", 3, 1, 1).await.unwrap(),
         Claimed::InDoubt
     );
     assert!(matches!(
-        claim(&store, "finished", 4, 1).await.unwrap(),
+        claim(&store, "finished", 3, 2, 1).await.unwrap(),
         Claimed::Replay(_)
     ));
-    // The expiry index was rebuilt, so the sweeper finds both when they expire.
+    // A claim of the new process itself is not touched by the walk.
+    assert_eq!(
+        claim(&store, "fresh", 3, 3, 1).await.unwrap(),
+        Claimed::Owned
+    );
+    let found = store.reconcile(&[3; 8]).unwrap();
+    assert_eq!(found.records, 3);
+    assert_eq!(found.in_doubt, 0, "already settled by the claim above");
+    let state = |serial: &str| {
+        store
+            .get(&Key::derive("/s.S/M", "-", serial.as_bytes()))
+            .unwrap()
+            .map(|r| r.state())
+    };
+    assert_eq!(state("fresh"), Some(State::InFlight));
+    assert_eq!(state("running"), Some(State::InDoubt));
+    // The expiry index was rebuilt, so the sweeper finds every record when it expires (by
+    // then the new claim's lease is long over too).
     let swept = store.maintain(u64::MAX / 2).unwrap();
-    assert_eq!(swept.expired, 2);
+    assert_eq!(swept.expired, 3);
     assert_eq!(store.usage().records, 0);
+}
+
+#[tokio::test]
+async fn reconciling_marks_every_orphaned_claim_in_doubt() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
+        for n in 0..50u8 {
+            claim(&store, &format!("orphan-{n}"), 1, n, 0)
+                .await
+                .unwrap();
+        }
+    }
+    let store = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
+    let found = store.reconcile(&[9; 8]).unwrap();
+    assert_eq!((found.records, found.in_doubt), (50, 50));
+    assert_eq!(store.count_states().unwrap()[&State::InDoubt], 50);
+    assert!(store.usage().bytes > 0);
 }
 
 #[tokio::test]

@@ -315,15 +315,6 @@ struct StoreFigures {
     records_after_restart: u64,
 }
 
-fn field_after(text: &str, name: &str) -> Option<u64> {
-    let at = text.find(name)? + name.len();
-    text[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
-
 async fn fill(addr: SocketAddr, total: u64, payload_bytes: usize) -> anyhow::Result<()> {
     let channel = load::connect(addr).await?;
     let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -372,17 +363,30 @@ async fn measure_store(
     let restarted_at = Instant::now();
     let restarted = start_sidecar(upstream, dir.path(), "group").await?;
     let restart_to_ready = restarted_at.elapsed();
-    let opened = restarted.ready_line.clone();
     restarted.stop().await;
+    // What is stored, by the store's own count (a walk of every record).
+    let options = crate::store::sled::SledOptions {
+        dir: dir.path().to_owned(),
+        cache_bytes: 32 << 20,
+        bytes_max: u64::MAX,
+        flush_per_write: false,
+        flush_timeout: Duration::from_secs(30),
+    };
+    let counted = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let store = crate::store::sled::SledStore::open(&options)?;
+        let found = store.reconcile(&[0; 8])?;
+        Ok((found.records, crate::store::Store::usage(&store).bytes))
+    })
+    .await??;
     Ok(StoreFigures {
         records,
         fill_seconds,
         rss_bytes,
         peak_rss_bytes,
         disk_bytes,
-        logical_bytes: field_after(&opened, "store_bytes=").unwrap_or(0),
+        logical_bytes: counted.1,
         restart_to_ready,
-        records_after_restart: field_after(&opened, "store_records=").unwrap_or(0),
+        records_after_restart: counted.0,
     })
 }
 

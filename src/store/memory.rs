@@ -54,7 +54,7 @@ impl MemoryStore {
         let mut records = self.lock();
         let mut doubted = 0;
         for record in records.values_mut() {
-            if let Change::Put(next) = record::recover(Some(record)) {
+            if let Change::Put(next) = record::recover(Some(record), None) {
                 *record = next;
                 doubted += 1;
             }
@@ -144,6 +144,10 @@ impl Store for MemoryStore {
             self.version.send_modify(|v| *v += 1);
         }
         Ok(outcome)
+    }
+
+    fn is_sole_owner(&self) -> bool {
+        true
     }
 
     fn usage(&self) -> Usage {

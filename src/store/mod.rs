@@ -85,4 +85,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// What the store holds now.
     fn usage(&self) -> Usage;
+
+    /// True when one process is the store's only writer, so an IN_FLIGHT record of another
+    /// process incarnation is known to be orphaned (sled: one process owns the data dir).
+    fn is_sole_owner(&self) -> bool;
 }

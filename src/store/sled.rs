@@ -2,7 +2,11 @@
 //!
 //! Records live in the `records` tree, one protobuf `Record` per 32-byte key, changed only by
 //! compare-and-swap. The `expiry` tree indexes (expires_ms, key) for the sweeper and for
-//! eviction; it may lag the records and is reconciled at start, but it never decides a claim.
+//! eviction; it may lag the records and is reconciled after start, but it never decides a
+//! claim. Opening does not scan: one process owns the data dir, so a claim that meets an
+//! IN_FLIGHT record of another process incarnation knows it is orphaned (`record::claim`).
+//! `reconcile` then walks the records in the background: counts them, rebuilds missing index
+//! entries and marks orphaned claims IN_DOUBT for operators.
 //! Every acknowledged change is flushed by the group-commit flusher before `update` returns,
 //! and so is any record a reader sees while its writer still waits for that flush.
 
@@ -69,12 +73,12 @@ pub struct SledStore {
     full: AtomicBool,
 }
 
-/// What opening a store found.
+/// What reconciling a store found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Recovery {
     /// Records found.
     pub records: u64,
-    /// IN_FLIGHT records of a previous process, now IN_DOUBT.
+    /// IN_FLIGHT records of an earlier process, now IN_DOUBT.
     pub in_doubt: u64,
 }
 
@@ -104,9 +108,9 @@ fn entry_bytes(value_len: usize) -> u64 {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store, turns records left IN_FLIGHT by a previous process into
-    /// IN_DOUBT, reconciles the expiry index and counts what is stored. Blocking.
-    pub fn open(options: &SledOptions) -> Result<(SledStore, Recovery), StoreError> {
+    /// Opens (or creates) the store, without scanning it: call `reconcile` next, off the
+    /// serving path. Blocking.
+    pub fn open(options: &SledOptions) -> Result<SledStore, StoreError> {
         std::fs::create_dir_all(&options.dir).map_err(|error| {
             StoreError::Io(format!(
                 "cannot create data dir {}: {error}",
@@ -142,34 +146,51 @@ impl SledStore {
             flush_timeout: options.flush_timeout,
             full: AtomicBool::new(false),
         };
-        let recovery = store.recover()?;
-        Ok((store, recovery))
+        Ok(store)
     }
 
-    fn recover(&self) -> Result<Recovery, StoreError> {
+    /// Walks every record once, after start and beside live traffic: marks claims of earlier
+    /// processes (any incarnation but `live`) IN_DOUBT, rebuilds missing expiry index entries
+    /// (they may lag after a crash), and counts records and bytes for the size bound. Writes
+    /// that land during the walk make the counts approximate, which the bound tolerates.
+    /// Blocking: run it off the async runtime's threads.
+    pub fn reconcile(&self, live: &[u8; 8]) -> Result<Recovery, StoreError> {
         let mut recovery = Recovery::default();
         let mut bytes = 0;
         for entry in self.records.iter() {
-            let (raw_key, value) = entry.map_err(store_error)?;
+            let (raw_key, _) = entry.map_err(store_error)?;
             let key = Key::from_slice(&raw_key).ok_or_else(|| {
                 StoreError::Corrupt(format!("a record key is {} bytes, not 32", raw_key.len()))
             })?;
-            let mut current = decode(&key, &value)?;
-            if let Change::Put(doubted) = record::recover(Some(&current)) {
-                let encoded = doubted.encode_to_vec();
-                self.records
-                    .compare_and_swap(raw_key, Some(value), Some(encoded))
-                    .map_err(store_error)?
-                    .map_err(|_| StoreError::Io("a record changed during recovery".into()))?;
-                recovery.in_doubt += 1;
-                current = doubted;
+            let mut marked = false;
+            let mut seen = None;
+            let result = self.apply(
+                &key,
+                &mut |current| {
+                    let change = record::recover(current, Some(live));
+                    let kept = match &change {
+                        Change::Put(next) => Some(next),
+                        _ => current,
+                    };
+                    seen = kept.map(|r| (r.expires_ms, r.encoded_len()));
+                    let doubted = matches!(change, Change::Put(_));
+                    (change, doubted)
+                },
+                &mut marked,
+            );
+            if marked {
+                self.unmark_pending(&key);
             }
-            let index = index_key(current.expires_ms, &key);
+            recovery.in_doubt += u64::from(result?);
+            let Some((expires_ms, len)) = seen else {
+                continue;
+            };
+            let index = index_key(expires_ms, &key);
             if !self.expiry.contains_key(index).map_err(store_error)? {
                 self.expiry.insert(index, &[]).map_err(store_error)?;
             }
             recovery.records += 1;
-            bytes += entry_bytes(current.encoded_len());
+            bytes += entry_bytes(len);
         }
         self.records_count
             .store(recovery.records, Ordering::Relaxed);
@@ -432,6 +453,10 @@ impl Store for SledStore {
         }
         self.evict(&mut outcome)?;
         Ok(outcome)
+    }
+
+    fn is_sole_owner(&self) -> bool {
+        true
     }
 
     fn usage(&self) -> Usage {

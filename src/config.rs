@@ -55,7 +55,7 @@ pub struct RunArgs {
     /// Size bound of the store; the COMPLETED records closest to expiry go first [default: 1GiB].
     #[arg(long, env = "IDEMPROXY_MAX_STORE_BYTES")]
     pub max_store_bytes: Option<String>,
-    /// sled's page cache (its memory use is a multiple of this) [default: 32MiB].
+    /// sled's page cache (its memory use is a multiple of this) [default: 8MiB].
     #[arg(long, env = "IDEMPROXY_SLED_CACHE_BYTES")]
     pub sled_cache_bytes: Option<String>,
     /// Longest wait for the store to confirm a write; past it the call fails closed
@@ -376,7 +376,7 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
     )?;
     let sled_cache_bytes = bytes(
         "sled-cache-bytes",
-        &pick_bytes(args.sled_cache_bytes, file.sled_cache_bytes, "32MiB"),
+        &pick_bytes(args.sled_cache_bytes, file.sled_cache_bytes, "8MiB"),
         1 << 20,
         64 << 30,
     )?;

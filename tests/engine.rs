@@ -64,6 +64,12 @@ fn call(serial: &str, timeout: Option<Duration>) -> Call<()> {
     }
 }
 
+/// Starts a call that runs on while the test goes on.
+fn in_background(engine: &Arc<TestEngine>, call: Call<()>) -> tokio::task::JoinHandle<Answer<()>> {
+    let engine = engine.clone();
+    tokio::spawn(async move { engine.handle(call).await })
+}
+
 fn reason(answer: &Answer<()>) -> Option<Reason> {
     match answer {
         Answer::Refused(refusal) => Some(refusal.reason),
@@ -99,14 +105,7 @@ async fn a_lease_follows_the_call_deadline_plus_the_margin() {
     };
     // The service hangs far past any deadline.
     let engine = engine(Duration::from_secs(3600), 0, limits);
-    let first = tokio::spawn({
-        let engine = engine.clone();
-        async move {
-            engine
-                .handle(call("slow", Some(Duration::from_secs(2))))
-                .await
-        }
-    });
+    let first = in_background(&engine, call("slow", Some(Duration::from_secs(2))));
     tokio::time::advance(Duration::from_millis(6_900)).await;
     let during = engine
         .handle(call("slow", Some(Duration::from_secs(2))))
@@ -140,10 +139,7 @@ async fn a_call_without_a_deadline_gets_the_default_lease() {
         ..Limits::default()
     };
     let engine = engine(Duration::from_secs(3600), 0, limits);
-    let first = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.handle(call("nodeadline", None)).await }
-    });
+    let first = in_background(&engine, call("nodeadline", None));
     tokio::time::advance(Duration::from_secs(34)).await;
     assert_eq!(
         reason(&engine.handle(call("nodeadline", None)).await),
@@ -160,10 +156,7 @@ async fn waiting_duplicates_are_bounded_by_the_max_wait() {
         ..Limits::default()
     };
     let engine = engine(Duration::from_secs(10), 0, limits);
-    let first = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.handle(call("w", None)).await }
-    });
+    let first = in_background(&engine, call("w", None));
     tokio::task::yield_now().await;
     let started = tokio::time::Instant::now();
     let second = engine.handle(call("w", None)).await;
@@ -203,10 +196,7 @@ async fn a_restart_leaves_the_dead_process_claims_in_doubt() {
         ..Limits::default()
     };
     let engine = engine(Duration::from_secs(60), 0, limits);
-    let running = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.handle(call("crash", None)).await }
-    });
+    let running = in_background(&engine, call("crash", None));
     tokio::task::yield_now().await;
     running.abort(); // The handling task dies; the forwarding task is the process's to lose.
     assert_eq!(engine.store().restart(), 1);

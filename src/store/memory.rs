@@ -112,7 +112,12 @@ impl Store for MemoryStore {
     fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
         let mut records = self.lock();
         let mut outcome = Maintenance::default();
-        let keys: Vec<Key> = records.keys().copied().collect();
+        // Like sled's expiry index: only records whose retention has ended are looked at.
+        let keys: Vec<Key> = records
+            .iter()
+            .filter(|(_, record)| record.expires_ms <= now_ms)
+            .map(|(key, _)| *key)
+            .collect();
         for key in &keys {
             let change = record::sweep(records.get(key), now_ms);
             if change == Change::Delete {

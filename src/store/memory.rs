@@ -13,32 +13,60 @@ use std::future::Future;
 use std::sync::Mutex;
 use tokio::sync::watch;
 
+/// The records and their size, under one lock.
+#[derive(Default)]
+struct Records {
+    by_key: BTreeMap<Key, Record>,
+    /// Keys plus encoded records, kept as records change (as sled counts them).
+    bytes: u64,
+}
+
+fn entry_bytes(record: &Record) -> u64 {
+    32 + record.encoded_len() as u64
+}
+
+impl Records {
+    fn get(&self, key: &Key) -> Option<&Record> {
+        self.by_key.get(key)
+    }
+
+    fn put(&mut self, key: Key, record: Record) {
+        self.bytes += entry_bytes(&record);
+        if let Some(old) = self.by_key.insert(key, record) {
+            self.bytes -= entry_bytes(&old);
+        }
+    }
+
+    fn remove(&mut self, key: &Key) -> bool {
+        match self.by_key.remove(key) {
+            Some(old) => {
+                self.bytes -= entry_bytes(&old);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// The reference store.
 pub struct MemoryStore {
-    records: Mutex<BTreeMap<Key, Record>>,
+    records: Mutex<Records>,
     bytes_max: u64,
     /// Bumped on every change; waiters re-read when it moves.
     version: watch::Sender<u64>,
-}
-
-fn bytes_of(records: &BTreeMap<Key, Record>) -> u64 {
-    records
-        .values()
-        .map(|record| 32 + record.encoded_len() as u64)
-        .sum()
 }
 
 impl MemoryStore {
     /// An empty store bounded at `bytes_max`.
     pub fn new(bytes_max: u64) -> MemoryStore {
         MemoryStore {
-            records: Mutex::new(BTreeMap::new()),
+            records: Mutex::new(Records::default()),
             bytes_max,
             version: watch::channel(0).0,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Record>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
         self.records
             .lock()
             .expect("memory store lock is never poisoned")
@@ -53,9 +81,10 @@ impl MemoryStore {
     pub fn restart(&self) -> u64 {
         let mut records = self.lock();
         let mut doubted = 0;
-        for record in records.values_mut() {
-            if let Change::Put(next) = record::recover(Some(record), None) {
-                *record = next;
+        let keys: Vec<Key> = records.by_key.keys().copied().collect();
+        for key in keys {
+            if let Change::Put(next) = record::recover(records.get(&key), None) {
+                records.put(key, next);
                 doubted += 1;
             }
         }
@@ -63,14 +92,14 @@ impl MemoryStore {
         doubted
     }
 
-    fn apply(records: &mut BTreeMap<Key, Record>, key: &Key, change: Change) -> bool {
+    fn apply(records: &mut Records, key: &Key, change: Change) -> bool {
         match change {
             Change::Keep => false,
             Change::Put(record) => {
-                records.insert(*key, record);
+                records.put(*key, record);
                 true
             }
-            Change::Delete => records.remove(key).is_some(),
+            Change::Delete => records.remove(key),
         }
     }
 }
@@ -83,18 +112,20 @@ impl Store for MemoryStore {
     {
         let mut records = self.lock();
         let (change, value) = transition(records.get(key));
-        if matches!(change, Change::Put(_)) && !records.contains_key(key) {
-            let bytes = bytes_of(&records);
-            if bytes > self.bytes_max
-                && !records
-                    .values()
-                    .any(|r| record::evict(Some(r)) == Change::Delete)
-            {
-                return Err(StoreError::Full {
-                    bytes,
-                    bytes_max: self.bytes_max,
-                });
-            }
+        // Over the bound with nothing evictable: new keys are refused (sled decides this in
+        // its sweeper; the model decides at once).
+        if matches!(change, Change::Put(_))
+            && records.get(key).is_none()
+            && records.bytes > self.bytes_max
+            && !records
+                .by_key
+                .values()
+                .any(|r| record::evict(Some(r)) == Change::Delete)
+        {
+            return Err(StoreError::Full {
+                bytes: records.bytes,
+                bytes_max: self.bytes_max,
+            });
         }
         if Self::apply(&mut records, key, change) {
             self.version.send_modify(|v| *v += 1);
@@ -114,6 +145,7 @@ impl Store for MemoryStore {
         let mut outcome = Maintenance::default();
         // Like sled's expiry index: only records whose retention has ended are looked at.
         let keys: Vec<Key> = records
+            .by_key
             .iter()
             .filter(|(_, record)| record.expires_ms <= now_ms)
             .map(|(key, _)| *key)
@@ -127,20 +159,19 @@ impl Store for MemoryStore {
         }
         // Evict in the order sled does: closest to expiry first.
         let mut by_expiry: Vec<(u64, Key)> = records
+            .by_key
             .iter()
             .map(|(key, r)| (r.expires_ms, *key))
             .collect();
         by_expiry.sort();
         let low_water = self.bytes_max / 100 * 90;
-        let mut bytes = bytes_of(&records);
-        if bytes > self.bytes_max {
+        if records.bytes > self.bytes_max {
             for (_, key) in by_expiry {
-                if bytes <= low_water {
+                if records.bytes <= low_water {
                     break;
                 }
                 if record::evict(records.get(&key)) == Change::Delete {
-                    let removed = records.remove(&key).expect("the key was just listed");
-                    bytes -= 32 + removed.encoded_len() as u64;
+                    records.remove(&key);
                     outcome.evicted += 1;
                 }
             }
@@ -158,8 +189,8 @@ impl Store for MemoryStore {
     fn usage(&self) -> Usage {
         let records = self.lock();
         Usage {
-            records: records.len() as u64,
-            bytes: bytes_of(&records),
+            records: records.by_key.len() as u64,
+            bytes: records.bytes,
         }
     }
 }

@@ -411,11 +411,12 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             Disposition::Record => {
                 let now_ms = self.clock.now_ms();
                 let expires_ms = self.expires_ms();
-                let kept = Some(response.clone());
+                // One copy per attempt: the record keeps it, the caller gets `response`.
                 let result = self
                     .store
-                    .update(&key, move |current| {
-                        record::complete(current, &token, kept.clone(), now_ms, expires_ms)
+                    .update(&key, |current| {
+                        let kept = Some(response.clone());
+                        record::complete(current, &token, kept, now_ms, expires_ms)
                     })
                     .await;
                 match result {

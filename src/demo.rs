@@ -13,7 +13,6 @@ use crate::pb::idemproxy::demo::v1::subscriptions_server::{Subscriptions, Subscr
 use crate::pb::idemproxy::demo::v1::{ExtendRequest, Subscription};
 use anyhow::Context;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -125,14 +124,6 @@ async fn replay_story(
     })
 }
 
-fn temp_data_dir() -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    std::env::temp_dir().join(format!("idemproxy-demo-{}-{nanos}", std::process::id()))
-}
-
 async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
     Ok(Channel::from_shared(format!("http://{addr}"))?
         .connect()
@@ -150,11 +141,14 @@ pub async fn run() -> anyhow::Result<()> {
                 service_listener,
             )),
     );
-    let data_dir = temp_data_dir();
+    // Removed when dropped, at the end of the demo.
+    let data_dir = tempfile::Builder::new()
+        .prefix("idemproxy-demo-")
+        .tempdir()?;
     let config = Config {
         listen: "127.0.0.1:0".parse()?,
         upstream: format!("http://{service_addr}"),
-        data_dir: data_dir.clone(),
+        data_dir: data_dir.path().to_owned(),
         key_header: http::HeaderName::from_static("idempotency-key"),
         caller_header: http::HeaderName::from_static("x-caller-id"),
         limits: Limits::default(),
@@ -213,7 +207,6 @@ pub async fn run() -> anyhow::Result<()> {
 
     sidecar.stop().await;
     service.abort();
-    let _ = std::fs::remove_dir_all(&data_dir);
     anyhow::ensure!(
         proxied.subscription.extensions == 1,
         "idemproxy let the message execute {} times",

@@ -46,6 +46,21 @@ pub async fn spawn_until(program: &Path, args: &[String], marker: &str) -> anyho
         .spawn()
         .with_context(|| format!("cannot start {}", program.display()))?;
     let stderr = child.stderr.take().context("stderr is piped")?;
+    let (addr, ready_line) = wait_for_address(stderr, marker).await?;
+    Ok(Process {
+        child,
+        addr,
+        ready_line,
+    })
+}
+
+/// Reads a child's standard error (up to 60 s) until a line holds `marker` followed by an
+/// address; returns the address and the line, and keeps draining the rest so the child never
+/// blocks on a full pipe.
+pub async fn wait_for_address(
+    stderr: tokio::process::ChildStderr,
+    marker: &str,
+) -> anyhow::Result<(SocketAddr, String)> {
     let mut lines = BufReader::new(stderr).lines();
     let found = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await? {
@@ -55,16 +70,12 @@ pub async fn spawn_until(program: &Path, args: &[String], marker: &str) -> anyho
                 return Ok::<_, anyhow::Error>((addr, line));
             }
         }
-        bail!("{} exited before it was ready", program.display())
+        bail!("the process exited before it logged {marker:?}")
     })
     .await
     .context("not ready within 60 s")??;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Process {
-        child,
-        addr: found.0,
-        ready_line: found.1,
-    })
+    Ok(found)
 }
 
 /// User plus system CPU seconds a process (and, with `children_of`, its direct children)

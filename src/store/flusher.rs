@@ -23,7 +23,6 @@ pub struct Flusher {
     healthy: Arc<AtomicBool>,
     /// True while a flush runs.
     flushing: Arc<AtomicBool>,
-    per_write: bool,
 }
 
 impl Flusher {
@@ -59,7 +58,6 @@ impl Flusher {
             thread: Some(thread),
             healthy,
             flushing,
-            per_write,
         })
     }
 
@@ -92,11 +90,6 @@ impl Flusher {
     /// False after a failed flush, until a flush succeeds again.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
-    }
-
-    /// True when each write is flushed on its own.
-    pub fn is_per_write(&self) -> bool {
-        self.per_write
     }
 }
 

@@ -347,33 +347,25 @@ impl SledStore {
             .ok_or_else(|| StoreError::Corrupt("an expiry index entry is malformed".into()))?;
         let expires_ms =
             u64::from_be_bytes(index[..8].try_into().expect("index keys are 40 bytes"));
-        let mut deleted = false;
         let mut marked = false;
+        // The transition reports (deleted, still indexed by this entry): an entry is stale
+        // when its record is gone, re-dated, or deleted now.
         let result = self.apply(
             &key,
             &mut |current| match current {
                 Some(record) if record.expires_ms == expires_ms => {
                     let change = decide(current);
-                    deleted = change == Change::Delete;
-                    (change, ())
+                    let deleted = change == Change::Delete;
+                    (change, (deleted, !deleted))
                 }
-                _ => (Change::Keep, ()),
+                _ => (Change::Keep, (false, false)),
             },
             &mut marked,
         );
         if marked {
             self.unmark_pending(&key);
         }
-        result?;
-        // The entry is stale (record gone or re-dated) or its record is deleted now.
-        let still_indexed = !deleted
-            && self
-                .records
-                .get(key.as_bytes())
-                .map_err(store_error)?
-                .map(|bytes| decode(&key, &bytes))
-                .transpose()?
-                .is_some_and(|record| record.expires_ms == expires_ms);
+        let (deleted, still_indexed) = result?;
         if !still_indexed {
             self.expiry.remove(index).map_err(store_error)?;
         }

@@ -2,8 +2,6 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// A running `idemproxy run`.
@@ -40,22 +38,10 @@ impl BinarySidecar {
     }
 }
 
-/// Reads a child's log until it names the proxy address, then keeps draining it in the
-/// background so the child never blocks on a full pipe.
+/// Waits until the child logs its proxy address (the product's own ready-line reader).
 pub async fn listening_addr(stderr: tokio::process::ChildStderr) -> SocketAddr {
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.expect("readable stderr") {
-            if let Some(at) = line.find("proxy listening addr=") {
-                let rest = &line[at + "proxy listening addr=".len()..];
-                let addr = rest.split_whitespace().next().expect("an address");
-                return addr.parse::<SocketAddr>().expect("a socket address");
-            }
-        }
-        panic!("the binary exited before listening");
-    })
-    .await
-    .expect("the binary listens within 30 s");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    addr
+    idemproxy::bench::procs::wait_for_address(stderr, "proxy listening addr=")
+        .await
+        .expect("the binary listens within 60 s")
+        .0
 }

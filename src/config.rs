@@ -73,6 +73,26 @@ pub struct RunArgs {
     /// [default: group].
     #[arg(long, env = "IDEMPROXY_FLUSH")]
     pub flush: Option<String>,
+    /// Where records live: `sled` (embedded, one pod), `redis` (one Redis server shared by
+    /// every replica) or `redis-cluster` [default: sled].
+    #[arg(long, env = "IDEMPROXY_STORE")]
+    pub store: Option<String>,
+    /// `redis://[user@]host:port[/db]`; for `redis-cluster`, seed nodes separated by commas.
+    #[arg(long, env = "IDEMPROXY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// File holding the Redis password (kept out of the URL and the process list).
+    #[arg(long, env = "IDEMPROXY_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<PathBuf>,
+    /// The Redis password, from the environment only.
+    #[arg(skip)]
+    pub redis_password: Option<String>,
+    /// Prefix of every Redis key this sidecar writes [default: idemproxy].
+    #[arg(long, env = "IDEMPROXY_REDIS_KEY_PREFIX")]
+    pub redis_key_prefix: Option<String>,
+    /// How often a waiting duplicate re-reads a Redis record when no change message came
+    /// [default: 100ms].
+    #[arg(long, env = "IDEMPROXY_REDIS_POLL_INTERVAL")]
+    pub redis_poll_interval: Option<String>,
 }
 
 /// The same settings in a TOML file.
@@ -96,6 +116,11 @@ pub struct FileSettings {
     sweep_interval: Option<String>,
     worker_threads: Option<Scalar>,
     flush: Option<String>,
+    store: Option<String>,
+    redis_url: Option<String>,
+    redis_password_file: Option<PathBuf>,
+    redis_key_prefix: Option<String>,
+    redis_poll_interval: Option<String>,
 }
 
 /// A TOML value that may be written as a number or a string (`4194304` or `"4MiB"`).
@@ -150,6 +175,15 @@ pub enum FlushMode {
     PerWrite,
 }
 
+/// Which store records live in.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    /// The embedded sled store in `data_dir`.
+    Sled,
+    /// Redis, one server or a cluster.
+    Redis(crate::store::redis::RedisOptions),
+}
+
 /// Every setting of `run`, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -181,6 +215,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// Group commit or not.
     pub flush: FlushMode,
+    /// Where records live.
+    pub store: StoreChoice,
 }
 
 /// The longest retention accepted: a year.
@@ -415,6 +451,15 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
             ))
         }
     };
+    let store_settings = StoreSettings {
+        store: args.store.or(file.store),
+        redis_url: args.redis_url.or(file.redis_url),
+        redis_password_file: args.redis_password_file.or(file.redis_password_file),
+        redis_password: args.redis_password,
+        redis_key_prefix: args.redis_key_prefix.or(file.redis_key_prefix),
+        redis_poll_interval: args.redis_poll_interval.or(file.redis_poll_interval),
+    };
+    let store = store_choice(store_settings, store_timeout)?;
     Ok(Config {
         listen,
         upstream,
@@ -430,11 +475,109 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         sweep_interval,
         worker_threads,
         flush,
+        store,
     })
 }
 
+/// The store settings of the flags (over the file), before validation.
+struct StoreSettings {
+    store: Option<String>,
+    redis_url: Option<String>,
+    redis_password_file: Option<PathBuf>,
+    redis_password: Option<String>,
+    redis_key_prefix: Option<String>,
+    redis_poll_interval: Option<String>,
+}
+
+fn store_choice(
+    settings: StoreSettings,
+    store_timeout: Duration,
+) -> Result<StoreChoice, ConfigError> {
+    let kind = settings.store.unwrap_or_else(|| "sled".to_owned());
+    let cluster = match kind.as_str() {
+        "sled" => return Ok(StoreChoice::Sled),
+        "redis" => false,
+        "redis-cluster" => true,
+        _ => {
+            return Err(invalid(
+                "store",
+                &kind,
+                "must be `sled`, `redis` or `redis-cluster`",
+            ))
+        }
+    };
+    let url_text = settings
+        .redis_url
+        .ok_or(ConfigError::Missing("redis-url", "REDIS_URL"))?;
+    let urls: Vec<String> = url_text
+        .split(',')
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+        .collect();
+    if urls.is_empty() || (!cluster && urls.len() > 1) {
+        return Err(invalid(
+            "redis-url",
+            &url_text,
+            "give one URL for `redis`, one or more seed nodes separated by commas for `redis-cluster`",
+        ));
+    }
+    let password = match (settings.redis_password, settings.redis_password_file) {
+        (Some(password), _) => Some(password),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path).map_err(|error| {
+                invalid(
+                    "redis-password-file",
+                    &path.display().to_string(),
+                    error.to_string(),
+                )
+            })?;
+            Some(text.trim_end_matches(['\r', '\n']).to_owned())
+        }
+        (None, None) => None,
+    };
+    let key_prefix = settings
+        .redis_key_prefix
+        .unwrap_or_else(|| "idemproxy".to_owned());
+    if key_prefix.is_empty()
+        || key_prefix.len() > 64
+        || !key_prefix
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+    {
+        return Err(invalid(
+            "redis-key-prefix",
+            &key_prefix,
+            "must be 1-64 visible ASCII characters without braces",
+        ));
+    }
+    let poll_interval = duration(
+        "redis-poll-interval",
+        settings.redis_poll_interval.as_deref().unwrap_or("100ms"),
+        Duration::from_millis(1),
+        Duration::from_secs(10),
+    )?;
+    let options = crate::store::redis::RedisOptions {
+        urls,
+        cluster,
+        password,
+        key_prefix,
+        command_timeout: store_timeout,
+        poll_interval,
+    };
+    // Parse the URLs now, so a typo stops the start with the setting's name.
+    for url in &options.urls {
+        redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .map_err(|error| invalid("redis-url", url, error.to_string()))?;
+    }
+    Ok(StoreChoice::Redis(options))
+}
+
 /// Reads the file named by `args.config` (if any) and resolves.
-pub fn load(args: RunArgs) -> Result<Config, ConfigError> {
+pub fn load(mut args: RunArgs) -> Result<Config, ConfigError> {
+    // Only from the environment: a password flag would show in the process list.
+    if args.redis_password.is_none() {
+        args.redis_password = std::env::var("IDEMPROXY_REDIS_PASSWORD").ok();
+    }
     let file = match &args.config {
         Some(path) => read_file(path)?,
         None => FileSettings::default(),

@@ -160,6 +160,7 @@ pub async fn run() -> anyhow::Result<()> {
         sweep_interval: Duration::from_secs(1),
         worker_threads: 1,
         flush: FlushMode::Group,
+        store: crate::config::StoreChoice::Sled,
     };
     let sidecar = crate::server::start(&config).await?;
     let total = SEQUENTIAL_DELIVERIES + CONCURRENT_DELIVERIES;

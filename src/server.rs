@@ -1,12 +1,13 @@
 //! Assembles a running sidecar from a `Config`: opens the store, starts the sweeper, binds
 //! the proxy listener. Used by `idemproxy run` and by the demo, so both run the same parts.
 
-use crate::config::{Config, FlushMode};
+use crate::config::{Config, FlushMode, StoreChoice};
 use crate::engine::{Engine, SystemClock, Tokens};
 use crate::proxy::upstream::HttpUpstream;
 use crate::proxy::{self, Proxy, ProxySettings};
+use crate::store::redis::{RedisStore, RedisUrlError};
 use crate::store::sled::{SledOptions, SledStore};
-use crate::store::Store;
+use crate::store::{AnyStore, Store};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,9 @@ pub enum StartError {
         /// What sled said.
         source: crate::store::StoreError,
     },
+    /// The Redis settings cannot work.
+    #[error(transparent)]
+    Redis(#[from] RedisUrlError),
     /// The listener cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -43,7 +47,7 @@ pub struct Running {
     /// The address the proxy listens on (the real port when 0 was asked for).
     pub proxy_addr: SocketAddr,
     /// The store, for the demo and tests to inspect.
-    pub store: Arc<SledStore>,
+    pub store: Arc<AnyStore>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -60,35 +64,20 @@ impl Running {
 
 /// Opens the store and starts serving.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
-    let options = SledOptions {
-        dir: config.data_dir.clone(),
-        cache_bytes: config.sled_cache_bytes,
-        bytes_max: config.store_bytes_max,
-        flush_per_write: config.flush == FlushMode::PerWrite,
-        flush_timeout: config.store_timeout,
-    };
-    let opened = tokio::task::spawn_blocking(move || SledStore::open(&options))
-        .await
-        .expect("opening the store does not panic");
-    let store = Arc::new(opened.map_err(|source| StartError::Store {
-        dir: config.data_dir.display().to_string(),
-        source,
-    })?);
     let tokens = Tokens::for_this_process();
-    let incarnation = tokens.incarnation();
-    let reconciling = store.clone();
-    let dir = config.data_dir.display().to_string();
-    // Off the serving path: claims already treat earlier processes' IN_FLIGHT records as
-    // IN_DOUBT, so serving need not wait for this walk.
-    tokio::task::spawn_blocking(move || match reconciling.reconcile(&incarnation) {
-        Ok(found) => tracing::info!(
-            dir,
-            records = found.records,
-            in_doubt_from_previous_run = found.in_doubt,
-            "store reconciled"
-        ),
-        Err(error) => tracing::error!(dir, %error, "store reconciliation failed"),
+    let store = Arc::new(match &config.store {
+        StoreChoice::Sled => AnyStore::Sled(open_sled(config).await?),
+        StoreChoice::Redis(options) => {
+            tracing::info!(
+                nodes = options.urls.len(),
+                cluster = options.cluster,
+                "store on Redis"
+            );
+            AnyStore::Redis(RedisStore::new(options)?)
+        }
     });
+    let dir = config.data_dir.display().to_string();
+    reconcile_in_background(store.clone(), dir, tokens.incarnation());
     let upstream = HttpUpstream::new(&config.upstream, config.response_bytes_max)?;
     let engine = Arc::new(Engine::new(
         store.clone(),
@@ -127,6 +116,44 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         stop,
         tasks: vec![serving, sweeping],
     })
+}
+
+/// Opens the sled store.
+async fn open_sled(config: &Config) -> Result<SledStore, StartError> {
+    let options = SledOptions {
+        dir: config.data_dir.clone(),
+        cache_bytes: config.sled_cache_bytes,
+        bytes_max: config.store_bytes_max,
+        flush_per_write: config.flush == FlushMode::PerWrite,
+        flush_timeout: config.store_timeout,
+    };
+    let opened = tokio::task::spawn_blocking(move || SledStore::open(&options))
+        .await
+        .expect("opening the store does not panic");
+    opened.map_err(|source| StartError::Store {
+        dir: config.data_dir.display().to_string(),
+        source,
+    })
+}
+
+/// Walks a sled store in the background: counts it and marks an earlier process's claims
+/// IN_DOUBT for operators. Off the serving path: claims already treat those records as
+/// IN_DOUBT, so serving need not wait for this walk.
+fn reconcile_in_background(store: Arc<AnyStore>, dir: String, incarnation: [u8; 8]) {
+    tokio::task::spawn_blocking(move || {
+        let AnyStore::Sled(sled) = &*store else {
+            return;
+        };
+        match sled.reconcile(&incarnation) {
+            Ok(found) => tracing::info!(
+                dir,
+                records = found.records,
+                in_doubt_from_previous_run = found.in_doubt,
+                "store reconciled"
+            ),
+            Err(error) => tracing::error!(dir, %error, "store reconciliation failed"),
+        }
+    });
 }
 
 async fn wait_for(mut stopped: watch::Receiver<bool>) {

@@ -3,10 +3,12 @@
 //! A store applies the transitions that `record.rs` decides, atomically (one compare-and-swap)
 //! and durably (the change is on disk before `update` returns). It never decides a state
 //! itself and never reads-then-writes. Backends: `sled` (embedded default) and `memory` (the
-//! reference model the other backends are tested against).
+//! reference model the other backends are tested against), `redis` (shared by replicas), and
+//! `AnyStore`, the one the server runs on, chosen by the settings.
 
 pub mod flusher;
 pub mod memory;
+pub mod redis;
 pub mod sled;
 
 use crate::key::Key;
@@ -89,4 +91,66 @@ pub trait Store: Send + Sync + 'static {
     /// True when one process is the store's only writer, so an IN_FLIGHT record of another
     /// process incarnation is known to be orphaned (sled: one process owns the data dir).
     fn is_sole_owner(&self) -> bool;
+}
+
+/// The store a running sidecar uses, as the settings chose it.
+// One per process, behind an `Arc`: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum AnyStore {
+    /// The embedded store.
+    Sled(sled::SledStore),
+    /// The shared store.
+    Redis(redis::RedisStore),
+}
+
+impl AnyStore {
+    /// The backend's name, for logs.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            AnyStore::Sled(_) => "sled",
+            AnyStore::Redis(_) => "redis",
+        }
+    }
+}
+
+impl Store for AnyStore {
+    async fn update<T, F>(&self, key: &Key, transition: F) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: FnMut(Option<&Record>) -> (Change, T) + Send,
+    {
+        match self {
+            AnyStore::Sled(store) => store.update(key, transition).await,
+            AnyStore::Redis(store) => store.update(key, transition).await,
+        }
+    }
+
+    fn changed(&self, key: &Key) -> impl Future<Output = ()> + Send + 'static {
+        let changed: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match self {
+            AnyStore::Sled(store) => Box::pin(store.changed(key)),
+            AnyStore::Redis(store) => Box::pin(store.changed(key)),
+        };
+        changed
+    }
+
+    fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.maintain(now_ms),
+            AnyStore::Redis(store) => store.maintain(now_ms),
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        match self {
+            AnyStore::Sled(store) => store.usage(),
+            AnyStore::Redis(store) => store.usage(),
+        }
+    }
+
+    fn is_sole_owner(&self) -> bool {
+        match self {
+            AnyStore::Sled(store) => store.is_sole_owner(),
+            AnyStore::Redis(store) => store.is_sole_owner(),
+        }
+    }
 }

@@ -7,6 +7,7 @@
 pub mod binary;
 pub mod ledger;
 pub mod raw;
+pub mod redis;
 
 use idemproxy::config::{self, RunArgs};
 use idemproxy::pb::google::rpc::{ErrorInfo, Status as RpcStatus};
@@ -19,11 +20,40 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tonic::transport::Channel;
 
-/// A sidecar running in this process on a fresh sled directory.
+/// A sidecar running in this process on a fresh store: a sled directory, or — when
+/// `IDEMPROXY_TEST_STORE` is `redis` or `redis-cluster` — a Redis started for it alone, so
+/// one suite runs on every backend (`scripts/test` runs it on each).
 pub struct Sidecar {
     pub addr: SocketAddr,
     pub running: Running,
     pub dir: tempfile::TempDir,
+    pub redis: Option<redis::TestRedis>,
+}
+
+/// The backend the suite runs on, from `IDEMPROXY_TEST_STORE` (default `sled`).
+pub fn test_store() -> String {
+    std::env::var("IDEMPROXY_TEST_STORE").unwrap_or_else(|_| "sled".to_owned())
+}
+
+/// Starts the Redis the current backend needs, and points `args` at it.
+pub fn use_test_store(args: &mut RunArgs) -> Option<redis::TestRedis> {
+    let store = test_store();
+    let redis = match store.as_str() {
+        "sled" => return None,
+        "redis" => {
+            let server = redis::RedisServer::start();
+            args.redis_url = Some(server.url());
+            redis::TestRedis::Single(server)
+        }
+        "redis-cluster" => {
+            let cluster = redis::RedisCluster::start();
+            args.redis_url = Some(cluster.urls());
+            redis::TestRedis::Cluster(cluster)
+        }
+        other => panic!("IDEMPROXY_TEST_STORE={other}: use sled, redis or redis-cluster"),
+    };
+    args.store = Some(store);
+    Some(redis)
 }
 
 /// Settings every test sidecar starts from: loopback, a fresh dir, fast sweeps.
@@ -41,6 +71,7 @@ pub fn test_args(upstream: SocketAddr, dir: &std::path::Path) -> RunArgs {
 pub async fn start_sidecar(upstream: SocketAddr, tweak: impl FnOnce(&mut RunArgs)) -> Sidecar {
     let dir = tempfile::tempdir().expect("a temp dir");
     let mut args = test_args(upstream, dir.path());
+    let redis = use_test_store(&mut args);
     tweak(&mut args);
     let config = config::resolve(args, Default::default()).expect("test settings are valid");
     let running = idemproxy::server::start(&config)
@@ -50,6 +81,7 @@ pub async fn start_sidecar(upstream: SocketAddr, tweak: impl FnOnce(&mut RunArgs
         addr: running.proxy_addr,
         running,
         dir,
+        redis,
     }
 }
 

@@ -1,0 +1,512 @@
+//! The shared store on Redis (design §5): one dedup state for every replica of a service.
+//!
+//! Each record is one string value, `<prefix>:{<key hash hex>}`, holding the protobuf
+//! `Record`; the braces are a Redis Cluster hash tag, so everything about one record lives in
+//! one slot. A transition reads the record (`GET`), lets `record.rs` decide, then applies the
+//! change with one script that compares the record against what was read (its SHA-1) and
+//! only then writes: a compare-and-swap, never a blind read-then-write. The claim token is
+//! part of the compared bytes, so a late completion from an owner whose record was replaced
+//! fails the compare, re-reads, and is refused by `record::complete` (fencing).
+//!
+//! Expiry is Redis' own TTL (`PXAT` of the record's expiry). A change publishes on the
+//! record's own channel; waiting duplicates subscribe to it through one subscriber
+//! connection per process, and poll as the fallback when a message is missed. Redis being
+//! unreachable or slow is an error bounded by the command timeout, never a hang: the engine
+//! then fails closed. This module never decides a state and never retries a write whose
+//! result it does not know; the engine's release settles that.
+
+use super::{Maintenance, Store, StoreError, Usage};
+use crate::key::Key;
+use crate::record::{Change, Record};
+use futures_util::StreamExt;
+use prost::Message;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, OnceCell};
+
+/// Compare-and-swap rounds one transition may lose to other writers before it gives up.
+/// Each lost round means another writer changed the record in between, so this bounds a
+/// pathological hot key, not normal contention (a claim race settles in one round).
+const CAS_ROUNDS_MAX: usize = 64;
+
+/// Longest pause between two attempts to reconnect the subscriber.
+const RESUBSCRIBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Applies one change if the record is still the one that was read.
+///
+/// KEYS[1] the record; ARGV[1] SHA-1 hex of the record read, "" when there was none;
+/// ARGV[2] "put" or "delete"; ARGV[3] the new record; ARGV[4] its expiry, Unix ms.
+/// Returns 1 when applied, 0 when the record changed since it was read.
+const COMPARE_AND_SWAP: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current then
+  if redis.sha1hex(current) ~= ARGV[1] then return 0 end
+elseif ARGV[1] ~= '' then
+  return 0
+end
+if ARGV[2] == 'put' then
+  redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[4])
+else
+  redis.call('DEL', KEYS[1])
+end
+redis.call('PUBLISH', KEYS[1], '')
+return 1
+";
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://host:port[/db]` (or `rediss://`); several seed nodes for a cluster.
+    pub urls: Vec<String>,
+    /// Talk Redis Cluster (slots, MOVED/ASK) instead of one server.
+    pub cluster: bool,
+    /// Password, when it is not in the URL.
+    pub password: Option<String>,
+    /// Prefix of every key this sidecar writes.
+    pub key_prefix: String,
+    /// Longest wait for one command, connecting included; past it the call fails closed.
+    pub command_timeout: Duration,
+    /// How often a waiting duplicate re-reads the record when no change message came.
+    pub poll_interval: Duration,
+}
+
+/// Why the Redis settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid Redis URL {url:?}: {reason}")]
+pub struct RedisUrlError {
+    /// The URL.
+    pub url: String,
+    /// What the client library said.
+    pub reason: String,
+}
+
+#[derive(Clone)]
+enum Connection {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Connection {
+    async fn query<T: redis::FromRedisValue>(
+        &mut self,
+        command: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Connection::Single(connection) => command.query_async(connection).await,
+            Connection::Cluster(connection) => command.query_async(connection).await,
+        }
+    }
+
+    async fn invoke<T: redis::FromRedisValue>(
+        &mut self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Connection::Single(connection) => invocation.invoke_async(connection).await,
+            Connection::Cluster(connection) => invocation.invoke_async(connection).await,
+        }
+    }
+}
+
+// One per store, made once at start: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Target {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// The Redis-backed store.
+pub struct RedisStore {
+    target: Target,
+    connection: OnceCell<Connection>,
+    script: redis::Script,
+    key_prefix: String,
+    command_timeout: Duration,
+    notifier: Arc<Notifier>,
+    records: AtomicU64,
+}
+
+fn client_for(url: &str, password: Option<&str>) -> Result<redis::Client, RedisUrlError> {
+    let invalid = |error: redis::RedisError| RedisUrlError {
+        url: url.to_owned(),
+        reason: error.to_string(),
+    };
+    let mut info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+    if let Some(password) = password {
+        let settings = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(settings);
+    }
+    redis::Client::open(info).map_err(invalid)
+}
+
+fn unavailable(what: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(format!("Redis {what}: {error}"))
+}
+
+impl RedisStore {
+    /// A store over `options`, connecting lazily: an unreachable Redis fails calls (closed),
+    /// not the start, and is retried on every call. Must run inside a tokio runtime (it starts
+    /// the subscriber task). Errors only on settings that can never work.
+    pub fn new(options: &RedisOptions) -> Result<RedisStore, RedisUrlError> {
+        let password = options.password.as_deref();
+        let first = options.urls.first().ok_or_else(|| RedisUrlError {
+            url: String::new(),
+            reason: "no URL given".into(),
+        })?;
+        let subscriber_clients = options
+            .urls
+            .iter()
+            .map(|url| client_for(url, password))
+            .collect::<Result<Vec<_>, _>>()?;
+        let target = if options.cluster {
+            let mut builder = redis::cluster::ClusterClient::builder(options.urls.clone())
+                .connection_timeout(options.command_timeout)
+                .response_timeout(options.command_timeout)
+                .retries(2);
+            if let Some(password) = password {
+                builder = builder.password(password);
+            }
+            Target::Cluster(builder.build().map_err(|error| RedisUrlError {
+                url: options.urls.join(","),
+                reason: error.to_string(),
+            })?)
+        } else {
+            if options.urls.len() > 1 {
+                return Err(RedisUrlError {
+                    url: options.urls.join(","),
+                    reason: "several URLs are for a cluster; use the redis-cluster store".into(),
+                });
+            }
+            Target::Single(client_for(first, password)?)
+        };
+        let notifier = Notifier::start(subscriber_clients, options.poll_interval);
+        Ok(RedisStore {
+            target,
+            connection: OnceCell::new(),
+            script: redis::Script::new(COMPARE_AND_SWAP),
+            key_prefix: options.key_prefix.clone(),
+            command_timeout: options.command_timeout,
+            notifier,
+            records: AtomicU64::new(0),
+        })
+    }
+
+    /// The Redis key (and change channel) of a record.
+    pub fn record_key(&self, key: &Key) -> String {
+        format!("{}:{{{}}}", self.key_prefix, key.hex())
+    }
+
+    async fn connection(&self) -> Result<Connection, StoreError> {
+        let connecting = self.connection.get_or_try_init(|| async {
+            match &self.target {
+                Target::Single(client) => {
+                    let config = redis::aio::ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(self.command_timeout))
+                        .set_response_timeout(Some(self.command_timeout))
+                        .set_number_of_retries(1);
+                    client
+                        .get_connection_manager_with_config(config)
+                        .await
+                        .map(Connection::Single)
+                }
+                Target::Cluster(client) => {
+                    client.get_async_connection().await.map(Connection::Cluster)
+                }
+            }
+        });
+        match tokio::time::timeout(self.command_timeout, connecting).await {
+            Ok(Ok(connection)) => Ok(connection.clone()),
+            Ok(Err(error)) => Err(unavailable("is unreachable", error)),
+            Err(_) => Err(unavailable(
+                "did not answer",
+                format!("no connection within {:?}", self.command_timeout),
+            )),
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        operation: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.command_timeout, operation).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(unavailable(what, error)),
+            Err(_) => Err(unavailable(
+                what,
+                format!("no answer within {:?}", self.command_timeout),
+            )),
+        }
+    }
+
+    async fn read(
+        &self,
+        connection: &mut Connection,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let command = redis::cmd("GET").arg(name).to_owned();
+        self.bounded("GET failed", connection.query(&command)).await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        connection: &mut Connection,
+        name: &str,
+        read: Option<&[u8]>,
+        change: &Change,
+    ) -> Result<bool, StoreError> {
+        let expected = read
+            .map(|bytes| sha1_smol::Sha1::from(bytes).digest().to_string())
+            .unwrap_or_default();
+        let mut invocation = self.script.key(name);
+        invocation.arg(expected);
+        match change {
+            Change::Put(record) => {
+                // An IN_FLIGHT record outlives its lease at least; the others their retention.
+                let expires_ms = record.expires_ms.max(record.lease_until_ms).max(1);
+                invocation
+                    .arg("put")
+                    .arg(record.encode_to_vec())
+                    .arg(expires_ms);
+            }
+            Change::Delete => {
+                invocation.arg("delete").arg("").arg(0);
+            }
+            Change::Keep => unreachable!("a kept record is not written"),
+        }
+        let applied: i64 = self
+            .bounded("compare-and-swap failed", connection.invoke(&invocation))
+            .await?;
+        Ok(applied == 1)
+    }
+
+    async fn count_records(&self) -> Result<u64, StoreError> {
+        let mut connection = self.connection().await?;
+        let command = redis::cmd("DBSIZE");
+        self.bounded("DBSIZE failed", connection.query(&command))
+            .await
+    }
+}
+
+impl Store for RedisStore {
+    async fn update<T, F>(&self, key: &Key, mut transition: F) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: FnMut(Option<&Record>) -> (Change, T) + Send,
+    {
+        let name = self.record_key(key);
+        let mut connection = self.connection().await?;
+        for _ in 0..CAS_ROUNDS_MAX {
+            let read = self.read(&mut connection, &name).await?;
+            let current =
+                match &read {
+                    Some(bytes) => Some(Record::decode(&bytes[..]).map_err(|error| {
+                        StoreError::Undecodable {
+                            key: *key,
+                            reason: error.to_string(),
+                        }
+                    })?),
+                    None => None,
+                };
+            let (change, value) = transition(current.as_ref());
+            if change == Change::Keep {
+                return Ok(value);
+            }
+            if self
+                .compare_and_swap(&mut connection, &name, read.as_deref(), &change)
+                .await?
+            {
+                return Ok(value);
+            }
+        }
+        Err(StoreError::Io(format!(
+            "record {key} changed under {CAS_ROUNDS_MAX} compare-and-swap rounds in a row"
+        )))
+    }
+
+    fn changed(&self, key: &Key) -> impl Future<Output = ()> + Send + 'static {
+        self.notifier.watch(self.record_key(key))
+    }
+
+    fn maintain(&self, _now_ms: u64) -> Result<Maintenance, StoreError> {
+        // Redis expires records by their TTL; what is left is to sample the count.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let records = runtime.block_on(self.count_records())?;
+            self.records.store(records, Ordering::Relaxed);
+        }
+        Ok(Maintenance::default())
+    }
+
+    fn usage(&self) -> Usage {
+        // Bytes are Redis' to bound (`maxmemory` with `noeviction`), so they are not counted.
+        Usage {
+            records: self.records.load(Ordering::Relaxed),
+            bytes: 0,
+        }
+    }
+
+    fn is_sole_owner(&self) -> bool {
+        false
+    }
+}
+
+/// Wakes waiting duplicates when their record changes: one subscriber connection per
+/// process, subscribed to the channels of the records someone here waits on.
+struct Notifier {
+    channels: Mutex<HashMap<String, Channel>>,
+    commands: mpsc::UnboundedSender<Subscription>,
+    poll_interval: Duration,
+}
+
+struct Channel {
+    changes: watch::Sender<u64>,
+    waiters: usize,
+}
+
+enum Subscription {
+    Subscribe(String),
+    Unsubscribe(String),
+}
+
+/// Unregisters one waiter when its wait ends, however it ends.
+struct Waiting {
+    notifier: Arc<Notifier>,
+    channel: String,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut channels = self
+            .notifier
+            .channels
+            .lock()
+            .expect("no panic holds this lock");
+        if let Some(channel) = channels.get_mut(&self.channel) {
+            channel.waiters -= 1;
+            if channel.waiters == 0 {
+                channels.remove(&self.channel);
+                let _ = self
+                    .notifier
+                    .commands
+                    .send(Subscription::Unsubscribe(self.channel.clone()));
+            }
+        }
+    }
+}
+
+impl Notifier {
+    fn start(clients: Vec<redis::Client>, poll_interval: Duration) -> Arc<Notifier> {
+        let (commands, requests) = mpsc::unbounded_channel();
+        let notifier = Arc::new(Notifier {
+            channels: Mutex::new(HashMap::new()),
+            commands,
+            poll_interval,
+        });
+        tokio::spawn(subscribe(clients, Arc::downgrade(&notifier), requests));
+        notifier
+    }
+
+    /// Registers a waiter now (so no change after this call is missed) and returns the wait.
+    fn watch(self: &Arc<Self>, channel: String) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let mut changes = {
+            let mut channels = self.channels.lock().expect("no panic holds this lock");
+            let entry = channels.entry(channel.clone()).or_insert_with(|| {
+                let _ = self.commands.send(Subscription::Subscribe(channel.clone()));
+                Channel {
+                    changes: watch::channel(0).0,
+                    waiters: 0,
+                }
+            });
+            entry.waiters += 1;
+            entry.changes.subscribe()
+        };
+        let waiting = Waiting {
+            notifier: self.clone(),
+            channel,
+        };
+        let poll_interval = self.poll_interval;
+        Box::pin(async move {
+            let _waiting = waiting;
+            tokio::select! {
+                _ = changes.changed() => {}
+                () = tokio::time::sleep(poll_interval) => {}
+            }
+        })
+    }
+
+    fn wake(&self, channel: &str) {
+        let channels = self.channels.lock().expect("no panic holds this lock");
+        if let Some(channel) = channels.get(channel) {
+            channel.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn wake_all(&self) {
+        let channels = self.channels.lock().expect("no panic holds this lock");
+        for channel in channels.values() {
+            channel.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn subscribed(&self) -> Vec<String> {
+        let channels = self.channels.lock().expect("no panic holds this lock");
+        channels.keys().cloned().collect()
+    }
+}
+
+/// The subscriber task: keeps one pub/sub connection up (rotating through the seed nodes)
+/// and follows the waiters' subscriptions. Ends when the store is dropped.
+async fn subscribe(
+    clients: Vec<redis::Client>,
+    notifier: std::sync::Weak<Notifier>,
+    mut requests: mpsc::UnboundedReceiver<Subscription>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    for client in clients.iter().cycle() {
+        let connected =
+            tokio::time::timeout(RESUBSCRIBE_BACKOFF_MAX, client.get_async_pubsub()).await;
+        let Ok(Ok(pubsub)) = connected else {
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                request = requests.recv() => if request.is_none() { return },
+            }
+            backoff = (backoff * 2).min(RESUBSCRIBE_BACKOFF_MAX);
+            continue;
+        };
+        backoff = Duration::from_millis(50);
+        let (mut sink, mut messages) = pubsub.split();
+        let Some(current) = notifier.upgrade() else {
+            return;
+        };
+        let mut healthy = true;
+        for channel in current.subscribed() {
+            healthy &= sink.subscribe(&channel).await.is_ok();
+        }
+        // Changes may have been published while no connection listened.
+        current.wake_all();
+        drop(current);
+        while healthy {
+            tokio::select! {
+                message = messages.next() => match (message, notifier.upgrade()) {
+                    (Some(message), Some(current)) => current.wake(message.get_channel_name()),
+                    (None, _) => healthy = false,
+                    (_, None) => return,
+                },
+                request = requests.recv() => match request {
+                    Some(Subscription::Subscribe(channel)) => {
+                        healthy = sink.subscribe(&channel).await.is_ok();
+                    }
+                    Some(Subscription::Unsubscribe(channel)) => {
+                        healthy = sink.unsubscribe(&channel).await.is_ok();
+                    }
+                    None => return,
+                },
+            }
+        }
+        tracing::warn!("Redis change subscription lost; waiting duplicates poll until it is back");
+    }
+}

@@ -1,0 +1,245 @@
+//! The shared Redis store: retries that land on another replica, concurrent duplicates split
+//! across replicas, fencing of a stale owner, and Redis going away mid-run. Real
+//! redis-server processes (one server, or a three-master cluster), the real binary as the
+//! replicas, a real tonic upstream that counts executions.
+
+mod support;
+
+use idemproxy::key::Key;
+use idemproxy::record::{self, ClaimRequest, Claimed, Fenced, Record, State};
+use idemproxy::store::redis::{RedisOptions, RedisStore};
+use idemproxy::store::Store;
+use prost::Message;
+use std::net::SocketAddr;
+use std::time::Duration;
+use support::redis::{RedisCluster, RedisServer};
+use support::{add, apply, binary, client, ledger, reason, start_sidecar, was_replayed};
+
+fn replica_args(upstream: SocketAddr, store: &str, redis_url: &str) -> Vec<String> {
+    let dir = std::env::temp_dir().join("idemproxy-redis-replica-unused");
+    [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("http://{upstream}"),
+        "--data-dir",
+        &dir.display().to_string(),
+        "--store",
+        store,
+        "--redis-url",
+        redis_url,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Every key's attempts alternate between two replicas: the first lands on one, each retry
+/// on the other, as round-robin load balancing sends them.
+async fn retries_alternate_between_two_replicas(store: &str, redis_url: &str) {
+    let upstream = ledger::start().await;
+    let a = binary::start(&replica_args(upstream.addr, store, redis_url)).await;
+    let b = binary::start(&replica_args(upstream.addr, store, redis_url)).await;
+    let replicas = [client(a.addr).await, client(b.addr).await];
+    let keys = 40;
+    for n in 0..keys {
+        let key = format!("charge-{n}");
+        let account = format!("card-{n}");
+        let mut answers = Vec::new();
+        for attempt in 0..4 {
+            let mut replica = replicas[(n + attempt) % 2].clone();
+            let answer = apply(&mut replica, add(&account, 25), Some(&key), Some("orders"))
+                .await
+                .expect("every attempt is answered");
+            answers.push(answer);
+        }
+        assert!(!was_replayed(&answers[0]), "the first attempt executes");
+        for retry in &answers[1..] {
+            assert!(was_replayed(retry), "a retry on either replica is a replay");
+            assert_eq!(retry.get_ref(), answers[0].get_ref());
+        }
+    }
+    assert_eq!(upstream.state.executions(), keys as u64);
+    assert!(upstream.state.executed_twice().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_landing_on_another_replica_execute_once() {
+    let redis = RedisServer::start();
+    retries_alternate_between_two_replicas("redis", &redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_landing_on_another_replica_execute_once_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    retries_alternate_between_two_replicas("redis-cluster", &cluster.urls()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_split_across_replicas_execute_once() {
+    let redis = RedisServer::start();
+    let upstream = ledger::start().await;
+    let a = binary::start(&replica_args(upstream.addr, "redis", &redis.url())).await;
+    let b = binary::start(&replica_args(upstream.addr, "redis", &redis.url())).await;
+    let replicas = [client(a.addr).await, client(b.addr).await];
+    // Ten hedged copies of one slow call, half to each replica, all at once.
+    let copies: Vec<_> = (0..10)
+        .map(|n| {
+            let mut replica = replicas[n % 2].clone();
+            tokio::spawn(async move {
+                let mut slow = add("hedged", 7);
+                slow.delay_ms = 300;
+                apply(&mut replica, slow, Some("hedged-call"), None).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for copy in copies {
+        answers.push(
+            copy.await
+                .unwrap()
+                .expect("every copy waits for the one answer"),
+        );
+    }
+    assert_eq!(upstream.state.executions(), 1);
+    assert_eq!(answers.iter().filter(|a| !was_replayed(a)).count(), 1);
+    for answer in &answers {
+        assert_eq!(answer.get_ref(), answers[0].get_ref());
+    }
+}
+
+fn options(url: String) -> RedisOptions {
+    RedisOptions {
+        urls: vec![url],
+        cluster: false,
+        password: None,
+        key_prefix: "fencing-test".into(),
+        command_timeout: Duration::from_secs(2),
+        poll_interval: Duration::from_millis(100),
+    }
+}
+
+fn claim_request(token: u8, now_ms: u64) -> ClaimRequest<'static> {
+    ClaimRequest {
+        fingerprint: &[7; 32],
+        method: "/test.Payments/Charge",
+        caller: "orders",
+        token: [token; 16],
+        now_ms,
+        lease_until_ms: now_ms + 1_000,
+        expires_ms: now_ms + 2_000,
+        sole_owner: None,
+    }
+}
+
+#[tokio::test]
+async fn a_stale_owners_completion_cannot_overwrite_a_newer_claim() {
+    let redis = RedisServer::start();
+    let store = RedisStore::new(&options(redis.url())).expect("valid options");
+    let key = Key::derive("/test.Payments/Charge", "orders", b"pay-1");
+    let now_ms = 1_900_000_000_000;
+    let claimed = store
+        .update(&key, |current| {
+            record::claim(current, &claim_request(1, now_ms))
+        })
+        .await
+        .expect("Redis answers");
+    assert_eq!(claimed, Claimed::Owned);
+
+    // Between the stale owner's read and its write, the record expires and a new attempt
+    // claims the key (written here behind the store's back, at exactly that moment).
+    let newer = match record::claim(None, &claim_request(2, now_ms + 5_000)).0 {
+        record::Change::Put(record) => record,
+        other => panic!("a fresh claim writes a record, not {other:?}"),
+    };
+    let name = store.record_key(&key);
+    let mut rounds = 0;
+    let fenced = store
+        .update(&key, |current| {
+            rounds += 1;
+            if rounds == 1 {
+                set_bytes(redis.port, &name, &newer.encode_to_vec());
+            }
+            record::complete(current, &[1; 16], None, now_ms + 5_001, now_ms + 9_000)
+        })
+        .await
+        .expect("Redis answers");
+    assert_eq!(rounds, 2, "the compare failed and the transition ran again");
+    assert_eq!(fenced, Fenced::NotOwner);
+    let stored: Vec<u8> = get_bytes(redis.port, &name).expect("the newer claim is kept");
+    let stored = Record::decode(&stored[..]).unwrap();
+    assert_eq!(stored.state(), State::InFlight);
+    assert_eq!(stored.token, vec![2; 16], "the newer claim is untouched");
+}
+
+fn connect(port: u16) -> redis::Connection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .and_then(|client| client.get_connection())
+        .expect("the test's Redis answers")
+}
+
+fn set_bytes(port: u16, name: &str, value: &[u8]) {
+    let _: () = redis::cmd("SET")
+        .arg(name)
+        .arg(value)
+        .query(&mut connect(port))
+        .expect("SET works");
+}
+
+fn get_bytes(port: u16, name: &str) -> Option<Vec<u8>> {
+    redis::cmd("GET")
+        .arg(name)
+        .query(&mut connect(port))
+        .expect("GET works")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_down_nothing_is_forwarded_and_calls_resume_when_it_returns() {
+    let upstream = ledger::start().await;
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let sidecar = start_sidecar(upstream.addr, |args| {
+        args.store = Some("redis".into());
+        args.redis_url = Some(url);
+        args.store_timeout = Some("1s".into());
+    })
+    .await;
+    let mut client = client(sidecar.addr).await;
+    let first = apply(&mut client, add("before", 1), Some("before"), None)
+        .await
+        .expect("Redis is up");
+
+    redis.kill();
+    for key in ["before", "during"] {
+        let refused = apply(&mut client, add(key, 1), Some(key), None)
+            .await
+            .expect_err("no durable claim, no forward");
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert_eq!(reason(&refused), "IDEMPOTENCY_STORE_UNAVAILABLE");
+    }
+    assert_eq!(
+        upstream.state.executions(),
+        1,
+        "nothing forwarded without a claim"
+    );
+
+    // Back, with its append-only file: the recorded outcome is still there.
+    redis.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let replay = loop {
+        match apply(&mut client, add("before", 1), Some("before"), None).await {
+            Ok(replay) => break replay,
+            Err(error) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the store did not reconnect: {error:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(was_replayed(&replay));
+    assert_eq!(replay.get_ref(), first.get_ref());
+    apply(&mut client, add("during", 1), Some("during"), None)
+        .await
+        .expect("a refused call runs when retried");
+    assert_eq!(upstream.state.executions(), 2);
+    assert!(upstream.state.executed_twice().is_empty());
+}

@@ -3,6 +3,9 @@
 //! redis-server processes (one server, or a three-master cluster), the real binary as the
 //! replicas, a real tonic upstream that counts executions.
 
+// Helpers of tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use idemproxy::key::Key;
@@ -242,4 +245,56 @@ async fn while_redis_is_down_nothing_is_forwarded_and_calls_resume_when_it_retur
         .expect("a refused call runs when retried");
     assert_eq!(upstream.state.executions(), 2);
     assert!(upstream.state.executed_twice().is_empty());
+}
+
+/// A duplicate on another replica waits for the first attempt (0.5 s): with polling and
+/// waits slowed to 10 s, only the change message can bring it the answer within 5 s.
+async fn a_waiting_duplicate_is_woken_by_the_change_message(store: &str, redis_url: String) {
+    let upstream = ledger::start().await;
+    let replica = |url: String| {
+        let store = store.to_owned();
+        move |args: &mut idemproxy::config::RunArgs| {
+            args.store = Some(store);
+            args.redis_url = Some(url);
+            args.redis_poll_interval = Some("10s".into());
+            args.max_in_flight_wait = Some("10s".into());
+        }
+    };
+    let a = start_sidecar(upstream.addr, replica(redis_url.clone())).await;
+    let b = start_sidecar(upstream.addr, replica(redis_url)).await;
+    let mut first_client = client(a.addr).await;
+    let first = tokio::spawn(async move {
+        let mut slow = add("woken", 3);
+        slow.delay_ms = 500;
+        apply(&mut first_client, slow, Some("woken"), None).await
+    });
+    // The first attempt's claim is in Redis: the duplicate will find it IN_FLIGHT.
+    a.wait_for_records(1).await;
+    let mut second_client = client(b.addr).await;
+    let mut slow = add("woken", 3);
+    slow.delay_ms = 500;
+    let waited = std::time::Instant::now();
+    let second = apply(&mut second_client, slow, Some("woken"), None)
+        .await
+        .expect("the duplicate gets the answer");
+    assert!(
+        waited.elapsed() < Duration::from_secs(5),
+        "the duplicate was not woken by the change message"
+    );
+    let first = first.await.unwrap().expect("the first attempt's answer");
+    assert!(was_replayed(&second));
+    assert_eq!(second.get_ref(), first.get_ref());
+    assert_eq!(upstream.state.executions(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_duplicate_is_woken_by_the_change_message_on_redis() {
+    let redis = RedisServer::start();
+    a_waiting_duplicate_is_woken_by_the_change_message("redis", redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_duplicate_is_woken_by_the_change_message_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    a_waiting_duplicate_is_woken_by_the_change_message("redis-cluster", cluster.urls()).await;
 }

@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// File holding the Redis password (kept out of the URL and the process list).
     #[arg(long, env = "IDEMPROXY_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,
+    /// PEM file of the CA that `rediss://` servers are verified against [default: the
+    /// system's roots].
+    #[arg(long, env = "IDEMPROXY_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
     /// The Redis password, from the environment only.
     #[arg(skip)]
     pub redis_password: Option<String>,
@@ -119,6 +123,7 @@ pub struct FileSettings {
     store: Option<String>,
     redis_url: Option<String>,
     redis_password_file: Option<PathBuf>,
+    redis_ca_file: Option<PathBuf>,
     redis_key_prefix: Option<String>,
     redis_poll_interval: Option<String>,
 }
@@ -456,6 +461,7 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         redis_url: args.redis_url.or(file.redis_url),
         redis_password_file: args.redis_password_file.or(file.redis_password_file),
         redis_password: args.redis_password,
+        redis_ca_file: args.redis_ca_file.or(file.redis_ca_file),
         redis_key_prefix: args.redis_key_prefix.or(file.redis_key_prefix),
         redis_poll_interval: args.redis_poll_interval.or(file.redis_poll_interval),
     };
@@ -485,6 +491,7 @@ struct StoreSettings {
     redis_url: Option<String>,
     redis_password_file: Option<PathBuf>,
     redis_password: Option<String>,
+    redis_ca_file: Option<PathBuf>,
     redis_key_prefix: Option<String>,
     redis_poll_interval: Option<String>,
 }
@@ -535,6 +542,16 @@ fn store_choice(
         }
         (None, None) => None,
     };
+    let ca_pem = match settings.redis_ca_file {
+        Some(path) => Some(std::fs::read(&path).map_err(|error| {
+            invalid(
+                "redis-ca-file",
+                &path.display().to_string(),
+                error.to_string(),
+            )
+        })?),
+        None => None,
+    };
     let key_prefix = settings
         .redis_key_prefix
         .unwrap_or_else(|| "idemproxy".to_owned());
@@ -560,6 +577,7 @@ fn store_choice(
         urls,
         cluster,
         password,
+        ca_pem,
         key_prefix,
         command_timeout: store_timeout,
         poll_interval,
@@ -648,6 +666,40 @@ mod tests {
             .expect_err("unknown keys are refused")
             .to_string()
             .contains("retension"));
+    }
+
+    #[test]
+    fn redis_settings_are_checked_before_start() {
+        let redis = |store: &str, url: Option<&str>| {
+            let mut flags = args();
+            flags.store = Some(store.into());
+            flags.redis_url = url.map(str::to_owned);
+            flags
+        };
+        let refused = |flags: RunArgs| error_text(resolve(flags, FileSettings::default()));
+        assert!(refused(redis("redis", None)).contains("--redis-url is required"));
+        assert!(refused(redis("memcached", None)).contains("--store"));
+        assert!(refused(redis("redis", Some("redis://a:1,redis://b:2"))).contains("--redis-url"));
+        assert!(refused(redis("redis", Some("http://a:1"))).contains("--redis-url"));
+        let mut flags = redis("redis", Some("redis://127.0.0.1:6379"));
+        flags.redis_key_prefix = Some("{tag}".into());
+        assert!(refused(flags).contains("--redis-key-prefix"));
+        let mut flags = redis("redis", Some("redis://127.0.0.1:6379"));
+        flags.redis_password_file = Some("/nonexistent/password".into());
+        assert!(refused(flags).contains("--redis-password-file"));
+
+        let file: FileSettings = toml::from_str(
+            "store = \"redis-cluster\"\nredis-url = \"redis://a:7000, redis://b:7001\"",
+        )
+        .expect("valid TOML");
+        match resolve(args(), file).expect("valid").store {
+            StoreChoice::Redis(options) => {
+                assert!(options.cluster);
+                assert_eq!(options.urls, ["redis://a:7000", "redis://b:7001"]);
+                assert_eq!(options.key_prefix, "idemproxy");
+            }
+            StoreChoice::Sled => panic!("the file chose redis-cluster"),
+        }
     }
 
     #[test]

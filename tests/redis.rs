@@ -115,6 +115,7 @@ fn options(url: String) -> RedisOptions {
         urls: vec![url],
         cluster: false,
         password: None,
+        ca_pem: None,
         key_prefix: "fencing-test".into(),
         command_timeout: Duration::from_secs(2),
         poll_interval: Duration::from_millis(100),
@@ -297,4 +298,85 @@ async fn a_waiting_duplicate_is_woken_by_the_change_message_on_redis() {
 async fn a_waiting_duplicate_is_woken_by_the_change_message_on_a_cluster() {
     let cluster = RedisCluster::start();
     a_waiting_duplicate_is_woken_by_the_change_message("redis-cluster", cluster.urls()).await;
+}
+
+/// A CA and a server certificate for 127.0.0.1, as PEM files in `dir`: (ca, cert, key).
+fn tls_files(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, server.pem()).unwrap();
+    std::fs::write(&paths.2, server_key.serialize_pem()).unwrap();
+    paths
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_a_password_from_a_file() {
+    let files = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(files.path());
+    let redis = RedisServer::start_with(|port, _| {
+        let mut settings = vec!["--port".to_owned(), "0".to_owned(), "--tls-port".to_owned()];
+        settings.push(port.to_string());
+        for (flag, path) in [
+            ("--tls-cert-file", &cert),
+            ("--tls-key-file", &key),
+            ("--tls-ca-cert-file", &ca),
+        ] {
+            settings.push(flag.to_owned());
+            settings.push(path.display().to_string());
+        }
+        settings.extend(["--tls-auth-clients", "no", "--requirepass", "s3cret"].map(str::to_owned));
+        settings
+    });
+    let password_file = files.path().join("password");
+    std::fs::write(&password_file, "s3cret\n").unwrap();
+    let upstream = ledger::start().await;
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let secure = |password_file: std::path::PathBuf| {
+        let (url, ca) = (url.clone(), ca.clone());
+        move |args: &mut idemproxy::config::RunArgs| {
+            args.store = Some("redis".into());
+            args.redis_url = Some(url);
+            args.redis_ca_file = Some(ca);
+            args.redis_password_file = Some(password_file);
+            args.store_timeout = Some("1s".into());
+        }
+    };
+    let sidecar = start_sidecar(upstream.addr, secure(password_file)).await;
+    let mut client = client(sidecar.addr).await;
+    let first = apply(&mut client, add("tls", 1), Some("over-tls"), None)
+        .await
+        .expect("claims and outcomes go over TLS");
+    let again = apply(&mut client, add("tls", 1), Some("over-tls"), None)
+        .await
+        .expect("replayed");
+    assert!(was_replayed(&again));
+    assert_eq!(again.get_ref(), first.get_ref());
+
+    // The wrong password fails closed: nothing is forwarded.
+    let wrong_file = files.path().join("wrong");
+    std::fs::write(&wrong_file, "guess").unwrap();
+    let wrong = start_sidecar(upstream.addr, secure(wrong_file)).await;
+    let mut wrong_client = support::client(wrong.addr).await;
+    let refused = apply(&mut wrong_client, add("tls", 1), Some("other"), None)
+        .await
+        .expect_err("not authenticated, not forwarded");
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(reason(&refused), "IDEMPOTENCY_STORE_UNAVAILABLE");
+    assert_eq!(upstream.state.executions(), 1);
 }

@@ -66,6 +66,9 @@ pub struct RedisOptions {
     pub cluster: bool,
     /// Password, when it is not in the URL.
     pub password: Option<String>,
+    /// PEM certificates that `rediss://` servers are verified against, instead of the
+    /// system's roots (a private CA).
+    pub ca_pem: Option<Vec<u8>>,
     /// Prefix of every key this sidecar writes.
     pub key_prefix: String,
     /// Longest wait for one command, connecting included; past it the call fails closed.
@@ -130,17 +133,29 @@ pub struct RedisStore {
     records: AtomicU64,
 }
 
-fn client_for(url: &str, password: Option<&str>) -> Result<redis::Client, RedisUrlError> {
+fn client_for(url: &str, options: &RedisOptions) -> Result<redis::Client, RedisUrlError> {
     let invalid = |error: redis::RedisError| RedisUrlError {
         url: url.to_owned(),
         reason: error.to_string(),
     };
     let mut info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
-    if let Some(password) = password {
+    if let Some(password) = &options.password {
         let settings = info.redis_settings().clone().set_password(password);
         info = info.set_redis_settings(settings);
     }
-    redis::Client::open(info).map_err(invalid)
+    match (&options.ca_pem, url.starts_with("rediss:")) {
+        (Some(ca_pem), true) => {
+            redis::Client::build_with_tls(info, certificates(ca_pem)).map_err(invalid)
+        }
+        _ => redis::Client::open(info).map_err(invalid),
+    }
+}
+
+fn certificates(ca_pem: &[u8]) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca_pem.to_vec()),
+    }
 }
 
 fn unavailable(what: &str, error: impl std::fmt::Display) -> StoreError {
@@ -152,23 +167,29 @@ impl RedisStore {
     /// not the start, and is retried on every call. Must run inside a tokio runtime (it starts
     /// the subscriber task). Errors only on settings that can never work.
     pub fn new(options: &RedisOptions) -> Result<RedisStore, RedisUrlError> {
-        let password = options.password.as_deref();
         let first = options.urls.first().ok_or_else(|| RedisUrlError {
             url: String::new(),
             reason: "no URL given".into(),
         })?;
+        if options.urls.iter().any(|url| url.starts_with("rediss:")) {
+            // rustls needs one process-wide crypto provider; an error means one is set.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let subscriber_clients = options
             .urls
             .iter()
-            .map(|url| client_for(url, password))
+            .map(|url| client_for(url, options))
             .collect::<Result<Vec<_>, _>>()?;
         let target = if options.cluster {
             let mut builder = redis::cluster::ClusterClient::builder(options.urls.clone())
                 .connection_timeout(options.command_timeout)
                 .response_timeout(options.command_timeout)
                 .retries(2);
-            if let Some(password) = password {
+            if let Some(password) = &options.password {
                 builder = builder.password(password);
+            }
+            if let Some(ca_pem) = &options.ca_pem {
+                builder = builder.certs(certificates(ca_pem));
             }
             Target::Cluster(builder.build().map_err(|error| RedisUrlError {
                 url: options.urls.join(","),
@@ -181,7 +202,7 @@ impl RedisStore {
                     reason: "several URLs are for a cluster; use the redis-cluster store".into(),
                 });
             }
-            Target::Single(client_for(first, password)?)
+            Target::Single(client_for(first, options)?)
         };
         let notifier = Notifier::start(subscriber_clients, options.poll_interval);
         Ok(RedisStore {

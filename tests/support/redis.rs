@@ -13,6 +13,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     cluster: bool,
+    /// Extra settings (TLS, a password); readiness is then the port accepting connections.
+    extra: Vec<String>,
 }
 
 /// A port free now on loopback, with its cluster bus port (+10000) free too.
@@ -39,10 +41,11 @@ fn redis_server() -> &'static str {
     "redis-server"
 }
 
-fn spawn(port: u16, dir: &Path, cluster: bool) -> Child {
+fn spawn(port: u16, dir: &Path, cluster: bool, extra: &[String]) -> Child {
     let mut command = Command::new(redis_server());
     command
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(extra)
         .arg("--dir")
         .arg(dir)
         .args([
@@ -101,12 +104,28 @@ impl RedisServer {
 
     fn start_node(cluster: bool) -> RedisServer {
         let dir = tempfile::tempdir().expect("a temp dir");
+        RedisServer::start_in(dir, cluster, |_, _| Vec::new())
+    }
+
+    /// A single server with extra settings, made from its port and directory: `--port 0
+    /// --tls-port PORT` for TLS only, `--requirepass` for a password.
+    pub fn start_with(extra: impl FnOnce(u16, &Path) -> Vec<String>) -> RedisServer {
+        RedisServer::start_in(tempfile::tempdir().expect("a temp dir"), false, extra)
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        cluster: bool,
+        extra: impl FnOnce(u16, &Path) -> Vec<String>,
+    ) -> RedisServer {
         let port = free_port();
+        let extra = extra(port, dir.path());
         let mut server = RedisServer {
-            child: Some(spawn(port, dir.path(), cluster)),
+            child: Some(spawn(port, dir.path(), cluster, &extra)),
             port,
             dir,
             cluster,
+            extra,
         };
         server.wait_ready();
         server
@@ -114,9 +133,15 @@ impl RedisServer {
 
     fn wait_ready(&mut self) {
         let port = self.port;
-        wait_until("redis-server to answer PING", || {
-            command(port, &["PING"]).is_some()
-        });
+        if self.extra.is_empty() {
+            wait_until("redis-server to answer PING", || {
+                command(port, &["PING"]).is_some()
+            });
+        } else {
+            wait_until("redis-server to listen", || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+        }
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -135,7 +160,7 @@ impl RedisServer {
     /// Starts it again on the same port and directory (its append-only file is kept).
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Some(spawn(self.port, self.dir.path(), self.cluster));
+        self.child = Some(spawn(self.port, self.dir.path(), self.cluster, &self.extra));
         self.wait_ready();
     }
 }

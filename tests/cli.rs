@@ -159,3 +159,20 @@ fn the_example_config_file_is_valid() {
     .expect("the shipped example parses and validates");
     assert_eq!(config.listen.to_string(), "0.0.0.0:16000");
 }
+
+#[test]
+fn the_kubernetes_config_files_are_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes");
+    for (file, redis) in [
+        ("base/config.toml", false),
+        ("overlays/redis/config.toml", true),
+    ] {
+        let config = idemproxy::config::load(idemproxy::config::RunArgs {
+            config: Some(std::path::Path::new(dir).join(file)),
+            ..Default::default()
+        })
+        .unwrap_or_else(|error| panic!("{file}: {error}"));
+        let on_redis = matches!(config.store, idemproxy::config::StoreChoice::Redis(_));
+        assert_eq!(on_redis, redis, "{file} chooses its store");
+    }
+}

@@ -5,9 +5,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/google/rpc/status.proto",
         "proto/idemproxy/v1/record.proto",
+        "proto/idemproxy/v1/annotations.proto",
         "proto/idemproxy/demo/v1/subscriptions.proto",
         "proto/idemproxy/testing/v1/ledger.proto",
         "proto/idemproxy/bench/v1/echo.proto",
+        "proto/idemproxy/example/v1/payments.proto",
     ];
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
@@ -16,6 +18,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".idemproxy.v1.Response.body")
         .bytes(".idemproxy.v1.Header.value")
         .compile_fds(descriptors)?;
+    // The example's descriptors with their custom options kept (protox's encoder keeps them;
+    // prost's types would drop them): the demo and the tests load policy from these bytes.
+    let example = protox::Compiler::new(["proto"])?
+        .include_imports(true)
+        .open_file("idemproxy/example/v1/payments.proto")?
+        .encode_file_descriptor_set();
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("example_descriptors.bin"), example)?;
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -48,6 +48,7 @@ async fn claim_and_complete<S: Store>(store: &S, n: u64) {
         lease_until_ms: 60_000,
         expires_ms: 86_400_000,
         sole_owner: Some([1; 8]),
+        retry_in_doubt: false,
     };
     store
         .update(&key, |current| record::claim(current, &request))

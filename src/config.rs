@@ -73,6 +73,25 @@ pub struct RunArgs {
     /// [default: group].
     #[arg(long, env = "IDEMPROXY_FLUSH")]
     pub flush: Option<String>,
+    /// FileDescriptorSet of the service, with its idemproxy annotations (repeatable; from
+    /// `protoc --include_imports --descriptor_set_out` or `buf build`).
+    #[arg(
+        long = "descriptor-set",
+        env = "IDEMPROXY_DESCRIPTOR_SET",
+        value_delimiter = ','
+    )]
+    pub descriptor_set: Vec<PathBuf>,
+    /// A .proto file of the service, compiled at start (repeatable).
+    #[arg(long = "proto", env = "IDEMPROXY_PROTO", value_delimiter = ',')]
+    pub proto: Vec<PathBuf>,
+    /// An include directory for --proto (repeatable); idemproxy/v1/annotations.proto is
+    /// built in.
+    #[arg(
+        long = "proto-path",
+        env = "IDEMPROXY_PROTO_PATH",
+        value_delimiter = ','
+    )]
+    pub proto_path: Vec<PathBuf>,
     /// Where records live: `sled` (embedded, one pod), `redis` (one Redis server shared by
     /// every replica) or `redis-cluster` [default: sled].
     #[arg(long, env = "IDEMPROXY_STORE")]
@@ -126,6 +145,9 @@ pub struct FileSettings {
     redis_ca_file: Option<PathBuf>,
     redis_key_prefix: Option<String>,
     redis_poll_interval: Option<String>,
+    descriptor_set: Option<Vec<PathBuf>>,
+    proto: Option<Vec<PathBuf>>,
+    proto_path: Option<Vec<PathBuf>>,
 }
 
 /// A TOML value that may be written as a number or a string (`4194304` or `"4MiB"`).
@@ -222,6 +244,8 @@ pub struct Config {
     pub flush: FlushMode,
     /// Where records live.
     pub store: StoreChoice,
+    /// Where the service's descriptors (and so the per-method policy) come from.
+    pub descriptors: crate::policy::descriptors::Sources,
 }
 
 /// The longest retention accepted: a year.
@@ -466,6 +490,18 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         redis_poll_interval: args.redis_poll_interval.or(file.redis_poll_interval),
     };
     let store = store_choice(store_settings, store_timeout)?;
+    let listed = |flag: Vec<PathBuf>, file: Option<Vec<PathBuf>>| {
+        if flag.is_empty() {
+            file.unwrap_or_default()
+        } else {
+            flag
+        }
+    };
+    let descriptors = crate::policy::descriptors::Sources {
+        descriptor_sets: listed(args.descriptor_set, file.descriptor_set),
+        protos: listed(args.proto, file.proto),
+        proto_paths: listed(args.proto_path, file.proto_path),
+    };
     Ok(Config {
         listen,
         upstream,
@@ -482,6 +518,7 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         worker_threads,
         flush,
         store,
+        descriptors,
     })
 }
 

@@ -161,6 +161,7 @@ pub async fn run() -> anyhow::Result<()> {
         worker_threads: 1,
         flush: FlushMode::Group,
         store: crate::config::StoreChoice::Sled,
+        descriptors: Default::default(),
     };
     let sidecar = crate::server::start(&config).await?;
     let total = SEQUENTIAL_DELIVERIES + CONCURRENT_DELIVERIES;

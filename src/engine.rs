@@ -97,6 +97,11 @@ pub struct Call<R> {
     pub body: Bytes,
     /// The call's own deadline (`grpc-timeout`), if it sent one.
     pub timeout: Option<Duration>,
+    /// The request's fingerprint when the proxy computed it (canonical, with ignored fields
+    /// masked); `None`: SHA-256 over the body's frames.
+    pub fingerprint: Option<[u8; 32]>,
+    /// The method's policy; `None`: the engine's defaults.
+    pub policy: Option<CallPolicy>,
     /// What the upstream needs besides the body.
     pub request: R,
 }
@@ -134,6 +139,34 @@ impl Default for Limits {
             lease_default: Duration::from_secs(30),
             lease_margin: Duration::from_secs(5),
             in_flight_wait_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What one method's policy asks of the engine (design §4), resolved per method at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallPolicy {
+    /// How long a record protects its key.
+    pub retention: Duration,
+    /// How long a duplicate waits for an in-flight first attempt.
+    pub in_flight_wait_max: Duration,
+    /// A duplicate of a running first attempt is answered IN_PROGRESS at once.
+    pub reject_in_flight: bool,
+    /// A duplicate gets ALREADY_EXISTS / IDEMPOTENCY_DUPLICATE instead of the replay.
+    pub reject_duplicates: bool,
+    /// An unknown outcome is run again by the next attempt.
+    pub retry_in_doubt: bool,
+}
+
+impl CallPolicy {
+    /// The policy of a method nobody configured: the command line's limits.
+    pub fn from_limits(limits: &Limits) -> CallPolicy {
+        CallPolicy {
+            retention: limits.retention,
+            in_flight_wait_max: limits.in_flight_wait_max,
+            reject_in_flight: false,
+            reject_duplicates: false,
+            retry_in_doubt: false,
         }
     }
 }
@@ -220,16 +253,25 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             return Answer::Refused(Refusal::new(Reason::KeyInvalid, error.to_string()));
         }
         let key = Key::derive(&call.method, &call.caller, &call.serial);
-        let fingerprint = key::fingerprint(&call.body);
+        let fingerprint = call
+            .fingerprint
+            .unwrap_or_else(|| key::fingerprint(&call.body));
+        let policy = call
+            .policy
+            .unwrap_or_else(|| CallPolicy::from_limits(&self.limits));
         let token = self.tokens.next();
         let lease = call.timeout.unwrap_or(self.limits.lease_default) + self.limits.lease_margin;
-        if let Err(answer) = self.claim(&call, key, &fingerprint, token, lease).await {
+        let claimed = self
+            .claim(&call, &policy, key, &fingerprint, token, lease)
+            .await;
+        if let Err(answer) = claimed {
             return answer;
         }
         let engine = self.clone();
+        let retention = policy.retention;
         let forwarded = tokio::spawn(async move {
             engine
-                .forward(key, token, lease, call.request, call.body)
+                .forward(key, token, lease, retention, call.request, call.body)
                 .await
         });
         match forwarded.await {
@@ -249,6 +291,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     async fn claim(
         &self,
         call: &Call<U::Request>,
+        policy: &CallPolicy,
         key: Key,
         fingerprint: &[u8; 32],
         token: Token,
@@ -256,14 +299,15 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     ) -> Result<(), Answer<U::Stream>> {
         // Stop a little before the caller's own deadline, so it hears ABORTED with a
         // pushback instead of timing out with nothing.
-        let wait = call
-            .timeout
-            .map_or(self.limits.in_flight_wait_max, |timeout| {
-                let answer_time = (timeout / 10).min(Duration::from_millis(100));
-                timeout
-                    .saturating_sub(answer_time)
-                    .min(self.limits.in_flight_wait_max)
-            });
+        let wait_max = if policy.reject_in_flight || policy.reject_duplicates {
+            Duration::ZERO
+        } else {
+            policy.in_flight_wait_max
+        };
+        let wait = call.timeout.map_or(wait_max, |timeout| {
+            let answer_time = (timeout / 10).min(Duration::from_millis(100));
+            timeout.saturating_sub(answer_time).min(wait_max)
+        });
         let wait_until = Instant::now() + wait;
         let mut armed = None;
         loop {
@@ -275,11 +319,12 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 token,
                 now_ms,
                 lease_until_ms: now_ms + lease.as_millis() as u64,
-                expires_ms: now_ms + self.limits.retention.as_millis() as u64,
+                expires_ms: now_ms + policy.retention.as_millis() as u64,
                 sole_owner: self
                     .store
                     .is_sole_owner()
                     .then(|| self.tokens.incarnation()),
+                retry_in_doubt: policy.retry_in_doubt,
             };
             let claimed = self
                 .store
@@ -287,6 +332,12 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 .await;
             let lease_until_ms = match claimed {
                 Ok(Claimed::Owned) => return Ok(()),
+                Ok(Claimed::InProgress { .. }) if policy.reject_duplicates => {
+                    return Err(Self::refuse_duplicate(key, "IN_FLIGHT"))
+                }
+                Ok(Claimed::Replay(_) | Claimed::ResponseNotKept) if policy.reject_duplicates => {
+                    return Err(Self::refuse_duplicate(key, "COMPLETED"))
+                }
                 Ok(Claimed::InProgress { lease_until_ms }) => lease_until_ms,
                 Ok(other) => return Err(Self::answer_duplicate(key, other)),
                 Err(error) => {
@@ -328,6 +379,17 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         }
     }
 
+    fn refuse_duplicate(key: Key, state: &'static str) -> Answer<U::Stream> {
+        Answer::Refused(
+            Refusal::new(
+                Reason::Duplicate,
+                "a call with this idempotency key was already made",
+            )
+            .with_key(key)
+            .with_state(state),
+        )
+    }
+
     fn answer_duplicate(key: Key, claimed: Claimed) -> Answer<U::Stream> {
         let refusal = match claimed {
             Claimed::Replay(response) => return Answer::Replay(response),
@@ -358,6 +420,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         key: Key,
         token: Token,
         lease: Duration,
+        retention: Duration,
         request: U::Request,
         body: Bytes,
     ) -> Answer<U::Stream> {
@@ -365,9 +428,9 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             .await
             .unwrap_or_else(|_| Reply::Unknown("no answer within the call's lease".into()));
         match reply {
-            Reply::Complete(response) => self.record(key, token, response).await,
+            Reply::Complete(response) => self.record(key, token, retention, response).await,
             Reply::Oversized(stream) => {
-                let expires_ms = self.expires_ms();
+                let expires_ms = self.expires_ms(retention);
                 let now_ms = self.clock.now_ms();
                 let kept = self
                     .store
@@ -406,11 +469,17 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         }
     }
 
-    async fn record(&self, key: Key, token: Token, response: Response) -> Answer<U::Stream> {
+    async fn record(
+        &self,
+        key: Key,
+        token: Token,
+        retention: Duration,
+        response: Response,
+    ) -> Answer<U::Stream> {
         match record::classify(&response) {
             Disposition::Record => {
                 let now_ms = self.clock.now_ms();
-                let expires_ms = self.expires_ms();
+                let expires_ms = self.expires_ms(retention);
                 // One copy per attempt: the record keeps it, the caller gets `response`.
                 let result = self
                     .store
@@ -457,7 +526,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         }
     }
 
-    fn expires_ms(&self) -> u64 {
-        self.clock.now_ms() + self.limits.retention.as_millis() as u64
+    fn expires_ms(&self, retention: Duration) -> u64 {
+        self.clock.now_ms() + retention.as_millis() as u64
     }
 }

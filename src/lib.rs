@@ -5,6 +5,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod key;
+pub mod policy;
 pub mod proxy;
 pub mod record;
 pub mod server;
@@ -15,6 +16,9 @@ pub mod telemetry;
 /// Code generated from `proto/` at build time.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod pb {
+    /// The example payments API's descriptor set (annotations kept), for the demo and tests.
+    pub const EXAMPLE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/example_descriptors.bin"));
     /// `google.rpc`: the error model idemproxy emits.
     pub mod google {
         pub mod rpc {
@@ -34,6 +38,11 @@ pub mod pb {
         pub mod bench {
             pub mod v1 {
                 include!(concat!(env!("OUT_DIR"), "/idemproxy.bench.v1.rs"));
+            }
+        }
+        pub mod example {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/idemproxy.example.v1.rs"));
             }
         }
         pub mod testing {

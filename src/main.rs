@@ -17,6 +17,9 @@ struct Cli {
 enum Command {
     /// Run the sidecar in front of a gRPC service.
     Run(idemproxy::config::RunArgs),
+    /// Load the settings and the service's descriptors as `run` would, print the policy of
+    /// every method, and exit 0 when `run` would start (1 when the policy has errors).
+    Check(idemproxy::config::RunArgs),
     /// Show, in seconds and with no setup, what the sidecar prevents.
     Demo,
     /// Measure what the sidecar costs against a direct call and nginx; writes BENCHMARKS.md.
@@ -53,6 +56,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = idemproxy::config::load(args)?;
             idemproxy::telemetry::init_logs();
             runtime.block_on(idemproxy::server::run(config))?;
+        }
+        Command::Check(args) => {
+            let config = idemproxy::config::load(args)?;
+            return Ok(idemproxy::server::check(&config));
         }
         Command::Demo => runtime.block_on(idemproxy::demo::run())?,
         Command::Bench(args) => runtime.block_on(idemproxy::bench::run(args))?,

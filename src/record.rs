@@ -48,6 +48,9 @@ pub struct ClaimRequest<'a> {
     /// IN_FLIGHT record claimed under any other incarnation then belongs to a process that has
     /// ended, and is IN_DOUBT. `None` for stores shared by live processes.
     pub sole_owner: Option<[u8; 8]>,
+    /// The method's policy says an unknown outcome may be run again (`IN_DOUBT_RETRY`): an
+    /// IN_DOUBT record (or an IN_FLIGHT one past its lease) is claimed anew.
+    pub retry_in_doubt: bool,
 }
 
 /// What a claim learned.
@@ -103,6 +106,13 @@ pub fn claim(current: Option<&Record>, request: &ClaimRequest<'_>) -> (Change, C
     };
     if record.fingerprint != request.fingerprint[..] {
         return (Change::Keep, Claimed::KeyReused);
+    }
+    let orphaned = request.sole_owner.is_some_and(|incarnation| {
+        record.state() == State::InFlight && !record.token.starts_with(&incarnation)
+    });
+    let in_doubt_now = orphaned || effective_state(record, request.now_ms) == State::InDoubt;
+    if request.retry_in_doubt && in_doubt_now {
+        return (Change::Put(new_in_flight(request)), Claimed::Owned);
     }
     if let Some(incarnation) = request.sole_owner {
         if record.state() == State::InFlight && !record.token.starts_with(&incarnation) {
@@ -281,6 +291,7 @@ mod tests {
             lease_until_ms: now_ms + 1_000,
             expires_ms: now_ms + 10_000,
             sole_owner: None,
+            retry_in_doubt: false,
         }
     }
 

@@ -2,7 +2,8 @@
 //! the proxy listener. Used by `idemproxy run` and by the demo, so both run the same parts.
 
 use crate::config::{Config, FlushMode, StoreChoice};
-use crate::engine::{Engine, SystemClock, Tokens};
+use crate::engine::{CallPolicy, Engine, SystemClock, Tokens};
+use crate::policy::PolicyTable;
 use crate::proxy::upstream::HttpUpstream;
 use crate::proxy::{self, Proxy, ProxySettings};
 use crate::store::redis::{RedisStore, RedisUrlError};
@@ -37,9 +38,47 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The service's descriptors or annotations cannot be used (`idemproxy check` lists all).
+    #[error("the policy cannot be used:\n{}", list(.0))]
+    Policy(Vec<crate::policy::PolicyError>),
     /// The upstream URL is unusable.
     #[error(transparent)]
     Upstream(#[from] proxy::upstream::UpstreamUrlError),
+}
+
+fn list(errors: &[crate::policy::PolicyError]) -> String {
+    let lines: Vec<String> = errors.iter().map(|error| format!("  {error}")).collect();
+    lines.join("\n")
+}
+
+/// Loads the descriptors the settings name and resolves the per-method policy, as `run` and
+/// `check` both do. Blocking (reads and compiles files).
+pub fn load_policy(config: &Config) -> Result<PolicyTable, StartError> {
+    let defaults = CallPolicy::from_limits(&config.limits);
+    if config.descriptors.is_empty() {
+        return Ok(PolicyTable::header_only(defaults));
+    }
+    let pool = crate::policy::descriptors::load(&config.descriptors)
+        .map_err(|error| StartError::Policy(vec![error]))?;
+    PolicyTable::resolve(&pool, defaults).map_err(StartError::Policy)
+}
+
+/// `idemproxy check`: prints the resolved policy table, or every error; the exit code says
+/// whether `run` would start.
+pub fn check(config: &Config) -> std::process::ExitCode {
+    match load_policy(config) {
+        Ok(table) => {
+            if config.descriptors.is_empty() {
+                println!("no descriptors configured: calls carrying the key header are deduplicated as unary calls");
+            }
+            print!("{}", table.render());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("idemproxy check: {error}");
+            std::process::ExitCode::from(1)
+        }
+    }
 }
 
 /// A started sidecar.
@@ -64,6 +103,10 @@ impl Running {
 
 /// Opens the store and starts serving.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
+    let loading = config.clone();
+    let policy = tokio::task::spawn_blocking(move || load_policy(&loading))
+        .await
+        .expect("loading the policy does not panic")?;
     let tokens = Tokens::for_this_process();
     let store = Arc::new(match &config.store {
         StoreChoice::Sled => AnyStore::Sled(open_sled(config).await?),
@@ -103,7 +146,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     })?;
     tracing::info!(addr = %proxy_addr, upstream = %config.upstream, "proxy listening");
     let (stop, stopped) = watch::channel(false);
-    let proxy = Arc::new(Proxy::new(settings, engine, upstream));
+    let proxy = Arc::new(Proxy::new(settings, engine, upstream, Arc::new(policy)));
     let serving = tokio::spawn(proxy::serve(listener, proxy, wait_for(stopped.clone())));
     let sweeping = tokio::spawn(sweep(
         store.clone(),

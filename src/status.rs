@@ -53,6 +53,8 @@ pub enum Reason {
     KeyInvalid,
     /// A key is required and none came.
     KeyMissing,
+    /// A duplicate of a method in REJECT mode: refused, not replayed.
+    Duplicate,
     /// The request is larger than may be deduplicated.
     RequestTooLarge,
     /// The call ran once but its response was too large to keep.
@@ -74,6 +76,7 @@ impl Reason {
             Reason::OutcomeUnknown => "IDEMPOTENCY_OUTCOME_UNKNOWN",
             Reason::KeyInvalid => "IDEMPOTENCY_KEY_INVALID",
             Reason::KeyMissing => "IDEMPOTENCY_KEY_MISSING",
+            Reason::Duplicate => "IDEMPOTENCY_DUPLICATE",
             Reason::RequestTooLarge => "IDEMPOTENCY_REQUEST_TOO_LARGE",
             Reason::ResponseNotKept => "IDEMPOTENCY_RESPONSE_NOT_KEPT",
             Reason::StoreUnavailable => "IDEMPOTENCY_STORE_UNAVAILABLE",
@@ -89,6 +92,7 @@ impl Reason {
                 Code::FailedPrecondition
             }
             Reason::InProgress => Code::Aborted,
+            Reason::Duplicate => Code::AlreadyExists,
             Reason::KeyInvalid | Reason::KeyMissing => Code::InvalidArgument,
             Reason::RequestTooLarge => Code::ResourceExhausted,
             Reason::StoreUnavailable | Reason::UpstreamUnavailable => Code::Unavailable,

@@ -60,6 +60,8 @@ fn call(serial: &str, timeout: Option<Duration>) -> Call<()> {
         serial: Bytes::copy_from_slice(serial.as_bytes()),
         body: Bytes::from_static(b"\0\0\0\0\x01x"),
         timeout,
+        fingerprint: None,
+        policy: None,
         request: (),
     }
 }

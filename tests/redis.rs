@@ -132,6 +132,7 @@ fn claim_request(token: u8, now_ms: u64) -> ClaimRequest<'static> {
         lease_until_ms: now_ms + 1_000,
         expires_ms: now_ms + 2_000,
         sole_owner: None,
+        retry_in_doubt: false,
     }
 }
 

@@ -146,6 +146,8 @@ fn call(logical: &Logical, payload: u8) -> Call<(Logical, u8)> {
         serial: Bytes::from(logical.serial.clone()),
         body: Bytes::from(vec![0, 0, 0, 0, 1, payload]),
         timeout: None,
+        fingerprint: None,
+        policy: None,
         request: (logical.clone(), payload),
     }
 }

@@ -45,6 +45,7 @@ async fn claim(
         lease_until_ms: now_ms + 60_000,
         expires_ms: now_ms + 3_600_000 + u64::from(n),
         sole_owner: Some([process; 8]),
+        retry_in_doubt: false,
     };
     store
         .update(&key, |current| record::claim(current, &request))

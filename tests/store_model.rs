@@ -124,6 +124,7 @@ impl Model {
                     lease_until_ms: self.now_ms + 2_000,
                     expires_ms: self.now_ms + 10_000,
                     sole_owner: Some([self.process; 8]),
+                    retry_in_doubt: false,
                 };
                 self.both(&key(n), |current| record::claim(current, &request))
                     .await;

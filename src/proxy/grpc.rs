@@ -75,6 +75,55 @@ pub fn check_framing(body: &[u8], has_encoding: bool) -> Result<usize, FramingEr
     Ok(messages)
 }
 
+/// Why one unary request message cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// A unary method got zero or several messages.
+    #[error("a unary call carries exactly one message, this one {0}")]
+    NotOne(usize),
+    /// The message is compressed with an encoding this proxy cannot read.
+    #[error("grpc-encoding {0:?} cannot be read here (identity and gzip can)")]
+    Encoding(String),
+    /// The gzip stream is corrupt.
+    #[error("the gzip-compressed message cannot be decompressed: {0}")]
+    Corrupt(String),
+    /// Decompressed, the message is larger than may be deduplicated.
+    #[error("decompressed, the message is larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+/// The one message of a unary request `body` (already checked by `check_framing`),
+/// decompressed when its flag says so, at most `bytes_max` bytes.
+pub fn unary_message(
+    body: &Bytes,
+    encoding: Option<&str>,
+    bytes_max: usize,
+) -> Result<Bytes, MessageError> {
+    let messages = check_framing(body, encoding.is_some()).unwrap_or(0);
+    if messages != 1 {
+        return Err(MessageError::NotOne(messages));
+    }
+    let message = body.slice(5..);
+    if body[0] == 0 {
+        return Ok(message);
+    }
+    match encoding {
+        Some("gzip") => {
+            use std::io::Read;
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&message[..])
+                .take(bytes_max as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|error| MessageError::Corrupt(error.to_string()))?;
+            if out.len() > bytes_max {
+                return Err(MessageError::TooLarge(bytes_max));
+            }
+            Ok(Bytes::from(out))
+        }
+        other => Err(MessageError::Encoding(other.unwrap_or("").to_owned())),
+    }
+}
+
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }

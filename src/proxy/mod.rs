@@ -1,8 +1,10 @@
 //! The gRPC proxy: an HTTP/2 server in front of the service (design §6).
 //!
-//! Each call is classified once: a call carrying the key header is deduplicated by the engine
-//! (read whole, bounded, then claimed, forwarded and recorded); every other call streams
-//! through both ways, never buffered. This module speaks HTTP; the engine does not.
+//! Each call is classified once, by its method's rule in the policy table: a call carrying a
+//! key (the key header, or the method's key field) is deduplicated by the engine (read whole,
+//! bounded, then claimed, forwarded and recorded); every other call streams through both
+//! ways, never buffered — except that a method with a key field must be read to learn that
+//! it has none. This module speaks HTTP; the engine does not.
 
 pub mod body;
 pub mod grpc;
@@ -10,6 +12,7 @@ pub mod upstream;
 
 use crate::engine::{Answer, Call, Clock, Engine};
 use crate::key::ANONYMOUS_CALLER;
+use crate::policy::{message, Dedup, MethodRule, PolicyTable};
 use crate::record::Response;
 use crate::status::{Reason, Refusal};
 use crate::store::Store;
@@ -45,6 +48,7 @@ pub struct Proxy<S, C> {
     settings: ProxySettings,
     engine: Arc<Engine<S, HttpUpstream, C>>,
     upstream: HttpUpstream,
+    policy: Arc<PolicyTable>,
 }
 
 type HttpResponse = http::Response<ProxyBody>;
@@ -83,11 +87,13 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         settings: ProxySettings,
         engine: Arc<Engine<S, HttpUpstream, C>>,
         upstream: HttpUpstream,
+        policy: Arc<PolicyTable>,
     ) -> Proxy<S, C> {
         Proxy {
             settings,
             engine,
             upstream,
+            policy,
         }
     }
 
@@ -96,18 +102,22 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         self: Arc<Self>,
         request: Request<Incoming>,
     ) -> Result<HttpResponse, Infallible> {
-        if request.headers().contains_key(&self.settings.key_header) {
-            return Ok(self.deduplicate(request).await);
+        let rule = self.policy.get(request.uri().path()).clone();
+        if rule.dedup == Dedup::Off {
+            return Ok(self.pass_through(request.map(ProxyBody::Streaming)).await);
         }
-        Ok(self.pass_through(request).await)
+        let keyed = request.headers().contains_key(&self.settings.key_header);
+        if keyed || rule.inspects_request() {
+            return Ok(self.deduplicate(request, &rule).await);
+        }
+        if rule.require_key {
+            return Ok(key_missing(&self.settings));
+        }
+        Ok(self.pass_through(request.map(ProxyBody::Streaming)).await)
     }
 
-    async fn pass_through(&self, request: Request<Incoming>) -> HttpResponse {
-        match self
-            .upstream
-            .stream(request.map(ProxyBody::Streaming))
-            .await
-        {
+    async fn pass_through(&self, request: Request<ProxyBody>) -> HttpResponse {
+        match self.upstream.stream(request).await {
             Ok(response) => response,
             Err(error) => refusal_response(&Refusal::new(
                 Reason::UpstreamUnavailable,
@@ -116,9 +126,12 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         }
     }
 
-    async fn deduplicate(&self, request: Request<Incoming>) -> HttpResponse {
+    async fn deduplicate(&self, request: Request<Incoming>, rule: &MethodRule) -> HttpResponse {
         let (parts, incoming) = request.into_parts();
-        let serial = parts.headers[&self.settings.key_header].clone();
+        let header_serial = parts
+            .headers
+            .get(&self.settings.key_header)
+            .map(|value| Bytes::copy_from_slice(value.as_bytes()));
         let caller = match parts.headers.get(&self.settings.caller_header) {
             None => ANONYMOUS_CALLER.to_owned(),
             Some(value) => match value.to_str() {
@@ -155,10 +168,25 @@ impl<S: Store, C: Clock> Proxy<S, C> {
                 ))
             }
         };
-        let has_encoding = parts.headers.contains_key("grpc-encoding");
-        if let Err(error) = grpc::check_framing(&body, has_encoding) {
+        let encoding = parts
+            .headers
+            .get("grpc-encoding")
+            .map(|value| value.to_str().unwrap_or("(not ASCII)"));
+        if let Err(error) = grpc::check_framing(&body, encoding.is_some()) {
             return refusal_response(&Refusal::new(Reason::MalformedRequest, error.to_string()));
         }
+        let (serial, fingerprint) = match self.inspect(rule, &body, encoding, header_serial) {
+            Ok(found) => found,
+            Err(refusal) => return refusal_response(&refusal),
+        };
+        let Some(serial) = serial else {
+            if rule.require_key {
+                return key_missing(&self.settings);
+            }
+            // Read to look for a key field and found none: forward what was read.
+            let request = Request::from_parts(parts, ProxyBody::buffered(body, None));
+            return self.pass_through(request).await;
+        };
         let timeout = parts
             .headers
             .get("grpc-timeout")
@@ -166,9 +194,11 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         let call = Call {
             method: parts.uri.path().to_owned(),
             caller,
-            serial: Bytes::copy_from_slice(serial.as_bytes()),
+            serial,
             body,
             timeout,
+            fingerprint,
+            policy: Some(rule.call),
             request: parts,
         };
         match self.engine.handle(call).await {
@@ -178,6 +208,41 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             Answer::Refused(refusal) => refusal_response(&refusal),
         }
     }
+}
+
+impl<S, C> Proxy<S, C> {
+    /// The serial (header first, then the key field) and, for a method with descriptors, the
+    /// canonical fingerprint.
+    fn inspect(
+        &self,
+        rule: &MethodRule,
+        body: &Bytes,
+        encoding: Option<&str>,
+        header_serial: Option<Bytes>,
+    ) -> Result<(Option<Bytes>, Option<[u8; 32]>), Refusal> {
+        let Some(input) = &rule.input else {
+            return Ok((header_serial, None));
+        };
+        let malformed = |why: String| Refusal::new(Reason::MalformedRequest, why);
+        let unary = grpc::unary_message(body, encoding, self.settings.request_bytes_max)
+            .map_err(|error| malformed(error.to_string()))?;
+        let inspected = message::inspect(input, &unary, rule.key_field.as_ref(), &rule.ignored)
+            .map_err(malformed)?;
+        Ok((
+            header_serial.or(inspected.serial),
+            Some(inspected.fingerprint),
+        ))
+    }
+}
+
+fn key_missing(settings: &ProxySettings) -> HttpResponse {
+    refusal_response(&Refusal::new(
+        Reason::KeyMissing,
+        format!(
+            "this method requires an idempotency key: send the {} header or set the request's key field",
+            settings.key_header
+        ),
+    ))
 }
 
 /// Serves HTTP/2 (prior knowledge, as gRPC speaks it) on `listener` until `shutdown`

@@ -6,6 +6,7 @@
 
 pub mod binary;
 pub mod ledger;
+pub mod payments;
 pub mod raw;
 pub mod redis;
 

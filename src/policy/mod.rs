@@ -1,0 +1,473 @@
+//! Per-method policy (design §4): the service's descriptors and their `idemproxy.v1`
+//! annotations, resolved once at start into one table the proxy consults per call.
+//!
+//! Resolution is pure: descriptors and defaults in, a `PolicyTable` or a list of every error
+//! out (`idemproxy check` prints both; `run` refuses to start on errors). Nothing here does
+//! I/O but `descriptors.rs`, and nothing here runs per call but `message.rs` and `get`.
+
+pub mod descriptors;
+pub mod message;
+
+use crate::engine::CallPolicy;
+use crate::pb::idemproxy::v1::{
+    method_policy::{InDoubt, InFlight, Mode},
+    MethodPolicy, ServicePolicy,
+};
+use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor, MethodDescriptor};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The extension names of the annotation API (`proto/idemproxy/v1/annotations.proto`).
+pub const METHOD_EXTENSION: &str = "idemproxy.v1.method";
+/// See [`METHOD_EXTENSION`].
+pub const FIELD_EXTENSION: &str = "idemproxy.v1.field";
+/// See [`METHOD_EXTENSION`].
+pub const SERVICE_EXTENSION: &str = "idemproxy.v1.service";
+
+/// Whether calls of a method are deduplicated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dedup {
+    /// Every call passes through untouched.
+    Off,
+    /// A call is deduplicated when it carries a key (header, or the key field).
+    WhenKeyed,
+}
+
+/// The path of a field inside the request message, outermost first.
+pub type FieldPath = Vec<FieldDescriptor>;
+
+/// How one method is handled: the resolved policy.
+#[derive(Debug, Clone)]
+pub struct MethodRule {
+    /// `/package.Service/Method`.
+    pub path: String,
+    /// Whether calls are deduplicated.
+    pub dedup: Dedup,
+    /// What the engine does with a keyed call.
+    pub call: CallPolicy,
+    /// A call without a key is refused instead of passing through.
+    pub require_key: bool,
+    /// The request field that holds the serial, when the method has one.
+    pub key_field: Option<FieldPath>,
+    /// Fields left out of the fingerprint.
+    pub ignored: Vec<FieldPath>,
+    /// The request message type, when the request is inspected (key field or ignored fields).
+    pub input: Option<MessageDescriptor>,
+    /// Where the rule came from, for `check`.
+    pub origin: &'static str,
+}
+
+impl MethodRule {
+    /// Whether the request must be decoded (to find the key or mask fields).
+    pub fn inspects_request(&self) -> bool {
+        self.input.is_some()
+    }
+}
+
+/// Every method's rule, by gRPC path; methods not in it follow the defaults.
+#[derive(Debug, Clone)]
+pub struct PolicyTable {
+    rules: HashMap<String, Arc<MethodRule>>,
+    default_rule: Arc<MethodRule>,
+}
+
+/// A policy that cannot be used, naming the method or field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{subject}: {problem}")]
+pub struct PolicyError {
+    /// The method, field or file concerned.
+    pub subject: String,
+    /// What is wrong, and what to do.
+    pub problem: String,
+}
+
+fn error(subject: impl Into<String>, problem: impl Into<String>) -> PolicyError {
+    PolicyError {
+        subject: subject.into(),
+        problem: problem.into(),
+    }
+}
+
+impl PolicyTable {
+    /// No descriptors: any call carrying the key header is deduplicated as a unary call.
+    pub fn header_only(defaults: CallPolicy) -> PolicyTable {
+        PolicyTable {
+            rules: HashMap::new(),
+            default_rule: Arc::new(default_rule(defaults)),
+        }
+    }
+
+    /// Resolves every method of every service in `pool` over `defaults`.
+    pub fn resolve(
+        pool: &DescriptorPool,
+        defaults: CallPolicy,
+    ) -> Result<PolicyTable, Vec<PolicyError>> {
+        let mut table = PolicyTable::header_only(defaults);
+        let mut errors = Vec::new();
+        for service in pool.services() {
+            let service_policy = service_policy(pool, &service.options(), service.full_name());
+            let service_defaults = match service_policy {
+                Ok(policy) => policy.and_then(|policy| policy.defaults),
+                Err(problem) => {
+                    errors.push(problem);
+                    None
+                }
+            };
+            for method in service.methods() {
+                match resolve_method(pool, &method, service_defaults.as_ref(), defaults) {
+                    Ok(rule) => {
+                        table.rules.insert(rule.path.clone(), Arc::new(rule));
+                    }
+                    Err(mut problems) => errors.append(&mut problems),
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(table)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The rule of the method at `path`.
+    pub fn get(&self, path: &str) -> &Arc<MethodRule> {
+        self.rules.get(path).unwrap_or(&self.default_rule)
+    }
+
+    /// The methods with a rule of their own, sorted by path.
+    pub fn methods(&self) -> Vec<&Arc<MethodRule>> {
+        let mut rules: Vec<_> = self.rules.values().collect();
+        rules.sort_by(|a, b| a.path.cmp(&b.path));
+        rules
+    }
+
+    /// The table as `idemproxy check` prints it.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<44} {:<8} {:<34} {:<10} {:<10} {:<8} from",
+            "method", "mode", "key", "retention", "in-flight", "in-doubt"
+        );
+        let rules = self.methods();
+        let default_row = [&self.default_rule];
+        for rule in rules.iter().copied().chain(default_row) {
+            let _ = writeln!(out, "{}", render_row(rule));
+        }
+        out
+    }
+}
+
+fn render_row(rule: &MethodRule) -> String {
+    let (mode, key, retention, in_flight, in_doubt) = match rule.dedup {
+        Dedup::Off => ("pass", "-".to_owned(), "-".to_owned(), "-".to_owned(), "-"),
+        Dedup::WhenKeyed => {
+            let key = match &rule.key_field {
+                Some(path) => format!("header|{}", path_name(path)),
+                None => "header".to_owned(),
+            };
+            let key = if rule.require_key {
+                format!("{key} (required)")
+            } else {
+                key
+            };
+            let in_flight = if rule.call.reject_in_flight || rule.call.reject_duplicates {
+                "reject".to_owned()
+            } else {
+                format!(
+                    "wait {}",
+                    humantime::format_duration(rule.call.in_flight_wait_max)
+                )
+            };
+            (
+                if rule.call.reject_duplicates {
+                    "reject"
+                } else {
+                    "replay"
+                },
+                key,
+                humantime::format_duration(rule.call.retention).to_string(),
+                in_flight,
+                if rule.call.retry_in_doubt {
+                    "retry"
+                } else {
+                    "reject"
+                },
+            )
+        }
+    };
+    let path = if rule.path.is_empty() {
+        "(any other method)"
+    } else {
+        &rule.path
+    };
+    format!(
+        "{path:<44} {mode:<8} {key:<34} {retention:<10} {in_flight:<10} {in_doubt:<8} {}",
+        rule.origin
+    )
+}
+
+/// A field path as `payment.serial`.
+pub fn path_name(path: &[FieldDescriptor]) -> String {
+    let names: Vec<&str> = path.iter().map(|field| field.name()).collect();
+    names.join(".")
+}
+
+fn default_rule(defaults: CallPolicy) -> MethodRule {
+    MethodRule {
+        path: String::new(),
+        dedup: Dedup::WhenKeyed,
+        call: defaults,
+        require_key: false,
+        key_field: None,
+        ignored: Vec::new(),
+        input: None,
+        origin: "defaults",
+    }
+}
+
+fn service_policy(
+    pool: &DescriptorPool,
+    options: &prost_reflect::DynamicMessage,
+    subject: &str,
+) -> Result<Option<ServicePolicy>, PolicyError> {
+    extension(pool, options, SERVICE_EXTENSION, subject)
+}
+
+/// Reads one of our extensions from an options message, when the pool knows it and it is set.
+fn extension<T: prost::Message + Default>(
+    pool: &DescriptorPool,
+    options: &prost_reflect::DynamicMessage,
+    name: &str,
+    subject: &str,
+) -> Result<Option<T>, PolicyError> {
+    let Some(descriptor) = pool.get_extension_by_name(name) else {
+        return Ok(None);
+    };
+    if !options.has_extension(&descriptor) {
+        return Ok(None);
+    }
+    match options.get_extension(&descriptor).as_message() {
+        Some(message) => message
+            .transcode_to::<T>()
+            .map(Some)
+            .map_err(|decode| error(subject, format!("({name}) cannot be read: {decode}"))),
+        None => Err(error(subject, format!("({name}) is not a message"))),
+    }
+}
+
+/// `google.protobuf.MethodOptions.idempotency_level`: 1 NO_SIDE_EFFECTS, 2 IDEMPOTENT.
+fn is_safe_to_repeat(method: &MethodDescriptor) -> bool {
+    let options = method.options();
+    let level = options
+        .get_field_by_name("idempotency_level")
+        .and_then(|value| value.as_enum_number());
+    matches!(level, Some(1 | 2))
+}
+
+/// One method's annotation laid over its service's over the defaults.
+fn merged(service: Option<&MethodPolicy>, method: Option<&MethodPolicy>) -> MethodPolicy {
+    let mut out = service.cloned().unwrap_or_default();
+    let Some(method) = method else { return out };
+    if method.enabled.is_some() {
+        out.enabled = method.enabled;
+    }
+    if method.mode != Mode::Unspecified as i32 {
+        out.mode = method.mode;
+    }
+    if method.retention.is_some() {
+        out.retention = method.retention;
+    }
+    if method.in_flight != InFlight::Unspecified as i32 {
+        out.in_flight = method.in_flight;
+    }
+    if method.max_wait.is_some() {
+        out.max_wait = method.max_wait;
+    }
+    if method.in_doubt != InDoubt::Unspecified as i32 {
+        out.in_doubt = method.in_doubt;
+    }
+    if !method.record_codes.is_empty() {
+        out.record_codes.clone_from(&method.record_codes);
+    }
+    if !method.release_codes.is_empty() {
+        out.release_codes.clone_from(&method.release_codes);
+    }
+    if method.require_key.is_some() {
+        out.require_key = method.require_key;
+    }
+    if method.fail_open.is_some() {
+        out.fail_open = method.fail_open;
+    }
+    out
+}
+
+fn duration(
+    value: Option<&prost_types::Duration>,
+    subject: &str,
+    what: &str,
+) -> Result<Option<Duration>, PolicyError> {
+    match value {
+        None => Ok(None),
+        Some(duration) if duration.seconds >= 0 && (0..1_000_000_000).contains(&duration.nanos) => {
+            let value = Duration::new(duration.seconds as u64, duration.nanos as u32);
+            if value.is_zero() {
+                Err(error(subject, format!("{what} must be more than zero")))
+            } else {
+                Ok(Some(value))
+            }
+        }
+        Some(_) => Err(error(
+            subject,
+            format!("{what} must be a positive duration"),
+        )),
+    }
+}
+
+fn resolve_method(
+    pool: &DescriptorPool,
+    method: &MethodDescriptor,
+    service_defaults: Option<&MethodPolicy>,
+    defaults: CallPolicy,
+) -> Result<MethodRule, Vec<PolicyError>> {
+    let path = format!("/{}/{}", method.parent_service().full_name(), method.name());
+    let annotation: Option<MethodPolicy> =
+        extension(pool, &method.options(), METHOD_EXTENSION, &path).map_err(|e| vec![e])?;
+    let policy = merged(service_defaults, annotation.as_ref());
+    let annotated = annotation.is_some() || service_defaults.is_some();
+    let mut errors = Vec::new();
+    let (key_field, ignored) = match message::annotated_fields(pool, &method.input()) {
+        Ok(found) => found,
+        Err(problem) => {
+            errors.push(error(&path, problem));
+            (None, Vec::new())
+        }
+    };
+    let forced_off = policy.enabled == Some(false);
+    let safe = is_safe_to_repeat(method) && policy.enabled != Some(true);
+    if safe && annotation.is_some() && policy.enabled.is_none() {
+        errors.push(error(
+            &path,
+            "has a policy but is NO_SIDE_EFFECTS or IDEMPOTENT: set `enabled: true` to deduplicate it anyway, or drop the policy",
+        ));
+    }
+    let dedup = if forced_off || safe {
+        Dedup::Off
+    } else {
+        Dedup::WhenKeyed
+    };
+    let streaming = method.is_client_streaming() || method.is_server_streaming();
+    if dedup == Dedup::WhenKeyed && streaming && (annotated || key_field.is_some()) {
+        errors.push(error(
+            &path,
+            "streaming methods cannot carry a policy yet: only unary methods are deduplicated (remove the annotation, or set `enabled: false`)",
+        ));
+    }
+    let unsupported = [
+        (!policy.record_codes.is_empty(), "record_codes"),
+        (!policy.release_codes.is_empty(), "release_codes"),
+        (policy.fail_open == Some(true), "fail_open"),
+    ];
+    for (set, name) in unsupported {
+        if set {
+            errors.push(error(
+                &path,
+                format!("`{name}` is not supported by this version yet; remove it"),
+            ));
+        }
+    }
+    let retention = duration(policy.retention.as_ref(), &path, "retention").unwrap_or_else(|e| {
+        errors.push(e);
+        None
+    });
+    let max_wait = duration(policy.max_wait.as_ref(), &path, "max_wait").unwrap_or_else(|e| {
+        errors.push(e);
+        None
+    });
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let call = CallPolicy {
+        retention: retention.unwrap_or(defaults.retention),
+        in_flight_wait_max: max_wait.unwrap_or(defaults.in_flight_wait_max),
+        reject_in_flight: policy.in_flight == InFlight::Reject as i32,
+        reject_duplicates: policy.mode == Mode::Reject as i32,
+        retry_in_doubt: policy.in_doubt == InDoubt::Retry as i32,
+    };
+    let inspects = dedup == Dedup::WhenKeyed && (key_field.is_some() || !ignored.is_empty());
+    Ok(MethodRule {
+        path,
+        dedup,
+        call,
+        require_key: policy.require_key == Some(true) && dedup == Dedup::WhenKeyed,
+        input: inspects.then(|| method.input()),
+        key_field,
+        ignored,
+        origin: match (annotation.is_some(), service_defaults.is_some(), safe) {
+            (_, _, true) if !forced_off => "idempotency_level",
+            (true, _, _) => "method annotation",
+            (false, true, _) => "service annotation",
+            (false, false, _) => "defaults",
+        },
+    })
+}
+
+/// True when a field kind can hold a serial number.
+pub fn is_key_kind(field: &FieldDescriptor) -> bool {
+    !field.is_list()
+        && !field.is_map()
+        && matches!(
+            field.kind(),
+            Kind::String
+                | Kind::Bytes
+                | Kind::Int32
+                | Kind::Int64
+                | Kind::Uint32
+                | Kind::Uint64
+                | Kind::Sint32
+                | Kind::Sint64
+                | Kind::Fixed32
+                | Kind::Fixed64
+                | Kind::Sfixed32
+                | Kind::Sfixed64
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Limits;
+
+    fn example() -> PolicyTable {
+        let pool =
+            DescriptorPool::decode(crate::pb::EXAMPLE_DESCRIPTOR_SET).expect("the example loads");
+        PolicyTable::resolve(&pool, CallPolicy::from_limits(&Limits::default()))
+            .expect("the example is valid")
+    }
+
+    #[test]
+    fn the_example_annotations_resolve() {
+        let table = example();
+        let rendered = table.render();
+        assert!(
+            rendered.contains("header|payment.serial (required)"),
+            "{rendered}"
+        );
+        let charge = table.get("/idemproxy.example.v1.Payments/Charge");
+        assert_eq!(charge.dedup, Dedup::WhenKeyed);
+        assert!(charge.require_key);
+        assert_eq!(
+            path_name(charge.key_field.as_ref().expect("a key field")),
+            "payment.serial"
+        );
+        assert_eq!(charge.ignored.len(), 2);
+        assert_eq!(charge.call.in_flight_wait_max, Duration::from_secs(5));
+        let refund = table.get("/idemproxy.example.v1.Payments/Refund");
+        assert!(refund.call.reject_duplicates);
+        assert_eq!(refund.call.retention, Duration::from_secs(604_800));
+        let balance = table.get("/idemproxy.example.v1.Payments/GetBalance");
+        assert_eq!(balance.dedup, Dedup::Off);
+    }
+}

@@ -1,0 +1,273 @@
+//! Per-method policy from the example payments API's annotations, through the real sidecar
+//! in front of a real tonic service that counts executions: field keys (nested), the key
+//! header winning, ignored fields, canonical fingerprints, REJECT mode, require_key,
+//! NO_SIDE_EFFECTS passthrough, gzip requests, and the same table from a descriptor set and
+//! from .proto sources.
+
+// Helpers of tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use bytes::Bytes;
+use idemproxy::pb::idemproxy::example::v1::payments_client::PaymentsClient;
+use idemproxy::pb::idemproxy::example::v1::{
+    BalanceRequest, ChargeReply, ChargeRequest, Payment, RefundRequest,
+};
+use prost::Message;
+use std::net::SocketAddr;
+use support::{payments, raw, reason, start_sidecar, Sidecar};
+use tonic::transport::Channel;
+
+const CHARGE: &str = "/idemproxy.example.v1.Payments/Charge";
+
+fn descriptor_set(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("payments.binpb");
+    std::fs::write(&path, idemproxy::pb::EXAMPLE_DESCRIPTOR_SET).unwrap();
+    path
+}
+
+async fn sidecar_for(upstream: SocketAddr, files: &tempfile::TempDir) -> Sidecar {
+    let set = descriptor_set(files.path());
+    start_sidecar(upstream, |args| args.descriptor_set = vec![set]).await
+}
+
+async fn payments_client(addr: SocketAddr) -> PaymentsClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    PaymentsClient::new(channel)
+}
+
+fn charge(serial: &str, amount_cents: i64, timestamp: &str) -> ChargeRequest {
+    ChargeRequest {
+        payment: Some(Payment {
+            serial: serial.into(),
+            card: "4242".into(),
+        }),
+        amount_cents,
+        client_timestamp: timestamp.into(),
+        trace_id: format!("trace-{timestamp}"),
+        labels: [("shop".to_owned(), "berlin".to_owned())].into(),
+    }
+}
+
+fn with_header<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("idempotency-key", key.parse().unwrap());
+    request
+}
+
+fn replayed<T>(response: &tonic::Response<T>) -> bool {
+    support::was_replayed(response)
+}
+
+#[tokio::test]
+async fn a_nested_key_field_deduplicates_calls_that_send_no_header() {
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let mut client = payments_client(sidecar.addr).await;
+    let first = client.charge(charge("pay-1", 500, "t1")).await.unwrap();
+    let again = client.charge(charge("pay-1", 500, "t1")).await.unwrap();
+    assert!(!replayed(&first));
+    assert!(replayed(&again), "the field key made it a duplicate");
+    assert_eq!(again.get_ref(), first.get_ref());
+    client.charge(charge("pay-2", 500, "t1")).await.unwrap();
+    assert_eq!(service.executions.charges(), 2);
+}
+
+#[tokio::test]
+async fn the_key_header_wins_over_the_key_field() {
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let mut client = payments_client(sidecar.addr).await;
+    client
+        .charge(with_header(charge("pay-1", 500, "t1"), "from-header"))
+        .await
+        .unwrap();
+    // Same field serial, no header: another key, so it executes.
+    let by_field = client.charge(charge("pay-1", 500, "t1")).await.unwrap();
+    assert!(!replayed(&by_field));
+    let by_header = client
+        .charge(with_header(charge("pay-1", 500, "t1"), "from-header"))
+        .await
+        .unwrap();
+    assert!(replayed(&by_header));
+    assert_eq!(service.executions.charges(), 2);
+}
+
+#[tokio::test]
+async fn ignored_fields_do_not_make_a_retry_look_like_key_reuse() {
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let mut client = payments_client(sidecar.addr).await;
+    let first = client
+        .charge(charge("pay-1", 500, "10:00:00"))
+        .await
+        .unwrap();
+    // A retry stamps a new client time and trace id: still the same request.
+    let retry = client
+        .charge(charge("pay-1", 500, "10:00:07"))
+        .await
+        .unwrap();
+    assert!(replayed(&retry));
+    assert_eq!(retry.get_ref(), first.get_ref());
+    // Another amount under the same serial is key reuse.
+    let reused = client
+        .charge(charge("pay-1", 900, "10:00:09"))
+        .await
+        .expect_err("another payload");
+    assert_eq!(reused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(reason(&reused), "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(service.executions.charges(), 1);
+}
+
+fn framed(message: &[u8], compressed: bool) -> Bytes {
+    let mut out = vec![u8::from(compressed)];
+    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    out.extend_from_slice(message);
+    out.into()
+}
+
+#[tokio::test]
+async fn fields_in_another_wire_order_are_the_same_request() {
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let label = |k: &str| ChargeRequest {
+        labels: [(k.to_owned(), "x".to_owned())].into(),
+        ..ChargeRequest::default()
+    };
+    let payment = ChargeRequest {
+        payment: charge("pay-9", 0, "").payment,
+        ..ChargeRequest::default()
+    };
+    let amount = ChargeRequest {
+        amount_cents: 700,
+        ..ChargeRequest::default()
+    };
+    // Protobuf merges concatenated messages: the same request, two wire orders.
+    let in_order = [&payment, &amount, &label("a"), &label("b")];
+    let reordered = [&label("b"), &amount, &label("a"), &payment];
+    let bytes = |parts: &[&ChargeRequest]| -> Vec<u8> {
+        parts.iter().flat_map(|part| part.encode_to_vec()).collect()
+    };
+    let first = raw::call(sidecar.addr, CHARGE, &[], framed(&bytes(&in_order), false)).await;
+    assert_eq!(first.grpc_status(), Some(0));
+    let second = raw::call(sidecar.addr, CHARGE, &[], framed(&bytes(&reordered), false)).await;
+    assert_eq!(second.grpc_status(), Some(0), "not refused as key reuse");
+    assert!(second.headers.contains_key("idempotency-replayed"));
+    assert_eq!(second.body, first.body);
+    assert_eq!(service.executions.charges(), 1);
+}
+
+#[tokio::test]
+async fn a_gzip_request_is_keyed_and_fingerprinted_on_its_message() {
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let message = charge("pay-gz", 300, "t").encode_to_vec();
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gzip, &message).unwrap();
+    let compressed = gzip.finish().unwrap();
+    let headers = [("grpc-encoding", "gzip")];
+    let first = raw::call(sidecar.addr, CHARGE, &headers, framed(&compressed, true)).await;
+    assert_eq!(first.grpc_status(), Some(0));
+    let plain = raw::call(sidecar.addr, CHARGE, &[], framed(&message, false)).await;
+    assert!(plain.headers.contains_key("idempotency-replayed"));
+    assert_eq!(
+        ChargeReply::decode(&plain.body[5..]).unwrap().charge_id,
+        "ch-pay-gz-1"
+    );
+    assert_eq!(service.executions.charges(), 1);
+}
+
+#[tokio::test]
+async fn reject_mode_refuses_a_duplicate_instead_of_replaying() {
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let mut client = payments_client(sidecar.addr).await;
+    let refund = || RefundRequest {
+        refund_id: "rf-1".into(),
+        charge_id: "ch-1".into(),
+    };
+    client
+        .refund(refund())
+        .await
+        .expect("the first refund runs");
+    let duplicate = client.refund(refund()).await.expect_err("refused");
+    assert_eq!(duplicate.code(), tonic::Code::AlreadyExists);
+    assert_eq!(reason(&duplicate), "IDEMPOTENCY_DUPLICATE");
+    assert_eq!(service.executions.refunds(), 1);
+}
+
+#[tokio::test]
+async fn a_call_without_the_required_key_is_refused_and_never_runs() {
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let mut client = payments_client(sidecar.addr).await;
+    let refused = client
+        .charge(charge("", 500, "t"))
+        .await
+        .expect_err("no serial, no header");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(reason(&refused), "IDEMPOTENCY_KEY_MISSING");
+    assert_eq!(service.executions.charges(), 0);
+}
+
+#[tokio::test]
+async fn a_no_side_effects_method_passes_through_even_with_a_key() {
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let mut client = payments_client(sidecar.addr).await;
+    for _ in 0..2 {
+        let read = BalanceRequest {
+            account: "a".into(),
+        };
+        let answer = client.get_balance(with_header(read, "k")).await.unwrap();
+        assert!(!replayed(&answer));
+    }
+    assert_eq!(service.executions.balances(), 2);
+}
+
+#[test]
+fn a_descriptor_set_and_proto_sources_give_the_same_policy() {
+    use idemproxy::config::{self, RunArgs};
+    let files = tempfile::tempdir().unwrap();
+    let base = RunArgs {
+        upstream: Some("http://127.0.0.1:1".into()),
+        ..RunArgs::default()
+    };
+    let from_set = config::resolve(
+        RunArgs {
+            descriptor_set: vec![descriptor_set(files.path())],
+            ..base.clone()
+        },
+        Default::default(),
+    )
+    .unwrap();
+    let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
+    let from_sources = config::resolve(
+        RunArgs {
+            proto: vec![proto_dir.join("idemproxy/example/v1/payments.proto")],
+            proto_path: vec![proto_dir],
+            ..base
+        },
+        Default::default(),
+    )
+    .unwrap();
+    let table = |config| idemproxy::server::load_policy(&config).unwrap().render();
+    let from_set = table(from_set);
+    assert!(from_set.contains("header|payment.serial (required)"));
+    assert_eq!(from_set, table(from_sources));
+}

@@ -148,6 +148,21 @@ pub struct FileSettings {
     descriptor_set: Option<Vec<PathBuf>>,
     proto: Option<Vec<PathBuf>>,
     proto_path: Option<Vec<PathBuf>>,
+    /// Per-method rules, for protos that cannot be annotated: `[methods."/pkg.Svc/Method"]`.
+    methods: Option<std::collections::BTreeMap<String, MethodSettings>>,
+}
+
+/// One method's rule in the config file; it wins over the method's annotations.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MethodSettings {
+    enabled: Option<bool>,
+    mode: Option<String>,
+    retention: Option<String>,
+    in_flight: Option<String>,
+    max_wait: Option<String>,
+    in_doubt: Option<String>,
+    require_key: Option<bool>,
 }
 
 /// A TOML value that may be written as a number or a string (`4194304` or `"4MiB"`).
@@ -183,6 +198,16 @@ pub enum ConfigError {
     /// A required setting that was not given.
     #[error("--{0} is required (or IDEMPROXY_{1}, or `{0}` in the config file)")]
     Missing(&'static str, &'static str),
+    /// A per-method rule of the config file that cannot be used.
+    #[error("config file: {rule} = {value:?}: {reason}")]
+    MethodRule {
+        /// `methods."/pkg.Svc/Method".setting`.
+        rule: String,
+        /// What was given.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
     /// The config file cannot be read or parsed.
     #[error("config file {path}: {reason}")]
     File {
@@ -246,6 +271,8 @@ pub struct Config {
     pub store: StoreChoice,
     /// Where the service's descriptors (and so the per-method policy) come from.
     pub descriptors: crate::policy::descriptors::Sources,
+    /// The config file's per-method rules.
+    pub method_rules: crate::policy::Overrides,
 }
 
 /// The longest retention accepted: a year.
@@ -519,7 +546,90 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         flush,
         store,
         descriptors,
+        method_rules: method_rules(file.methods.unwrap_or_default())?,
     })
+}
+
+fn method_rules(
+    methods: std::collections::BTreeMap<String, MethodSettings>,
+) -> Result<crate::policy::Overrides, ConfigError> {
+    use crate::pb::idemproxy::v1::method_policy::{InDoubt, InFlight, Mode};
+    let mut rules = crate::policy::Overrides::new();
+    for (path, settings) in methods {
+        let bad = |what: &str, value: &str, reason: &str| ConfigError::MethodRule {
+            rule: format!(
+                "methods.\"{path}\"{}{what}",
+                if what.is_empty() { "" } else { "." }
+            ),
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if !path.starts_with('/') || path[1..].split('/').count() != 2 {
+            return Err(bad(
+                "",
+                &path,
+                "a method is written /package.Service/Method",
+            ));
+        }
+        let choice = |what: &str, value: &Option<String>, options: &[(&str, i32)]| match value {
+            None => Ok(0),
+            Some(text) => options
+                .iter()
+                .find(|(name, _)| name == text)
+                .map(|(_, number)| *number)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
+                    bad(what, text, &format!("must be one of {}", names.join(", ")))
+                }),
+        };
+        let span = |what: &str,
+                    value: &Option<String>|
+         -> Result<Option<prost_types::Duration>, ConfigError> {
+            let Some(text) = value else { return Ok(None) };
+            let parsed = humantime::parse_duration(text)
+                .map_err(|error| bad(what, text, &error.to_string()))?;
+            if parsed.is_zero() || parsed > RETENTION_MAX {
+                return Err(bad(what, text, "must be more than zero and at most a year"));
+            }
+            Ok(Some(prost_types::Duration {
+                seconds: parsed.as_secs() as i64,
+                nanos: parsed.subsec_nanos() as i32,
+            }))
+        };
+        let policy = crate::pb::idemproxy::v1::MethodPolicy {
+            enabled: settings.enabled,
+            mode: choice(
+                "mode",
+                &settings.mode,
+                &[
+                    ("replay", Mode::Replay as i32),
+                    ("reject", Mode::Reject as i32),
+                ],
+            )?,
+            retention: span("retention", &settings.retention)?,
+            in_flight: choice(
+                "in-flight",
+                &settings.in_flight,
+                &[
+                    ("wait", InFlight::Wait as i32),
+                    ("reject", InFlight::Reject as i32),
+                ],
+            )?,
+            max_wait: span("max-wait", &settings.max_wait)?,
+            in_doubt: choice(
+                "in-doubt",
+                &settings.in_doubt,
+                &[
+                    ("reject", InDoubt::Reject as i32),
+                    ("retry", InDoubt::Retry as i32),
+                ],
+            )?,
+            require_key: settings.require_key,
+            ..Default::default()
+        };
+        rules.insert(path, policy);
+    }
+    Ok(rules)
 }
 
 /// The store settings of the flags (over the file), before validation.

@@ -162,6 +162,7 @@ pub async fn run() -> anyhow::Result<()> {
         flush: FlushMode::Group,
         store: crate::config::StoreChoice::Sled,
         descriptors: Default::default(),
+        method_rules: Default::default(),
     };
     let sidecar = crate::server::start(&config).await?;
     let total = SEQUENTIAL_DELIVERIES + CONCURRENT_DELIVERIES;

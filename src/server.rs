@@ -56,11 +56,12 @@ fn list(errors: &[crate::policy::PolicyError]) -> String {
 pub fn load_policy(config: &Config) -> Result<PolicyTable, StartError> {
     let defaults = CallPolicy::from_limits(&config.limits);
     if config.descriptors.is_empty() {
-        return Ok(PolicyTable::header_only(defaults));
+        return PolicyTable::header_only(defaults, &config.method_rules)
+            .map_err(StartError::Policy);
     }
     let pool = crate::policy::descriptors::load(&config.descriptors)
         .map_err(|error| StartError::Policy(vec![error]))?;
-    PolicyTable::resolve(&pool, defaults).map_err(StartError::Policy)
+    PolicyTable::resolve(&pool, defaults, &config.method_rules).map_err(StartError::Policy)
 }
 
 /// `idemproxy check`: prints the resolved policy table, or every error; the exit code says

@@ -271,3 +271,187 @@ fn a_descriptor_set_and_proto_sources_give_the_same_policy() {
     assert!(from_set.contains("header|payment.serial (required)"));
     assert_eq!(from_set, table(from_sources));
 }
+
+#[tokio::test]
+async fn a_server_stream_is_recorded_and_replayed_in_order() {
+    use idemproxy::pb::idemproxy::example::v1::PayoutRequest;
+    use tokio_stream::StreamExt;
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let mut client = payments_client(sidecar.addr).await;
+    let request = || PayoutRequest {
+        payout_id: "po-1".into(),
+        amount_cents: 10_000,
+        steps: 4,
+    };
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let response = client.payout(request()).await.unwrap();
+        let replay = replayed(&response);
+        let events: Vec<_> = response
+            .into_inner()
+            .collect::<Result<_, _>>()
+            .await
+            .unwrap();
+        streams.push((replay, events));
+    }
+    assert!(!streams[0].0 && streams[1].0, "the second call is a replay");
+    let steps: Vec<u32> = streams[1].1.iter().map(|event| event.step).collect();
+    assert_eq!(steps, [1, 2, 3, 4], "every message, in order");
+    assert_eq!(streams[0].1, streams[1].1);
+    assert_eq!(service.executions.payouts(), 1);
+}
+
+fn config_file(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn a_config_file_rule_lets_an_unknown_outcome_run_again() {
+    use support::{add, apply, client, ledger};
+    let upstream = ledger::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let config = config_file(
+        files.path(),
+        "[methods.\"/idemproxy.testing.v1.Ledger/Apply\"]\nin-doubt = \"retry\"\n",
+    );
+    let sidecar = start_sidecar(upstream.addr, |args| args.config = Some(config)).await;
+    let mut client = client(sidecar.addr).await;
+    let mut failing = add("retry-me", 1);
+    failing.fail_code = 13; // INTERNAL after acting: the outcome is unknown.
+    let first = apply(&mut client, failing.clone(), Some("k"), None).await;
+    assert_eq!(first.expect_err("INTERNAL").code(), tonic::Code::Internal);
+    // The method's rule says it is safe to re-run: the retry executes instead of being told
+    // IDEMPOTENCY_OUTCOME_UNKNOWN.
+    let second = apply(&mut client, failing, Some("k"), None).await;
+    assert_eq!(
+        second.expect_err("INTERNAL again").code(),
+        tonic::Code::Internal
+    );
+    assert_eq!(upstream.state.executions(), 2);
+}
+
+#[tokio::test]
+async fn without_the_rule_an_unknown_outcome_is_never_run_again() {
+    use support::{add, apply, client, ledger};
+    let upstream = ledger::start().await;
+    let sidecar = start_sidecar(upstream.addr, |_| {}).await;
+    let mut client = client(sidecar.addr).await;
+    let mut failing = add("keep-me", 1);
+    failing.fail_code = 13;
+    let _ = apply(&mut client, failing.clone(), Some("k"), None).await;
+    let second = apply(&mut client, failing, Some("k"), None)
+        .await
+        .expect_err("refused");
+    assert_eq!(reason(&second), "IDEMPOTENCY_OUTCOME_UNKNOWN");
+    assert_eq!(upstream.state.executions(), 1);
+}
+
+#[tokio::test]
+async fn a_config_file_rule_overrides_an_annotation() {
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let set = descriptor_set(files.path());
+    // Refund is annotated REJECT; the operator wants replays.
+    let config = config_file(
+        files.path(),
+        "[methods.\"/idemproxy.example.v1.Payments/Refund\"]\nmode = \"replay\"\n",
+    );
+    let sidecar = start_sidecar(service.addr, |args| {
+        args.descriptor_set = vec![set];
+        args.config = Some(config);
+    })
+    .await;
+    let mut client = payments_client(sidecar.addr).await;
+    let refund = || RefundRequest {
+        refund_id: "rf-2".into(),
+        charge_id: "ch-2".into(),
+    };
+    client.refund(refund()).await.unwrap();
+    let again = client
+        .refund(refund())
+        .await
+        .expect("replayed, not refused");
+    assert!(replayed(&again));
+    assert_eq!(service.executions.refunds(), 1);
+}
+
+#[test]
+fn broken_policies_are_named_and_stop_the_start() {
+    use idemproxy::config::{self, RunArgs};
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(
+        files.path().join("broken.proto"),
+        r#"syntax = "proto3";
+package broken.v1;
+import "idemproxy/v1/annotations.proto";
+service Broken {
+  rpc Read(Req) returns (Req) {
+    option idempotency_level = NO_SIDE_EFFECTS;
+    option (idemproxy.v1.method) = { require_key: true };
+  }
+  rpc Upload(stream Req) returns (Req) { option (idemproxy.v1.method) = { mode: MODE_REJECT }; }
+  rpc TwoKeys(Two) returns (Req);
+  rpc NotScalar(Wrapped) returns (Req);
+}
+message Req { string id = 1 [(idemproxy.v1.field).key = true]; }
+message Two { string a = 1 [(idemproxy.v1.field).key = true]; string b = 2 [(idemproxy.v1.field).key = true]; }
+message Wrapped { repeated string ids = 1 [(idemproxy.v1.field).key = true]; }
+"#,
+    )
+    .unwrap();
+    let config = config_file(
+        files.path(),
+        "[methods.\"/broken.v1.Broken/Missing\"]\nenabled = true\n",
+    );
+    let resolved = config::load(RunArgs {
+        upstream: Some("http://127.0.0.1:1".into()),
+        config: Some(config),
+        proto: vec![files.path().join("broken.proto")],
+        proto_path: vec![files.path().to_owned()],
+        ..RunArgs::default()
+    })
+    .unwrap();
+    let error = idemproxy::server::load_policy(&resolved)
+        .expect_err("the policy is broken")
+        .to_string();
+    for expected in [
+        "/broken.v1.Broken/Read: has a policy but is NO_SIDE_EFFECTS",
+        "/broken.v1.Broken/Upload: client-streaming",
+        "/broken.v1.Broken/TwoKeys: more than one key field (a, b)",
+        "/broken.v1.Broken/NotScalar: key field ids must be a single",
+        "/broken.v1.Broken/Missing: the config file has a rule for a method the descriptors do not have",
+    ] {
+        assert!(error.contains(expected), "missing {expected:?} in:\n{error}");
+    }
+}
+
+#[test]
+fn bad_config_file_rules_are_named() {
+    use idemproxy::config::{self, RunArgs};
+    let files = tempfile::tempdir().unwrap();
+    for (rule, named) in [
+        (
+            "[methods.\"/a.B/C\"]\nmode = \"maybe\"\n",
+            "methods.\"/a.B/C\".mode",
+        ),
+        (
+            "[methods.\"/a.B/C\"]\nretention = \"0s\"\n",
+            "methods.\"/a.B/C\".retention",
+        ),
+        ("[methods.\"a.B.C\"]\nenabled = true\n", "methods.\"a.B.C\""),
+        ("[methods.\"/a.B/C\"]\nretension = \"1h\"\n", "retension"),
+    ] {
+        let error = config::load(RunArgs {
+            upstream: Some("http://127.0.0.1:1".into()),
+            config: Some(config_file(files.path(), rule)),
+            ..RunArgs::default()
+        })
+        .expect_err("refused")
+        .to_string();
+        assert!(error.contains(named), "{rule}: {error}");
+    }
+}

@@ -35,6 +35,9 @@ pub enum Dedup {
     WhenKeyed,
 }
 
+/// The config file's per-method rules, by `/package.Service/Method`.
+pub type Overrides = std::collections::BTreeMap<String, MethodPolicy>;
+
 /// The path of a field inside the request message, outermost first.
 pub type FieldPath = Vec<FieldDescriptor>;
 
@@ -91,20 +94,42 @@ fn error(subject: impl Into<String>, problem: impl Into<String>) -> PolicyError 
 }
 
 impl PolicyTable {
-    /// No descriptors: any call carrying the key header is deduplicated as a unary call.
-    pub fn header_only(defaults: CallPolicy) -> PolicyTable {
-        PolicyTable {
+    /// No descriptors: any call carrying the key header is deduplicated as a unary call,
+    /// by the config file's rule for its method if it has one.
+    pub fn header_only(
+        defaults: CallPolicy,
+        overrides: &Overrides,
+    ) -> Result<PolicyTable, Vec<PolicyError>> {
+        let mut table = PolicyTable {
             rules: HashMap::new(),
             default_rule: Arc::new(default_rule(defaults)),
+        };
+        let mut errors = Vec::new();
+        for (path, rule) in overrides {
+            let built = build_rule(path.clone(), rule, false, None, Vec::new(), None, defaults);
+            match built {
+                Ok(mut rule) => {
+                    rule.origin = "config file";
+                    table.rules.insert(path.clone(), Arc::new(rule));
+                }
+                Err(mut problems) => errors.append(&mut problems),
+            }
+        }
+        if errors.is_empty() {
+            Ok(table)
+        } else {
+            Err(errors)
         }
     }
 
-    /// Resolves every method of every service in `pool` over `defaults`.
+    /// Resolves every method of every service in `pool` over `defaults`, the config file's
+    /// rules (`overrides`, by method path) winning over annotations.
     pub fn resolve(
         pool: &DescriptorPool,
         defaults: CallPolicy,
+        overrides: &Overrides,
     ) -> Result<PolicyTable, Vec<PolicyError>> {
-        let mut table = PolicyTable::header_only(defaults);
+        let mut table = PolicyTable::header_only(defaults, &Overrides::new())?;
         let mut errors = Vec::new();
         for service in pool.services() {
             let service_policy = service_policy(pool, &service.options(), service.full_name());
@@ -116,12 +141,26 @@ impl PolicyTable {
                 }
             };
             for method in service.methods() {
-                match resolve_method(pool, &method, service_defaults.as_ref(), defaults) {
+                match resolve_method(
+                    pool,
+                    &method,
+                    service_defaults.as_ref(),
+                    overrides,
+                    defaults,
+                ) {
                     Ok(rule) => {
                         table.rules.insert(rule.path.clone(), Arc::new(rule));
                     }
                     Err(mut problems) => errors.append(&mut problems),
                 }
+            }
+        }
+        for path in overrides.keys() {
+            if !table.rules.contains_key(path) {
+                errors.push(error(
+                    path,
+                    "the config file has a rule for a method the descriptors do not have (write it as /package.Service/Method)",
+                ));
             }
         }
         if errors.is_empty() {
@@ -330,13 +369,17 @@ fn resolve_method(
     pool: &DescriptorPool,
     method: &MethodDescriptor,
     service_defaults: Option<&MethodPolicy>,
+    overrides: &Overrides,
     defaults: CallPolicy,
 ) -> Result<MethodRule, Vec<PolicyError>> {
     let path = format!("/{}/{}", method.parent_service().full_name(), method.name());
     let annotation: Option<MethodPolicy> =
         extension(pool, &method.options(), METHOD_EXTENSION, &path).map_err(|e| vec![e])?;
-    let policy = merged(service_defaults, annotation.as_ref());
-    let annotated = annotation.is_some() || service_defaults.is_some();
+    let configured = overrides.get(&path);
+    let policy = merged(
+        Some(&merged(service_defaults, annotation.as_ref())),
+        configured,
+    );
     let mut errors = Vec::new();
     let (key_field, ignored) = match message::annotated_fields(pool, &method.input()) {
         Ok(found) => found,
@@ -345,26 +388,65 @@ fn resolve_method(
             (None, Vec::new())
         }
     };
-    let forced_off = policy.enabled == Some(false);
-    let safe = is_safe_to_repeat(method) && policy.enabled != Some(true);
-    if safe && annotation.is_some() && policy.enabled.is_none() {
+    let has_policy = annotation.is_some() || configured.is_some();
+    let safe = is_safe_to_repeat(method);
+    if safe && has_policy && policy.enabled.is_none() {
         errors.push(error(
             &path,
             "has a policy but is NO_SIDE_EFFECTS or IDEMPOTENT: set `enabled: true` to deduplicate it anyway, or drop the policy",
         ));
     }
-    let dedup = if forced_off || safe {
-        Dedup::Off
-    } else {
-        Dedup::WhenKeyed
-    };
-    let streaming = method.is_client_streaming() || method.is_server_streaming();
-    if dedup == Dedup::WhenKeyed && streaming && (annotated || key_field.is_some()) {
+    let annotated = has_policy || service_defaults.is_some();
+    // A server-streaming call has one request message, and its whole answer is recorded and
+    // replayed in order like a unary one. Client streams are not read whole.
+    let wants_dedup = policy.enabled != Some(false) && !(safe && policy.enabled != Some(true));
+    if wants_dedup && method.is_client_streaming() && (annotated || key_field.is_some()) {
         errors.push(error(
             &path,
-            "streaming methods cannot carry a policy yet: only unary methods are deduplicated (remove the annotation, or set `enabled: false`)",
+            "client-streaming and bidirectional methods cannot carry a policy yet (remove the annotation, or set `enabled: false`)",
         ));
     }
+    let built = build_rule(
+        path,
+        &policy,
+        safe,
+        key_field,
+        ignored,
+        Some(method.input()),
+        defaults,
+    );
+    let mut rule = match built {
+        Ok(rule) if errors.is_empty() => rule,
+        Ok(_) => return Err(errors),
+        Err(mut problems) => {
+            errors.append(&mut problems);
+            return Err(errors);
+        }
+    };
+    rule.origin = match (configured, annotation, service_defaults, safe) {
+        (Some(_), _, _, _) => "config file",
+        (None, _, _, true) if rule.dedup == Dedup::Off => "idempotency_level",
+        (None, Some(_), _, _) => "method annotation",
+        (None, None, Some(_), _) => "service annotation",
+        (None, None, None, _) => "defaults",
+    };
+    Ok(rule)
+}
+
+/// One rule from a merged policy. `safe`: the method's idempotency_level says it may repeat.
+fn build_rule(
+    path: String,
+    policy: &MethodPolicy,
+    safe: bool,
+    key_field: Option<FieldPath>,
+    ignored: Vec<FieldPath>,
+    input: Option<MessageDescriptor>,
+    defaults: CallPolicy,
+) -> Result<MethodRule, Vec<PolicyError>> {
+    let mut errors = Vec::new();
+    let forced_off = policy.enabled == Some(false);
+    let off = forced_off || (safe && policy.enabled != Some(true));
+    let dedup = if off { Dedup::Off } else { Dedup::WhenKeyed };
     let unsupported = [
         (!policy.record_codes.is_empty(), "record_codes"),
         (!policy.release_codes.is_empty(), "release_codes"),
@@ -402,15 +484,10 @@ fn resolve_method(
         dedup,
         call,
         require_key: policy.require_key == Some(true) && dedup == Dedup::WhenKeyed,
-        input: inspects.then(|| method.input()),
+        input: if inspects { input } else { None },
         key_field,
         ignored,
-        origin: match (annotation.is_some(), service_defaults.is_some(), safe) {
-            (_, _, true) if !forced_off => "idempotency_level",
-            (true, _, _) => "method annotation",
-            (false, true, _) => "service annotation",
-            (false, false, _) => "defaults",
-        },
+        origin: "defaults",
     })
 }
 
@@ -443,8 +520,8 @@ mod tests {
     fn example() -> PolicyTable {
         let pool =
             DescriptorPool::decode(crate::pb::EXAMPLE_DESCRIPTOR_SET).expect("the example loads");
-        PolicyTable::resolve(&pool, CallPolicy::from_limits(&Limits::default()))
-            .expect("the example is valid")
+        let defaults = CallPolicy::from_limits(&Limits::default());
+        PolicyTable::resolve(&pool, defaults, &Overrides::new()).expect("the example is valid")
     }
 
     #[test]

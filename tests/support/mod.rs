@@ -74,7 +74,7 @@ pub async fn start_sidecar(upstream: SocketAddr, tweak: impl FnOnce(&mut RunArgs
     let mut args = test_args(upstream, dir.path());
     let redis = use_test_store(&mut args);
     tweak(&mut args);
-    let config = config::resolve(args, Default::default()).expect("test settings are valid");
+    let config = config::load(args).expect("test settings are valid");
     let running = idemproxy::server::start(&config)
         .await
         .expect("the sidecar starts");

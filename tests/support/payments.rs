@@ -3,12 +3,15 @@
 
 use idemproxy::pb::idemproxy::example::v1::payments_server::{Payments, PaymentsServer};
 use idemproxy::pb::idemproxy::example::v1::{
-    BalanceReply, BalanceRequest, ChargeReply, ChargeRequest, RefundReply, RefundRequest,
+    BalanceReply, BalanceRequest, ChargeReply, ChargeRequest, PayoutEvent, PayoutRequest,
+    RefundReply, RefundRequest,
 };
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 /// Executions of each method.
@@ -17,6 +20,7 @@ pub struct Executions {
     pub charges: AtomicU64,
     pub refunds: AtomicU64,
     pub balances: AtomicU64,
+    pub payouts: AtomicU64,
 }
 
 impl Executions {
@@ -29,6 +33,9 @@ impl Executions {
     pub fn balances(&self) -> u64 {
         self.balances.load(Ordering::SeqCst)
     }
+    pub fn payouts(&self) -> u64 {
+        self.payouts.load(Ordering::SeqCst)
+    }
 }
 
 #[derive(Default, Clone)]
@@ -36,8 +43,20 @@ struct Service {
     executions: Arc<Executions>,
 }
 
+type Events = Pin<Box<dyn Stream<Item = Result<PayoutEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Payments for Service {
+    type PayoutStream = Events;
+
+    async fn payout(&self, request: Request<PayoutRequest>) -> Result<Response<Events>, Status> {
+        let execution = self.executions.payouts.fetch_add(1, Ordering::SeqCst) + 1;
+        let events: Vec<Result<PayoutEvent, Status>> = (1..=request.get_ref().steps)
+            .map(|step| Ok(PayoutEvent { step, execution }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(events))))
+    }
+
     async fn charge(
         &self,
         request: Request<ChargeRequest>,

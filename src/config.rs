@@ -92,6 +92,13 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub proto_path: Vec<PathBuf>,
+    /// Also learn the service's descriptors from its gRPC server reflection (v1, then
+    /// v1alpha), waiting for it at start.
+    #[arg(long, env = "IDEMPROXY_REFLECTION")]
+    pub reflection: bool,
+    /// How long to wait for the service's reflection at start [default: 60s].
+    #[arg(long, env = "IDEMPROXY_REFLECTION_TIMEOUT")]
+    pub reflection_timeout: Option<String>,
     /// Where records live: `sled` (embedded, one pod), `redis` (one Redis server shared by
     /// every replica) or `redis-cluster` [default: sled].
     #[arg(long, env = "IDEMPROXY_STORE")]
@@ -148,6 +155,8 @@ pub struct FileSettings {
     descriptor_set: Option<Vec<PathBuf>>,
     proto: Option<Vec<PathBuf>>,
     proto_path: Option<Vec<PathBuf>>,
+    reflection: Option<bool>,
+    reflection_timeout: Option<String>,
     /// Per-method rules, for protos that cannot be annotated: `[methods."/pkg.Svc/Method"]`.
     methods: Option<std::collections::BTreeMap<String, MethodSettings>>,
 }
@@ -528,6 +537,13 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         descriptor_sets: listed(args.descriptor_set, file.descriptor_set),
         protos: listed(args.proto, file.proto),
         proto_paths: listed(args.proto_path, file.proto_path),
+        reflection: args.reflection || file.reflection == Some(true),
+        reflection_timeout: duration(
+            "reflection-timeout",
+            &pick(args.reflection_timeout, file.reflection_timeout, "60s"),
+            ms(100),
+            Duration::from_secs(3600),
+        )?,
     };
     Ok(Config {
         listen,

@@ -59,7 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check(args) => {
             let config = idemproxy::config::load(args)?;
-            return Ok(idemproxy::server::check(&config));
+            return Ok(runtime.block_on(idemproxy::server::check(&config)));
         }
         Command::Demo => runtime.block_on(idemproxy::demo::run())?,
         Command::Bench(args) => runtime.block_on(idemproxy::bench::run(args))?,

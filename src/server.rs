@@ -51,23 +51,39 @@ fn list(errors: &[crate::policy::PolicyError]) -> String {
     lines.join("\n")
 }
 
-/// Loads the descriptors the settings name and resolves the per-method policy, as `run` and
-/// `check` both do. Blocking (reads and compiles files).
-pub fn load_policy(config: &Config) -> Result<PolicyTable, StartError> {
+/// Fetches the service's reflection when the settings ask for it, then loads and resolves
+/// the policy: what `run` and `check` both do.
+pub async fn resolve_policy(config: &Config) -> Result<PolicyTable, StartError> {
+    let reflected = if config.descriptors.reflection {
+        let timeout = config.descriptors.reflection_timeout;
+        let fetched = crate::policy::reflection::fetch(&config.upstream, timeout).await;
+        Some(fetched.map_err(|error| StartError::Policy(vec![error]))?)
+    } else {
+        None
+    };
+    let loading = config.clone();
+    tokio::task::spawn_blocking(move || load_policy(&loading, reflected.as_deref()))
+        .await
+        .expect("loading the policy does not panic")
+}
+
+/// Loads the descriptors the settings name (plus `reflected`, the service's reflection
+/// answer) and resolves the per-method policy. Blocking (reads and compiles files).
+pub fn load_policy(config: &Config, reflected: Option<&[u8]>) -> Result<PolicyTable, StartError> {
     let defaults = CallPolicy::from_limits(&config.limits);
     if config.descriptors.is_empty() {
         return PolicyTable::header_only(defaults, &config.method_rules)
             .map_err(StartError::Policy);
     }
-    let pool = crate::policy::descriptors::load(&config.descriptors)
+    let pool = crate::policy::descriptors::load(&config.descriptors, reflected)
         .map_err(|error| StartError::Policy(vec![error]))?;
     PolicyTable::resolve(&pool, defaults, &config.method_rules).map_err(StartError::Policy)
 }
 
 /// `idemproxy check`: prints the resolved policy table, or every error; the exit code says
 /// whether `run` would start.
-pub fn check(config: &Config) -> std::process::ExitCode {
-    match load_policy(config) {
+pub async fn check(config: &Config) -> std::process::ExitCode {
+    match resolve_policy(config).await {
         Ok(table) => {
             if config.descriptors.is_empty() {
                 println!("no descriptors configured: calls carrying the key header are deduplicated as unary calls");
@@ -104,10 +120,7 @@ impl Running {
 
 /// Opens the store and starts serving.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
-    let loading = config.clone();
-    let policy = tokio::task::spawn_blocking(move || load_policy(&loading))
-        .await
-        .expect("loading the policy does not panic")?;
+    let policy = resolve_policy(config).await?;
     let tokens = Tokens::for_this_process();
     let store = Arc::new(match &config.store {
         StoreChoice::Sled => AnyStore::Sled(open_sled(config).await?),

@@ -266,7 +266,11 @@ fn a_descriptor_set_and_proto_sources_give_the_same_policy() {
         Default::default(),
     )
     .unwrap();
-    let table = |config| idemproxy::server::load_policy(&config).unwrap().render();
+    let table = |config| {
+        idemproxy::server::load_policy(&config, None)
+            .unwrap()
+            .render()
+    };
     let from_set = table(from_set);
     assert!(from_set.contains("header|payment.serial (required)"));
     assert_eq!(from_set, table(from_sources));
@@ -415,7 +419,7 @@ message Wrapped { repeated string ids = 1 [(idemproxy.v1.field).key = true]; }
         ..RunArgs::default()
     })
     .unwrap();
-    let error = idemproxy::server::load_policy(&resolved)
+    let error = idemproxy::server::load_policy(&resolved, None)
         .expect_err("the policy is broken")
         .to_string();
     for expected in [
@@ -454,4 +458,68 @@ fn bad_config_file_rules_are_named() {
         .to_string();
         assert!(error.contains(named), "{rule}: {error}");
     }
+}
+
+async fn reflected_table(version: payments::Reflection) {
+    let service = payments::start_with(Some(version)).await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = start_sidecar(service.addr, |args| args.reflection = true).await;
+    // Field-keyed dedup works from what reflection taught the sidecar.
+    let mut client = payments_client(sidecar.addr).await;
+    client.charge(charge("pay-r", 100, "t1")).await.unwrap();
+    let again = client.charge(charge("pay-r", 100, "t2")).await.unwrap();
+    assert!(replayed(&again));
+    assert_eq!(service.executions.charges(), 1);
+    // And the table is the one the descriptor set gives.
+    let resolve = |args: idemproxy::config::RunArgs| {
+        idemproxy::config::load(idemproxy::config::RunArgs {
+            upstream: Some(format!("http://{}", service.addr)),
+            ..args
+        })
+        .unwrap()
+    };
+    let from_reflection = resolve(idemproxy::config::RunArgs {
+        reflection: true,
+        ..Default::default()
+    });
+    let from_set = resolve(idemproxy::config::RunArgs {
+        descriptor_set: vec![descriptor_set(files.path())],
+        ..Default::default()
+    });
+    let reflected = idemproxy::server::resolve_policy(&from_reflection)
+        .await
+        .unwrap();
+    let from_set = idemproxy::server::resolve_policy(&from_set).await.unwrap();
+    assert_eq!(reflected.render(), from_set.render());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1_gives_the_same_policy_as_the_descriptor_set() {
+    reflected_table(payments::Reflection::V1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_falls_back_to_v1alpha() {
+    reflected_table(payments::Reflection::V1Alpha).await;
+}
+
+#[tokio::test]
+async fn a_service_without_reflection_stops_the_start_with_a_clear_error() {
+    let service = payments::start().await;
+    let config = idemproxy::config::load(idemproxy::config::RunArgs {
+        upstream: Some(format!("http://{}", service.addr)),
+        reflection: true,
+        reflection_timeout: Some("1s".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let error = idemproxy::server::resolve_policy(&config)
+        .await
+        .expect_err("no reflection")
+        .to_string();
+    assert!(error.contains("--reflection"), "{error}");
+    assert!(
+        error.contains("neither reflection v1 nor v1alpha"),
+        "{error}"
+    );
 }

@@ -22,12 +22,16 @@ pub struct Sources {
     pub protos: Vec<PathBuf>,
     /// Include directories for `protos`.
     pub proto_paths: Vec<PathBuf>,
+    /// Also ask the service's own server reflection.
+    pub reflection: bool,
+    /// How long to wait for the service's reflection to answer at start.
+    pub reflection_timeout: std::time::Duration,
 }
 
 impl Sources {
     /// True when no descriptors are configured (header-keyed dedup only).
     pub fn is_empty(&self) -> bool {
-        self.descriptor_sets.is_empty() && self.protos.is_empty()
+        self.descriptor_sets.is_empty() && self.protos.is_empty() && !self.reflection
     }
 }
 
@@ -38,9 +42,17 @@ fn failed(subject: &Path, problem: impl std::fmt::Display) -> PolicyError {
     }
 }
 
-/// Loads every configured source into one pool. Blocking (reads files).
-pub fn load(sources: &Sources) -> Result<DescriptorPool, PolicyError> {
+/// Loads every configured source into one pool, with `reflected` (the FileDescriptorSet the
+/// service's reflection sent, fetched by the caller). Blocking (reads files).
+pub fn load(sources: &Sources, reflected: Option<&[u8]>) -> Result<DescriptorPool, PolicyError> {
     let mut pool = DescriptorPool::new();
+    if let Some(bytes) = reflected {
+        pool.decode_file_descriptor_set(bytes)
+            .map_err(|error| PolicyError {
+                subject: "--reflection".into(),
+                problem: format!("the service's descriptors do not load: {error}"),
+            })?;
+    }
     for path in &sources.descriptor_sets {
         let bytes = std::fs::read(path).map_err(|error| failed(path, error))?;
         pool.decode_file_descriptor_set(&bytes[..])

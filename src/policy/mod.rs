@@ -7,6 +7,7 @@
 
 pub mod descriptors;
 pub mod message;
+pub mod reflection;
 
 use crate::engine::CallPolicy;
 use crate::pb::idemproxy::v1::{

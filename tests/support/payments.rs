@@ -104,18 +104,39 @@ impl Drop for PaymentsHandle {
     }
 }
 
+/// Which server reflection the service also serves.
+#[derive(Debug, Clone, Copy)]
+pub enum Reflection {
+    V1,
+    V1Alpha,
+}
+
 /// Starts the service on a free loopback port.
 pub async fn start() -> PaymentsHandle {
+    start_with(None).await
+}
+
+/// Starts the service, with server reflection of its annotated descriptors when asked.
+pub async fn start_with(reflection: Option<Reflection>) -> PaymentsHandle {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
     let addr = listener.local_addr().expect("bound");
     let service = Service::default();
     let executions = service.executions.clone();
+    let reflecting = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(idemproxy::pb::EXAMPLE_DESCRIPTOR_SET);
+    let (v1, v1alpha) = match reflection {
+        None => (None, None),
+        Some(Reflection::V1) => (Some(reflecting.build_v1().unwrap()), None),
+        Some(Reflection::V1Alpha) => (None, Some(reflecting.build_v1alpha().unwrap())),
+    };
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(
                 PaymentsServer::new(service)
                     .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
             )
+            .add_optional_service(v1)
+            .add_optional_service(v1alpha)
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
             .await;
     });

@@ -172,6 +172,9 @@ pub struct MethodSettings {
     max_wait: Option<String>,
     in_doubt: Option<String>,
     require_key: Option<bool>,
+    record_codes: Option<Vec<String>>,
+    release_codes: Option<Vec<String>>,
+    fail_open: Option<bool>,
 }
 
 /// A TOML value that may be written as a number or a string (`4194304` or `"4MiB"`).
@@ -612,6 +615,20 @@ fn method_rules(
                 nanos: parsed.subsec_nanos() as i32,
             }))
         };
+        for (what, names) in [
+            ("record-codes", &settings.record_codes),
+            ("release-codes", &settings.release_codes),
+        ] {
+            for name in names.iter().flatten() {
+                if crate::status::code_by_name(name).is_none() {
+                    return Err(bad(
+                        what,
+                        name,
+                        "not a gRPC status code name (write e.g. NOT_FOUND)",
+                    ));
+                }
+            }
+        }
         let policy = crate::pb::idemproxy::v1::MethodPolicy {
             enabled: settings.enabled,
             mode: choice(
@@ -641,7 +658,9 @@ fn method_rules(
                 ],
             )?,
             require_key: settings.require_key,
-            ..Default::default()
+            record_codes: settings.record_codes.unwrap_or_default(),
+            release_codes: settings.release_codes.unwrap_or_default(),
+            fail_open: settings.fail_open,
         };
         rules.insert(path, policy);
     }

@@ -156,6 +156,12 @@ pub struct CallPolicy {
     pub reject_duplicates: bool,
     /// An unknown outcome is run again by the next attempt.
     pub retry_in_doubt: bool,
+    /// Status codes recorded whatever the default says (bit `1 << code`).
+    pub record_codes: u32,
+    /// Status codes released whatever the default says (bit `1 << code`).
+    pub release_codes: u32,
+    /// The store failing, the call is forwarded without deduplication instead of refused.
+    pub fail_open: bool,
 }
 
 impl CallPolicy {
@@ -167,6 +173,9 @@ impl CallPolicy {
             reject_in_flight: false,
             reject_duplicates: false,
             retry_in_doubt: false,
+            record_codes: 0,
+            release_codes: 0,
+            fail_open: false,
         }
     }
 }
@@ -209,6 +218,14 @@ impl Tokens {
         token[8..].copy_from_slice(&self.next.fetch_add(1, Ordering::Relaxed).to_be_bytes());
         token
     }
+}
+
+/// Why a call is not ours to forward.
+enum Unclaimed<S> {
+    /// A duplicate, answered from (or refused by) the record.
+    Answered(Answer<S>),
+    /// The store failed: refused, unless the method is fail-open.
+    StoreFailed(Refusal),
 }
 
 /// The dedup engine over one store, one upstream and one clock.
@@ -264,14 +281,22 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         let claimed = self
             .claim(&call, &policy, key, &fingerprint, token, lease)
             .await;
-        if let Err(answer) = claimed {
-            return answer;
+        match claimed {
+            Ok(()) => {}
+            Err(Unclaimed::Answered(answer)) => return answer,
+            Err(Unclaimed::StoreFailed(refusal)) if policy.fail_open => {
+                tracing::warn!(key = %key, method = %call.method, "store unavailable; forwarding without deduplication (fail_open)");
+                drop(refusal);
+                return self
+                    .forward_unprotected(lease, call.request, call.body)
+                    .await;
+            }
+            Err(Unclaimed::StoreFailed(refusal)) => return Answer::Refused(refusal),
         }
         let engine = self.clone();
-        let retention = policy.retention;
         let forwarded = tokio::spawn(async move {
             engine
-                .forward(key, token, lease, retention, call.request, call.body)
+                .forward(key, token, lease, policy, call.request, call.body)
                 .await
         });
         match forwarded.await {
@@ -296,7 +321,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         fingerprint: &[u8; 32],
         token: Token,
         lease: Duration,
-    ) -> Result<(), Answer<U::Stream>> {
+    ) -> Result<(), Unclaimed<U::Stream>> {
         // Stop a little before the caller's own deadline, so it hears ABORTED with a
         // pushback instead of timing out with nothing.
         let wait_max = if policy.reject_in_flight || policy.reject_duplicates {
@@ -333,13 +358,19 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             let lease_until_ms = match claimed {
                 Ok(Claimed::Owned) => return Ok(()),
                 Ok(Claimed::InProgress { .. }) if policy.reject_duplicates => {
-                    return Err(Self::refuse_duplicate(key, "IN_FLIGHT"))
+                    return Err(Unclaimed::Answered(Self::refuse_duplicate(
+                        key,
+                        "IN_FLIGHT",
+                    )))
                 }
                 Ok(Claimed::Replay(_) | Claimed::ResponseNotKept) if policy.reject_duplicates => {
-                    return Err(Self::refuse_duplicate(key, "COMPLETED"))
+                    return Err(Unclaimed::Answered(Self::refuse_duplicate(
+                        key,
+                        "COMPLETED",
+                    )))
                 }
                 Ok(Claimed::InProgress { lease_until_ms }) => lease_until_ms,
-                Ok(other) => return Err(Self::answer_duplicate(key, other)),
+                Ok(other) => return Err(Unclaimed::Answered(Self::answer_duplicate(key, other))),
                 Err(error) => {
                     // The claim may have landed in memory without reaching the disk: take it
                     // back if we can, so the key is not left blocked by a call never forwarded.
@@ -347,7 +378,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                         .store
                         .update(&key, |current| record::release(current, &token))
                         .await;
-                    return Err(Answer::Refused(store_refusal(key, &error)));
+                    return Err(Unclaimed::StoreFailed(store_refusal(key, &error)));
                 }
             };
             let Some(changed) = armed.take() else {
@@ -360,7 +391,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 let retry_after = Duration::from_millis(lease_until_ms.saturating_sub(now_ms))
                     .min(self.limits.in_flight_wait_max)
                     .max(Duration::from_millis(1));
-                return Err(Answer::Refused(
+                return Err(Unclaimed::Answered(Answer::Refused(
                     Refusal::new(
                         Reason::InProgress,
                         "an earlier attempt with this key is still running",
@@ -368,7 +399,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                     .with_key(key)
                     .with_state("IN_FLIGHT")
                     .with_retry_after(retry_after),
-                ));
+                )));
             }
             let lease_left = Duration::from_millis(lease_until_ms.saturating_sub(now_ms));
             let wake = wait_until.min(now + lease_left);
@@ -420,15 +451,16 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         key: Key,
         token: Token,
         lease: Duration,
-        retention: Duration,
+        policy: CallPolicy,
         request: U::Request,
         body: Bytes,
     ) -> Answer<U::Stream> {
+        let retention = policy.retention;
         let reply = tokio::time::timeout(lease, self.upstream.call(request, body))
             .await
             .unwrap_or_else(|_| Reply::Unknown("no answer within the call's lease".into()));
         match reply {
-            Reply::Complete(response) => self.record(key, token, retention, response).await,
+            Reply::Complete(response) => self.record(key, token, &policy, response).await,
             Reply::Oversized(stream) => {
                 let expires_ms = self.expires_ms(retention);
                 let now_ms = self.clock.now_ms();
@@ -473,13 +505,15 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         &self,
         key: Key,
         token: Token,
-        retention: Duration,
+        policy: &CallPolicy,
         response: Response,
     ) -> Answer<U::Stream> {
-        match record::classify(&response) {
+        let disposition =
+            record::classify_with(&response, policy.record_codes, policy.release_codes);
+        match disposition {
             Disposition::Record => {
                 let now_ms = self.clock.now_ms();
-                let expires_ms = self.expires_ms(retention);
+                let expires_ms = self.expires_ms(policy.retention);
                 // One copy per attempt: the record keeps it, the caller gets `response`.
                 let result = self
                     .store
@@ -511,6 +545,31 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                     .await;
                 Answer::Fresh(response)
             }
+        }
+    }
+
+    /// Forwards a call with no claim and records nothing: only for a fail-open method whose
+    /// store is failing.
+    async fn forward_unprotected(
+        &self,
+        lease: Duration,
+        request: U::Request,
+        body: Bytes,
+    ) -> Answer<U::Stream> {
+        let reply = tokio::time::timeout(lease, self.upstream.call(request, body))
+            .await
+            .unwrap_or_else(|_| Reply::Unknown("no answer within the call's lease".into()));
+        match reply {
+            Reply::Complete(response) => Answer::Fresh(response),
+            Reply::Oversized(stream) => Answer::Stream(stream),
+            Reply::NotProcessed(why) => Answer::Refused(Refusal::new(
+                Reason::UpstreamUnavailable,
+                format!("the service is unavailable: {why}"),
+            )),
+            Reply::Unknown(why) => Answer::Refused(Refusal::new(
+                Reason::OutcomeUnknown,
+                format!("the call may have taken effect and its outcome is unknown: {why}"),
+            )),
         }
     }
 

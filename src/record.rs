@@ -274,6 +274,19 @@ pub fn classify(response: &Response) -> Disposition {
     }
 }
 
+/// Classifies with a method's overrides: status codes whose bit (1 << code) is set in
+/// `record_codes` are recorded, in `release_codes` released; the rest as `classify` says.
+pub fn classify_with(response: &Response, record_codes: u32, release_codes: u32) -> Disposition {
+    let bit = 1u32.checked_shl(response.grpc_status).unwrap_or(0);
+    if record_codes & bit != 0 {
+        Disposition::Record
+    } else if release_codes & bit != 0 {
+        Disposition::Release
+    } else {
+        classify(response)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

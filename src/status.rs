@@ -40,6 +40,35 @@ pub enum Code {
     Unauthenticated = 16,
 }
 
+/// The canonical names of the gRPC status codes, by number.
+pub const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The number of a status code written by its canonical name (`NOT_FOUND`).
+pub fn code_by_name(name: &str) -> Option<u32> {
+    CODE_NAMES
+        .iter()
+        .position(|known| *known == name)
+        .map(|number| number as u32)
+}
+
 /// Why idemproxy answered instead of the service: the `ErrorInfo.reason` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {

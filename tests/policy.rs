@@ -448,6 +448,7 @@ fn bad_config_file_rules_are_named() {
         ),
         ("[methods.\"a.B.C\"]\nenabled = true\n", "methods.\"a.B.C\""),
         ("[methods.\"/a.B/C\"]\nretension = \"1h\"\n", "retension"),
+        ("[methods.\"/a.B/C\"]\nrecord-codes = [\"NOPE\"]\n", "NOPE"),
     ] {
         let error = config::load(RunArgs {
             upstream: Some("http://127.0.0.1:1".into()),
@@ -521,5 +522,43 @@ async fn a_service_without_reflection_stops_the_start_with_a_clear_error() {
     assert!(
         error.contains("neither reflection v1 nor v1alpha"),
         "{error}"
+    );
+}
+
+/// Sends INTERNAL (after acting) twice under one key through a sidecar with `rule` for
+/// Ledger/Apply; returns the executions and whether the second answer was a replay.
+async fn internal_twice(rule: &str) -> (u64, bool) {
+    use support::{add, apply, client, ledger};
+    let upstream = ledger::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let text = format!("[methods.\"/idemproxy.testing.v1.Ledger/Apply\"]\n{rule}\n");
+    let config = config_file(files.path(), &text);
+    let sidecar = start_sidecar(upstream.addr, |args| args.config = Some(config)).await;
+    let mut client = client(sidecar.addr).await;
+    let mut failing = add("codes", 1);
+    failing.fail_code = 13;
+    let first = apply(&mut client, failing.clone(), Some("k"), None).await;
+    assert_eq!(first.unwrap_err().code(), tonic::Code::Internal);
+    let second = apply(&mut client, failing, Some("k"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(second.code(), tonic::Code::Internal, "{second:?}");
+    let replayed = second.metadata().get("idempotency-replayed").is_some();
+    (upstream.state.executions(), replayed)
+}
+
+#[tokio::test]
+async fn record_codes_make_a_status_replayed() {
+    assert_eq!(
+        internal_twice("record-codes = [\"INTERNAL\"]").await,
+        (1, true)
+    );
+}
+
+#[tokio::test]
+async fn release_codes_make_a_status_run_again() {
+    assert_eq!(
+        internal_twice("release-codes = [\"INTERNAL\"]").await,
+        (2, false)
     );
 }

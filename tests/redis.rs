@@ -381,3 +381,35 @@ async fn rediss_with_a_private_ca_and_a_password_from_a_file() {
     assert_eq!(reason(&refused), "IDEMPOTENCY_STORE_UNAVAILABLE");
     assert_eq!(upstream.state.executions(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_open_method_is_forwarded_unprotected_while_redis_is_down() {
+    let upstream = ledger::start().await;
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let files = tempfile::tempdir().unwrap();
+    let config = files.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[methods.\"/idemproxy.testing.v1.Ledger/Apply\"]\nfail-open = true\n",
+    )
+    .unwrap();
+    let sidecar = start_sidecar(upstream.addr, |args| {
+        args.store = Some("redis".into());
+        args.redis_url = Some(url);
+        args.store_timeout = Some("1s".into());
+        args.config = Some(config);
+    })
+    .await;
+    let mut client = client(sidecar.addr).await;
+    redis.kill();
+    let answer = apply(&mut client, add("open", 1), Some("open-1"), None)
+        .await
+        .expect("forwarded although the store is down");
+    assert!(!was_replayed(&answer));
+    assert_eq!(
+        upstream.state.executions(),
+        1,
+        "the method chose availability"
+    );
+}

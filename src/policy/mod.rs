@@ -448,18 +448,19 @@ fn build_rule(
     let forced_off = policy.enabled == Some(false);
     let off = forced_off || (safe && policy.enabled != Some(true));
     let dedup = if off { Dedup::Off } else { Dedup::WhenKeyed };
-    let unsupported = [
-        (!policy.record_codes.is_empty(), "record_codes"),
-        (!policy.release_codes.is_empty(), "release_codes"),
-        (policy.fail_open == Some(true), "fail_open"),
-    ];
-    for (set, name) in unsupported {
-        if set {
-            errors.push(error(
-                &path,
-                format!("`{name}` is not supported by this version yet; remove it"),
-            ));
-        }
+    let record_codes = code_mask(&policy.record_codes, &path, "record_codes", &mut errors);
+    let release_codes = code_mask(&policy.release_codes, &path, "release_codes", &mut errors);
+    if record_codes & release_codes != 0 {
+        errors.push(error(
+            &path,
+            "a status code is in both record_codes and release_codes",
+        ));
+    }
+    if release_codes & 1 != 0 {
+        errors.push(error(
+            &path,
+            "OK is always recorded: remove it from release_codes",
+        ));
     }
     let retention = duration(policy.retention.as_ref(), &path, "retention").unwrap_or_else(|e| {
         errors.push(e);
@@ -478,6 +479,9 @@ fn build_rule(
         reject_in_flight: policy.in_flight == InFlight::Reject as i32,
         reject_duplicates: policy.mode == Mode::Reject as i32,
         retry_in_doubt: policy.in_doubt == InDoubt::Retry as i32,
+        record_codes,
+        release_codes,
+        fail_open: policy.fail_open == Some(true),
     };
     let inspects = dedup == Dedup::WhenKeyed && (key_field.is_some() || !ignored.is_empty());
     Ok(MethodRule {
@@ -490,6 +494,21 @@ fn build_rule(
         ignored,
         origin: "defaults",
     })
+}
+
+/// Status code names as a bit mask (`1 << code`); unknown names are errors.
+fn code_mask(names: &[String], path: &str, what: &str, errors: &mut Vec<PolicyError>) -> u32 {
+    let mut mask = 0;
+    for name in names {
+        match crate::status::code_by_name(name) {
+            Some(code) => mask |= 1 << code,
+            None => errors.push(error(
+                path,
+                format!("{what}: {name:?} is not a gRPC status code name (write e.g. NOT_FOUND)"),
+            )),
+        }
+    }
+    mask
 }
 
 /// True when a field kind can hold a serial number.

@@ -176,3 +176,65 @@ fn the_kubernetes_config_files_are_valid() {
         assert_eq!(on_redis, redis, "{file} chooses its store");
     }
 }
+
+#[test]
+fn check_prints_the_policy_or_names_what_is_broken() {
+    let proto_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+    let example = format!("{proto_dir}/idemproxy/example/v1/payments.proto");
+    let output = Command::new(support::binary::path())
+        .args(["check", "--upstream", "http://127.0.0.1:1"])
+        .args(["--proto", &example, "--proto-path", proto_dir])
+        .output()
+        .expect("the binary runs");
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(
+        table.contains("/idemproxy.example.v1.Payments/Refund        reject"),
+        "{table}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.proto");
+    std::fs::write(
+        &broken,
+        "syntax = \"proto3\";\npackage b;\nimport \"idemproxy/v1/annotations.proto\";\n\
+         service S { rpc Up(stream M) returns (M) { option (idemproxy.v1.method) = { require_key: true }; } }\n\
+         message M { string id = 1; }\n",
+    )
+    .unwrap();
+    let broken = broken.display().to_string();
+    let dir_text = dir.path().display().to_string();
+    let (code, stderr) = run(
+        &[
+            "check",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--proto",
+            &broken,
+            "--proto-path",
+            &dir_text,
+        ],
+        &[],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("/b.S/Up: client-streaming"), "{stderr}");
+    // The same problem stops `run`.
+    let (code, stderr) = run(
+        &[
+            "run",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--proto",
+            &broken,
+            "--proto-path",
+            &dir_text,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &dir_text,
+        ],
+        &[],
+    );
+    assert_ne!(code, 0, "{stderr}");
+    assert!(stderr.contains("/b.S/Up: client-streaming"), "{stderr}");
+}

@@ -20,12 +20,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(descriptors)?;
     // The example's descriptors with their custom options kept (protox's encoder keeps them;
     // prost's types would drop them): the demo and the tests load policy from these bytes.
-    let example = protox::Compiler::new(["proto"])?
-        .include_imports(true)
-        .open_file("idemproxy/example/v1/payments.proto")?
-        .encode_file_descriptor_set();
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("example_descriptors.bin"), example)?;
+    for (proto, set) in [
+        (
+            "idemproxy/example/v1/payments.proto",
+            "example_descriptors.bin",
+        ),
+        (
+            "idemproxy/demo/v1/subscriptions.proto",
+            "demo_descriptors.bin",
+        ),
+    ] {
+        let encoded = protox::Compiler::new(["proto"])?
+            .include_imports(true)
+            .open_file(proto)?
+            .encode_file_descriptor_set();
+        std::fs::write(out.join(set), encoded)?;
+    }
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

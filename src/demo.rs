@@ -65,20 +65,17 @@ struct Tally {
 async fn deliver(
     client: &mut SubscriptionsClient<Channel>,
     subscription_id: &str,
-    message_id: Option<&str>,
+    message_id: &str,
 ) -> anyhow::Result<(Subscription, bool)> {
+    // The same message every time: its id travels in the payload, no header needed.
     let mut request = tonic::Request::new(ExtendRequest {
         subscription_id: subscription_id.to_owned(),
         years: 1,
+        message_id: message_id.to_owned(),
     });
-    if let Some(id) = message_id {
-        request
-            .metadata_mut()
-            .insert("idempotency-key", id.parse()?);
-        request
-            .metadata_mut()
-            .insert("x-caller-id", "billing-consumer".parse()?);
-    }
+    request
+        .metadata_mut()
+        .insert("x-caller-id", "billing-consumer".parse()?);
     let response = client.extend(request).await?;
     let replayed = response.metadata().get("idempotency-replayed").is_some();
     Ok((response.into_inner(), replayed))
@@ -88,7 +85,7 @@ async fn deliver(
 async fn replay_story(
     channel: Channel,
     subscription_id: &str,
-    message_id: Option<&str>,
+    message_id: &str,
 ) -> anyhow::Result<Tally> {
     let mut client = SubscriptionsClient::new(channel);
     let mut replayed = 0;
@@ -102,10 +99,8 @@ async fn replay_story(
     let concurrent = (0..CONCURRENT_DELIVERIES).map(|_| {
         let mut client = client.clone();
         let subscription_id = subscription_id.to_owned();
-        let message_id = message_id.map(str::to_owned);
-        tokio::spawn(
-            async move { deliver(&mut client, &subscription_id, message_id.as_deref()).await },
-        )
+        let message_id = message_id.to_owned();
+        tokio::spawn(async move { deliver(&mut client, &subscription_id, &message_id).await })
     });
     for delivery in concurrent.collect::<Vec<_>>() {
         let (subscription, was_replayed) = delivery.await??;
@@ -145,6 +140,9 @@ pub async fn run() -> anyhow::Result<()> {
     let data_dir = tempfile::Builder::new()
         .prefix("idemproxy-demo-")
         .tempdir()?;
+    // The service's annotated descriptors: they name `message_id` as the key field.
+    let descriptors = data_dir.path().join("subscriptions.binpb");
+    std::fs::write(&descriptors, crate::pb::DEMO_DESCRIPTOR_SET)?;
     let config = Config {
         listen: "127.0.0.1:0".parse()?,
         upstream: format!("http://{service_addr}"),
@@ -161,7 +159,10 @@ pub async fn run() -> anyhow::Result<()> {
         worker_threads: 1,
         flush: FlushMode::Group,
         store: crate::config::StoreChoice::Sled,
-        descriptors: Default::default(),
+        descriptors: crate::policy::descriptors::Sources {
+            descriptor_sets: vec![descriptors],
+            ..Default::default()
+        },
         method_rules: Default::default(),
     };
     let sidecar = crate::server::start(&config).await?;
@@ -169,11 +170,11 @@ pub async fn run() -> anyhow::Result<()> {
 
     println!("A message queue delivers \"extend subscription by 1 year\" {total} times:");
     println!("{SEQUENTIAL_DELIVERIES} redeliveries one after the other, then {CONCURRENT_DELIVERIES} copies at once.\n");
-    let direct = replay_story(connect(service_addr).await?, "sub-direct", None).await?;
+    let direct = replay_story(connect(service_addr).await?, "sub-direct", "msg-7f3a").await?;
     let proxied = replay_story(
         connect(sidecar.proxy_addr).await?,
         "sub-proxied",
-        Some("msg-7f3a"),
+        "msg-7f3a",
     )
     .await?;
 

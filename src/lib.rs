@@ -19,6 +19,9 @@ pub mod pb {
     /// The example payments API's descriptor set (annotations kept), for the demo and tests.
     pub const EXAMPLE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/example_descriptors.bin"));
+    /// The demo's subscriptions API's descriptor set (its key field annotated).
+    pub const DEMO_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/demo_descriptors.bin"));
     /// `google.rpc`: the error model idemproxy emits.
     pub mod google {
         pub mod rpc {

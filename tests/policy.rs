@@ -562,3 +562,42 @@ async fn release_codes_make_a_status_run_again() {
         (2, false)
     );
 }
+
+#[test]
+fn a_service_annotation_sets_defaults_that_a_method_annotation_overrides() {
+    use idemproxy::config::{self, RunArgs};
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(
+        files.path().join("orders.proto"),
+        r#"syntax = "proto3";
+package orders.v1;
+import "idemproxy/v1/annotations.proto";
+service Orders {
+  option (idemproxy.v1.service) = { defaults: { mode: MODE_REJECT retention: { seconds: 3600 } } };
+  rpc Place(Req) returns (Req);
+  rpc Amend(Req) returns (Req) { option (idemproxy.v1.method) = { mode: MODE_REPLAY }; }
+}
+message Req { string id = 1; }
+"#,
+    )
+    .unwrap();
+    let resolved = config::load(RunArgs {
+        upstream: Some("http://127.0.0.1:1".into()),
+        proto: vec![files.path().join("orders.proto")],
+        proto_path: vec![files.path().to_owned()],
+        ..RunArgs::default()
+    })
+    .unwrap();
+    let table = idemproxy::server::load_policy(&resolved, None).unwrap();
+    let place = table.get("/orders.v1.Orders/Place");
+    assert!(place.call.reject_duplicates);
+    assert_eq!(place.call.retention, std::time::Duration::from_secs(3600));
+    assert_eq!(place.origin, "service annotation");
+    let amend = table.get("/orders.v1.Orders/Amend");
+    assert!(!amend.call.reject_duplicates, "the method wins");
+    assert_eq!(
+        amend.call.retention,
+        std::time::Duration::from_secs(3600),
+        "the rest is the service's"
+    );
+}

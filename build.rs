@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/google/rpc/status.proto",
         "proto/idemproxy/v1/record.proto",
         "proto/idemproxy/v1/annotations.proto",
+        "proto/idemproxy/v1/admin.proto",
         "proto/idemproxy/demo/v1/subscriptions.proto",
         "proto/idemproxy/testing/v1/ledger.proto",
         "proto/idemproxy/bench/v1/echo.proto",
@@ -18,8 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".idemproxy.v1.Response.body")
         .bytes(".idemproxy.v1.Header.value")
         .compile_fds(descriptors)?;
-    // The example's descriptors with their custom options kept (protox's encoder keeps them;
-    // prost's types would drop them): the demo and the tests load policy from these bytes.
+    // Descriptor sets with their custom options kept (protox's encoder keeps them; prost's
+    // types would drop them): the demo and the tests load policy from the example's and the
+    // demo's, and the admin port serves the admin API's by reflection.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     for (proto, set) in [
         (
@@ -30,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "idemproxy/demo/v1/subscriptions.proto",
             "demo_descriptors.bin",
         ),
+        ("idemproxy/v1/admin.proto", "admin_descriptors.bin"),
     ] {
         let encoded = protox::Compiler::new(["proto"])?
             .include_imports(true)

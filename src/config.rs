@@ -73,6 +73,16 @@ pub struct RunArgs {
     /// [default: group].
     #[arg(long, env = "IDEMPROXY_FLUSH")]
     pub flush: Option<String>,
+    /// Address of the admin API (`idemproxy keys`); a non-loopback address needs a token
+    /// [default: 127.0.0.1:16091].
+    #[arg(long, env = "IDEMPROXY_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// File holding the admin API's bearer token (or set IDEMPROXY_ADMIN_TOKEN).
+    #[arg(long, env = "IDEMPROXY_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin token, from the environment only.
+    #[arg(skip)]
+    pub admin_token: Option<String>,
     /// FileDescriptorSet of the service, with its idemproxy annotations (repeatable; from
     /// `protoc --include_imports --descriptor_set_out` or `buf build`).
     #[arg(
@@ -157,6 +167,8 @@ pub struct FileSettings {
     proto_path: Option<Vec<PathBuf>>,
     reflection: Option<bool>,
     reflection_timeout: Option<String>,
+    admin_listen: Option<String>,
+    admin_token_file: Option<PathBuf>,
     /// Per-method rules, for protos that cannot be annotated: `[methods."/pkg.Svc/Method"]`.
     methods: Option<std::collections::BTreeMap<String, MethodSettings>>,
 }
@@ -285,6 +297,10 @@ pub struct Config {
     pub descriptors: crate::policy::descriptors::Sources,
     /// The config file's per-method rules.
     pub method_rules: crate::policy::Overrides,
+    /// Where the admin API listens.
+    pub admin_listen: SocketAddr,
+    /// The admin API's bearer token, when one is required.
+    pub admin_token: Option<String>,
 }
 
 /// The longest retention accepted: a year.
@@ -529,6 +545,43 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         redis_poll_interval: args.redis_poll_interval.or(file.redis_poll_interval),
     };
     let store = store_choice(store_settings, store_timeout)?;
+    let admin_text = pick(args.admin_listen, file.admin_listen, "127.0.0.1:16091");
+    let admin_listen: SocketAddr = admin_text.parse().map_err(|_| {
+        invalid(
+            "admin-listen",
+            &admin_text,
+            "not an address (write e.g. 127.0.0.1:16091)",
+        )
+    })?;
+    let admin_token = match (
+        args.admin_token,
+        args.admin_token_file.or(file.admin_token_file),
+    ) {
+        (Some(token), _) => Some(token),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(&path)
+                .map_err(|error| {
+                    invalid(
+                        "admin-token-file",
+                        &path.display().to_string(),
+                        error.to_string(),
+                    )
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    if admin_token.as_deref() == Some("") {
+        return Err(invalid("admin-token-file", "", "the admin token is empty"));
+    }
+    if !admin_listen.ip().is_loopback() && admin_token.is_none() {
+        return Err(invalid(
+            "admin-listen",
+            &admin_text,
+            "a non-loopback admin address needs a token (--admin-token-file or IDEMPROXY_ADMIN_TOKEN): the admin API can forget and purge records",
+        ));
+    }
     let listed = |flag: Vec<PathBuf>, file: Option<Vec<PathBuf>>| {
         if flag.is_empty() {
             file.unwrap_or_default()
@@ -566,6 +619,8 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         store,
         descriptors,
         method_rules: method_rules(file.methods.unwrap_or_default())?,
+        admin_listen,
+        admin_token,
     })
 }
 
@@ -777,6 +832,9 @@ pub fn load(mut args: RunArgs) -> Result<Config, ConfigError> {
     // Only from the environment: a password flag would show in the process list.
     if args.redis_password.is_none() {
         args.redis_password = std::env::var("IDEMPROXY_REDIS_PASSWORD").ok();
+    }
+    if args.admin_token.is_none() {
+        args.admin_token = std::env::var("IDEMPROXY_ADMIN_TOKEN").ok();
     }
     let file = match &args.config {
         Some(path) => read_file(path)?,

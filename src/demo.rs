@@ -164,6 +164,8 @@ pub async fn run() -> anyhow::Result<()> {
             ..Default::default()
         },
         method_rules: Default::default(),
+        admin_listen: "127.0.0.1:0".parse()?,
+        admin_token: None,
     };
     let sidecar = crate::server::start(&config).await?;
     let total = SEQUENTIAL_DELIVERIES + CONCURRENT_DELIVERIES;

@@ -40,6 +40,11 @@ impl Key {
         bytes.try_into().ok().map(Key)
     }
 
+    /// A key from its 64 lowercase or uppercase hex digits, as operators and logs show it.
+    pub fn from_hex(hex: &str) -> Option<Key> {
+        Key::from_slice(&unhex(hex)?)
+    }
+
     /// The raw 32 bytes, as stores index them.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
@@ -90,6 +95,17 @@ pub enum SerialError {
     /// A byte outside visible ASCII (0x21..=0x7e).
     #[error("the idempotency key holds a byte that is not visible ASCII at position {0}")]
     NotVisibleAscii(usize),
+}
+
+/// Bytes from hex digits (either case); `None` for anything else.
+pub fn unhex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) || !hex.is_ascii() {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect()
 }
 
 /// Checks a serial: 1–255 bytes of visible ASCII (design §2).

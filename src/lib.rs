@@ -1,5 +1,6 @@
 //! idemproxy: a gRPC idempotency sidecar. See ARCHITECTURE.md for the map of this crate.
 
+pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod demo;
@@ -19,6 +20,9 @@ pub mod pb {
     /// The example payments API's descriptor set (annotations kept), for the demo and tests.
     pub const EXAMPLE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/example_descriptors.bin"));
+    /// The admin API's descriptor set, served by reflection on the admin port.
+    pub const ADMIN_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/admin_descriptors.bin"));
     /// The demo's subscriptions API's descriptor set (its key field annotated).
     pub const DEMO_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/demo_descriptors.bin"));

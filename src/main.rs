@@ -20,6 +20,8 @@ enum Command {
     /// Load the settings and the service's descriptors as `run` would, print the policy of
     /// every method, and exit 0 when `run` would start (1 when the policy has errors).
     Check(idemproxy::config::RunArgs),
+    /// Inspect, resolve and purge a running sidecar's records through its admin API.
+    Keys(idemproxy::admin::cli::KeysArgs),
     /// Show, in seconds and with no setup, what the sidecar prevents.
     Demo,
     /// Measure what the sidecar costs against a direct call and nginx; writes BENCHMARKS.md.
@@ -61,6 +63,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = idemproxy::config::load(args)?;
             return Ok(runtime.block_on(idemproxy::server::check(&config)));
         }
+        Command::Keys(args) => return Ok(runtime.block_on(idemproxy::admin::cli::run(args))),
         Command::Demo => runtime.block_on(idemproxy::demo::run())?,
         Command::Bench(args) => runtime.block_on(idemproxy::bench::run(args))?,
         Command::BenchLoad(args) => runtime.block_on(idemproxy::bench::run_load(args))?,

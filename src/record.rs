@@ -274,6 +274,74 @@ pub fn classify(response: &Response) -> Disposition {
     }
 }
 
+/// What an operator's change found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolved {
+    /// Applied; the record as it was before.
+    Applied(Box<Record>),
+    /// No record for this key.
+    NotFound,
+    /// The record is not in the state the change needs; its state as of now.
+    Refused(State),
+}
+
+/// The operator forgets an unknown outcome: the key is free, and a retry executes.
+pub fn resolve_forget(current: Option<&Record>, now_ms: u64) -> (Change, Resolved) {
+    match current {
+        None => (Change::Keep, Resolved::NotFound),
+        Some(record) if effective_state(record, now_ms) == State::InDoubt => {
+            (Change::Delete, Resolved::Applied(Box::new(record.clone())))
+        }
+        Some(record) => (
+            Change::Keep,
+            Resolved::Refused(effective_state(record, now_ms)),
+        ),
+    }
+}
+
+/// The operator records what an unknown call did: COMPLETED with `response`, replayed to
+/// every retry until `expires_ms`.
+pub fn resolve_complete(
+    current: Option<&Record>,
+    response: Response,
+    now_ms: u64,
+    expires_ms: u64,
+) -> (Change, Resolved) {
+    match current {
+        None => (Change::Keep, Resolved::NotFound),
+        Some(record) if effective_state(record, now_ms) == State::InDoubt => {
+            let completed = Record {
+                state: State::Completed as i32,
+                response: Some(response),
+                response_not_kept: false,
+                completed_ms: now_ms,
+                expires_ms,
+                ..record.clone()
+            };
+            (
+                Change::Put(completed),
+                Resolved::Applied(Box::new(record.clone())),
+            )
+        }
+        Some(record) => (
+            Change::Keep,
+            Resolved::Refused(effective_state(record, now_ms)),
+        ),
+    }
+}
+
+/// The operator deletes a record; never one whose call may still be running (IN_FLIGHT
+/// within its lease), since its owner would then record into a key already reused.
+pub fn purge(current: Option<&Record>, now_ms: u64) -> (Change, Resolved) {
+    match current {
+        None => (Change::Keep, Resolved::NotFound),
+        Some(record) if effective_state(record, now_ms) == State::InFlight => {
+            (Change::Keep, Resolved::Refused(State::InFlight))
+        }
+        Some(record) => (Change::Delete, Resolved::Applied(Box::new(record.clone()))),
+    }
+}
+
 /// Classifies with a method's overrides: status codes whose bit (1 << code) is set in
 /// `record_codes` are recorded, in `release_codes` released; the rest as `classify` says.
 pub fn classify_with(response: &Response, record_codes: u32, release_codes: u32) -> Disposition {

@@ -104,6 +104,8 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     /// The store, for the demo and tests to inspect.
     pub store: Arc<AnyStore>,
+    /// The address the admin API listens on.
+    pub admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -158,10 +160,30 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         addr: config.listen,
         source,
     })?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.admin_listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Listen {
+            addr: config.admin_listen,
+            source,
+        })?;
+    tracing::info!(addr = %admin_addr, token = config.admin_token.is_some(), "admin listening");
     tracing::info!(addr = %proxy_addr, upstream = %config.upstream, "proxy listening");
     let (stop, stopped) = watch::channel(false);
     let proxy = Arc::new(Proxy::new(settings, engine, upstream, Arc::new(policy)));
     let serving = tokio::spawn(proxy::serve(listener, proxy, wait_for(stopped.clone())));
+    let admin = crate::admin::AdminService::new(store.clone(), config.limits.retention);
+    let administering = tokio::spawn(crate::admin::serve(
+        admin_listener,
+        admin,
+        config.admin_token.clone(),
+        wait_for(stopped.clone()),
+    ));
     let sweeping = tokio::spawn(sweep(
         store.clone(),
         config.sweep_interval,
@@ -170,8 +192,9 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     Ok(Running {
         proxy_addr,
         store,
+        admin_addr,
         stop,
-        tasks: vec![serving, sweeping],
+        tasks: vec![serving, sweeping, administering],
     })
 }
 

@@ -9,6 +9,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let output = Command::new(support::binary::path())
         .args(args)
         .env_remove("IDEMPROXY_UPSTREAM")
+        .env("IDEMPROXY_ADMIN_LISTEN", "127.0.0.1:0")
         .envs(env.iter().copied())
         .output()
         .expect("the binary runs");
@@ -127,6 +128,7 @@ async fn flags_win_over_environment_which_wins_over_the_file() {
         .arg("--data-dir")
         .arg(&data)
         .env("IDEMPROXY_KEY_HEADER", "x-from-env")
+        .env("IDEMPROXY_ADMIN_LISTEN", "127.0.0.1:0")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

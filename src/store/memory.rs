@@ -105,6 +105,25 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
+        use std::ops::Bound;
+        let limit = limit.clamp(1, super::PAGE_RECORDS_MAX);
+        let after = cursor.as_deref().and_then(Key::from_slice);
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let records = self.records.lock().expect("no panic holds this lock");
+        let page: Vec<(Key, Record)> = records
+            .by_key
+            .range((start, Bound::Unbounded))
+            .take(limit)
+            .map(|(key, record)| (*key, record.clone()))
+            .collect();
+        let next = (page.len() == limit).then(|| page[limit - 1].0.as_bytes().to_vec());
+        Ok(super::Page {
+            records: page,
+            next,
+        })
+    }
+
     async fn update<T, F>(&self, key: &Key, mut transition: F) -> Result<T, StoreError>
     where
         T: Send,

@@ -61,6 +61,18 @@ pub struct Usage {
     pub bytes: u64,
 }
 
+/// One page of records, in the store's own order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    /// The records of this page.
+    pub records: Vec<(Key, Record)>,
+    /// Where the next page starts; `None` at the end.
+    pub next: Option<Vec<u8>>,
+}
+
+/// Records one `scan` page holds at most, whatever is asked.
+pub const PAGE_RECORDS_MAX: usize = 1_000;
+
 /// A durable home for records.
 pub trait Store: Send + Sync + 'static {
     /// Applies `transition` to the record of `key` atomically: the closure sees the current
@@ -87,6 +99,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// What the store holds now.
     fn usage(&self) -> Usage;
+
+    /// Up to `limit` (at most `PAGE_RECORDS_MAX`) records after `cursor` (a page's `next`;
+    /// `None` from the start), for operators. Reads only.
+    fn scan(
+        &self,
+        cursor: Option<Vec<u8>>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Page, StoreError>> + Send;
 
     /// True when one process is the store's only writer, so an IN_FLIGHT record of another
     /// process incarnation is known to be orphaned (sled: one process owns the data dir).
@@ -151,6 +171,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.is_sole_owner(),
             AnyStore::Redis(store) => store.is_sole_owner(),
+        }
+    }
+
+    async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<Page, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.scan(cursor, limit).await,
+            AnyStore::Redis(store) => store.scan(cursor, limit).await,
         }
     }
 }

@@ -373,6 +373,54 @@ impl Store for RedisStore {
     fn is_sole_owner(&self) -> bool {
         false
     }
+
+    async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
+        let limit = limit.clamp(1, super::PAGE_RECORDS_MAX);
+        let mut connection = self.connection().await?;
+        if matches!(connection, Connection::Cluster(_)) {
+            return Err(StoreError::Io(
+                "listing records is not supported on Redis Cluster yet; get, resolve and purge work by key".into(),
+            ));
+        }
+        let position = match cursor {
+            Some(bytes) => String::from_utf8(bytes)
+                .ok()
+                .and_then(|text| text.parse::<u64>().ok())
+                .ok_or_else(|| StoreError::Io("not a Redis scan position".into()))?,
+            None => 0,
+        };
+        let pattern = format!("{}:{{*}}", self.key_prefix);
+        let command = redis::cmd("SCAN")
+            .arg(position)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(limit)
+            .to_owned();
+        let (next, names): (u64, Vec<String>) = self
+            .bounded("SCAN failed", connection.query(&command))
+            .await?;
+        let mut records = Vec::with_capacity(names.len());
+        for name in names {
+            let hex = name
+                .rsplit_once('{')
+                .and_then(|(_, rest)| rest.strip_suffix('}'))
+                .unwrap_or_default();
+            let Some(key) = crate::key::Key::from_hex(hex) else {
+                continue; // Not one of ours, though it matched the pattern.
+            };
+            if let Some(bytes) = self.read(&mut connection, &name).await? {
+                let record =
+                    Record::decode(&bytes[..]).map_err(|error| StoreError::Undecodable {
+                        key,
+                        reason: error.to_string(),
+                    })?;
+                records.push((key, record));
+            }
+        }
+        let next = (next != 0).then(|| next.to_string().into_bytes());
+        Ok(super::Page { records, next })
+    }
 }
 
 /// Wakes waiting duplicates when their record changes: one subscriber connection per

@@ -394,6 +394,27 @@ impl SledStore {
 }
 
 impl Store for SledStore {
+    async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
+        use std::ops::Bound;
+        // A page is at most PAGE_RECORDS_MAX reads of sled's cache: short enough to run
+        // here rather than on a blocking thread.
+        let limit = limit.clamp(1, super::PAGE_RECORDS_MAX);
+        let start = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut records = Vec::with_capacity(limit);
+        for entry in self
+            .records
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take(limit)
+        {
+            let (raw_key, value) = entry.map_err(store_error)?;
+            let key = Key::from_slice(&raw_key)
+                .ok_or_else(|| StoreError::Corrupt("a record key is not 32 bytes".into()))?;
+            records.push((key, decode(&key, &value)?));
+        }
+        let next = (records.len() == limit).then(|| records[limit - 1].0.as_bytes().to_vec());
+        Ok(super::Page { records, next })
+    }
+
     async fn update<T, F>(&self, key: &Key, mut transition: F) -> Result<T, StoreError>
     where
         T: Send,

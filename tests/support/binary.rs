@@ -21,6 +21,8 @@ pub async fn start(args: &[String]) -> BinarySidecar {
         .arg("run")
         .args(args)
         .env("RUST_LOG", "info")
+        // Tests run many sidecars at once: each takes a free admin port unless told otherwise.
+        .env("IDEMPROXY_ADMIN_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

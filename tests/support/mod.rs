@@ -64,6 +64,7 @@ pub fn test_args(upstream: SocketAddr, dir: &std::path::Path) -> RunArgs {
         upstream: Some(format!("http://{upstream}")),
         data_dir: Some(dir.to_owned()),
         sweep_interval: Some("50ms".into()),
+        admin_listen: Some("127.0.0.1:0".into()),
         ..RunArgs::default()
     }
 }

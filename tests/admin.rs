@@ -1,0 +1,278 @@
+//! The operators' tools end to end: the real binary serving the admin API, the real
+//! `idemproxy keys` command against it, records made by real traffic through a counting
+//! upstream (COMPLETED, and IN_DOUBT from a service that answers INTERNAL after acting).
+
+// Helpers of tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::Command;
+use support::{add, apply, binary, client, ledger, was_replayed};
+
+const APPLY: &str = "/idemproxy.testing.v1.Ledger/Apply";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `idemproxy keys ARGS --admin ADMIN`: (exit code, stdout, stderr).
+fn keys(admin: &str, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(binary::path())
+        .arg("keys")
+        .args(["--admin", admin])
+        .args(args)
+        .env_remove("IDEMPROXY_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|error| panic!("{error}: {text}"))
+}
+
+async fn sidecar(
+    upstream: SocketAddr,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (binary::BinarySidecar, String) {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("http://{upstream}"),
+        "--data-dir",
+        &dir.display().to_string(),
+        "--admin-listen",
+        &admin,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    (binary::start(&args).await, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_finds_resolves_and_purges_records() {
+    let upstream = ledger::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sidecar, admin) = sidecar(upstream.addr, dir.path(), &[]).await;
+    let mut client = client(sidecar.addr).await;
+    apply(&mut client, add("ok", 1), Some("k-ok"), Some("billing"))
+        .await
+        .unwrap();
+    for serial in ["k-doubt-1", "k-doubt-2"] {
+        let mut failing = add(serial, 1);
+        failing.fail_code = 13; // INTERNAL after acting: IN_DOUBT.
+        let _ = apply(&mut client, failing, Some(serial), Some("billing")).await;
+    }
+    assert_eq!(upstream.state.executions(), 3);
+
+    // Find them.
+    let (code, out, err) = keys(&admin, &["ls", "--state", "IN_DOUBT", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed = json(&out);
+    let in_doubt = listed["records"].as_array().unwrap();
+    assert_eq!(in_doubt.len(), 2, "{out}");
+    assert!(in_doubt
+        .iter()
+        .all(|r| r["method"] == APPLY && r["caller"] == "billing"));
+    let (code, out, _) = keys(&admin, &["ls", "--caller", "nobody", "--json"]);
+    assert_eq!(
+        (code, json(&out)["records"].as_array().unwrap().len()),
+        (0, 0)
+    );
+    let (code, out, err) = keys(
+        &admin,
+        &[
+            "get",
+            "--method",
+            APPLY,
+            "--caller",
+            "billing",
+            "--serial",
+            "k-doubt-1",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("IN_DOUBT") && out.contains("serial       k-doubt-1"),
+        "{out}"
+    );
+    let (code, out, _) = keys(&admin, &["stats", "--json"]);
+    let stats = json(&out);
+    assert_eq!(code, 0);
+    assert_eq!(
+        (stats["records"].as_u64(), stats["in_doubt"].as_u64()),
+        (Some(3), Some(2))
+    );
+
+    // Forget one: the retry executes again.
+    let (code, out, err) = keys(
+        &admin,
+        &[
+            "resolve",
+            "--method",
+            APPLY,
+            "--caller",
+            "billing",
+            "--serial",
+            "k-doubt-1",
+            "--forget",
+            "--operator",
+            "ops@example",
+            "--reason",
+            "ledger shows no entry",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let mut again = add("k-doubt-1", 1);
+    again.fail_code = 13;
+    let forgotten = apply(&mut client, again, Some("k-doubt-1"), Some("billing")).await;
+    assert_eq!(
+        forgotten.unwrap_err().code(),
+        tonic::Code::Internal,
+        "it ran again"
+    );
+    assert_eq!(upstream.state.executions(), 4);
+
+    // Complete the other with the known outcome: the retry gets it, not the service.
+    let (_, out, _) = keys(
+        &admin,
+        &[
+            "get",
+            "--method",
+            APPLY,
+            "--caller",
+            "billing",
+            "--serial",
+            "k-doubt-2",
+            "--json",
+        ],
+    );
+    let hash = json(&out)["key_hash"].as_str().unwrap().to_owned();
+    assert!(
+        in_doubt.iter().any(|r| r["key_hash"] == hash.as_str()),
+        "ls showed it"
+    );
+    let (code, out, err) = keys(
+        &admin,
+        &[
+            "resolve",
+            "--key-hash",
+            &hash,
+            "--complete",
+            "6",
+            "--message",
+            "already charged",
+            "--operator",
+            "ops@example",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("COMPLETED"), "{out}");
+    let mut failing = add("k-doubt-2", 1);
+    failing.fail_code = 13;
+    let answered = apply(&mut client, failing, Some("k-doubt-2"), Some("billing"))
+        .await
+        .unwrap_err();
+    assert_eq!(answered.code(), tonic::Code::AlreadyExists);
+    assert_eq!(answered.message(), "already charged");
+    assert!(answered.metadata().get("idempotency-replayed").is_some());
+    assert_eq!(upstream.state.executions(), 4, "the service did not see it");
+
+    // A COMPLETED record is not resolved; unknown and malformed keys are clear errors.
+    let (code, _, err) = keys(
+        &admin,
+        &[
+            "resolve",
+            "--key-hash",
+            &hash,
+            "--forget",
+            "--operator",
+            "ops",
+        ],
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("only IN_DOUBT"), "{err}");
+    let (code, _, err) = keys(&admin, &["get", "--key-hash", &"0".repeat(64)]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = keys(&admin, &["get", "--key-hash", "xyz"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = keys(&admin, &["ls", "--page-token", "zz"]);
+    assert_eq!(code, 2, "{err}");
+
+    // Purge the COMPLETED one: its key is free again.
+    let (code, out, err) = keys(
+        &admin,
+        &[
+            "purge",
+            "--method",
+            APPLY,
+            "--caller",
+            "billing",
+            "--serial",
+            "k-ok",
+            "--operator",
+            "ops",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let rerun = apply(&mut client, add("ok", 1), Some("k-ok"), Some("billing"))
+        .await
+        .unwrap();
+    assert!(!was_replayed(&rerun));
+    assert_eq!(upstream.state.executions(), 5);
+    let (code, out, _) = keys(&admin, &["purge", "--all-expired", "--json"]);
+    assert_eq!((code, json(&out)["purged"].as_u64()), (0, Some(0)));
+    sidecar.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_wants_its_token_and_refuses_an_open_bind_without_one() {
+    let upstream = ledger::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-admin\n").unwrap();
+    let token_path = token_file.display().to_string();
+    let (sidecar, admin) = sidecar(
+        upstream.addr,
+        &dir.path().join("data"),
+        &["--admin-token-file", &token_path],
+    )
+    .await;
+    let (code, _, err) = keys(&admin, &["stats"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("token"), "{err}");
+    let (code, out, err) = keys(&admin, &["stats", "--token-file", &token_path]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("backend      sled"), "{out}");
+    sidecar.kill().await;
+
+    // Not on loopback and no token: refused before anything starts.
+    let output = Command::new(binary::path())
+        .args(["run", "--upstream", &format!("http://{}", upstream.addr)])
+        .args(["--admin-listen", "0.0.0.0:0", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("other"))
+        .env_remove("IDEMPROXY_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(0));
+    assert!(
+        stderr.contains("--admin-listen") && stderr.contains("token"),
+        "{stderr}"
+    );
+}

@@ -276,3 +276,34 @@ async fn the_admin_api_wants_its_token_and_refuses_an_open_bind_without_one() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_style_tools_find_health_and_reflection_on_the_admin_port() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let upstream = ledger::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sidecar, admin) = sidecar(upstream.addr, dir.path(), &[]).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{admin}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "idemproxy.v1.Admin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, 1, "SERVING");
+    let reflected = idemproxy::policy::reflection::fetch(
+        &format!("http://{admin}"),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let pool = prost_reflect::DescriptorPool::decode(&reflected[..]).unwrap();
+    assert!(pool.get_service_by_name("idemproxy.v1.Admin").is_some());
+    sidecar.kill().await;
+}

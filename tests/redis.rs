@@ -413,3 +413,42 @@ async fn a_fail_open_method_is_forwarded_unprotected_while_redis_is_down() {
         "the method chose availability"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_list_and_purge_records_on_redis() {
+    let redis = RedisServer::start();
+    let upstream = ledger::start().await;
+    let admin = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let mut args = replica_args(upstream.addr, "redis", &redis.url());
+    args.extend(["--admin-listen".to_owned(), admin.clone()]);
+    let sidecar = binary::start(&args).await;
+    let mut client = client(sidecar.addr).await;
+    for serial in ["r-1", "r-2"] {
+        apply(&mut client, add(serial, 1), Some(serial), None)
+            .await
+            .unwrap();
+    }
+    let keys = |args: &[&str]| {
+        let output = std::process::Command::new(binary::path())
+            .args(["keys", "--admin", &admin, "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let listed = keys(&["ls"]);
+    let records = listed["records"].as_array().unwrap();
+    assert_eq!(records.len(), 2, "{listed}");
+    assert_eq!(keys(&["stats"])["backend"], "redis");
+    let hash = records[0]["key_hash"].as_str().unwrap();
+    assert_eq!(
+        keys(&["purge", "--key-hash", hash, "--operator", "ops"])["purged"],
+        1
+    );
+    assert_eq!(keys(&["ls"])["records"].as_array().unwrap().len(), 1);
+    sidecar.kill().await;
+}

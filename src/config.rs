@@ -73,6 +73,13 @@ pub struct RunArgs {
     /// [default: group].
     #[arg(long, env = "IDEMPROXY_FLUSH")]
     pub flush: Option<String>,
+    /// Address of health (`grpc.health.v1`, `/livez`, `/readyz`) [default: 0.0.0.0:16090].
+    #[arg(long, env = "IDEMPROXY_OPS_LISTEN")]
+    pub ops_listen: Option<String>,
+    /// On SIGTERM, how long running calls get to finish and record their outcome
+    /// [default: 25s].
+    #[arg(long, env = "IDEMPROXY_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
     /// Address of the admin API (`idemproxy keys`); a non-loopback address needs a token
     /// [default: 127.0.0.1:16091].
     #[arg(long, env = "IDEMPROXY_ADMIN_LISTEN")]
@@ -169,6 +176,8 @@ pub struct FileSettings {
     reflection_timeout: Option<String>,
     admin_listen: Option<String>,
     admin_token_file: Option<PathBuf>,
+    ops_listen: Option<String>,
+    drain_timeout: Option<String>,
     /// Per-method rules, for protos that cannot be annotated: `[methods."/pkg.Svc/Method"]`.
     methods: Option<std::collections::BTreeMap<String, MethodSettings>>,
 }
@@ -297,6 +306,10 @@ pub struct Config {
     pub descriptors: crate::policy::descriptors::Sources,
     /// The config file's per-method rules.
     pub method_rules: crate::policy::Overrides,
+    /// Where health is served.
+    pub ops_listen: SocketAddr,
+    /// How long a drain may take.
+    pub drain_timeout: Duration,
     /// Where the admin API listens.
     pub admin_listen: SocketAddr,
     /// The admin API's bearer token, when one is required.
@@ -545,6 +558,20 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         redis_poll_interval: args.redis_poll_interval.or(file.redis_poll_interval),
     };
     let store = store_choice(store_settings, store_timeout)?;
+    let ops_text = pick(args.ops_listen, file.ops_listen, "0.0.0.0:16090");
+    let ops_listen: SocketAddr = ops_text.parse().map_err(|_| {
+        invalid(
+            "ops-listen",
+            &ops_text,
+            "not an address (write e.g. 0.0.0.0:16090)",
+        )
+    })?;
+    let drain_timeout = duration(
+        "drain-timeout",
+        &pick(args.drain_timeout, file.drain_timeout, "25s"),
+        ms(0),
+        Duration::from_secs(3600),
+    )?;
     let admin_text = pick(args.admin_listen, file.admin_listen, "127.0.0.1:16091");
     let admin_listen: SocketAddr = admin_text.parse().map_err(|_| {
         invalid(
@@ -619,6 +646,8 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         store,
         descriptors,
         method_rules: method_rules(file.methods.unwrap_or_default())?,
+        ops_listen,
+        drain_timeout,
         admin_listen,
         admin_token,
     })

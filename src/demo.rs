@@ -164,6 +164,8 @@ pub async fn run() -> anyhow::Result<()> {
             ..Default::default()
         },
         method_rules: Default::default(),
+        ops_listen: "127.0.0.1:0".parse()?,
+        drain_timeout: Duration::from_secs(5),
         admin_listen: "127.0.0.1:0".parse()?,
         admin_token: None,
     };

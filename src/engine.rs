@@ -220,6 +220,22 @@ impl Tokens {
     }
 }
 
+/// Counts one forwarded call as running until dropped, however its task ends.
+struct Forwarding(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Forwarding {
+    fn start(counter: &Arc<tokio::sync::watch::Sender<usize>>) -> Forwarding {
+        counter.send_modify(|calls| *calls += 1);
+        Forwarding(counter.clone())
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        self.0.send_modify(|calls| *calls -= 1);
+    }
+}
+
 /// Why a call is not ours to forward.
 enum Unclaimed<S> {
     /// A duplicate, answered from (or refused by) the record.
@@ -230,6 +246,8 @@ enum Unclaimed<S> {
 
 /// The dedup engine over one store, one upstream and one clock.
 pub struct Engine<S, U, C> {
+    /// Forwarded calls still running (their outcome not yet recorded), for the drain.
+    forwarding: Arc<tokio::sync::watch::Sender<usize>>,
     store: Arc<S>,
     upstream: Arc<U>,
     clock: C,
@@ -250,12 +268,27 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     /// An engine over its parts.
     pub fn new(store: Arc<S>, upstream: Arc<U>, clock: C, tokens: Tokens, limits: Limits) -> Self {
         Engine {
+            forwarding: Arc::new(tokio::sync::watch::Sender::new(0)),
             store,
             upstream,
             clock,
             tokens,
             limits,
         }
+    }
+
+    /// Resolves once no forwarded call is running (none may start meanwhile: the caller has
+    /// stopped taking calls). A drain waits on it so every outcome is recorded.
+    pub fn idle(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut running = self.forwarding.subscribe();
+        async move {
+            let _ = running.wait_for(|calls| *calls == 0).await;
+        }
+    }
+
+    /// Forwarded calls still running.
+    pub fn forwarding(&self) -> usize {
+        *self.forwarding.borrow()
     }
 
     /// The store this engine records in.
@@ -294,7 +327,9 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             Err(Unclaimed::StoreFailed(refusal)) => return Answer::Refused(refusal),
         }
         let engine = self.clone();
+        let running = Forwarding::start(&self.forwarding);
         let forwarded = tokio::spawn(async move {
+            let _running = running;
             engine
                 .forward(key, token, lease, policy, call.request, call.body)
                 .await

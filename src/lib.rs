@@ -6,6 +6,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod key;
+pub mod ops;
 pub mod policy;
 pub mod proxy;
 pub mod record;

@@ -3,6 +3,7 @@
 
 use crate::config::{Config, FlushMode, StoreChoice};
 use crate::engine::{CallPolicy, Engine, SystemClock, Tokens};
+use crate::ops::{Health, Readiness};
 use crate::policy::PolicyTable;
 use crate::proxy::upstream::HttpUpstream;
 use crate::proxy::{self, Proxy, ProxySettings};
@@ -41,6 +42,9 @@ pub enum StartError {
     /// The service's descriptors or annotations cannot be used (`idemproxy check` lists all).
     #[error("the policy cannot be used:\n{}", list(.0))]
     Policy(Vec<crate::policy::PolicyError>),
+    /// The drain ran out of time.
+    #[error(transparent)]
+    Drain(#[from] DrainTimedOut),
     /// The upstream URL is unusable.
     #[error(transparent)]
     Upstream(#[from] proxy::upstream::UpstreamUrlError),
@@ -106,16 +110,58 @@ pub struct Running {
     pub store: Arc<AnyStore>,
     /// The address the admin API listens on.
     pub admin_addr: SocketAddr,
+    /// The address health is served on.
+    pub ops_addr: SocketAddr,
+    /// What health reports.
+    pub health: Health,
+    engine: Arc<Engine<AnyStore, HttpUpstream, SystemClock>>,
     stop: watch::Sender<bool>,
+    ops_stop: watch::Sender<bool>,
+    ops: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// How long `Running::stop` lets calls finish.
+const STOP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A drain that ran out of time.
+#[derive(Debug, thiserror::Error)]
+#[error("the drain deadline passed with {calls} forwarded call(s) still running; their records stay IN_FLIGHT and become IN_DOUBT, never re-run")]
+pub struct DrainTimedOut {
+    /// Forwarded calls still running at the deadline.
+    pub calls: usize,
+}
+
 impl Running {
-    /// Stops accepting calls and ends the background tasks.
+    /// Stops: a drain of at most `STOP_DEADLINE` (tests and the demo).
     pub async fn stop(self) {
+        if let Err(error) = self.drain(STOP_DEADLINE).await {
+            tracing::warn!(%error, "stopped before every call finished");
+        }
+    }
+
+    /// Graceful drain (SIGTERM): readiness turns NOT_SERVING, no new connection is taken,
+    /// open connections get GOAWAY and finish their calls, every forwarded call records its
+    /// outcome; all within `deadline`. Health keeps answering until the end.
+    pub async fn drain(self, deadline: std::time::Duration) -> Result<(), DrainTimedOut> {
+        self.health.set(Readiness::Draining).await;
         let _ = self.stop.send(true);
-        for task in self.tasks {
-            let _ = task.await;
+        let engine = self.engine.clone();
+        let tasks = self.tasks;
+        let finished = async move {
+            for task in tasks {
+                let _ = task.await;
+            }
+            engine.idle().await;
+        };
+        let outcome = tokio::time::timeout(deadline, finished).await;
+        let _ = self.ops_stop.send(true);
+        let _ = self.ops.await;
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(_) => Err(DrainTimedOut {
+                calls: self.engine.forwarding(),
+            }),
         }
     }
 }
@@ -150,32 +196,27 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         caller_header: config.caller_header.clone(),
         request_bytes_max: config.request_bytes_max,
     };
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let proxy_addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen,
-        source,
-    })?;
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.admin_listen,
-            source,
-        })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| StartError::Listen {
-            addr: config.admin_listen,
-            source,
-        })?;
+    // Bound before anything serves, so a taken port stops the start with its name.
+    let (ops_listener, ops_addr) = bind(config.ops_listen).await?;
+    let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
+    let (listener, proxy_addr) = bind(config.listen).await?;
+    tracing::info!(addr = %ops_addr, "ops listening");
     tracing::info!(addr = %admin_addr, token = config.admin_token.is_some(), "admin listening");
     tracing::info!(addr = %proxy_addr, upstream = %config.upstream, "proxy listening");
     let (stop, stopped) = watch::channel(false);
-    let proxy = Arc::new(Proxy::new(settings, engine, upstream, Arc::new(policy)));
+    let (ops_stop, ops_stopped) = watch::channel(false);
+    let health = Health::new();
+    let ops = tokio::spawn(crate::ops::serve(
+        ops_listener,
+        health.clone(),
+        wait_for(ops_stopped),
+    ));
+    let proxy = Arc::new(Proxy::new(
+        settings,
+        engine.clone(),
+        upstream,
+        Arc::new(policy),
+    ));
     let serving = tokio::spawn(proxy::serve(listener, proxy, wait_for(stopped.clone())));
     let admin = crate::admin::AdminService::new(store.clone(), config.limits.retention);
     let administering = tokio::spawn(crate::admin::serve(
@@ -184,6 +225,11 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         config.admin_token.clone(),
         wait_for(stopped.clone()),
     ));
+    let watching = tokio::spawn(
+        health
+            .clone()
+            .watch_store(store.clone(), wait_for(stopped.clone())),
+    );
     let sweeping = tokio::spawn(sweep(
         store.clone(),
         config.sweep_interval,
@@ -193,9 +239,21 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         proxy_addr,
         store,
         admin_addr,
+        ops_addr,
+        health,
+        engine,
         stop,
-        tasks: vec![serving, sweeping, administering],
+        ops_stop,
+        ops,
+        tasks: vec![serving, sweeping, administering, watching],
     })
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let failed = |source| StartError::Listen { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(failed)?;
+    let bound = listener.local_addr().map_err(failed)?;
+    Ok((listener, bound))
 }
 
 /// Opens the sled store.
@@ -274,8 +332,9 @@ async fn sweep<S: Store>(
 pub async fn run(config: Config) -> Result<(), StartError> {
     let running = start(&config).await?;
     shutdown_signal().await;
-    tracing::info!("shutting down");
-    running.stop().await;
+    tracing::info!(deadline = ?config.drain_timeout, "draining");
+    running.drain(config.drain_timeout).await?;
+    tracing::info!("drained: every call finished and its outcome is stored");
     Ok(())
 }
 

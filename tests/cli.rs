@@ -10,6 +10,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
         .args(args)
         .env_remove("IDEMPROXY_UPSTREAM")
         .env("IDEMPROXY_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("IDEMPROXY_OPS_LISTEN", "127.0.0.1:0")
         .envs(env.iter().copied())
         .output()
         .expect("the binary runs");
@@ -129,6 +130,7 @@ async fn flags_win_over_environment_which_wins_over_the_file() {
         .arg(&data)
         .env("IDEMPROXY_KEY_HEADER", "x-from-env")
         .env("IDEMPROXY_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("IDEMPROXY_OPS_LISTEN", "127.0.0.1:0")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

@@ -6,63 +6,8 @@
 
 mod support;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use support::tmpfs::Tmpfs;
 use support::{add, apply, client, ledger, reason, was_replayed};
-
-/// A tmpfs mounted for one test, unmounted when dropped.
-struct Tmpfs {
-    path: PathBuf,
-    _parent: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let parent = tempfile::tempdir().unwrap();
-        let path = parent.path().join("fs");
-        std::fs::create_dir(&path).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .status()
-            .expect("runs mount");
-        assert!(
-            status.success(),
-            "mounting a tmpfs needs root (this test fills a real disk)"
-        );
-        Tmpfs {
-            path,
-            _parent: parent,
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
-/// Writes a file until the file system is full.
-fn fill(dir: &Path) -> PathBuf {
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0u8; 64 << 10];
-    loop {
-        if let Err(error) = file.write_all(&chunk).and_then(|()| file.sync_all()) {
-            assert_eq!(
-                error.raw_os_error(),
-                Some(28),
-                "filled until ENOSPC: {error}"
-            );
-            break;
-        }
-    }
-    // Small writes until not even a byte fits.
-    while file.write_all(&[0]).and_then(|()| file.sync_all()).is_ok() {}
-    path
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_closed_and_forwards_nothing() {
@@ -79,7 +24,7 @@ async fn a_full_disk_fails_closed_and_forwards_nothing() {
     let first = apply(&mut client, add("before", 1), Some("before"), None)
         .await
         .expect("disk has room");
-    fill(&tmpfs.path);
+    tmpfs.fill();
 
     let mut refused = Vec::new();
     for n in 0..20 {

@@ -192,6 +192,8 @@ async fn start_sidecar(upstream: SocketAddr, dir: &Path, flush: &str) -> anyhow:
         &format!("http://{upstream}"),
         "--admin-listen",
         "127.0.0.1:0",
+        "--ops-listen",
+        "127.0.0.1:0",
         "--data-dir",
         &dir.display().to_string(),
         "--flush",

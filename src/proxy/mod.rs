@@ -246,7 +246,9 @@ fn key_missing(settings: &ProxySettings) -> HttpResponse {
 }
 
 /// Serves HTTP/2 (prior knowledge, as gRPC speaks it) on `listener` until `shutdown`
-/// resolves. Each connection runs in its own task.
+/// resolves, then drains: no new connection is accepted, every open one gets GOAWAY and is
+/// served until its calls end; returns when all have closed. Each connection runs in its own
+/// task.
 pub async fn serve<S: Store, C: Clock>(
     listener: TcpListener,
     proxy: Arc<Proxy<S, C>>,
@@ -254,10 +256,12 @@ pub async fn serve<S: Store, C: Clock>(
 ) {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder.timer(hyper_util::rt::TokioTimer::new());
+    let (draining, drain) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            () = &mut shutdown => return,
+            () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -267,6 +271,8 @@ pub async fn serve<S: Store, C: Clock>(
                     continue;
                 }
             },
+            // Reap finished connections so the set stays the size of the open ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
@@ -274,10 +280,26 @@ pub async fn serve<S: Store, C: Clock>(
             TokioIo::new(stream),
             hyper::service::service_fn(move |request| proxy.clone().serve(request)),
         );
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
+        let mut drain = drain.clone();
+        connections.spawn(async move {
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = async { let _ = drain.wait_for(|draining| *draining).await; } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
+    drop(listener);
+    let _ = draining.send(true);
+    tracing::info!(
+        connections = connections.len(),
+        "draining the open connections"
+    );
+    while connections.join_next().await.is_some() {}
 }

@@ -105,6 +105,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    async fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
         use std::ops::Bound;
         let limit = limit.clamp(1, super::PAGE_RECORDS_MAX);

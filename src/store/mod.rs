@@ -100,6 +100,9 @@ pub trait Store: Send + Sync + 'static {
     /// What the store holds now.
     fn usage(&self) -> Usage;
 
+    /// Whether the store can take writes now (readiness): `Err` names what is wrong.
+    fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Up to `limit` (at most `PAGE_RECORDS_MAX`) records after `cursor` (a page's `next`;
     /// `None` from the start), for operators. Reads only.
     fn scan(
@@ -171,6 +174,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.is_sole_owner(),
             AnyStore::Redis(store) => store.is_sole_owner(),
+        }
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.check().await,
+            AnyStore::Redis(store) => store.check().await,
         }
     }
 

@@ -374,6 +374,15 @@ impl Store for RedisStore {
         false
     }
 
+    async fn check(&self) -> Result<(), StoreError> {
+        let mut connection = self.connection().await?;
+        let command = redis::cmd("PING");
+        let _: String = self
+            .bounded("PING failed", connection.query(&command))
+            .await?;
+        Ok(())
+    }
+
     async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
         let limit = limit.clamp(1, super::PAGE_RECORDS_MAX);
         let mut connection = self.connection().await?;

@@ -54,6 +54,8 @@ pub struct SledOptions {
 /// The sled-backed store.
 pub struct SledStore {
     db: sled::Db,
+    /// The data directory, probed for writability by `check`.
+    dir: PathBuf,
     records: sled::Tree,
     expiry: sled::Tree,
     flusher: Flusher,
@@ -134,6 +136,7 @@ impl SledStore {
         .map_err(|error| StoreError::Io(format!("cannot start the flusher thread: {error}")))?;
         let store = SledStore {
             db,
+            dir: options.dir.clone(),
             records,
             expiry,
             flusher,
@@ -394,6 +397,30 @@ impl SledStore {
 }
 
 impl Store for SledStore {
+    async fn check(&self) -> Result<(), StoreError> {
+        if !self.flusher.is_healthy() {
+            return Err(StoreError::Io(
+                "the last flush of the data dir failed".into(),
+            ));
+        }
+        if self.full.load(Ordering::Relaxed) {
+            return Err(StoreError::Io(
+                "the store is at its size bound with nothing to evict".into(),
+            ));
+        }
+        // The directory must take a new file: sled writes to files it holds open, so a
+        // read-only or full filesystem would otherwise go unnoticed until the next flush.
+        let probe = self.dir.join(".idemproxy-ready");
+        let written = tokio::fs::write(&probe, b"ok").await;
+        let _ = tokio::fs::remove_file(&probe).await;
+        written.map_err(|error| {
+            StoreError::Io(format!(
+                "the data dir {} is not writable: {error}",
+                self.dir.display()
+            ))
+        })
+    }
+
     async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
         use std::ops::Bound;
         // A page is at most PAGE_RECORDS_MAX reads of sled's cache: short enough to run

@@ -23,6 +23,7 @@ pub async fn start(args: &[String]) -> BinarySidecar {
         .env("RUST_LOG", "info")
         // Tests run many sidecars at once: each takes a free admin port unless told otherwise.
         .env("IDEMPROXY_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("IDEMPROXY_OPS_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -34,6 +35,21 @@ pub async fn start(args: &[String]) -> BinarySidecar {
 }
 
 impl BinarySidecar {
+    /// SIGTERM, as Kubernetes sends before it stops a container.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("still running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("runs kill");
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub async fn wait(mut self) -> Option<i32> {
+        self.child.wait().await.expect("waits").code()
+    }
+
     /// SIGKILL: no chance to flush or clean up, as in an OOM kill.
     pub async fn kill(mut self) {
         self.child.kill().await.expect("the child can be killed");

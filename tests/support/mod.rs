@@ -9,6 +9,7 @@ pub mod ledger;
 pub mod payments;
 pub mod raw;
 pub mod redis;
+pub mod tmpfs;
 
 use idemproxy::config::{self, RunArgs};
 use idemproxy::pb::google::rpc::{ErrorInfo, Status as RpcStatus};
@@ -65,6 +66,7 @@ pub fn test_args(upstream: SocketAddr, dir: &std::path::Path) -> RunArgs {
         data_dir: Some(dir.to_owned()),
         sweep_interval: Some("50ms".into()),
         admin_listen: Some("127.0.0.1:0".into()),
+        ops_listen: Some("127.0.0.1:0".into()),
         ..RunArgs::default()
     }
 }

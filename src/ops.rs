@@ -1,0 +1,194 @@
+//! The ops listener (design §7, `--ops-listen`): `grpc.health.v1` (overall, `liveness`,
+//! `readiness`) and HTTP `GET /livez` and `/readyz`, on one port that speaks HTTP/1.1 and
+//! HTTP/2. Read-only: nothing here can change a record.
+//!
+//! Ready means the proxy is bound, the policy loaded (both true once `server::start`
+//! returned), the store can take writes (`Store::check`, every `READINESS_INTERVAL`), and the
+//! sidecar is not draining. Live means the process answers.
+
+use crate::store::Store;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+/// How often readiness re-checks the store.
+pub const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest wait for one store check; past it the store counts as not ready.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the sidecar should get traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Serving.
+    Ready,
+    /// Not serving, and why.
+    NotReady(String),
+    /// Shutting down: finishing the calls it has.
+    Draining,
+}
+
+/// The health the ops listener reports; the server updates it.
+#[derive(Clone)]
+pub struct Health {
+    readiness: watch::Sender<Readiness>,
+    reporter: HealthReporter,
+    grpc: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+}
+
+impl Health {
+    /// Starts not ready; `set` or `watch_store` makes it ready.
+    pub fn new() -> Health {
+        let reporter = HealthReporter::new();
+        let grpc = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        );
+        Health {
+            readiness: watch::Sender::new(Readiness::NotReady("starting".into())),
+            reporter,
+            grpc,
+        }
+    }
+
+    /// Reports `readiness` on every channel: HTTP and the gRPC services "", "readiness".
+    pub async fn set(&self, readiness: Readiness) {
+        let status = if readiness == Readiness::Ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        let changed = self.readiness.send_if_modified(|current| {
+            // Draining is final: a store check must not make a draining sidecar ready.
+            if *current == readiness || *current == Readiness::Draining {
+                return false;
+            }
+            *current = readiness.clone();
+            true
+        });
+        if changed {
+            match &*self.readiness.borrow() {
+                Readiness::NotReady(why) => tracing::warn!(why, "not ready"),
+                Readiness::Draining => tracing::info!("draining: not ready"),
+                Readiness::Ready => tracing::info!("ready"),
+            }
+        }
+        let final_status = if *self.readiness.borrow() == Readiness::Ready {
+            status
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("", final_status).await;
+        self.reporter
+            .set_service_status("readiness", final_status)
+            .await;
+        self.reporter
+            .set_service_status("liveness", ServingStatus::Serving)
+            .await;
+    }
+
+    /// What readiness is now.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.borrow().clone()
+    }
+
+    /// Checks `store` every `READINESS_INTERVAL` until `stopped`, reporting what it finds.
+    pub async fn watch_store<S: Store>(self, store: Arc<S>, stopped: impl Future<Output = ()>) {
+        tokio::pin!(stopped);
+        loop {
+            let readiness = match tokio::time::timeout(CHECK_TIMEOUT, store.check()).await {
+                Ok(Ok(())) => Readiness::Ready,
+                Ok(Err(error)) => Readiness::NotReady(error.to_string()),
+                Err(_) => Readiness::NotReady("the store did not answer its check".into()),
+            };
+            self.set(readiness).await;
+            tokio::select! {
+                () = &mut stopped => return,
+                () = tokio::time::sleep(READINESS_INTERVAL) => {}
+            }
+        }
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new()
+    }
+}
+
+type OpsBody = tonic::body::Body;
+
+fn text(status: StatusCode, body: String) -> Response<OpsBody> {
+    let mut response = Response::new(OpsBody::new(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+async fn answer(
+    health: Health,
+    request: Request<Incoming>,
+) -> Result<Response<OpsBody>, Infallible> {
+    use tower::Service;
+    let path = request.uri().path();
+    if request.method() == http::Method::GET && (path == "/livez" || path == "/readyz") {
+        if path == "/livez" {
+            return Ok(text(StatusCode::OK, "alive\n".into()));
+        }
+        return Ok(match health.readiness() {
+            Readiness::Ready => text(StatusCode::OK, "ready\n".into()),
+            Readiness::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
+            Readiness::NotReady(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        });
+    }
+    if path.starts_with("/grpc.health.v1.Health/") {
+        let mut grpc = health.grpc.clone();
+        return grpc.call(request.map(OpsBody::new)).await;
+    }
+    Ok(text(
+        StatusCode::NOT_FOUND,
+        "not found: try /livez, /readyz or grpc.health.v1\n".into(),
+    ))
+}
+
+/// Serves health on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, health: Health, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "ops accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let health = health.clone();
+        let service = hyper::service::service_fn(move |request| answer(health.clone(), request));
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+}

@@ -1,0 +1,205 @@
+//! Health and graceful drain: the ops listener's HTTP probes and grpc.health.v1 through real
+//! clients, readiness following the store (a data dir on a disk that fills up), and SIGTERM to
+//! the real binary while a call is running: the call finishes, its outcome is stored and
+//! replayed after a restart, health says NOT_SERVING meanwhile, and the exit is 0.
+
+// Helpers of tests: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+use support::{add, apply, binary, client, ledger, start_sidecar, was_replayed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// `GET path` over HTTP/1.1: (status, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: ops\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let body = answer
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+/// The gRPC health status of `service` (1 SERVING, 2 NOT_SERVING).
+async fn grpc_health(addr: SocketAddr, service: &str) -> i32 {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_report_live_and_ready_and_follow_the_store() {
+    let upstream = ledger::start().await;
+    let tmpfs = support::tmpfs::Tmpfs::mount("16m");
+    let data = tmpfs.path.join("data");
+    let sidecar = start_sidecar(upstream.addr, |args| args.data_dir = Some(data)).await;
+    let ops = sidecar.running.ops_addr;
+    support::eventually(Duration::from_secs(5), "readiness", || async move {
+        get(ops, "/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(get(ops, "/livez").await, (200, "alive\n".into()));
+    for service in ["", "liveness", "readiness"] {
+        assert_eq!(grpc_health(ops, service).await, 1, "{service:?} is SERVING");
+    }
+    assert_eq!(get(ops, "/elsewhere").await.0, 404);
+
+    // The disk fills up: not ready (and says why), still alive.
+    let _filler = tmpfs.fill();
+    support::eventually(Duration::from_secs(5), "not ready", || async move {
+        get(ops, "/readyz").await.0 == 503
+    })
+    .await;
+    let (_, why) = get(ops, "/readyz").await;
+    assert!(why.contains("not ready"), "{why}");
+    assert_eq!(grpc_health(ops, "readiness").await, 2, "NOT_SERVING");
+    assert_eq!(get(ops, "/livez").await.0, 200);
+}
+
+/// IN_FLIGHT records, as the admin API counts them.
+async fn in_flight(admin: SocketAddr) -> u64 {
+    use idemproxy::pb::idemproxy::v1::admin_client::AdminClient;
+    use idemproxy::pb::idemproxy::v1::GetStatsRequest;
+    let mut client = AdminClient::connect(format!("http://{admin}"))
+        .await
+        .unwrap();
+    let stats = client.get_stats(GetStatsRequest {}).await.unwrap();
+    stats.into_inner().in_flight
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_running_call_and_keeps_its_outcome() {
+    let upstream = ledger::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = free_addr();
+    let admin = free_addr();
+    let args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("http://{}", upstream.addr),
+        "--data-dir",
+        &dir.path().display().to_string(),
+        "--ops-listen",
+        &ops.to_string(),
+        "--admin-listen",
+        &admin.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let sidecar = binary::start(&args).await;
+    support::eventually(Duration::from_secs(5), "readiness", || async move {
+        get(ops, "/readyz").await.0 == 200
+    })
+    .await;
+    let mut caller = client(sidecar.addr).await;
+    let running = tokio::spawn(async move {
+        let mut slow = add("drain", 5);
+        slow.delay_ms = 1_500;
+        apply(&mut caller, slow, Some("in-flight-at-sigterm"), None).await
+    });
+    support::eventually(
+        Duration::from_secs(5),
+        "the call to be in flight",
+        || async move { in_flight(admin).await == 1 },
+    )
+    .await;
+    sidecar.terminate();
+    // Draining: health says so while the call is still running.
+    support::eventually(Duration::from_secs(5), "readiness to drop", || async move {
+        get(ops, "/readyz").await == (503, "draining\n".into())
+    })
+    .await;
+    assert_eq!(grpc_health(ops, "readiness").await, 2, "NOT_SERVING");
+    let answered = running.await.unwrap().expect("the running call finishes");
+    assert!(!was_replayed(&answered));
+    assert_eq!(sidecar.wait().await, Some(0), "a drain in time exits 0");
+
+    // The outcome survived: a retry after the restart is a replay.
+    let restarted = binary::start(&args[..6]).await;
+    let mut caller = client(restarted.addr).await;
+    let mut slow = add("drain", 5);
+    slow.delay_ms = 1_500;
+    let retry = apply(&mut caller, slow, Some("in-flight-at-sigterm"), None)
+        .await
+        .unwrap();
+    assert!(was_replayed(&retry));
+    assert_eq!(retry.get_ref(), answered.get_ref());
+    assert_eq!(upstream.state.executions(), 1);
+    restarted.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_past_its_deadline_exits_non_zero_and_leaves_the_call_in_doubt() {
+    let upstream = ledger::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_addr();
+    let args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("http://{}", upstream.addr),
+        "--data-dir",
+        &dir.path().display().to_string(),
+        "--drain-timeout",
+        "200ms",
+        "--admin-listen",
+        &admin.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let sidecar = binary::start(&args).await;
+    let mut caller = client(sidecar.addr).await;
+    tokio::spawn(async move {
+        let mut slow = add("late", 1);
+        slow.delay_ms = 3_000;
+        let _ = apply(&mut caller, slow, Some("too-slow"), None).await;
+    });
+    support::eventually(
+        Duration::from_secs(5),
+        "the call to be in flight",
+        || async move { in_flight(admin).await == 1 },
+    )
+    .await;
+    sidecar.terminate();
+    assert_ne!(sidecar.wait().await, Some(0), "the deadline passed");
+
+    // The record was left as it was; the next process treats it as IN_DOUBT, never re-runs it.
+    let restarted = binary::start(&args[..6]).await;
+    let mut caller = client(restarted.addr).await;
+    let mut slow = add("late", 1);
+    slow.delay_ms = 3_000;
+    let refused = apply(&mut caller, slow, Some("too-slow"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(support::reason(&refused), "IDEMPOTENCY_OUTCOME_UNKNOWN");
+    restarted.kill().await;
+}

@@ -452,3 +452,34 @@ async fn operators_list_and_purge_records_on_redis() {
     assert_eq!(keys(&["ls"])["records"].as_array().unwrap().len(), 1);
     sidecar.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_redis() {
+    let upstream = ledger::start().await;
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let sidecar = start_sidecar(upstream.addr, |args| {
+        args.store = Some("redis".into());
+        args.redis_url = Some(url);
+        args.store_timeout = Some("500ms".into());
+    })
+    .await;
+    let health = sidecar.running.health.clone();
+    let ready = |want: bool| {
+        let health = health.clone();
+        move || {
+            let health = health.clone();
+            async move { (health.readiness() == idemproxy::ops::Readiness::Ready) == want }
+        }
+    };
+    support::eventually(Duration::from_secs(10), "ready on Redis", ready(true)).await;
+    redis.kill();
+    support::eventually(
+        Duration::from_secs(10),
+        "not ready without Redis",
+        ready(false),
+    )
+    .await;
+    redis.restart();
+    support::eventually(Duration::from_secs(20), "ready again", ready(true)).await;
+}

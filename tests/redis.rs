@@ -110,6 +110,16 @@ async fn concurrent_duplicates_split_across_replicas_execute_once() {
     }
 }
 
+/// Settings of an in-process sidecar on the Redis at `url`, failing closed after `timeout`.
+fn on_redis(url: String, timeout: &str) -> impl FnOnce(&mut idemproxy::config::RunArgs) {
+    let timeout = timeout.to_owned();
+    move |args| {
+        args.store = Some("redis".into());
+        args.redis_url = Some(url);
+        args.store_timeout = Some(timeout);
+    }
+}
+
 fn options(url: String) -> RedisOptions {
     RedisOptions {
         urls: vec![url],
@@ -202,12 +212,7 @@ async fn while_redis_is_down_nothing_is_forwarded_and_calls_resume_when_it_retur
     let upstream = ledger::start().await;
     let mut redis = RedisServer::start();
     let url = redis.url();
-    let sidecar = start_sidecar(upstream.addr, |args| {
-        args.store = Some("redis".into());
-        args.redis_url = Some(url);
-        args.store_timeout = Some("1s".into());
-    })
-    .await;
+    let sidecar = start_sidecar(upstream.addr, on_redis(url, "1s")).await;
     let mut client = client(sidecar.addr).await;
     let first = apply(&mut client, add("before", 1), Some("before"), None)
         .await
@@ -351,11 +356,9 @@ async fn rediss_with_a_private_ca_and_a_password_from_a_file() {
     let secure = |password_file: std::path::PathBuf| {
         let (url, ca) = (url.clone(), ca.clone());
         move |args: &mut idemproxy::config::RunArgs| {
-            args.store = Some("redis".into());
-            args.redis_url = Some(url);
+            on_redis(url, "1s")(args);
             args.redis_ca_file = Some(ca);
             args.redis_password_file = Some(password_file);
-            args.store_timeout = Some("1s".into());
         }
     };
     let sidecar = start_sidecar(upstream.addr, secure(password_file)).await;
@@ -395,9 +398,7 @@ async fn a_fail_open_method_is_forwarded_unprotected_while_redis_is_down() {
     )
     .unwrap();
     let sidecar = start_sidecar(upstream.addr, |args| {
-        args.store = Some("redis".into());
-        args.redis_url = Some(url);
-        args.store_timeout = Some("1s".into());
+        on_redis(url, "1s")(args);
         args.config = Some(config);
     })
     .await;
@@ -458,12 +459,7 @@ async fn readiness_follows_redis() {
     let upstream = ledger::start().await;
     let mut redis = RedisServer::start();
     let url = redis.url();
-    let sidecar = start_sidecar(upstream.addr, |args| {
-        args.store = Some("redis".into());
-        args.redis_url = Some(url);
-        args.store_timeout = Some("500ms".into());
-    })
-    .await;
+    let sidecar = start_sidecar(upstream.addr, on_redis(url, "500ms")).await;
     let health = sidecar.running.health.clone();
     let ready = |want: bool| {
         let health = health.clone();

@@ -479,3 +479,95 @@ async fn readiness_follows_redis() {
     redis.restart();
     support::eventually(Duration::from_secs(20), "ready again", ready(true)).await;
 }
+
+/// Redis killed -9 under load and restarted from its append-only file (`appendfsync
+/// always`, as the test servers run): no key executes twice, every answer is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_loses_no_acknowledged_claim() {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let upstream = ledger::start().await;
+    let mut redis = RedisServer::start();
+    let sidecar = start_sidecar(upstream.addr, |args| {
+        on_redis(redis.url(), "1s")(args);
+        // Claims stranded by the crash settle quickly as IN_DOUBT.
+        args.default_lease = Some("1s".into());
+        args.lease_margin = Some("0s".into());
+        args.max_in_flight_wait = Some("0s".into());
+    })
+    .await;
+    let answers = Arc::new(Mutex::new(HashMap::new()));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let callers: Vec<_> = (0..16)
+        .map(|caller| {
+            let (answers, stopped) = (answers.clone(), stopped.clone());
+            let addr = sidecar.addr;
+            tokio::spawn(async move {
+                let mut client = client(addr).await;
+                let mut sent = Vec::new();
+                for n in 0.. {
+                    if *stopped.borrow() {
+                        break;
+                    }
+                    let key = format!("k-{caller}-{n}");
+                    sent.push(key.clone());
+                    if let Ok(reply) = apply(&mut client, add(&key, 1), Some(&key), None).await {
+                        answers.lock().unwrap().insert(key, reply.into_inner());
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    support::eventually(Duration::from_secs(10), "load", || {
+        let state = upstream.state.clone();
+        async move { state.executions() >= 300 }
+    })
+    .await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = stop.send(true);
+    let mut sent = Vec::new();
+    for caller in callers {
+        sent.extend(caller.await.unwrap());
+    }
+    redis.restart();
+    tokio::time::sleep(Duration::from_millis(1_100)).await; // Stranded leases run out.
+    let mut client = client(sidecar.addr).await;
+    let (mut replayed, mut in_doubt) = (0, 0);
+    for key in &sent {
+        let seen = answers.lock().unwrap().get(key).cloned();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let outcome = loop {
+            match apply(&mut client, add(key, 1), Some(key), None).await {
+                Err(status) if reason(&status) == "IDEMPOTENCY_STORE_UNAVAILABLE" => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "Redis did not come back"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                outcome => break outcome,
+            }
+        };
+        match (outcome, seen) {
+            (Ok(reply), Some(seen)) => {
+                assert!(was_replayed(&reply), "{key}: answered, so replayed");
+                assert_eq!(reply.get_ref(), &seen);
+                replayed += 1;
+            }
+            (Ok(_), None) => {}
+            (Err(status), None) => {
+                assert_eq!(reason(&status), "IDEMPOTENCY_OUTCOME_UNKNOWN", "{key}");
+                in_doubt += 1;
+            }
+            (Err(status), Some(_)) => panic!("{key}: an answer was lost: {status:?}"),
+        }
+    }
+    eprintln!(
+        "{} keys, {replayed} replayed, {in_doubt} IN_DOUBT after the Redis crash",
+        sent.len()
+    );
+    assert!(replayed > 0, "answers from before the crash were replayed");
+    assert!(upstream.state.executed_twice().is_empty());
+}

@@ -307,3 +307,42 @@ async fn grpcurl_style_tools_find_health_and_reflection_on_the_admin_port() {
     assert!(pool.get_service_by_name("idemproxy.v1.Admin").is_some());
     sidecar.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ls_pages_through_every_record_once() {
+    let upstream = ledger::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sidecar, admin) = sidecar(upstream.addr, dir.path(), &[]).await;
+    let mut client = client(sidecar.addr).await;
+    for n in 0..7 {
+        let serial = format!("page-{n}");
+        apply(&mut client, add(&serial, 1), Some(&serial), None)
+            .await
+            .unwrap();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut token = String::new();
+    for _ in 0..10 {
+        let mut args = vec!["ls", "--limit", "3", "--json"];
+        if !token.is_empty() {
+            args.extend(["--page-token", &token]);
+        }
+        let (code, out, err) = keys(&admin, &args);
+        assert_eq!(code, 0, "{err}");
+        let page = json(&out);
+        let records = page["records"].as_array().unwrap();
+        assert!(records.len() <= 3, "a page holds at most --limit records");
+        for record in records {
+            assert!(
+                seen.insert(record["key_hash"].as_str().unwrap().to_owned()),
+                "listed twice"
+            );
+        }
+        token = page["next_page_token"].as_str().unwrap().to_owned();
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 7, "every record, once");
+    sidecar.kill().await;
+}

@@ -102,13 +102,13 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         self: Arc<Self>,
         request: Request<Incoming>,
     ) -> Result<HttpResponse, Infallible> {
-        let rule = self.policy.get(request.uri().path()).clone();
+        let rule = self.policy.get(request.uri().path());
         if rule.dedup == Dedup::Off {
             return Ok(self.pass_through(request.map(ProxyBody::Streaming)).await);
         }
         let keyed = request.headers().contains_key(&self.settings.key_header);
         if keyed || rule.inspects_request() {
-            return Ok(self.deduplicate(request, &rule).await);
+            return Ok(self.deduplicate(request, rule).await);
         }
         if rule.require_key {
             return Ok(key_missing(&self.settings));

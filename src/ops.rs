@@ -62,11 +62,6 @@ impl Health {
 
     /// Reports `readiness` on every channel: HTTP and the gRPC services "", "readiness".
     pub async fn set(&self, readiness: Readiness) {
-        let status = if readiness == Readiness::Ready {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
         let changed = self.readiness.send_if_modified(|current| {
             // Draining is final: a store check must not make a draining sidecar ready.
             if *current == readiness || *current == Readiness::Draining {
@@ -82,15 +77,14 @@ impl Health {
                 Readiness::Ready => tracing::info!("ready"),
             }
         }
-        let final_status = if *self.readiness.borrow() == Readiness::Ready {
-            status
+        // What is reported is what is stored, which a drain may have kept from changing.
+        let status = if *self.readiness.borrow() == Readiness::Ready {
+            ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        self.reporter.set_service_status("", final_status).await;
-        self.reporter
-            .set_service_status("readiness", final_status)
-            .await;
+        self.reporter.set_service_status("", status).await;
+        self.reporter.set_service_status("readiness", status).await;
         self.reporter
             .set_service_status("liveness", ServingStatus::Serving)
             .await;

@@ -37,6 +37,13 @@ fn keys(admin: &str, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A request the service acts on, then answers INTERNAL: its key becomes IN_DOUBT.
+fn acts_then_fails(account: &str) -> idemproxy::pb::idemproxy::testing::v1::ApplyRequest {
+    let mut request = add(account, 1);
+    request.fail_code = 13;
+    request
+}
+
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|error| panic!("{error}: {text}"))
 }
@@ -73,9 +80,13 @@ async fn an_operator_finds_resolves_and_purges_records() {
         .await
         .unwrap();
     for serial in ["k-doubt-1", "k-doubt-2"] {
-        let mut failing = add(serial, 1);
-        failing.fail_code = 13; // INTERNAL after acting: IN_DOUBT.
-        let _ = apply(&mut client, failing, Some(serial), Some("billing")).await;
+        let _ = apply(
+            &mut client,
+            acts_then_fails(serial),
+            Some(serial),
+            Some("billing"),
+        )
+        .await;
     }
     assert_eq!(upstream.state.executions(), 3);
 
@@ -137,8 +148,7 @@ async fn an_operator_finds_resolves_and_purges_records() {
         ],
     );
     assert_eq!(code, 0, "{out}{err}");
-    let mut again = add("k-doubt-1", 1);
-    again.fail_code = 13;
+    let again = acts_then_fails("k-doubt-1");
     let forgotten = apply(&mut client, again, Some("k-doubt-1"), Some("billing")).await;
     assert_eq!(
         forgotten.unwrap_err().code(),
@@ -182,8 +192,7 @@ async fn an_operator_finds_resolves_and_purges_records() {
     );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("COMPLETED"), "{out}");
-    let mut failing = add("k-doubt-2", 1);
-    failing.fail_code = 13;
+    let failing = acts_then_fails("k-doubt-2");
     let answered = apply(&mut client, failing, Some("k-doubt-2"), Some("billing"))
         .await
         .unwrap_err();

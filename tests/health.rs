@@ -77,6 +77,16 @@ async fn probes_report_live_and_ready_and_follow_the_store() {
     assert_eq!(get(ops, "/livez").await.0, 200);
 }
 
+/// Waits until the admin API counts exactly one IN_FLIGHT record.
+async fn wait_for_one_in_flight(admin: SocketAddr) {
+    support::eventually(
+        Duration::from_secs(5),
+        "the call to be in flight",
+        || async move { in_flight(admin).await == 1 },
+    )
+    .await;
+}
+
 /// IN_FLIGHT records, as the admin API counts them.
 async fn in_flight(admin: SocketAddr) -> u64 {
     use idemproxy::pb::idemproxy::v1::admin_client::AdminClient;
@@ -131,12 +141,7 @@ async fn sigterm_drains_a_running_call_and_keeps_its_outcome() {
         slow.delay_ms = 1_500;
         apply(&mut caller, slow, Some("in-flight-at-sigterm"), None).await
     });
-    support::eventually(
-        Duration::from_secs(5),
-        "the call to be in flight",
-        || async move { in_flight(admin).await == 1 },
-    )
-    .await;
+    wait_for_one_in_flight(admin).await;
     sidecar.terminate();
     // Draining: health says so while the call is still running.
     support::eventually(Duration::from_secs(5), "readiness to drop", || async move {
@@ -177,12 +182,7 @@ async fn a_drain_past_its_deadline_exits_non_zero_and_leaves_the_call_in_doubt()
         slow.delay_ms = 3_000;
         let _ = apply(&mut caller, slow, Some("too-slow"), None).await;
     });
-    support::eventually(
-        Duration::from_secs(5),
-        "the call to be in flight",
-        || async move { in_flight(admin).await == 1 },
-    )
-    .await;
+    wait_for_one_in_flight(admin).await;
     sidecar.terminate();
     assert_ne!(sidecar.wait().await, Some(0), "the deadline passed");
 

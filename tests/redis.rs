@@ -187,9 +187,7 @@ async fn a_stale_owners_completion_cannot_overwrite_a_newer_claim() {
 }
 
 fn connect(port: u16) -> redis::Connection {
-    redis::Client::open(format!("redis://127.0.0.1:{port}"))
-        .and_then(|client| client.get_connection())
-        .expect("the test's Redis answers")
+    support::redis::connect(port).expect("the test's Redis answers")
 }
 
 fn set_bytes(port: u16, name: &str, value: &[u8]) {

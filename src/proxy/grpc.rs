@@ -92,14 +92,14 @@ pub enum MessageError {
     TooLarge(usize),
 }
 
-/// The one message of a unary request `body` (already checked by `check_framing`),
-/// decompressed when its flag says so, at most `bytes_max` bytes.
+/// The one message of a unary request `body`, whose framing `check_framing` has checked and
+/// found `messages` in, decompressed when its flag says so, at most `bytes_max` bytes.
 pub fn unary_message(
     body: &Bytes,
+    messages: usize,
     encoding: Option<&str>,
     bytes_max: usize,
 ) -> Result<Bytes, MessageError> {
-    let messages = check_framing(body, encoding.is_some()).unwrap_or(0);
     if messages != 1 {
         return Err(MessageError::NotOne(messages));
     }

@@ -172,10 +172,14 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             .headers
             .get("grpc-encoding")
             .map(|value| value.to_str().unwrap_or("(not ASCII)"));
-        if let Err(error) = grpc::check_framing(&body, encoding.is_some()) {
-            return refusal_response(&Refusal::new(Reason::MalformedRequest, error.to_string()));
-        }
-        let (serial, fingerprint) = match self.inspect(rule, &body, encoding, header_serial) {
+        let messages = match grpc::check_framing(&body, encoding.is_some()) {
+            Ok(messages) => messages,
+            Err(error) => {
+                return refusal_response(&Refusal::new(Reason::MalformedRequest, error.to_string()))
+            }
+        };
+        let inspected = self.inspect(rule, &body, messages, encoding, header_serial);
+        let (serial, fingerprint) = match inspected {
             Ok(found) => found,
             Err(refusal) => return refusal_response(&refusal),
         };
@@ -217,6 +221,7 @@ impl<S, C> Proxy<S, C> {
         &self,
         rule: &MethodRule,
         body: &Bytes,
+        messages: usize,
         encoding: Option<&str>,
         header_serial: Option<Bytes>,
     ) -> Result<(Option<Bytes>, Option<[u8; 32]>), Refusal> {
@@ -224,7 +229,7 @@ impl<S, C> Proxy<S, C> {
             return Ok((header_serial, None));
         };
         let malformed = |why: String| Refusal::new(Reason::MalformedRequest, why);
-        let unary = grpc::unary_message(body, encoding, self.settings.request_bytes_max)
+        let unary = grpc::unary_message(body, messages, encoding, self.settings.request_bytes_max)
             .map_err(|error| malformed(error.to_string()))?;
         let inspected = message::inspect(input, &unary, rule.key_field.as_ref(), &rule.ignored)
             .map_err(malformed)?;

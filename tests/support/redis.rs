@@ -75,12 +75,16 @@ fn spawn(port: u16, dir: &Path, cluster: bool, extra: &[String]) -> Child {
         .expect("redis-server starts")
 }
 
+/// A plain connection to the test server on `port`, or `None` while it cannot answer.
+pub fn connect(port: u16) -> Option<redis::Connection> {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .and_then(|client| client.get_connection_with_timeout(Duration::from_millis(500)))
+        .ok()
+}
+
 /// Runs one command against `port` and returns its reply, or `None` while it cannot answer.
 pub fn command(port: u16, args: &[&str]) -> Option<redis::Value> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
-    let mut connection = client
-        .get_connection_with_timeout(Duration::from_millis(500))
-        .ok()?;
+    let mut connection = connect(port)?;
     let mut cmd = redis::cmd(args[0]);
     for arg in &args[1..] {
         cmd.arg(*arg);

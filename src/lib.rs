@@ -5,6 +5,8 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod inject;
+pub mod injector;
 pub mod key;
 pub mod ops;
 pub mod policy;

@@ -22,6 +22,11 @@ enum Command {
     Check(idemproxy::config::RunArgs),
     /// Inspect, resolve and purge a running sidecar's records through its admin API.
     Keys(idemproxy::admin::cli::KeysArgs),
+    /// Add the sidecar to the pods of Kubernetes YAML (Deployments, StatefulSets, Jobs, Pods,
+    /// ...); writes the result to stdout. Injecting twice changes nothing.
+    Inject(InjectArgs),
+    /// Serve the mutating admission webhook that injects the sidecar into new pods.
+    Injector(idemproxy::injector::InjectorArgs),
     /// Show, in seconds and with no setup, what the sidecar prevents.
     Demo,
     /// Measure what the sidecar costs against a direct call and nginx; writes BENCHMARKS.md.
@@ -36,6 +41,50 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
+}
+
+/// The command line of `idemproxy inject`.
+#[derive(Debug, clap::Args)]
+struct InjectArgs {
+    /// The YAML file to read (`-` for stdin).
+    #[arg(short = 'f', long = "filename")]
+    file: std::path::PathBuf,
+    /// The sidecar image [default: idemproxy:<this version>].
+    #[arg(long)]
+    image: Option<String>,
+    /// A regular container with a preStop pause instead of a native sidecar (for clusters
+    /// before Kubernetes 1.29).
+    #[arg(long)]
+    no_native_sidecar: bool,
+}
+
+fn inject(args: InjectArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    use std::io::Read;
+    let mut input = String::new();
+    if args.file.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_string(&mut input)
+            .context("reading stdin")?;
+    } else {
+        input = std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading {}", args.file.display()))?;
+    }
+    let defaults = idemproxy::inject::Settings::default();
+    let settings = idemproxy::inject::Settings {
+        image: args.image.unwrap_or(defaults.image),
+        native: !args.no_native_sidecar,
+    };
+    match idemproxy::inject::inject_yaml(&input, &settings) {
+        Ok(output) => {
+            print!("{output}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            eprintln!("idemproxy inject: {}: {error}", args.file.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -64,6 +113,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(runtime.block_on(idemproxy::server::check(&config)));
         }
         Command::Keys(args) => return Ok(runtime.block_on(idemproxy::admin::cli::run(args))),
+        Command::Inject(args) => return inject(args),
+        Command::Injector(args) => {
+            idemproxy::telemetry::init_logs();
+            runtime.block_on(idemproxy::injector::run(args))?;
+        }
         Command::Demo => runtime.block_on(idemproxy::demo::run())?,
         Command::Bench(args) => runtime.block_on(idemproxy::bench::run(args))?,
         Command::BenchLoad(args) => runtime.block_on(idemproxy::bench::run_load(args))?,

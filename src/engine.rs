@@ -9,12 +9,15 @@ use crate::key::{self, Key};
 use crate::record::{self, ClaimRequest, Claimed, Disposition, Fenced, Response, Token};
 use crate::status::{Reason, Refusal};
 use crate::store::{Store, StoreError};
+use crate::telemetry::metrics::{Decision, Metrics, StoreOperation};
+use crate::telemetry::trace;
 use bytes::Bytes;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 /// Wall-clock time for records, which outlive the process.
 pub trait Clock: Send + Sync + 'static {
@@ -104,6 +107,9 @@ pub struct Call<R> {
     pub policy: Option<CallPolicy>,
     /// What the upstream needs besides the body.
     pub request: R,
+    /// The trace and span id of this call's span (`telemetry::trace::origin_of`), kept with
+    /// its outcome so that a replay's span can link to it.
+    pub origin: Option<[u8; 24]>,
 }
 
 /// What the caller gets.
@@ -253,6 +259,7 @@ pub struct Engine<S, U, C> {
     clock: C,
     tokens: Tokens,
     limits: Limits,
+    metrics: Metrics,
 }
 
 fn store_refusal(key: Key, error: &StoreError) -> Refusal {
@@ -274,7 +281,32 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             clock,
             tokens,
             limits,
+            metrics: Metrics::disabled(),
         }
+    }
+
+    /// Records into `metrics` (store operations, waits, upstream durations).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// One store transition, timed and counted under `operation`, inside a store span.
+    async fn timed_update<T>(
+        &self,
+        operation: StoreOperation,
+        key: &Key,
+        transition: impl FnMut(Option<&record::Record>) -> (record::Change, T) + Send,
+    ) -> Result<T, StoreError>
+    where
+        T: Send,
+    {
+        let span = trace::store_span(operation.as_str(), self.metrics.backend());
+        let started = Instant::now();
+        let result = self.store.update(key, transition).instrument(span).await;
+        self.metrics
+            .store(operation, started.elapsed(), result.is_err());
+        result
     }
 
     /// Resolves once no forwarded call is running (none may start meanwhile: the caller has
@@ -299,8 +331,17 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     /// Serves one deduplicated call. The forwarded part runs in its own task: dropping this
     /// future (the client cancelled) leaves the call running and its outcome recorded.
     pub async fn handle(self: &Arc<Self>, call: Call<U::Request>) -> Answer<U::Stream> {
+        self.handle_observed(call).await.0
+    }
+
+    /// `handle`, and what was decided for the call (telemetry's `idemproxy.decision`).
+    pub async fn handle_observed(
+        self: &Arc<Self>,
+        call: Call<U::Request>,
+    ) -> (Answer<U::Stream>, Decision) {
         if let Err(error) = key::validate_serial(&call.serial) {
-            return Answer::Refused(Refusal::new(Reason::KeyInvalid, error.to_string()));
+            let refusal = Refusal::new(Reason::KeyInvalid, error.to_string());
+            return (Answer::Refused(refusal), Decision::Invalid);
         }
         let key = Key::derive(&call.method, &call.caller, &call.serial);
         let fingerprint = call
@@ -311,30 +352,44 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             .unwrap_or_else(|| CallPolicy::from_limits(&self.limits));
         let token = self.tokens.next();
         let lease = call.timeout.unwrap_or(self.limits.lease_default) + self.limits.lease_margin;
+        let mut waited = false;
         let claimed = self
-            .claim(&call, &policy, key, &fingerprint, token, lease)
+            .claim(&call, &policy, key, &fingerprint, token, lease, &mut waited)
             .await;
         match claimed {
             Ok(()) => {}
-            Err(Unclaimed::Answered(answer)) => return answer,
+            Err(Unclaimed::Answered(answer)) => {
+                let decision = decision_of(&answer, waited);
+                return (answer, decision);
+            }
             Err(Unclaimed::StoreFailed(refusal)) if policy.fail_open => {
                 tracing::warn!(key = %key, method = %call.method, "store unavailable; forwarding without deduplication (fail_open)");
                 drop(refusal);
-                return self
+                let answer = self
                     .forward_unprotected(lease, call.request, call.body)
                     .await;
+                return (answer, Decision::StoreError);
             }
-            Err(Unclaimed::StoreFailed(refusal)) => return Answer::Refused(refusal),
+            Err(Unclaimed::StoreFailed(refusal)) => {
+                return (Answer::Refused(refusal), Decision::StoreError)
+            }
         }
         let engine = self.clone();
         let running = Forwarding::start(&self.forwarding);
-        let forwarded = tokio::spawn(async move {
-            let _running = running;
-            engine
-                .forward(key, token, lease, policy, call.request, call.body)
-                .await
-        });
-        match forwarded.await {
+        let method = call.method;
+        let origin = call.origin;
+        // The forwarding task carries the call's span, so the upstream's span is its child.
+        let forwarded = tokio::spawn(
+            async move {
+                let _running = running;
+                let request = (call.request, call.body);
+                engine
+                    .forward(key, token, lease, policy, &method, origin, request)
+                    .await
+            }
+            .instrument(tracing::Span::current()),
+        );
+        let answer = match forwarded.await {
             Ok(answer) => answer,
             Err(error) => {
                 tracing::error!(key = %key, %error, "the forwarding task failed");
@@ -344,10 +399,13 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                         .with_state("IN_DOUBT"),
                 )
             }
-        }
+        };
+        (answer, Decision::Miss)
     }
 
-    /// Claims the key, waiting on an in-flight first attempt. `Ok` means ours to forward.
+    /// Claims the key, waiting on an in-flight first attempt (`waited` says whether it did).
+    /// `Ok` means ours to forward.
+    #[allow(clippy::too_many_arguments)]
     async fn claim(
         &self,
         call: &Call<U::Request>,
@@ -356,6 +414,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         fingerprint: &[u8; 32],
         token: Token,
         lease: Duration,
+        waited: &mut bool,
     ) -> Result<(), Unclaimed<U::Stream>> {
         // Stop a little before the caller's own deadline, so it hears ABORTED with a
         // pushback instead of timing out with nothing.
@@ -387,8 +446,9 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 retry_in_doubt: policy.retry_in_doubt,
             };
             let claimed = self
-                .store
-                .update(&key, |current| record::claim(current, &request))
+                .timed_update(StoreOperation::Claim, &key, |current| {
+                    record::claim(current, &request)
+                })
                 .await;
             let lease_until_ms = match claimed {
                 Ok(Claimed::Owned) => return Ok(()),
@@ -410,8 +470,9 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                     // The claim may have landed in memory without reaching the disk: take it
                     // back if we can, so the key is not left blocked by a call never forwarded.
                     let _ = self
-                        .store
-                        .update(&key, |current| record::release(current, &token))
+                        .timed_update(StoreOperation::Release, &key, |current| {
+                            record::release(current, &token)
+                        })
                         .await;
                     return Err(Unclaimed::StoreFailed(store_refusal(key, &error)));
                 }
@@ -419,6 +480,10 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             let Some(changed) = armed.take() else {
                 // Arm the watch, then read again: a change between the two is never missed.
                 armed = Some(self.store.changed(&key));
+                if !*waited {
+                    *waited = true;
+                    self.metrics.in_flight_wait();
+                }
                 continue;
             };
             let now = Instant::now();
@@ -481,27 +546,40 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     }
 
     /// Forwards a claimed call within its lease and records what happened.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         key: Key,
         token: Token,
         lease: Duration,
         policy: CallPolicy,
-        request: U::Request,
-        body: Bytes,
+        method: &str,
+        origin: Option<[u8; 24]>,
+        (request, body): (U::Request, Bytes),
     ) -> Answer<U::Stream> {
         let retention = policy.retention;
+        let started = Instant::now();
         let reply = tokio::time::timeout(lease, self.upstream.call(request, body))
             .await
             .unwrap_or_else(|_| Reply::Unknown("no answer within the call's lease".into()));
+        let outcome = match &reply {
+            Reply::Complete(_) | Reply::Oversized(_) => "complete",
+            Reply::NotProcessed(_) => "not_processed",
+            Reply::Unknown(_) => "unknown",
+        };
+        self.metrics.upstream(method, outcome, started.elapsed());
         match reply {
-            Reply::Complete(response) => self.record(key, token, &policy, response).await,
+            Reply::Complete(mut response) => {
+                if let Some(origin) = origin {
+                    response.origin_trace = origin.to_vec();
+                }
+                self.record(key, token, &policy, response).await
+            }
             Reply::Oversized(stream) => {
                 let expires_ms = self.expires_ms(retention);
                 let now_ms = self.clock.now_ms();
                 let kept = self
-                    .store
-                    .update(&key, |current| {
+                    .timed_update(StoreOperation::Complete, &key, |current| {
                         record::complete(current, &token, None, now_ms, expires_ms)
                     })
                     .await;
@@ -511,8 +589,10 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 Answer::Stream(stream)
             }
             Reply::NotProcessed(why) => {
-                self.settle(key, |current| record::release(current, &token))
-                    .await;
+                self.settle(key, StoreOperation::Release, |current| {
+                    record::release(current, &token)
+                })
+                .await;
                 Answer::Refused(
                     Refusal::new(
                         Reason::UpstreamUnavailable,
@@ -522,8 +602,10 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 )
             }
             Reply::Unknown(why) => {
-                self.settle(key, |current| record::mark_in_doubt(current, &token, &why))
-                    .await;
+                self.settle(key, StoreOperation::MarkInDoubt, |current| {
+                    record::mark_in_doubt(current, &token, &why)
+                })
+                .await;
                 Answer::Refused(
                     Refusal::new(
                         Reason::OutcomeUnknown,
@@ -551,14 +633,16 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 let expires_ms = self.expires_ms(policy.retention);
                 // One copy per attempt: the record keeps it, the caller gets `response`.
                 let result = self
-                    .store
-                    .update(&key, |current| {
+                    .timed_update(StoreOperation::Complete, &key, |current| {
                         let kept = Some(response.clone());
                         record::complete(current, &token, kept, now_ms, expires_ms)
                     })
                     .await;
                 match result {
-                    Ok(Fenced::Applied) => Answer::Fresh(response),
+                    Ok(Fenced::Applied) => {
+                        self.metrics.record_stored();
+                        Answer::Fresh(response)
+                    }
                     Ok(Fenced::NotOwner) => {
                         tracing::warn!(key = %key, "the record changed hands before the outcome; answering unrecorded");
                         Answer::Fresh(response)
@@ -570,14 +654,18 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 }
             }
             Disposition::Release => {
-                self.settle(key, |current| record::release(current, &token))
-                    .await;
+                self.settle(key, StoreOperation::Release, |current| {
+                    record::release(current, &token)
+                })
+                .await;
                 Answer::Fresh(response)
             }
             Disposition::InDoubt => {
                 let why = format!("the service answered grpc-status {}", response.grpc_status);
-                self.settle(key, |current| record::mark_in_doubt(current, &token, &why))
-                    .await;
+                self.settle(key, StoreOperation::MarkInDoubt, |current| {
+                    record::mark_in_doubt(current, &token, &why)
+                })
+                .await;
                 Answer::Fresh(response)
             }
         }
@@ -613,14 +701,25 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     async fn settle(
         &self,
         key: Key,
+        operation: StoreOperation,
         transition: impl FnMut(Option<&record::Record>) -> (record::Change, Fenced) + Send,
     ) {
-        if let Err(error) = self.store.update(&key, transition).await {
+        if let Err(error) = self.timed_update(operation, &key, transition).await {
             tracing::warn!(key = %key, %error, "could not settle a record; it becomes IN_DOUBT at its lease");
         }
     }
 
     fn expires_ms(&self, retention: Duration) -> u64 {
         self.clock.now_ms() + retention.as_millis() as u64
+    }
+}
+
+/// What an answer that was not forwarded says about the call.
+fn decision_of<S>(answer: &Answer<S>, waited: bool) -> Decision {
+    match answer {
+        Answer::Replay(_) if waited => Decision::Wait,
+        Answer::Replay(_) => Decision::Hit,
+        Answer::Fresh(_) | Answer::Stream(_) => Decision::Miss,
+        Answer::Refused(refusal) => Decision::of_refusal(refusal.reason),
     }
 }

@@ -245,7 +245,7 @@ pub async fn run(args: InjectorArgs) -> Result<(), InjectorError> {
             addr: args.listen,
             source,
         })?;
-    tracing::info!(%addr, image = %settings.image, native = settings.native, "injector listening addr={addr}");
+    tracing::info!(image = %settings.image, native = settings.native, "injector listening on {addr}");
     let shutdown = crate::server::shutdown_signal();
     tokio::pin!(shutdown);
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

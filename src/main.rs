@@ -105,8 +105,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
             let config = idemproxy::config::load(args)?;
-            idemproxy::telemetry::init_logs();
-            runtime.block_on(idemproxy::server::run(config))?;
+            runtime.block_on(async {
+                // The OTLP exporters need the runtime; logs start with the span exporter.
+                let backend = idemproxy::server::backend_name(&config);
+                let env = idemproxy::telemetry::process_env;
+                let telemetry = idemproxy::telemetry::Telemetry::from_env(&env, backend)?;
+                telemetry.init_logs();
+                idemproxy::server::run(config, std::sync::Arc::new(telemetry)).await
+            })?;
         }
         Command::Check(args) => {
             let config = idemproxy::config::load(args)?;

@@ -1,12 +1,13 @@
 //! The ops listener (design §7, `--ops-listen`): `grpc.health.v1` (overall, `liveness`,
-//! `readiness`) and HTTP `GET /livez` and `/readyz`, on one port that speaks HTTP/1.1 and
-//! HTTP/2. Read-only: nothing here can change a record.
+//! `readiness`), HTTP `GET /livez` and `/readyz`, and `GET /metrics` (Prometheus text), on
+//! one port that speaks HTTP/1.1 and HTTP/2. Read-only: nothing here can change a record.
 //!
 //! Ready means the proxy is bound, the policy loaded (both true once `server::start`
 //! returned), the store can take writes (`Store::check`, every `READINESS_INTERVAL`), and the
 //! sidecar is not draining. Live means the process answers.
 
 use crate::store::Store;
+use crate::telemetry::Telemetry;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
@@ -133,10 +134,19 @@ fn text(status: StatusCode, body: String) -> Response<OpsBody> {
 
 async fn answer(
     health: Health,
+    telemetry: Arc<Telemetry>,
     request: Request<Incoming>,
 ) -> Result<Response<OpsBody>, Infallible> {
     use tower::Service;
     let path = request.uri().path();
+    if request.method() == http::Method::GET && path == "/metrics" {
+        let mut response = text(StatusCode::OK, telemetry.render_prometheus());
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return Ok(response);
+    }
     if request.method() == http::Method::GET && (path == "/livez" || path == "/readyz") {
         if path == "/livez" {
             return Ok(text(StatusCode::OK, "alive\n".into()));
@@ -156,12 +166,17 @@ async fn answer(
     }
     Ok(text(
         StatusCode::NOT_FOUND,
-        "not found: try /livez, /readyz or grpc.health.v1\n".into(),
+        "not found: try /livez, /readyz, /metrics or grpc.health.v1\n".into(),
     ))
 }
 
-/// Serves health on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, health: Health, shutdown: impl Future<Output = ()>) {
+/// Serves health and metrics on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    health: Health,
+    telemetry: Arc<Telemetry>,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
@@ -176,8 +191,10 @@ pub async fn serve(listener: TcpListener, health: Health, shutdown: impl Future<
                 }
             },
         };
-        let health = health.clone();
-        let service = hyper::service::service_fn(move |request| answer(health.clone(), request));
+        let (health, telemetry) = (health.clone(), telemetry.clone());
+        let service = hyper::service::service_fn(move |request| {
+            answer(health.clone(), telemetry.clone(), request)
+        });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();

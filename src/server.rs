@@ -10,6 +10,8 @@ use crate::proxy::{self, Proxy, ProxySettings};
 use crate::store::redis::{RedisStore, RedisUrlError};
 use crate::store::sled::{SledOptions, SledStore};
 use crate::store::{AnyStore, Store};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::{Telemetry, TelemetryError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +50,9 @@ pub enum StartError {
     /// The upstream URL is unusable.
     #[error(transparent)]
     Upstream(#[from] proxy::upstream::UpstreamUrlError),
+    /// The OpenTelemetry settings cannot work.
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 fn list(errors: &[crate::policy::PolicyError]) -> String {
@@ -166,9 +171,25 @@ impl Running {
     }
 }
 
-/// Opens the store and starts serving.
+/// The store backend's name, as telemetry labels it.
+pub fn backend_name(config: &Config) -> &'static str {
+    match &config.store {
+        StoreChoice::Sled => "sled",
+        StoreChoice::Redis(_) => "redis",
+    }
+}
+
+/// Opens the store and starts serving, with metrics for `/metrics` and no exporter.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
+    let telemetry = Telemetry::local(backend_name(config))?;
+    start_with(config, Arc::new(telemetry)).await
+}
+
+/// Opens the store and starts serving, recording into `telemetry`.
+pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Running, StartError> {
     let policy = resolve_policy(config).await?;
+    let metrics = telemetry.metrics.clone();
+    metrics.know_methods(policy.methods().iter().map(|rule| rule.path.as_str()));
     let tokens = Tokens::for_this_process();
     let store = Arc::new(match &config.store {
         StoreChoice::Sled => AnyStore::Sled(open_sled(config).await?),
@@ -184,13 +205,16 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let dir = config.data_dir.display().to_string();
     reconcile_in_background(store.clone(), dir, tokens.incarnation());
     let upstream = HttpUpstream::new(&config.upstream, config.response_bytes_max)?;
-    let engine = Arc::new(Engine::new(
-        store.clone(),
-        Arc::new(upstream.clone()),
-        SystemClock::new(),
-        tokens,
-        config.limits.clone(),
-    ));
+    let engine = Arc::new(
+        Engine::new(
+            store.clone(),
+            Arc::new(upstream.clone()),
+            SystemClock::new(),
+            tokens,
+            config.limits.clone(),
+        )
+        .with_metrics(metrics.clone()),
+    );
     let settings = ProxySettings {
         key_header: config.key_header.clone(),
         caller_header: config.caller_header.clone(),
@@ -200,23 +224,25 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let (ops_listener, ops_addr) = bind(config.ops_listen).await?;
     let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
     let (listener, proxy_addr) = bind(config.listen).await?;
-    tracing::info!(addr = %ops_addr, "ops listening");
-    tracing::info!(addr = %admin_addr, token = config.admin_token.is_some(), "admin listening");
-    tracing::info!(addr = %proxy_addr, upstream = %config.upstream, "proxy listening");
+    // The address is in the message, where the ready-line readers (tests, bench) find it in
+    // either log format.
+    tracing::info!("ops listening on {ops_addr}");
+    tracing::info!(
+        token = config.admin_token.is_some(),
+        "admin listening on {admin_addr}"
+    );
+    tracing::info!(upstream = %config.upstream, "proxy listening on {proxy_addr}");
     let (stop, stopped) = watch::channel(false);
     let (ops_stop, ops_stopped) = watch::channel(false);
     let health = Health::new();
     let ops = tokio::spawn(crate::ops::serve(
         ops_listener,
         health.clone(),
+        telemetry.clone(),
         wait_for(ops_stopped),
     ));
-    let proxy = Arc::new(Proxy::new(
-        settings,
-        engine.clone(),
-        upstream,
-        Arc::new(policy),
-    ));
+    let proxy = Proxy::new(settings, engine.clone(), upstream, Arc::new(policy));
+    let proxy = Arc::new(proxy.with_metrics(metrics.clone()));
     let serving = tokio::spawn(proxy::serve(listener, proxy, wait_for(stopped.clone())));
     let admin = crate::admin::AdminService::new(store.clone(), config.limits.retention);
     let administering = tokio::spawn(crate::admin::serve(
@@ -233,6 +259,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let sweeping = tokio::spawn(sweep(
         store.clone(),
         config.sweep_interval,
+        metrics,
         wait_for(stopped),
     ));
     Ok(Running {
@@ -302,6 +329,7 @@ async fn wait_for(mut stopped: watch::Receiver<bool>) {
 async fn sweep<S: Store>(
     store: Arc<S>,
     interval: Duration,
+    metrics: Metrics,
     stopped: impl std::future::Future<Output = ()>,
 ) {
     let clock = SystemClock::new();
@@ -315,6 +343,7 @@ async fn sweep<S: Store>(
         let round_store = store.clone();
         match tokio::task::spawn_blocking(move || round_store.maintain(now_ms)).await {
             Ok(Ok(done)) if done.expired > 0 || done.evicted > 0 => {
+                metrics.swept(done.expired, done.evicted);
                 tracing::info!(
                     expired = done.expired,
                     evicted = done.evicted,
@@ -328,9 +357,20 @@ async fn sweep<S: Store>(
     }
 }
 
-/// `idemproxy run`: serves until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let running = start(&config).await?;
+/// `idemproxy run`: serves until SIGTERM or SIGINT, then flushes what telemetry holds.
+pub async fn run(config: Config, telemetry: Arc<Telemetry>) -> Result<(), StartError> {
+    let running = start_with(&config, telemetry.clone()).await;
+    let drained = match running {
+        Ok(running) => serve_until_signal(&config, running).await,
+        Err(error) => Err(error),
+    };
+    // The exporters' shutdown blocks until their last batch is sent (bounded by their
+    // timeouts): off the runtime threads.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    drained
+}
+
+async fn serve_until_signal(config: &Config, running: Running) -> Result<(), StartError> {
     shutdown_signal().await;
     tracing::info!(deadline = ?config.drain_timeout, "draining");
     running.drain(config.drain_timeout).await?;

@@ -63,6 +63,7 @@ fn call(serial: &str, timeout: Option<Duration>) -> Call<()> {
         fingerprint: None,
         policy: None,
         request: (),
+        origin: None,
     }
 }
 

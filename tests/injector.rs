@@ -260,7 +260,7 @@ async fn the_injector_binary_serves_reviews_over_tls() {
         .spawn()
         .expect("the binary starts");
     let stderr = child.stderr.take().expect("stderr is piped");
-    let (addr, _) = idemproxy::bench::procs::wait_for_address(stderr, "injector listening addr=")
+    let (addr, _) = idemproxy::bench::procs::wait_for_address(stderr, "injector listening on ")
         .await
         .expect("the injector listens");
     let (status, body) = post_over_tls(addr, &cert.der, "GET", "/readyz", Vec::new()).await;

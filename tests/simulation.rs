@@ -149,6 +149,7 @@ fn call(logical: &Logical, payload: u8) -> Call<(Logical, u8)> {
         fingerprint: None,
         policy: None,
         request: (logical.clone(), payload),
+        origin: None,
     }
 }
 

@@ -204,7 +204,7 @@ async fn start_sidecar(upstream: SocketAddr, dir: &Path, flush: &str) -> anyhow:
     .iter()
     .map(|s| s.to_string())
     .collect();
-    procs::spawn_until(&exe()?, &args, "proxy listening addr=").await
+    procs::spawn_until(&exe()?, &args, "proxy listening on ").await
 }
 
 async fn start_nginx(

@@ -65,8 +65,12 @@ pub async fn wait_for_address(
     let found = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await? {
             if let Some(at) = line.find(marker) {
+                // The address ends where its characters do (a space, or a JSON line's quote).
                 let rest = &line[at + marker.len()..];
-                let addr = rest.split_whitespace().next().unwrap_or_default().parse()?;
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || ".:[]".contains(c)))
+                    .unwrap_or(rest.len());
+                let addr = rest[..end].parse()?;
                 return Ok::<_, anyhow::Error>((addr, line));
             }
         }

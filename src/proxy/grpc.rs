@@ -182,6 +182,7 @@ pub fn to_response(
         trailers: trailers.map(to_headers).unwrap_or_default(),
         trailers_only,
         grpc_status,
+        origin_trace: Default::default(),
     }
 }
 

@@ -16,6 +16,8 @@ use crate::policy::{message, Dedup, MethodRule, PolicyTable};
 use crate::record::Response;
 use crate::status::{Reason, Refusal};
 use crate::store::Store;
+use crate::telemetry::metrics::{Decision, Metrics};
+use crate::telemetry::trace;
 use body::ProxyBody;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
@@ -25,8 +27,11 @@ use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tracing::Instrument as _;
 use upstream::HttpUpstream;
 
 /// The metadata a replayed answer carries.
@@ -49,9 +54,42 @@ pub struct Proxy<S, C> {
     engine: Arc<Engine<S, HttpUpstream, C>>,
     upstream: HttpUpstream,
     policy: Arc<PolicyTable>,
+    metrics: Metrics,
 }
 
 type HttpResponse = http::Response<ProxyBody>;
+
+/// One call's answer and what telemetry says of it.
+struct Routed {
+    response: HttpResponse,
+    decision: Decision,
+    /// `None`: the status comes later, in the streamed trailers.
+    grpc_status: Option<u32>,
+}
+
+impl Routed {
+    fn refused(refusal: &Refusal) -> Routed {
+        Routed {
+            response: refusal_response(refusal),
+            decision: Decision::of_refusal(refusal.reason),
+            grpc_status: Some(refusal.reason.code() as u32),
+        }
+    }
+
+    /// A response as it came from the service (passthrough, oversized): its status is known
+    /// now only when it is trailers-only.
+    fn streamed(response: HttpResponse, decision: Decision) -> Routed {
+        let grpc_status = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|value| value.to_str().ok()?.parse().ok());
+        Routed {
+            response,
+            decision,
+            grpc_status,
+        }
+    }
+}
 
 /// A trailers-only answer in the service's place.
 pub fn refusal_response(refusal: &Refusal) -> HttpResponse {
@@ -94,39 +132,76 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             engine,
             upstream,
             policy,
+            metrics: Metrics::disabled(),
         }
     }
 
-    /// Answers one call. Never fails: every problem becomes a gRPC status.
+    /// Records every call into `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Answers one call from `peer`. Never fails: every problem becomes a gRPC status. The
+    /// call's span (when traces are exported) and its metrics are made here, once.
     pub async fn serve(
         self: Arc<Self>,
         request: Request<Incoming>,
+        peer: Option<SocketAddr>,
     ) -> Result<HttpResponse, Infallible> {
+        let started = Instant::now();
+        let path = request.uri().path();
+        let span = trace::server_span(path, request.headers(), peer, self.metrics.backend());
+        let method = self.metrics.method_label(path);
+        let routed = self.route(request, &span).instrument(span.clone()).await;
+        if !span.is_none() {
+            span.record("idemproxy.decision", routed.decision.as_str());
+            trace::record_status(&span, routed.grpc_status);
+        }
+        self.metrics.call(
+            method,
+            routed.decision,
+            routed.grpc_status,
+            started.elapsed(),
+        );
+        Ok(routed.response)
+    }
+
+    async fn route(&self, request: Request<Incoming>, span: &tracing::Span) -> Routed {
         let rule = self.policy.get(request.uri().path());
         if rule.dedup == Dedup::Off {
-            return Ok(self.pass_through(request.map(ProxyBody::Streaming)).await);
+            return self.pass_through(request.map(ProxyBody::Streaming)).await;
         }
         let keyed = request.headers().contains_key(&self.settings.key_header);
         if keyed || rule.inspects_request() {
-            return Ok(self.deduplicate(request, rule).await);
+            return self.deduplicate(request, rule, span).await;
         }
         if rule.require_key {
-            return Ok(key_missing(&self.settings));
+            return Routed::refused(&key_missing(&self.settings));
         }
-        Ok(self.pass_through(request.map(ProxyBody::Streaming)).await)
+        self.pass_through(request.map(ProxyBody::Streaming)).await
     }
 
-    async fn pass_through(&self, request: Request<ProxyBody>) -> HttpResponse {
+    async fn pass_through(&self, request: Request<ProxyBody>) -> Routed {
         match self.upstream.stream(request).await {
-            Ok(response) => response,
-            Err(error) => refusal_response(&Refusal::new(
-                Reason::UpstreamUnavailable,
-                format!("the service is unavailable: {error}"),
-            )),
+            Ok(response) => Routed::streamed(response, Decision::Bypass),
+            Err(error) => {
+                let mut routed = Routed::refused(&Refusal::new(
+                    Reason::UpstreamUnavailable,
+                    format!("the service is unavailable: {error}"),
+                ));
+                routed.decision = Decision::Bypass;
+                routed
+            }
         }
     }
 
-    async fn deduplicate(&self, request: Request<Incoming>, rule: &MethodRule) -> HttpResponse {
+    async fn deduplicate(
+        &self,
+        request: Request<Incoming>,
+        rule: &MethodRule,
+        span: &tracing::Span,
+    ) -> Routed {
         let (parts, incoming) = request.into_parts();
         let header_serial = parts
             .headers
@@ -137,7 +212,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             Some(value) => match value.to_str() {
                 Ok(caller) if !caller.is_empty() => caller.to_owned(),
                 _ => {
-                    return refusal_response(&Refusal::new(
+                    return Routed::refused(&Refusal::new(
                         Reason::KeyInvalid,
                         format!(
                             "the {} header is not visible ASCII",
@@ -153,7 +228,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         {
             Ok(collected) => collected.to_bytes(),
             Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-                return refusal_response(&Refusal::new(
+                return Routed::refused(&Refusal::new(
                     Reason::RequestTooLarge,
                     format!(
                         "the request is larger than the {} bytes that can be deduplicated",
@@ -162,7 +237,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
                 ))
             }
             Err(error) => {
-                return refusal_response(&Refusal::new(
+                return Routed::refused(&Refusal::new(
                     Reason::MalformedRequest,
                     format!("the request body could not be read: {error}"),
                 ))
@@ -175,17 +250,17 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         let messages = match grpc::check_framing(&body, encoding.is_some()) {
             Ok(messages) => messages,
             Err(error) => {
-                return refusal_response(&Refusal::new(Reason::MalformedRequest, error.to_string()))
+                return Routed::refused(&Refusal::new(Reason::MalformedRequest, error.to_string()))
             }
         };
         let inspected = self.inspect(rule, &body, messages, encoding, header_serial);
         let (serial, fingerprint) = match inspected {
             Ok(found) => found,
-            Err(refusal) => return refusal_response(&refusal),
+            Err(refusal) => return Routed::refused(&refusal),
         };
         let Some(serial) = serial else {
             if rule.require_key {
-                return key_missing(&self.settings);
+                return Routed::refused(&key_missing(&self.settings));
             }
             // Read to look for a key field and found none: forward what was read.
             let request = Request::from_parts(parts, ProxyBody::buffered(body, None));
@@ -195,8 +270,13 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             .headers
             .get("grpc-timeout")
             .and_then(|value| grpc::parse_timeout(value.as_bytes()));
+        let method = parts.uri.path().to_owned();
+        if !span.is_none() {
+            let key = crate::key::Key::derive(&method, &caller, &serial);
+            span.record("idemproxy.key.hash", key.hex());
+        }
         let call = Call {
-            method: parts.uri.path().to_owned(),
+            method,
             caller,
             serial,
             body,
@@ -204,12 +284,29 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             fingerprint,
             policy: Some(rule.call),
             request: parts,
+            origin: trace::origin_of(span),
         };
-        match self.engine.handle(call).await {
-            Answer::Fresh(response) => recorded_response(response, false),
-            Answer::Replay(response) => recorded_response(response, true),
-            Answer::Stream(response) => response,
-            Answer::Refused(refusal) => refusal_response(&refusal),
+        let (answer, decision) = self.engine.handle_observed(call).await;
+        let (response, grpc_status) = match answer {
+            Answer::Fresh(response) => {
+                let status = response.grpc_status;
+                (recorded_response(response, false), Some(status))
+            }
+            Answer::Replay(response) => {
+                trace::link_to_origin(span, &response.origin_trace);
+                let status = response.grpc_status;
+                (recorded_response(response, true), Some(status))
+            }
+            Answer::Stream(response) => return Routed::streamed(response, decision),
+            Answer::Refused(refusal) => {
+                let status = refusal.reason.code() as u32;
+                (refusal_response(&refusal), Some(status))
+            }
+        };
+        Routed {
+            response,
+            decision,
+            grpc_status,
         }
     }
 }
@@ -240,14 +337,14 @@ impl<S, C> Proxy<S, C> {
     }
 }
 
-fn key_missing(settings: &ProxySettings) -> HttpResponse {
-    refusal_response(&Refusal::new(
+fn key_missing(settings: &ProxySettings) -> Refusal {
+    Refusal::new(
         Reason::KeyMissing,
         format!(
             "this method requires an idempotency key: send the {} header or set the request's key field",
             settings.key_header
         ),
-    ))
+    )
 }
 
 /// Serves HTTP/2 (prior knowledge, as gRPC speaks it) on `listener` until `shutdown`
@@ -283,7 +380,7 @@ pub async fn serve<S: Store, C: Clock>(
         let proxy = proxy.clone();
         let connection = builder.serve_connection(
             TokioIo::new(stream),
-            hyper::service::service_fn(move |request| proxy.clone().serve(request)),
+            hyper::service::service_fn(move |request| proxy.clone().serve(request, Some(peer))),
         );
         let mut drain = drain.clone();
         connections.spawn(async move {

@@ -8,6 +8,7 @@
 use super::body::ProxyBody;
 use super::grpc;
 use crate::engine::{Reply, Upstream};
+use crate::telemetry::trace;
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -17,6 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::error::Error as _;
+use tracing::Instrument as _;
 
 /// The service's address and the client that reaches it.
 #[derive(Clone)]
@@ -95,8 +97,20 @@ impl HttpUpstream {
         &self,
         mut request: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, hyper_util::client::legacy::Error> {
+        let span = if trace::enabled() {
+            let uri = request.uri().clone();
+            trace::client_span(uri.path(), self.authority.as_str(), request.headers_mut())
+        } else {
+            tracing::Span::none()
+        };
         *request.uri_mut() = self.target(request.uri());
-        let response = self.client.request(request).await?;
+        let response = self.client.request(request).instrument(span.clone()).await;
+        let response = response?;
+        if !span.is_none() {
+            let status = response.headers().get("grpc-status");
+            let status = status.and_then(|value| value.to_str().ok()?.parse().ok());
+            trace::record_status(&span, status);
+        }
         Ok(response.map(ProxyBody::Streaming))
     }
 }
@@ -132,6 +146,22 @@ impl Upstream for HttpUpstream {
     type Stream = Response<ProxyBody>;
 
     async fn call(&self, mut parts: Parts, body: Bytes) -> Reply<Response<ProxyBody>> {
+        let span = trace::client_span(
+            parts.uri.path(),
+            self.authority.as_str(),
+            &mut parts.headers,
+        );
+        let reply = self.collect(parts, body).instrument(span.clone()).await;
+        if let Reply::Complete(response) = &reply {
+            trace::record_status(&span, Some(response.grpc_status));
+        }
+        reply
+    }
+}
+
+impl HttpUpstream {
+    /// Sends a buffered call and collects its answer up to the response limit.
+    async fn collect(&self, mut parts: Parts, body: Bytes) -> Reply<Response<ProxyBody>> {
         parts.uri = self.target(&parts.uri);
         let request = Request::from_parts(parts, ProxyBody::buffered(body, None));
         let response = match self.client.request(request).await {

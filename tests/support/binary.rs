@@ -58,7 +58,7 @@ impl BinarySidecar {
 
 /// Waits until the child logs its proxy address (the product's own ready-line reader).
 pub async fn listening_addr(stderr: tokio::process::ChildStderr) -> SocketAddr {
-    idemproxy::bench::procs::wait_for_address(stderr, "proxy listening addr=")
+    idemproxy::bench::procs::wait_for_address(stderr, "proxy listening on ")
         .await
         .expect("the binary listens within 60 s")
         .0

@@ -1,0 +1,331 @@
+//! Every metric idemproxy exports, by name, with its attributes: the one place to look for
+//! what a dashboard can query (Prometheus turns `.` into `_`, adds the unit, and `_total` to
+//! counters: `idemproxy.requests` is `idemproxy_requests_total`).
+//!
+//! Attribute values are bounded: decisions, operations and status codes are closed sets, and
+//! methods are those the policy table names plus at most `METHOD_LABELS_MAX` others, then
+//! `_OTHER` (a client can send any path). No key, serial or caller is ever an attribute.
+
+use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::KeyValue;
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Calls answered, by `rpc.method`, `idemproxy.decision`, `rpc.grpc.status_code`.
+pub const REQUESTS: &str = "idemproxy.requests";
+/// The OTel RPC semantic conventions' server call duration, seconds.
+pub const CALL_DURATION: &str = "rpc.server.call.duration";
+/// How long the service took to answer a forwarded call, seconds, by `rpc.method`, `outcome`.
+pub const UPSTREAM_DURATION: &str = "idemproxy.upstream.duration";
+/// One store operation, seconds, by `operation` and `idemproxy.store.backend`.
+pub const STORE_DURATION: &str = "idemproxy.store.operation.duration";
+/// Store operations that failed, by `operation` and `idemproxy.store.backend`.
+pub const STORE_ERRORS: &str = "idemproxy.store.errors";
+/// Outcomes recorded (COMPLETED records written).
+pub const RECORDS_STORED: &str = "idemproxy.records.stored";
+/// Records the sweeper deleted at the end of their retention.
+pub const RECORDS_EXPIRED: &str = "idemproxy.records.expired";
+/// COMPLETED records evicted to keep the store within `--max-store-bytes`.
+pub const RECORDS_EVICTED: &str = "idemproxy.records.evicted";
+/// Duplicates that waited for an in-flight first attempt.
+pub const IN_FLIGHT_WAITS: &str = "idemproxy.in_flight.waits";
+/// Writes made durable by one group-commit flush.
+pub const GROUP_COMMIT_BATCH: &str = "idemproxy.group_commit.batch_size";
+
+/// Distinct methods not in the policy table that get their own label value.
+pub const METHOD_LABELS_MAX: usize = 64;
+/// The label of every further method.
+pub const METHOD_OTHER: &str = "_OTHER";
+
+/// What idemproxy decided for one call (`idemproxy.decision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// First attempt: claimed and forwarded.
+    Miss,
+    /// A duplicate answered from the record.
+    Hit,
+    /// A duplicate that waited for the first attempt, then got its answer.
+    Wait,
+    /// A duplicate refused while (or after) the first attempt ran: IN_PROGRESS, REJECT mode.
+    Conflict,
+    /// The same key with another request: refused.
+    Mismatch,
+    /// The outcome of an earlier attempt is unknown: refused.
+    InDoubt,
+    /// Not deduplicated: passed through.
+    Bypass,
+    /// Refused before any claim: bad or missing key, too large, malformed.
+    Invalid,
+    /// The store failed: refused (fail closed) or forwarded unprotected (fail open).
+    StoreError,
+}
+
+impl Decision {
+    /// What a refusal in the service's place says about the call.
+    pub fn of_refusal(reason: crate::status::Reason) -> Decision {
+        use crate::status::Reason;
+        match reason {
+            Reason::KeyReused => Decision::Mismatch,
+            Reason::OutcomeUnknown => Decision::InDoubt,
+            Reason::InProgress | Reason::Duplicate | Reason::ResponseNotKept => Decision::Conflict,
+            Reason::StoreUnavailable => Decision::StoreError,
+            Reason::KeyInvalid
+            | Reason::KeyMissing
+            | Reason::RequestTooLarge
+            | Reason::MalformedRequest
+            | Reason::UpstreamUnavailable => Decision::Invalid,
+        }
+    }
+
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Miss => "miss",
+            Decision::Hit => "hit",
+            Decision::Wait => "wait",
+            Decision::Conflict => "conflict",
+            Decision::Mismatch => "mismatch",
+            Decision::InDoubt => "in_doubt",
+            Decision::Bypass => "bypass",
+            Decision::Invalid => "invalid",
+            Decision::StoreError => "store_error",
+        }
+    }
+}
+
+/// A store operation (`operation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOperation {
+    /// Claim a key (or read it as a duplicate).
+    Claim,
+    /// Record an outcome.
+    Complete,
+    /// Release a claim (the service did not act).
+    Release,
+    /// Mark a claim IN_DOUBT.
+    MarkInDoubt,
+}
+
+impl StoreOperation {
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreOperation::Claim => "claim",
+            StoreOperation::Complete => "complete",
+            StoreOperation::Release => "release",
+            StoreOperation::MarkInDoubt => "mark_in_doubt",
+        }
+    }
+}
+
+/// The instruments, made once per process from one meter.
+#[derive(Clone)]
+pub struct Metrics {
+    requests: Counter<u64>,
+    call_duration: Histogram<f64>,
+    upstream_duration: Histogram<f64>,
+    store_duration: Histogram<f64>,
+    store_errors: Counter<u64>,
+    records_stored: Counter<u64>,
+    records_expired: Counter<u64>,
+    records_evicted: Counter<u64>,
+    in_flight_waits: Counter<u64>,
+    group_commit_batch: Histogram<u64>,
+    backend: &'static str,
+    methods: Arc<MethodLabels>,
+}
+
+/// Bucket bounds for durations, seconds: 100 µs to 10 s.
+const DURATION_BOUNDS_S: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+impl Metrics {
+    /// Instruments on `meter`, for a store of kind `backend` (`sled`, `redis`, `memory`).
+    pub fn new(meter: &Meter, backend: &'static str) -> Metrics {
+        let seconds = |name: &'static str, description: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(description)
+                .with_boundaries(DURATION_BOUNDS_S.to_vec())
+                .build()
+        };
+        let counter = |name: &'static str, description: &'static str| {
+            meter
+                .u64_counter(name)
+                .with_description(description)
+                .build()
+        };
+        Metrics {
+            requests: counter(REQUESTS, "Calls answered, by method, decision and status"),
+            call_duration: seconds(CALL_DURATION, "Duration of gRPC calls through the sidecar"),
+            upstream_duration: seconds(UPSTREAM_DURATION, "Duration of forwarded calls"),
+            store_duration: seconds(STORE_DURATION, "Duration of store operations"),
+            store_errors: counter(STORE_ERRORS, "Store operations that failed"),
+            records_stored: counter(RECORDS_STORED, "Outcomes recorded"),
+            records_expired: counter(RECORDS_EXPIRED, "Records deleted at retention"),
+            records_evicted: counter(RECORDS_EVICTED, "Completed records evicted for space"),
+            in_flight_waits: counter(
+                IN_FLIGHT_WAITS,
+                "Duplicates that waited for a first attempt",
+            ),
+            group_commit_batch: meter
+                .u64_histogram(GROUP_COMMIT_BATCH)
+                .with_description("Writes made durable by one flush")
+                .with_boundaries(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0])
+                .build(),
+            backend,
+            methods: Arc::new(MethodLabels::default()),
+        }
+    }
+
+    /// Instruments that record nothing (tests, tools).
+    pub fn disabled() -> Metrics {
+        // The global provider, never set by idemproxy, is the no-op one.
+        Metrics::new(&opentelemetry::global::meter("idemproxy-disabled"), "none")
+    }
+
+    /// Names the methods the policy table knows, so they are always their own label.
+    pub fn know_methods<'a>(&self, methods: impl IntoIterator<Item = &'a str>) {
+        let mut known = self
+            .methods
+            .known
+            .write()
+            .expect("the method set is never poisoned");
+        known.extend(methods.into_iter().map(str::to_owned));
+    }
+
+    /// The label value for `method`: itself when known or room is left, else `_OTHER`.
+    pub fn method_label(&self, method: &str) -> String {
+        self.methods.label(method)
+    }
+
+    /// One answered call; `method` is its label (`method_label`), `grpc_status` `None` when
+    /// the status is still to come in the streamed trailers.
+    pub fn call(
+        &self,
+        method: String,
+        decision: Decision,
+        grpc_status: Option<u32>,
+        elapsed: Duration,
+    ) {
+        let status = grpc_status.map_or_else(|| "streamed".into(), |code| code.to_string());
+        let attributes = [
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.method", method),
+            KeyValue::new("idemproxy.decision", decision.as_str()),
+            KeyValue::new("rpc.grpc.status_code", status),
+        ];
+        self.requests.add(1, &attributes[1..]);
+        self.call_duration
+            .record(elapsed.as_secs_f64(), &attributes);
+    }
+
+    /// One forwarded call's answer (`outcome`: `complete`, `not_processed`, `unknown`).
+    pub fn upstream(&self, method: &str, outcome: &'static str, elapsed: Duration) {
+        self.upstream_duration.record(
+            elapsed.as_secs_f64(),
+            &[
+                KeyValue::new("rpc.method", self.method_label(method)),
+                KeyValue::new("outcome", outcome),
+            ],
+        );
+    }
+
+    /// One store operation, and whether it failed.
+    pub fn store(&self, operation: StoreOperation, elapsed: Duration, failed: bool) {
+        let attributes = [
+            KeyValue::new("operation", operation.as_str()),
+            KeyValue::new("idemproxy.store.backend", self.backend),
+        ];
+        self.store_duration
+            .record(elapsed.as_secs_f64(), &attributes);
+        if failed {
+            self.store_errors.add(1, &attributes);
+        }
+    }
+
+    /// An outcome recorded.
+    pub fn record_stored(&self) {
+        self.records_stored.add(1, &[]);
+    }
+
+    /// What one sweep deleted.
+    pub fn swept(&self, expired: u64, evicted: u64) {
+        self.records_expired.add(expired, &[]);
+        self.records_evicted.add(evicted, &[]);
+    }
+
+    /// A duplicate started waiting for a first attempt.
+    pub fn in_flight_wait(&self) {
+        self.in_flight_waits.add(1, &[]);
+    }
+
+    /// One group-commit flush made `writes` durable.
+    pub fn group_commit(&self, writes: usize) {
+        self.group_commit_batch.record(writes as u64, &[]);
+    }
+
+    /// The store backend these metrics name.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+}
+
+/// The bounded set of method label values.
+#[derive(Default)]
+struct MethodLabels {
+    known: RwLock<HashSet<String>>,
+    others: RwLock<HashSet<String>>,
+}
+
+impl MethodLabels {
+    fn label(&self, method: &str) -> String {
+        let known = self.known.read().expect("the method set is never poisoned");
+        if known.contains(method) {
+            return method.to_owned();
+        }
+        drop(known);
+        if self
+            .others
+            .read()
+            .expect("the method set is never poisoned")
+            .contains(method)
+        {
+            return method.to_owned();
+        }
+        let mut others = self
+            .others
+            .write()
+            .expect("the method set is never poisoned");
+        if others.len() < METHOD_LABELS_MAX {
+            others.insert(method.to_owned());
+            return method.to_owned();
+        }
+        METHOD_OTHER.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_methods_past_the_limit_share_one_label() {
+        let labels = MethodLabels::default();
+        labels
+            .known
+            .write()
+            .expect("fresh")
+            .insert("/p.S/Known".into());
+        for n in 0..METHOD_LABELS_MAX {
+            assert_eq!(labels.label(&format!("/x.S/M{n}")), format!("/x.S/M{n}"));
+        }
+        assert_eq!(labels.label("/x.S/OneTooMany"), METHOD_OTHER);
+        assert_eq!(labels.label("/x.S/M0"), "/x.S/M0");
+        assert_eq!(labels.label("/p.S/Known"), "/p.S/Known");
+    }
+}

@@ -1,0 +1,260 @@
+//! Telemetry: logs, traces and metrics (design §7, issue "OpenTelemetry").
+//!
+//! Configured by the standard `OTEL_*` variables and nothing else: an OTLP exporter (gRPC)
+//! starts for traces or metrics only when an endpoint is configured for it, and an exporter
+//! that fails never fails or slows a call (spans and metrics are queued, bounded, and sent
+//! from their own thread). Metrics are always kept for the ops listener's `/metrics`.
+//! Nothing recorded here may carry a raw serial, caller secret or message body: keys appear
+//! as their hash.
+
+pub mod metrics;
+pub mod trace;
+
+use metrics::Metrics;
+use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use std::sync::Arc;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer as _;
+
+/// The environment, read through a function so tests can pass a map.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
+}
+
+/// A telemetry setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// A protocol this build does not export.
+    #[error("{variable}={value}: idemproxy exports OTLP over gRPC only; set it to grpc and point the endpoint at the collector's gRPC port (4317)")]
+    Protocol {
+        /// The variable.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// The exporter could not be built (a malformed endpoint or header).
+    #[error("the OTLP {signal} exporter cannot be built from the OTEL_* settings: {reason}")]
+    Exporter {
+        /// `traces` or `metrics`.
+        signal: &'static str,
+        /// What the SDK said.
+        reason: String,
+    },
+    /// The Prometheus registry refused the exporter.
+    #[error("the /metrics exporter cannot start: {0}")]
+    Prometheus(String),
+}
+
+/// One process's telemetry: the instruments, what `/metrics` reads, and the providers to
+/// flush at exit.
+pub struct Telemetry {
+    /// The instruments the engine, proxy and sweeper record into.
+    pub metrics: Metrics,
+    registry: prometheus::Registry,
+    meter_provider: SdkMeterProvider,
+    tracer_provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Metrics for `/metrics` only: no exporter, no traces (tests, the demo).
+    pub fn local(backend: &'static str) -> Result<Telemetry, TelemetryError> {
+        Telemetry::build(&|_| None, backend)
+    }
+
+    /// From the `OTEL_*` settings in `env`. Must run inside the tokio runtime (the gRPC
+    /// exporters' channels live on it).
+    pub fn from_env(env: Env<'_>, backend: &'static str) -> Result<Telemetry, TelemetryError> {
+        Telemetry::build(env, backend)
+    }
+
+    fn build(env: Env<'_>, backend: &'static str) -> Result<Telemetry, TelemetryError> {
+        let resource = resource(env);
+        let registry = prometheus::Registry::new();
+        let prometheus = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .scope_info_enabled(false)
+            .build()
+            .map_err(|e| TelemetryError::Prometheus(e.to_string()))?;
+        let mut meters = SdkMeterProvider::builder()
+            .with_resource(resource.clone())
+            .with_reader(prometheus);
+        if exports(env, "METRICS")? {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| TelemetryError::Exporter {
+                    signal: "metrics",
+                    reason: e.to_string(),
+                })?;
+            meters = meters
+                .with_reader(opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build());
+        }
+        let meter_provider = meters.build();
+        let tracer_provider = if exports(env, "TRACES")? {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| TelemetryError::Exporter {
+                    signal: "traces",
+                    reason: e.to_string(),
+                })?;
+            // The sampler comes from OTEL_TRACES_SAMPLER(_ARG), read by the SDK.
+            Some(
+                SdkTracerProvider::builder()
+                    .with_resource(resource)
+                    .with_batch_exporter(exporter)
+                    .build(),
+            )
+        } else {
+            None
+        };
+        let metrics = Metrics::new(&meter_provider.meter("idemproxy"), backend);
+        Ok(Telemetry {
+            metrics,
+            registry,
+            meter_provider,
+            tracer_provider,
+        })
+    }
+
+    /// Whether spans are exported.
+    pub fn traces_enabled(&self) -> bool {
+        self.tracer_provider.is_some()
+    }
+
+    /// Every metric in the Prometheus text format, for `GET /metrics`.
+    pub fn render_prometheus(&self) -> String {
+        use prometheus::Encoder as _;
+        let mut text = Vec::new();
+        let families = self.registry.gather();
+        if let Err(error) = prometheus::TextEncoder::new().encode(&families, &mut text) {
+            tracing::warn!(%error, "cannot encode the metrics");
+        }
+        String::from_utf8(text).unwrap_or_default()
+    }
+
+    /// Installs the log subscriber, with the span exporter's layer when traces are exported.
+    /// Later calls in the same process do nothing.
+    pub fn init_logs(&self) {
+        init_subscriber(self.tracer_provider.as_ref());
+    }
+
+    /// Sends what is queued (spans, a last metrics export), bounded by the exporters' own
+    /// timeouts. Called once at exit.
+    pub fn shutdown(&self) {
+        if let Some(tracer_provider) = &self.tracer_provider {
+            if let Err(error) = tracer_provider.shutdown() {
+                tracing::warn!(%error, "spans not all exported at exit");
+            }
+        }
+        if let Err(error) = self.meter_provider.shutdown() {
+            tracing::debug!(%error, "metrics not all exported at exit");
+        }
+    }
+}
+
+/// The resource: `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` as the SDK reads them,
+/// with `service.name` = `idemproxy` when neither names it.
+fn resource(env: Env<'_>) -> Resource {
+    let named = env("OTEL_SERVICE_NAME").is_some()
+        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
+    let builder = Resource::builder();
+    if named {
+        builder.build()
+    } else {
+        builder.with_service_name("idemproxy").build()
+    }
+}
+
+/// Whether `signal` (`TRACES`, `METRICS`) is exported: an endpoint is set for it and its
+/// exporter is not `none`; its protocol must be gRPC.
+fn exports(env: Env<'_>, signal: &'static str) -> Result<bool, TelemetryError> {
+    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Ok(false);
+    }
+    let exporter_var = if signal == "TRACES" {
+        "OTEL_TRACES_EXPORTER"
+    } else {
+        "OTEL_METRICS_EXPORTER"
+    };
+    if env(exporter_var).is_some_and(|v| v == "none") {
+        return Ok(false);
+    }
+    let endpoint_var = if signal == "TRACES" {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    } else {
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
+    };
+    if env(endpoint_var).is_none() && env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() {
+        return Ok(false);
+    }
+    let protocol_var = if signal == "TRACES" {
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    } else {
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
+    };
+    for variable in [protocol_var, "OTEL_EXPORTER_OTLP_PROTOCOL"] {
+        if let Some(value) = env(variable) {
+            if value != "grpc" {
+                return Err(TelemetryError::Protocol { variable, value });
+            }
+            break;
+        }
+    }
+    Ok(true)
+}
+
+/// Logs without exporters: the subscriber for tools (`inject`, `injector`, `keys`).
+pub fn init_logs() {
+    init_subscriber(None);
+}
+
+fn init_subscriber(tracer_provider: Option<&SdkTracerProvider>) {
+    use opentelemetry::trace::TracerProvider as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let json = match std::env::var("IDEMPROXY_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => !terminal,
+    };
+    let logs = if json {
+        tracing_subscriber::fmt::layer()
+            .event_format(trace::JsonWithTraceIds)
+            .with_writer(std::io::stderr)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(terminal)
+            .boxed()
+    };
+    // Only idemproxy's own spans are exported, whatever RUST_LOG says: never the HTTP/2 and
+    // gRPC libraries' (the exporter's own calls among them).
+    let spans = tracer_provider.map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("idemproxy"))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target(trace::SPAN_TARGET, tracing::Level::INFO),
+            )
+    });
+    if spans.is_some() {
+        trace::enable();
+    }
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(spans)
+        .try_init();
+}
+
+/// Shared telemetry, as the server hands it around.
+pub type SharedTelemetry = Arc<Telemetry>;

@@ -1,0 +1,256 @@
+//! Spans for calls, W3C trace context in and out, and log lines that carry their trace.
+//!
+//! Spans exist only while traces are exported (`enable`): with none configured, a call
+//! builds no span at all, so it pays nothing for tracing. Only spans of `SPAN_TARGET` are
+//! exported. The incoming `traceparent`/`tracestate` make the SERVER span's parent, and the
+//! CLIENT span's context replaces them on the way to the service, so the service's own spans
+//! join the same trace.
+
+use http::HeaderMap;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tracing::field::Empty;
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+/// The target of every exported span.
+pub const SPAN_TARGET: &str = "idemproxy::rpc";
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns span creation on (done once, when the span exporter is installed).
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// Whether calls get spans.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+struct Headers<'a>(&'a HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct HeadersMut<'a>(&'a mut HeaderMap);
+
+impl Injector for HeadersMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// The SERVER span of one call: named `package.Service/Method` with the RPC semantic
+/// conventions' attributes, its parent the caller's `traceparent`. `Span::none()` when
+/// traces are off.
+pub fn server_span(
+    path: &str,
+    headers: &HeaderMap,
+    peer: Option<std::net::SocketAddr>,
+    backend: &'static str,
+) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    let span = tracing::info_span!(
+        target: SPAN_TARGET,
+        "rpc.server",
+        otel.name = name,
+        otel.kind = "server",
+        otel.status_code = Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = Empty,
+        client.address = peer.map(|p| p.ip().to_string()),
+        client.port = peer.map(|p| p.port()),
+        idemproxy.decision = Empty,
+        idemproxy.key.hash = Empty,
+        idemproxy.store.backend = backend,
+    );
+    let parent = TraceContextPropagator::new().extract(&Headers(headers));
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// The CLIENT span of the call to the service, a child of the current span; its context
+/// replaces the request's `traceparent`/`tracestate`. Without traces, the headers pass as
+/// they came.
+pub fn client_span(path: &str, authority: &str, headers: &mut HeaderMap) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    let (address, port) = authority.rsplit_once(':').unwrap_or((authority, ""));
+    let span = tracing::info_span!(
+        target: SPAN_TARGET,
+        "rpc.client",
+        otel.name = name,
+        otel.kind = "client",
+        otel.status_code = Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = Empty,
+        server.address = address,
+        server.port = port.parse::<u16>().ok(),
+    );
+    headers.remove("traceparent");
+    headers.remove("tracestate");
+    TraceContextPropagator::new().inject_context(&span.context(), &mut HeadersMut(headers));
+    span
+}
+
+/// An INTERNAL span for one store operation (`claim`, `complete`, ...).
+pub fn store_span(operation: &'static str, backend: &'static str) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    tracing::info_span!(
+        target: SPAN_TARGET,
+        "store",
+        otel.name = format!("idemproxy.store.{operation}"),
+        otel.kind = "internal",
+        otel.status_code = Empty,
+        idemproxy.store.backend = backend,
+        idemproxy.store.operation = operation,
+    )
+}
+
+/// The trace id and span id of `span`, as a record keeps them (24 bytes), when it is a
+/// sampled, exported span.
+pub fn origin_of(span: &Span) -> Option<[u8; 24]> {
+    if span.is_none() {
+        return None;
+    }
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    if !span_context.is_valid() {
+        return None;
+    }
+    let mut origin = [0u8; 24];
+    origin[..16].copy_from_slice(&span_context.trace_id().to_bytes());
+    origin[16..].copy_from_slice(&span_context.span_id().to_bytes());
+    Some(origin)
+}
+
+/// Links `span` to the execution whose record answered it (`origin`, from `origin_of`).
+pub fn link_to_origin(span: &Span, origin: &[u8]) {
+    if span.is_none() || origin.len() != 24 {
+        return;
+    }
+    let trace_id: [u8; 16] = origin[..16].try_into().expect("16 bytes");
+    let span_id: [u8; 8] = origin[16..].try_into().expect("8 bytes");
+    let linked = SpanContext::new(
+        TraceId::from_bytes(trace_id),
+        SpanId::from_bytes(span_id),
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    );
+    span.add_link(linked);
+}
+
+/// Marks the span's outcome: the gRPC status, and span status error for server-fault codes
+/// only (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS), as the
+/// RPC semantic conventions say for SERVER spans.
+pub fn record_status(span: &Span, grpc_status: Option<u32>) {
+    if span.is_none() {
+        return;
+    }
+    if let Some(code) = grpc_status {
+        span.record("rpc.grpc.status_code", code);
+        if matches!(code, 2 | 4 | 12 | 13 | 14 | 15) {
+            span.record("otel.status_code", "error");
+        }
+    }
+}
+
+/// JSON log lines with the trace and span id of the span they were written in.
+pub struct JsonWithTraceIds;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JsonWithTraceIds
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut fields = JsonFields(serde_json::Map::new());
+        event.record(&mut fields);
+        let mut line = serde_json::Map::new();
+        let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+        line.insert("timestamp".into(), now.into());
+        line.insert("level".into(), event.metadata().level().as_str().into());
+        line.insert("target".into(), event.metadata().target().into());
+        if let Some(message) = fields.0.remove("message") {
+            line.insert("message".into(), message);
+        }
+        line.insert("fields".into(), fields.0.into());
+        if let Some(current) = ctx.lookup_current() {
+            line.insert("span".into(), current.name().into());
+        }
+        if enabled() {
+            let context = Span::current().context();
+            let span_context = context.span().span_context().clone();
+            if span_context.is_valid() {
+                line.insert(
+                    "trace_id".into(),
+                    span_context.trace_id().to_string().into(),
+                );
+                line.insert("span_id".into(), span_context.span_id().to_string().into());
+            }
+        }
+        let text = serde_json::Value::Object(line).to_string();
+        writeln!(writer, "{text}")
+    }
+}
+
+struct JsonFields(serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for JsonFields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let mut text = String::new();
+        let _ = write!(text, "{value:?}");
+        self.0.insert(field.name().into(), text.into());
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+}

@@ -8,28 +8,12 @@
 
 mod support;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::Duration;
+use support::http::{free_addr, get};
 use support::{add, apply, binary, client, ledger, start_sidecar, was_replayed};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-
-/// `GET path` over HTTP/1.1: (status, body).
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: ops\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    let status = answer[9..12].parse().unwrap();
-    let body = answer
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned();
-    (status, body)
-}
 
 /// The gRPC health status of `service` (1 SERVING, 2 NOT_SERVING).
 async fn grpc_health(addr: SocketAddr, service: &str) -> i32 {
@@ -112,13 +96,6 @@ fn run_args(upstream: SocketAddr, dir: &std::path::Path, extra: &[&str]) -> Vec<
     .to_vec();
     args.extend(extra.iter().map(|arg| (*arg).to_owned()));
     args
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

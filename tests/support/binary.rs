@@ -17,9 +17,15 @@ pub fn path() -> &'static str {
 
 /// Starts `idemproxy run ARGS` and waits until it logs its proxy address.
 pub async fn start(args: &[String]) -> BinarySidecar {
+    start_with_env(args, &[]).await
+}
+
+/// `start` with extra environment variables (OTEL_* settings and the like).
+pub async fn start_with_env(args: &[String], env: &[(&str, String)]) -> BinarySidecar {
     let mut child = Command::new(path())
         .arg("run")
         .args(args)
+        .envs(env.iter().map(|(name, value)| (*name, value.as_str())))
         .env("RUST_LOG", "info")
         // Tests run many sidecars at once: each takes a free admin port unless told otherwise.
         .env("IDEMPROXY_ADMIN_LISTEN", "127.0.0.1:0")

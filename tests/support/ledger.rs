@@ -22,6 +22,7 @@ pub struct LedgerState {
     executions: AtomicU64,
     balances: Mutex<HashMap<String, i64>>,
     per_account: Mutex<HashMap<String, u64>>,
+    traceparents: Mutex<Vec<String>>,
 }
 
 impl LedgerState {
@@ -38,6 +39,11 @@ impl LedgerState {
             .get(account)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The `traceparent` metadata of every Apply call that reached the service, in order.
+    pub fn traceparents(&self) -> Vec<String> {
+        self.traceparents.lock().unwrap().clone()
     }
 
     /// Every account executed more than once, with its count.
@@ -97,6 +103,10 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<ApplyReply, Status>> + Send>
 #[tonic::async_trait]
 impl Ledger for LedgerService {
     async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyReply>, Status> {
+        if let Some(traceparent) = request.metadata().get("traceparent") {
+            let traceparent = traceparent.to_str().unwrap_or("(not ASCII)").to_owned();
+            self.state.traceparents.lock().unwrap().push(traceparent);
+        }
         let request = request.into_inner();
         if request.delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(request.delay_ms.into())).await;

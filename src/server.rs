@@ -202,6 +202,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
             AnyStore::Redis(RedisStore::new(options)?)
         }
     });
+    telemetry.observe_store(store.clone());
     let dir = config.data_dir.display().to_string();
     reconcile_in_background(store.clone(), dir, tokens.incarnation());
     let upstream = HttpUpstream::new(&config.upstream, config.response_bytes_max)?;

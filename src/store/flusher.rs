@@ -8,7 +8,7 @@
 //! return (sled 0.34 can block forever in `flush` once the disk is full) is abandoned by its
 //! waiters at their deadline; while it stays stuck, `is_stuck` lets writers fail fast.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use tokio::sync::oneshot;
 
@@ -23,6 +23,16 @@ pub struct Flusher {
     healthy: Arc<AtomicBool>,
     /// True while a flush runs.
     flushing: Arc<AtomicBool>,
+    counts: Arc<GroupCommitCounts>,
+}
+
+/// What group commit has done: their ratio is the mean batch size.
+#[derive(Debug, Default)]
+pub struct GroupCommitCounts {
+    /// Flushes made.
+    pub flushes: AtomicU64,
+    /// Writes those flushes made durable.
+    pub writes: AtomicU64,
 }
 
 impl Flusher {
@@ -34,6 +44,8 @@ impl Flusher {
         let flushing = Arc::new(AtomicBool::new(false));
         let thread_healthy = healthy.clone();
         let thread_flushing = flushing.clone();
+        let counts = Arc::new(GroupCommitCounts::default());
+        let thread_counts = counts.clone();
         let thread = std::thread::Builder::new()
             .name("idemproxy-flusher".into())
             .spawn(move || {
@@ -47,6 +59,9 @@ impl Flusher {
                     let result = flush();
                     thread_flushing.store(false, Ordering::Release);
                     thread_healthy.store(result.is_ok(), Ordering::Release);
+                    thread_counts.flushes.fetch_add(1, Ordering::Relaxed);
+                    let writes = batch.len() as u64;
+                    thread_counts.writes.fetch_add(writes, Ordering::Relaxed);
                     for waiter in batch {
                         // A waiter that gave up (its call was dropped) needs no answer.
                         let _ = waiter.send(result.clone());
@@ -58,7 +73,13 @@ impl Flusher {
             thread: Some(thread),
             healthy,
             flushing,
+            counts,
         })
+    }
+
+    /// Flushes made and writes they made durable, since start.
+    pub fn counts(&self) -> Arc<GroupCommitCounts> {
+        self.counts.clone()
     }
 
     /// Waits until everything written before this call is on disk, or `timeout` passes

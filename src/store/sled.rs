@@ -110,6 +110,11 @@ fn entry_bytes(value_len: usize) -> u64 {
 }
 
 impl SledStore {
+    /// Group commit's flush and write counts (for the telemetry's batch-size counters).
+    pub fn group_commit_counts(&self) -> std::sync::Arc<super::flusher::GroupCommitCounts> {
+        self.flusher.counts()
+    }
+
     /// Opens (or creates) the store, without scanning it: call `reconcile` next, off the
     /// serving path. Blocking.
     pub fn open(options: &SledOptions) -> Result<SledStore, StoreError> {

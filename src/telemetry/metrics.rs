@@ -30,8 +30,14 @@ pub const RECORDS_EXPIRED: &str = "idemproxy.records.expired";
 pub const RECORDS_EVICTED: &str = "idemproxy.records.evicted";
 /// Duplicates that waited for an in-flight first attempt.
 pub const IN_FLIGHT_WAITS: &str = "idemproxy.in_flight.waits";
-/// Writes made durable by one group-commit flush.
-pub const GROUP_COMMIT_BATCH: &str = "idemproxy.group_commit.batch_size";
+/// Records in the store now (sled; Redis reports 0: its `INFO` is the place to look).
+pub const STORE_RECORDS: &str = "idemproxy.store.records";
+/// Logical bytes of those records (the bound `--max-store-bytes` applies to).
+pub const STORE_BYTES: &str = "idemproxy.store.bytes";
+/// Group-commit flushes of the sled store (the rate of writes over this is the batch size).
+pub const GROUP_COMMIT_FLUSHES: &str = "idemproxy.group_commit.flushes";
+/// Writes made durable by group-commit flushes.
+pub const GROUP_COMMIT_WRITES: &str = "idemproxy.group_commit.writes";
 
 /// Distinct methods not in the policy table that get their own label value.
 pub const METHOD_LABELS_MAX: usize = 64;
@@ -131,7 +137,6 @@ pub struct Metrics {
     records_expired: Counter<u64>,
     records_evicted: Counter<u64>,
     in_flight_waits: Counter<u64>,
-    group_commit_batch: Histogram<u64>,
     backend: &'static str,
     methods: Arc<MethodLabels>,
 }
@@ -172,14 +177,48 @@ impl Metrics {
                 IN_FLIGHT_WAITS,
                 "Duplicates that waited for a first attempt",
             ),
-            group_commit_batch: meter
-                .u64_histogram(GROUP_COMMIT_BATCH)
-                .with_description("Writes made durable by one flush")
-                .with_boundaries(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0])
-                .build(),
             backend,
             methods: Arc::new(MethodLabels::default()),
         }
+    }
+
+    /// Reports what the store holds (`usage`) and, on sled, what group commit has done: read
+    /// when metrics are collected, nothing per call.
+    pub fn observe_store(meter: &Meter, store: Arc<crate::store::AnyStore>) {
+        use crate::store::Store as _;
+        use std::sync::atomic::Ordering;
+        let records = store.clone();
+        let _ = meter
+            .u64_observable_gauge(STORE_RECORDS)
+            .with_description("Records in the store")
+            .with_callback(move |observer| observer.observe(records.usage().records, &[]))
+            .build();
+        let bytes = store.clone();
+        let _ = meter
+            .u64_observable_gauge(STORE_BYTES)
+            .with_unit("By")
+            .with_description("Logical bytes of the records in the store")
+            .with_callback(move |observer| observer.observe(bytes.usage().bytes, &[]))
+            .build();
+        let crate::store::AnyStore::Sled(sled) = &*store else {
+            return;
+        };
+        let counts = sled.group_commit_counts();
+        let flushes = counts.clone();
+        let _ = meter
+            .u64_observable_counter(GROUP_COMMIT_FLUSHES)
+            .with_description("Group-commit flushes")
+            .with_callback(move |observer| {
+                observer.observe(flushes.flushes.load(Ordering::Relaxed), &[])
+            })
+            .build();
+        let _ = meter
+            .u64_observable_counter(GROUP_COMMIT_WRITES)
+            .with_description("Writes made durable by group-commit flushes")
+            .with_callback(move |observer| {
+                observer.observe(counts.writes.load(Ordering::Relaxed), &[])
+            })
+            .build();
     }
 
     /// Instruments that record nothing (tests, tools).
@@ -262,11 +301,6 @@ impl Metrics {
     /// A duplicate started waiting for a first attempt.
     pub fn in_flight_wait(&self) {
         self.in_flight_waits.add(1, &[]);
-    }
-
-    /// One group-commit flush made `writes` durable.
-    pub fn group_commit(&self, writes: usize) {
-        self.group_commit_batch.record(writes as u64, &[]);
     }
 
     /// The store backend these metrics name.

@@ -124,6 +124,11 @@ impl Telemetry {
         })
     }
 
+    /// Reports the store's size and group commit, read at each collection.
+    pub fn observe_store(&self, store: Arc<crate::store::AnyStore>) {
+        Metrics::observe_store(&self.meter_provider.meter("idemproxy"), store);
+    }
+
     /// Whether spans are exported.
     pub fn traces_enabled(&self) -> bool {
         self.tracer_provider.is_some()

@@ -131,5 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(idemproxy::bench::serve_upstream(listen))?
         }
     }
+    // A telemetry flush still stuck on a dead collector must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     Ok(ExitCode::SUCCESS)
 }

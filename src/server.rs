@@ -358,6 +358,9 @@ async fn sweep<S: Store>(
     }
 }
 
+/// The longest the exit waits for the last spans and metrics to reach the collector.
+const TELEMETRY_FLUSH_MAX: Duration = Duration::from_secs(3);
+
 /// `idemproxy run`: serves until SIGTERM or SIGINT, then flushes what telemetry holds.
 pub async fn run(config: Config, telemetry: Arc<Telemetry>) -> Result<(), StartError> {
     let running = start_with(&config, telemetry.clone()).await;
@@ -365,9 +368,16 @@ pub async fn run(config: Config, telemetry: Arc<Telemetry>) -> Result<(), StartE
         Ok(running) => serve_until_signal(&config, running).await,
         Err(error) => Err(error),
     };
-    // The exporters' shutdown blocks until their last batch is sent (bounded by their
-    // timeouts): off the runtime threads.
-    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    // The exporters' shutdown blocks until their last batch is sent: off the runtime
+    // threads, and no longer than TELEMETRY_FLUSH_MAX, so a dead collector cannot hold the
+    // exit past the pod's grace period (the records are already durable by now).
+    let flushed = tokio::task::spawn_blocking(move || telemetry.shutdown());
+    if tokio::time::timeout(TELEMETRY_FLUSH_MAX, flushed)
+        .await
+        .is_err()
+    {
+        tracing::warn!(limit = ?TELEMETRY_FLUSH_MAX, "telemetry not all exported at exit");
+    }
     drained
 }
 

@@ -292,6 +292,7 @@ async fn every_decision_is_exported_and_a_replay_links_to_its_original_execution
         "{metrics}"
     );
     assert!(!metrics.contains("k-1"), "no serial in the metrics");
+    dashboard_queries_only_exported_metrics(&metrics);
     eventually(Duration::from_secs(20), "metrics over OTLP", || {
         let names = received.metric_names.clone();
         async move {
@@ -302,6 +303,45 @@ async fn every_decision_is_exported_and_a_replay_links_to_its_original_execution
     })
     .await;
     sidecar.kill().await;
+}
+
+/// Every metric the shipped dashboard queries is one the sidecar exports.
+fn dashboard_queries_only_exported_metrics(metrics: &str) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/idemproxy.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let families: std::collections::HashSet<&str> = metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|line| line.split(' ').next())
+        .collect();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            let names = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|word| word.starts_with("idemproxy_") || word.starts_with("rpc_server_"));
+            for name in names {
+                if metrics.contains(&format!("{name}=\"")) {
+                    continue; // a label (idemproxy_decision, ...), not a metric
+                }
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(name);
+                assert!(
+                    families.contains(family),
+                    "the dashboard queries {name}, which is not exported"
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(
+        queried >= 15,
+        "the dashboard queries the metrics ({queried} found)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,40 +365,39 @@ async fn a_dead_collector_neither_fails_nor_holds_up_calls() {
     assert_eq!(code.expect("exits within 30 s"), Some(0));
 }
 
-#[tokio::test]
+// Multi-threaded: dropping the exporters blocks this thread on a last export that the
+// runtime's other thread carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otlp_settings_are_read_from_the_standard_variables() {
     use idemproxy::telemetry::Telemetry;
-    let env_of = |pairs: &'static [(&'static str, &'static str)]| {
+    // A live collector, so that dropping the exporters (a last export each) is quick.
+    let (collector, _received, _task) = start_collector().await;
+    let endpoint = format!("http://{collector}");
+    let env_of = |pairs: Vec<(&'static str, String)>| {
         move |name: &str| {
-            pairs
-                .iter()
-                .find(|(key, _)| *key == name)
-                .map(|(_, value)| (*value).to_owned())
+            let found = pairs.iter().find(|(key, _)| *key == name);
+            found.map(|(_, value)| value.clone())
         }
     };
-    let none = Telemetry::from_env(&env_of(&[]), "sled").unwrap();
+    let none = Telemetry::from_env(&env_of(vec![]), "sled").unwrap();
     assert!(!none.traces_enabled(), "no endpoint, no exporter");
-    let on = env_of(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")]);
+    let on = env_of(vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone())]);
     assert!(Telemetry::from_env(&on, "sled").unwrap().traces_enabled());
-    let traces_off = env_of(&[
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
-        ("OTEL_TRACES_EXPORTER", "none"),
+    let traces_off = env_of(vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
+        ("OTEL_TRACES_EXPORTER", "none".into()),
     ]);
     assert!(!Telemetry::from_env(&traces_off, "sled")
         .unwrap()
         .traces_enabled());
-    let http = env_of(&[
-        (
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "http://127.0.0.1:4318",
-        ),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+    let http = env_of(vec![
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
     ]);
     let error = Telemetry::from_env(&http, "sled").err().expect("refused");
+    let message = error.to_string();
     assert!(
-        error
-            .to_string()
-            .contains("OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf"),
-        "{error}"
+        message.contains("OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf"),
+        "{message}"
     );
 }

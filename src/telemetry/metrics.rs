@@ -33,7 +33,7 @@ pub const IN_FLIGHT_WAITS: &str = "idemproxy.in_flight.waits";
 /// Records in the store now (sled; Redis reports 0: its `INFO` is the place to look).
 pub const STORE_RECORDS: &str = "idemproxy.store.records";
 /// Logical bytes of those records (the bound `--max-store-bytes` applies to).
-pub const STORE_BYTES: &str = "idemproxy.store.bytes";
+pub const STORE_BYTES: &str = "idemproxy.store.size";
 /// Group-commit flushes of the sled store (the rate of writes over this is the batch size).
 pub const GROUP_COMMIT_FLUSHES: &str = "idemproxy.group_commit.flushes";
 /// Writes made durable by group-commit flushes.
@@ -164,7 +164,7 @@ impl Metrics {
                 .with_description(description)
                 .build()
         };
-        Metrics {
+        let metrics = Metrics {
             requests: counter(REQUESTS, "Calls answered, by method, decision and status"),
             call_duration: seconds(CALL_DURATION, "Duration of gRPC calls through the sidecar"),
             upstream_duration: seconds(UPSTREAM_DURATION, "Duration of forwarded calls"),
@@ -179,7 +179,24 @@ impl Metrics {
             ),
             backend,
             methods: Arc::new(MethodLabels::default()),
+        };
+        // Rare events exist at 0 from the start, so a dashboard shows 0 rather than no data.
+        for rare in [
+            &metrics.records_stored,
+            &metrics.records_expired,
+            &metrics.records_evicted,
+            &metrics.in_flight_waits,
+        ] {
+            rare.add(0, &[]);
         }
+        for operation in [StoreOperation::Claim, StoreOperation::Complete] {
+            let attributes = [
+                KeyValue::new("operation", operation.as_str()),
+                KeyValue::new("idemproxy.store.backend", backend),
+            ];
+            metrics.store_errors.add(0, &attributes);
+        }
+        metrics
     }
 
     /// Reports what the store holds (`usage`) and, on sled, what group commit has done: read

@@ -88,6 +88,7 @@ pub fn server_span(
     );
     let parent = TraceContextPropagator::new().extract(&Headers(headers));
     let _ = span.set_parent(parent);
+    remember_ids(&span);
     span
 }
 
@@ -117,6 +118,7 @@ pub fn client_span(path: &str, authority: &str, headers: &mut HeaderMap) -> Span
     headers.remove("traceparent");
     headers.remove("tracestate");
     TraceContextPropagator::new().inject_context(&span.context(), &mut HeadersMut(headers));
+    remember_ids(&span);
     span
 }
 
@@ -185,6 +187,28 @@ pub fn record_status(span: &Span, grpc_status: Option<u32>) {
     }
 }
 
+/// The OpenTelemetry ids of a span, kept in its registry entry for the log lines written in
+/// it (a formatter cannot ask the OpenTelemetry layer: it runs inside a subscriber call).
+#[derive(Clone, Copy)]
+struct TraceIds(TraceId, SpanId);
+
+/// Keeps `span`'s ids where `JsonWithTraceIds` finds them.
+fn remember_ids(span: &Span) {
+    use tracing_subscriber::registry::LookupSpan as _;
+    let context = span.context();
+    let ids = context.span().span_context().clone();
+    if !ids.is_valid() {
+        return;
+    }
+    span.with_subscriber(|(id, dispatch)| {
+        let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>();
+        if let Some(data) = registry.and_then(|registry| registry.span(id)) {
+            data.extensions_mut()
+                .insert(TraceIds(ids.trace_id(), ids.span_id()));
+        }
+    });
+}
+
 /// JSON log lines with the trace and span id of the span they were written in.
 pub struct JsonWithTraceIds;
 
@@ -212,16 +236,13 @@ where
         line.insert("fields".into(), fields.0.into());
         if let Some(current) = ctx.lookup_current() {
             line.insert("span".into(), current.name().into());
-        }
-        if enabled() {
-            let context = Span::current().context();
-            let span_context = context.span().span_context().clone();
-            if span_context.is_valid() {
-                line.insert(
-                    "trace_id".into(),
-                    span_context.trace_id().to_string().into(),
-                );
-                line.insert("span_id".into(), span_context.span_id().to_string().into());
+            // The innermost span of the scope that knows its ids (a call's, or a store's).
+            let ids = current
+                .scope()
+                .find_map(|span| span.extensions().get::<TraceIds>().copied());
+            if let Some(TraceIds(trace_id, span_id)) = ids {
+                line.insert("trace_id".into(), trace_id.to_string().into());
+                line.insert("span_id".into(), span_id.to_string().into());
             }
         }
         let text = serde_json::Value::Object(line).to_string();
@@ -252,5 +273,68 @@ impl tracing::field::Visit for JsonFields {
 
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
         self.0.insert(field.name().into(), value.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::TracerProvider as _;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .expect("not poisoned")
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_inside_a_span_carry_its_trace_and_span_id() {
+        enable();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(JsonWithTraceIds)
+                    .with_writer(move || writer.clone()),
+            )
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let expected = tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(outside = true, "before any span");
+            let span = server_span("/p.S/M", &HeaderMap::new(), None, "memory");
+            let _entered = span.enter();
+            tracing::warn!(key = "0123456789abcdef", "inside the call");
+            let context = span.context();
+            let ids = context.span().span_context().clone();
+            (ids.trace_id().to_string(), ids.span_id().to_string())
+        });
+        let text =
+            String::from_utf8(buffer.0.lock().expect("not poisoned").clone()).expect("UTF-8 logs");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("each line is one JSON object"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["message"], "before any span");
+        assert!(lines[0].get("trace_id").is_none());
+        assert_eq!(lines[1]["level"], "WARN");
+        assert_eq!(lines[1]["fields"]["key"], "0123456789abcdef");
+        assert_eq!(lines[1]["trace_id"], expected.0.as_str());
+        assert_eq!(lines[1]["span_id"], expected.1.as_str());
+        assert_eq!(expected.0.len(), 32);
     }
 }

@@ -7,8 +7,8 @@
 //! `_OTHER` (a client can send any path). No key, serial or caller is ever an attribute.
 
 use opentelemetry::metrics::{Counter, Histogram, Meter};
-use opentelemetry::KeyValue;
-use std::collections::HashSet;
+use opentelemetry::{KeyValue, StringValue};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -246,16 +246,14 @@ impl Metrics {
 
     /// Names the methods the policy table knows, so they are always their own label.
     pub fn know_methods<'a>(&self, methods: impl IntoIterator<Item = &'a str>) {
-        let mut known = self
-            .methods
-            .known
-            .write()
-            .expect("the method set is never poisoned");
-        known.extend(methods.into_iter().map(str::to_owned));
+        for method in methods {
+            self.methods.insert_known(method);
+        }
     }
 
     /// The label value for `method`: itself when known or room is left, else `_OTHER`.
-    pub fn method_label(&self, method: &str) -> String {
+    /// Shared, so a call copies a reference, not the text.
+    pub fn method_label(&self, method: &str) -> StringValue {
         self.methods.label(method)
     }
 
@@ -263,12 +261,12 @@ impl Metrics {
     /// the status is still to come in the streamed trailers.
     pub fn call(
         &self,
-        method: String,
+        method: StringValue,
         decision: Decision,
         grpc_status: Option<u32>,
         elapsed: Duration,
     ) {
-        let status = grpc_status.map_or_else(|| "streamed".into(), |code| code.to_string());
+        let status = grpc_status.map_or("streamed", status_label);
         let attributes = [
             KeyValue::new("rpc.system", "grpc"),
             KeyValue::new("rpc.method", method),
@@ -326,37 +324,54 @@ impl Metrics {
     }
 }
 
+/// The label value of a gRPC status code, without formatting one per call.
+fn status_label(code: u32) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    CODES.get(code as usize).copied().unwrap_or("other")
+}
+
 /// The bounded set of method label values.
 #[derive(Default)]
 struct MethodLabels {
-    known: RwLock<HashSet<String>>,
-    others: RwLock<HashSet<String>>,
+    known: RwLock<HashMap<String, StringValue>>,
+    others: RwLock<HashMap<String, StringValue>>,
 }
 
 impl MethodLabels {
-    fn label(&self, method: &str) -> String {
+    fn insert_known(&self, method: &str) {
+        let mut known = self
+            .known
+            .write()
+            .expect("the method set is never poisoned");
+        known.insert(method.to_owned(), StringValue::from(method.to_owned()));
+    }
+
+    fn label(&self, method: &str) -> StringValue {
         let known = self.known.read().expect("the method set is never poisoned");
-        if known.contains(method) {
-            return method.to_owned();
+        if let Some(label) = known.get(method) {
+            return label.clone();
         }
         drop(known);
-        if self
+        let others = self
             .others
             .read()
-            .expect("the method set is never poisoned")
-            .contains(method)
-        {
-            return method.to_owned();
+            .expect("the method set is never poisoned");
+        if let Some(label) = others.get(method) {
+            return label.clone();
         }
+        drop(others);
         let mut others = self
             .others
             .write()
             .expect("the method set is never poisoned");
         if others.len() < METHOD_LABELS_MAX {
-            others.insert(method.to_owned());
-            return method.to_owned();
+            let label = StringValue::from(std::sync::Arc::<str>::from(method));
+            others.insert(method.to_owned(), label.clone());
+            return label;
         }
-        METHOD_OTHER.to_owned()
+        StringValue::from(METHOD_OTHER)
     }
 }
 
@@ -367,16 +382,15 @@ mod tests {
     #[test]
     fn unknown_methods_past_the_limit_share_one_label() {
         let labels = MethodLabels::default();
-        labels
-            .known
-            .write()
-            .expect("fresh")
-            .insert("/p.S/Known".into());
+        labels.insert_known("/p.S/Known");
+        let label = |method: &str| labels.label(method).as_str().to_owned();
         for n in 0..METHOD_LABELS_MAX {
-            assert_eq!(labels.label(&format!("/x.S/M{n}")), format!("/x.S/M{n}"));
+            assert_eq!(label(&format!("/x.S/M{n}")), format!("/x.S/M{n}"));
         }
-        assert_eq!(labels.label("/x.S/OneTooMany"), METHOD_OTHER);
-        assert_eq!(labels.label("/x.S/M0"), "/x.S/M0");
-        assert_eq!(labels.label("/p.S/Known"), "/p.S/Known");
+        assert_eq!(label("/x.S/OneTooMany"), METHOD_OTHER);
+        assert_eq!(label("/x.S/M0"), "/x.S/M0");
+        assert_eq!(label("/p.S/Known"), "/p.S/Known");
+        assert_eq!(status_label(9), "9");
+        assert_eq!(status_label(99), "other");
     }
 }

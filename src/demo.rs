@@ -169,7 +169,11 @@ pub async fn run() -> anyhow::Result<()> {
         admin_listen: "127.0.0.1:0".parse()?,
         admin_token: None,
     };
-    let sidecar = crate::server::start(&config).await?;
+    // OTEL_EXPORTER_OTLP_ENDPOINT set: the demo's calls show up in the collector's traces.
+    let telemetry = crate::telemetry::Telemetry::from_env(&crate::telemetry::process_env, "sled")?;
+    telemetry.init_logs_at("warn");
+    let telemetry = std::sync::Arc::new(telemetry);
+    let sidecar = crate::server::start_with(&config, telemetry.clone()).await?;
     let total = SEQUENTIAL_DELIVERIES + CONCURRENT_DELIVERIES;
 
     println!("A message queue delivers \"extend subscription by 1 year\" {total} times:");
@@ -215,6 +219,8 @@ pub async fn run() -> anyhow::Result<()> {
 
     sidecar.stop().await;
     service.abort();
+    let flushed = tokio::task::spawn_blocking(move || telemetry.shutdown());
+    let _ = tokio::time::timeout(Duration::from_secs(3), flushed).await;
     anyhow::ensure!(
         proxied.subscription.extensions == 1,
         "idemproxy let the message execute {} times",

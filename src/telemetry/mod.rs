@@ -148,7 +148,13 @@ impl Telemetry {
     /// Installs the log subscriber, with the span exporter's layer when traces are exported.
     /// Later calls in the same process do nothing.
     pub fn init_logs(&self) {
-        init_subscriber(self.tracer_provider.as_ref());
+        init_subscriber(self.tracer_provider.as_ref(), "info");
+    }
+
+    /// `init_logs`, showing only `default_filter` (say `warn`) unless `RUST_LOG` says more:
+    /// for the demo, whose output is its table.
+    pub fn init_logs_at(&self, default_filter: &str) {
+        init_subscriber(self.tracer_provider.as_ref(), default_filter);
     }
 
     /// Sends what is queued (spans, a last metrics export), bounded by the exporters' own
@@ -218,13 +224,13 @@ fn exports(env: Env<'_>, signal: &'static str) -> Result<bool, TelemetryError> {
 
 /// Logs without exporters: the subscriber for tools (`inject`, `injector`, `keys`).
 pub fn init_logs() {
-    init_subscriber(None);
+    init_subscriber(None, "info");
 }
 
-fn init_subscriber(tracer_provider: Option<&SdkTracerProvider>) {
+fn init_subscriber(tracer_provider: Option<&SdkTracerProvider>, default_filter: &str) {
     use opentelemetry::trace::TracerProvider as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let json = match std::env::var("IDEMPROXY_LOG_FORMAT").as_deref() {
         Ok("json") => true,

@@ -151,7 +151,13 @@ impl<S: Store, C: Clock> Proxy<S, C> {
     ) -> Result<HttpResponse, Infallible> {
         let started = Instant::now();
         let path = request.uri().path();
-        let span = trace::server_span(path, request.headers(), peer, self.metrics.backend());
+        let span = trace::server_span(
+            path,
+            request.uri().authority(),
+            request.headers(),
+            peer,
+            self.metrics.backend(),
+        );
         let method = self.metrics.method_label(path);
         let routed = self.route(request, &span).instrument(span.clone()).await;
         if !span.is_none() {

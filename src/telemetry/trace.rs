@@ -61,6 +61,7 @@ impl Injector for HeadersMut<'_> {
 /// traces are off.
 pub fn server_span(
     path: &str,
+    authority: Option<&http::uri::Authority>,
     headers: &HeaderMap,
     peer: Option<std::net::SocketAddr>,
     backend: &'static str,
@@ -82,10 +83,18 @@ pub fn server_span(
         rpc.grpc.status_code = Empty,
         client.address = peer.map(|p| p.ip().to_string()),
         client.port = peer.map(|p| p.port()),
+        server.address = Empty,
+        server.port = Empty,
         idemproxy.decision = Empty,
         idemproxy.key.hash = Empty,
         idemproxy.store.backend = backend,
     );
+    if let Some(authority) = authority {
+        span.record("server.address", authority.host());
+        if let Some(port) = authority.port_u16() {
+            span.record("server.port", port);
+        }
+    }
     let parent = TraceContextPropagator::new().extract(&Headers(headers));
     let _ = span.set_parent(parent);
     remember_ids(&span);
@@ -315,7 +324,7 @@ mod tests {
             .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
         let expected = tracing::subscriber::with_default(subscriber, || {
             tracing::info!(outside = true, "before any span");
-            let span = server_span("/p.S/M", &HeaderMap::new(), None, "memory");
+            let span = server_span("/p.S/M", None, &HeaderMap::new(), None, "memory");
             let _entered = span.enter();
             tracing::warn!(key = "0123456789abcdef", "inside the call");
             let context = span.context();

@@ -225,6 +225,9 @@ async fn every_decision_is_exported_and_a_replay_links_to_its_original_execution
             attribute(span, "idemproxy.store.backend").as_deref(),
             Some("sled")
         );
+        let address = |name| attribute(span, name);
+        assert_eq!(address("server.address").as_deref(), Some("127.0.0.1"));
+        assert_eq!(address("client.address").as_deref(), Some("127.0.0.1"));
     }
     // The caller's trace continues through the sidecar.
     assert_eq!(hex(&miss.trace_id), caller_trace);

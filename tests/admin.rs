@@ -54,19 +54,9 @@ async fn sidecar(
     extra: &[&str],
 ) -> (binary::BinarySidecar, String) {
     let admin = format!("127.0.0.1:{}", free_port());
-    let mut args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &format!("http://{upstream}"),
-        "--data-dir",
-        &dir.display().to_string(),
-        "--admin-listen",
-        &admin,
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    let mut with_admin = vec!["--admin-listen", admin.as_str()];
+    with_admin.extend_from_slice(extra);
+    let args = binary::run_args(upstream, dir, &with_admin);
     (binary::start(&args).await, admin)
 }
 

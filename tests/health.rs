@@ -82,22 +82,6 @@ async fn in_flight(admin: SocketAddr) -> u64 {
     stats.into_inner().in_flight
 }
 
-/// `run` flags of a binary sidecar: the first six (listen, upstream, data dir) then `extra`.
-fn run_args(upstream: SocketAddr, dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &format!("http://{upstream}"),
-        "--data-dir",
-        &dir.display().to_string(),
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
-    args
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_running_call_and_keeps_its_outcome() {
     let upstream = ledger::start().await;
@@ -106,7 +90,7 @@ async fn sigterm_drains_a_running_call_and_keeps_its_outcome() {
     let admin = free_addr();
     let (ops_text, admin_text) = (ops.to_string(), admin.to_string());
     let extra = ["--ops-listen", &ops_text, "--admin-listen", &admin_text];
-    let args = run_args(upstream.addr, dir.path(), &extra);
+    let args = binary::run_args(upstream.addr, dir.path(), &extra);
     let sidecar = binary::start(&args).await;
     support::eventually(Duration::from_secs(5), "readiness", || async move {
         get(ops, "/readyz").await.0 == 200
@@ -131,7 +115,7 @@ async fn sigterm_drains_a_running_call_and_keeps_its_outcome() {
     assert_eq!(sidecar.wait().await, Some(0), "a drain in time exits 0");
 
     // The outcome survived: a retry after the restart is a replay.
-    let restarted = binary::start(&run_args(upstream.addr, dir.path(), &[])).await;
+    let restarted = binary::start(&binary::run_args(upstream.addr, dir.path(), &[])).await;
     let mut caller = client(restarted.addr).await;
     let mut slow = add("drain", 5);
     slow.delay_ms = 1_500;
@@ -151,7 +135,7 @@ async fn a_drain_past_its_deadline_exits_non_zero_and_leaves_the_call_in_doubt()
     let admin = free_addr();
     let admin_text = admin.to_string();
     let extra = ["--drain-timeout", "200ms", "--admin-listen", &admin_text];
-    let args = run_args(upstream.addr, dir.path(), &extra);
+    let args = binary::run_args(upstream.addr, dir.path(), &extra);
     let sidecar = binary::start(&args).await;
     let mut caller = client(sidecar.addr).await;
     tokio::spawn(async move {
@@ -164,7 +148,7 @@ async fn a_drain_past_its_deadline_exits_non_zero_and_leaves_the_call_in_doubt()
     assert_ne!(sidecar.wait().await, Some(0), "the deadline passed");
 
     // The record was left as it was; the next process treats it as IN_DOUBT, never re-runs it.
-    let restarted = binary::start(&run_args(upstream.addr, dir.path(), &[])).await;
+    let restarted = binary::start(&binary::run_args(upstream.addr, dir.path(), &[])).await;
     let mut caller = client(restarted.addr).await;
     let mut slow = add("late", 1);
     slow.delay_ms = 3_000;

@@ -20,20 +20,11 @@ use support::{add, apply, binary, client, ledger, reason, start_sidecar, was_rep
 
 fn replica_args(upstream: SocketAddr, store: &str, redis_url: &str) -> Vec<String> {
     let dir = std::env::temp_dir().join("idemproxy-redis-replica-unused");
-    [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &format!("http://{upstream}"),
-        "--data-dir",
-        &dir.display().to_string(),
-        "--store",
-        store,
-        "--redis-url",
-        redis_url,
-    ]
-    .map(str::to_owned)
-    .to_vec()
+    binary::run_args(
+        upstream,
+        &dir,
+        &["--store", store, "--redis-url", redis_url],
+    )
 }
 
 /// Every key's attempts alternate between two replicas: the first lands on one, each retry

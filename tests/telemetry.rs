@@ -108,17 +108,8 @@ async fn sidecar(
     ops: SocketAddr,
     collector: SocketAddr,
 ) -> binary::BinarySidecar {
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &format!("http://{upstream}"),
-        "--data-dir",
-        &dir.display().to_string(),
-        "--ops-listen",
-        &ops.to_string(),
-    ]
-    .map(str::to_owned);
+    let ops = ops.to_string();
+    let args = binary::run_args(upstream, dir, &["--ops-listen", &ops]);
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000".to_owned()),

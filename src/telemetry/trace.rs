@@ -56,6 +56,14 @@ impl Injector for HeadersMut<'_> {
     }
 }
 
+/// A gRPC path's span name, `rpc.service` and `rpc.method`:
+/// `/pkg.Svc/M` → (`pkg.Svc/M`, `pkg.Svc`, `M`).
+fn rpc_names(path: &str) -> (&str, &str, &str) {
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    (name, service, method)
+}
+
 /// The SERVER span of one call: named `package.Service/Method` with the RPC semantic
 /// conventions' attributes, its parent the caller's `traceparent`. `Span::none()` when
 /// traces are off.
@@ -69,8 +77,7 @@ pub fn server_span(
     if !enabled() {
         return Span::none();
     }
-    let name = path.trim_start_matches('/');
-    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    let (name, service, method) = rpc_names(path);
     let span = tracing::info_span!(
         target: SPAN_TARGET,
         "rpc.server",
@@ -108,8 +115,7 @@ pub fn client_span(path: &str, authority: &str, headers: &mut HeaderMap) -> Span
     if !enabled() {
         return Span::none();
     }
-    let name = path.trim_start_matches('/');
-    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    let (name, service, method) = rpc_names(path);
     let (address, port) = authority.rsplit_once(':').unwrap_or((authority, ""));
     let span = tracing::info_span!(
         target: SPAN_TARGET,

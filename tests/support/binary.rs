@@ -15,6 +15,23 @@ pub fn path() -> &'static str {
     env!("CARGO_BIN_EXE_idemproxy")
 }
 
+/// `run` flags of a binary sidecar: listen on a free port, forward to `upstream`, records
+/// in `dir`, then `extra`.
+pub fn run_args(upstream: SocketAddr, dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("http://{upstream}"),
+        "--data-dir",
+        &dir.display().to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+    args
+}
+
 /// Starts `idemproxy run ARGS` and waits until it logs its proxy address.
 pub async fn start(args: &[String]) -> BinarySidecar {
     start_with_env(args, &[]).await

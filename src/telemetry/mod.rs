@@ -238,8 +238,11 @@ fn init_subscriber(tracer_provider: Option<&SdkTracerProvider>, default_filter: 
         _ => !terminal,
     };
     let logs = if json {
+        // Span fields are never formatted (JSON lines carry the trace ids instead): formatting
+        // every call span's fields was the largest cost of tracing in the profile.
         tracing_subscriber::fmt::layer()
             .event_format(trace::JsonWithTraceIds)
+            .fmt_fields(trace::NoSpanFields)
             .with_writer(std::io::stderr)
             .boxed()
     } else {
@@ -251,8 +254,14 @@ fn init_subscriber(tracer_provider: Option<&SdkTracerProvider>, default_filter: 
     // Only idemproxy's own spans are exported, whatever RUST_LOG says: never the HTTP/2 and
     // gRPC libraries' (the exporter's own calls among them).
     let spans = tracer_provider.map(|provider| {
+        // What a call's span needs and no more: no source location, thread or idle-time
+        // attributes, and no OTel context switched in at each poll (we propagate explicitly).
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("idemproxy"))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
             .with_filter(
                 tracing_subscriber::filter::Targets::new()
                     .with_target(trace::SPAN_TARGET, tracing::Level::INFO),

@@ -224,6 +224,20 @@ fn remember_ids(span: &Span) {
     });
 }
 
+/// Formats no fields: for the JSON log layer, whose event formatter writes an event's fields
+/// itself and whose lines name their span by its trace ids, not by its fields.
+pub struct NoSpanFields;
+
+impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for NoSpanFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        _writer: tracing_subscriber::fmt::format::Writer<'writer>,
+        _fields: R,
+    ) -> std::fmt::Result {
+        Ok(())
+    }
+}
+
 /// JSON log lines with the trace and span id of the span they were written in.
 pub struct JsonWithTraceIds;
 

@@ -49,6 +49,7 @@ async fn claim_and_complete<S: Store>(store: &S, n: u64) {
         expires_ms: 86_400_000,
         sole_owner: Some([1; 8]),
         retry_in_doubt: false,
+        origin: None,
     };
     store
         .update(&key, |current| record::claim(current, &request))

@@ -444,6 +444,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                     .is_sole_owner()
                     .then(|| self.tokens.incarnation()),
                 retry_in_doubt: policy.retry_in_doubt,
+                origin: call.origin.as_ref(),
             };
             let claimed = self
                 .timed_update(StoreOperation::Claim, &key, |current| {

@@ -51,6 +51,9 @@ pub struct ClaimRequest<'a> {
     /// The method's policy says an unknown outcome may be run again (`IN_DOUBT_RETRY`): an
     /// IN_DOUBT record (or an IN_FLIGHT one past its lease) is claimed anew.
     pub retry_in_doubt: bool,
+    /// The claiming attempt's trace and span id (`telemetry::trace::origin_of`), kept for
+    /// operators.
+    pub origin: Option<&'a [u8; 24]>,
 }
 
 /// What a claim learned.
@@ -152,6 +155,10 @@ fn new_in_flight(request: &ClaimRequest<'_>) -> Record {
         expires_ms: request.expires_ms,
         token: request.token.to_vec(),
         lease_until_ms: request.lease_until_ms,
+        origin_trace: request
+            .origin
+            .map(|origin| origin.to_vec())
+            .unwrap_or_default(),
         ..Record::default()
     }
 }
@@ -373,6 +380,7 @@ mod tests {
             expires_ms: now_ms + 10_000,
             sole_owner: None,
             retry_in_doubt: false,
+            origin: None,
         }
     }
 

@@ -134,6 +134,7 @@ fn claim_request(token: u8, now_ms: u64) -> ClaimRequest<'static> {
         expires_ms: now_ms + 2_000,
         sole_owner: None,
         retry_in_doubt: false,
+        origin: None,
     }
 }
 

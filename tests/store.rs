@@ -46,6 +46,7 @@ async fn claim(
         expires_ms: now_ms + 3_600_000 + u64::from(n),
         sole_owner: Some([process; 8]),
         retry_in_doubt: false,
+        origin: None,
     };
     store
         .update(&key, |current| record::claim(current, &request))

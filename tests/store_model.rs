@@ -125,6 +125,7 @@ impl Model {
                     expires_ms: self.now_ms + 10_000,
                     sole_owner: Some([self.process; 8]),
                     retry_in_doubt: false,
+                    origin: None,
                 };
                 self.both(&key(n), |current| record::claim(current, &request))
                     .await;

@@ -106,10 +106,16 @@ async fn sidecar(
     upstream: SocketAddr,
     dir: &std::path::Path,
     ops: SocketAddr,
+    admin: SocketAddr,
     collector: SocketAddr,
 ) -> binary::BinarySidecar {
     let ops = ops.to_string();
-    let args = binary::run_args(upstream, dir, &["--ops-listen", &ops]);
+    let admin = admin.to_string();
+    let args = binary::run_args(
+        upstream,
+        dir,
+        &["--ops-listen", &ops, "--admin-listen", &admin],
+    );
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000".to_owned()),
@@ -169,8 +175,8 @@ async fn every_decision_is_exported_and_a_replay_links_to_its_original_execution
     let ledger = ledger::start().await;
     let (collector, received, _collector_task) = start_collector().await;
     let dir = tempfile::tempdir().unwrap();
-    let ops = free_addr();
-    let sidecar = sidecar(ledger.addr, dir.path(), ops, collector).await;
+    let (ops, admin) = (free_addr(), free_addr());
+    let sidecar = sidecar(ledger.addr, dir.path(), ops, admin, collector).await;
     let mut client = client(sidecar.addr).await;
 
     let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -264,6 +270,21 @@ async fn every_decision_is_exported_and_a_replay_links_to_its_original_execution
     );
     assert!(spans.iter().any(|s| s.name == "idemproxy.store.claim"));
 
+    // An operator finds the trace of the attempt that claimed the key.
+    let output = std::process::Command::new(binary::path())
+        .args(["keys", "--admin", &admin.to_string(), "get"])
+        .args([
+            "--method",
+            "/idemproxy.testing.v1.Ledger/Apply",
+            "--serial",
+            "k-1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(record["trace_id"], caller_trace, "{record}");
+
     let (status, metrics) = get(ops, "/metrics").await;
     assert_eq!(status, 200);
     for decision in ["miss", "hit", "mismatch", "bypass"] {
@@ -343,7 +364,7 @@ async fn a_dead_collector_neither_fails_nor_holds_up_calls() {
     let ledger = ledger::start().await;
     let dir = tempfile::tempdir().unwrap();
     let ops = free_addr();
-    let sidecar = sidecar(ledger.addr, dir.path(), ops, free_addr()).await;
+    let sidecar = sidecar(ledger.addr, dir.path(), ops, free_addr(), free_addr()).await;
     let mut client = client(sidecar.addr).await;
     for n in 0..40 {
         let key = format!("dead-{n}");

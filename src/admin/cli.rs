@@ -163,6 +163,7 @@ fn record_json(record: &pb::RecordView) -> serde_json::Value {
         "response_not_kept": record.response_not_kept,
         "fingerprint": record.fingerprint,
         "in_doubt_reason": record.in_doubt_reason,
+        "trace_id": record.trace_id,
     })
 }
 
@@ -196,6 +197,9 @@ fn record_text(record: &pb::RecordView, serial: Option<&str>) -> String {
         ),
         format!("fingerprint  {}", record.fingerprint),
     ]);
+    if !record.trace_id.is_empty() {
+        lines.push(format!("trace        {}", record.trace_id));
+    }
     if !record.in_doubt_reason.is_empty() {
         lines.push(format!("in doubt     {}", record.in_doubt_reason));
     }

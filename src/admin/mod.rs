@@ -68,6 +68,11 @@ fn view(key: &Key, record: &Record, now_ms: u64) -> pb::RecordView {
         fingerprint: key::hex(&record.fingerprint),
         in_doubt_reason: record.in_doubt_reason.clone(),
         response_not_kept: record.response_not_kept,
+        trace_id: record
+            .origin_trace
+            .get(..16)
+            .map(key::hex)
+            .unwrap_or_default(),
     }
 }
 

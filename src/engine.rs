@@ -344,6 +344,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             return (Answer::Refused(refusal), Decision::Invalid);
         }
         let key = Key::derive(&call.method, &call.caller, &call.serial);
+        trace::record_key(&key);
         let fingerprint = call
             .fingerprint
             .unwrap_or_else(|| key::fingerprint(&call.body));
@@ -387,7 +388,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                     .forward(key, token, lease, policy, &method, origin, request)
                     .await
             }
-            .instrument(tracing::Span::current()),
+            .instrument(trace::current()),
         );
         let answer = match forwarded.await {
             Ok(answer) => answer,

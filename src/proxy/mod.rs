@@ -276,13 +276,8 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             .headers
             .get("grpc-timeout")
             .and_then(|value| grpc::parse_timeout(value.as_bytes()));
-        let method = parts.uri.path().to_owned();
-        if !span.is_none() {
-            let key = crate::key::Key::derive(&method, &caller, &serial);
-            span.record("idemproxy.key.hash", key.hex());
-        }
         let call = Call {
-            method,
+            method: parts.uri.path().to_owned(),
             caller,
             serial,
             body,

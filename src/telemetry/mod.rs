@@ -65,16 +65,12 @@ pub struct Telemetry {
 impl Telemetry {
     /// Metrics for `/metrics` only: no exporter, no traces (tests, the demo).
     pub fn local(backend: &'static str) -> Result<Telemetry, TelemetryError> {
-        Telemetry::build(&|_| None, backend)
+        Telemetry::from_env(&|_| None, backend)
     }
 
     /// From the `OTEL_*` settings in `env`. Must run inside the tokio runtime (the gRPC
     /// exporters' channels live on it).
     pub fn from_env(env: Env<'_>, backend: &'static str) -> Result<Telemetry, TelemetryError> {
-        Telemetry::build(env, backend)
-    }
-
-    fn build(env: Env<'_>, backend: &'static str) -> Result<Telemetry, TelemetryError> {
         let resource = resource(env);
         let registry = prometheus::Registry::new();
         let prometheus = opentelemetry_prometheus::exporter()
@@ -85,26 +81,20 @@ impl Telemetry {
         let mut meters = SdkMeterProvider::builder()
             .with_resource(resource.clone())
             .with_reader(prometheus);
-        if exports(env, "METRICS")? {
+        if METRICS.exported(env)? {
             let exporter = opentelemetry_otlp::MetricExporter::builder()
                 .with_tonic()
                 .build()
-                .map_err(|e| TelemetryError::Exporter {
-                    signal: "metrics",
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| METRICS.build_error(e))?;
             meters = meters
                 .with_reader(opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build());
         }
         let meter_provider = meters.build();
-        let tracer_provider = if exports(env, "TRACES")? {
+        let tracer_provider = if TRACES.exported(env)? {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .build()
-                .map_err(|e| TelemetryError::Exporter {
-                    signal: "traces",
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| TRACES.build_error(e))?;
             // The sampler comes from OTEL_TRACES_SAMPLER(_ARG), read by the SDK.
             Some(
                 SdkTracerProvider::builder()
@@ -184,42 +174,56 @@ fn resource(env: Env<'_>) -> Resource {
     }
 }
 
-/// Whether `signal` (`TRACES`, `METRICS`) is exported: an endpoint is set for it and its
-/// exporter is not `none`; its protocol must be gRPC.
-fn exports(env: Env<'_>, signal: &'static str) -> Result<bool, TelemetryError> {
-    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-        return Ok(false);
-    }
-    let exporter_var = if signal == "TRACES" {
-        "OTEL_TRACES_EXPORTER"
-    } else {
-        "OTEL_METRICS_EXPORTER"
-    };
-    if env(exporter_var).is_some_and(|v| v == "none") {
-        return Ok(false);
-    }
-    let endpoint_var = if signal == "TRACES" {
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-    } else {
-        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
-    };
-    if env(endpoint_var).is_none() && env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() {
-        return Ok(false);
-    }
-    let protocol_var = if signal == "TRACES" {
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
-    } else {
-        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
-    };
-    for variable in [protocol_var, "OTEL_EXPORTER_OTLP_PROTOCOL"] {
-        if let Some(value) = env(variable) {
-            if value != "grpc" {
-                return Err(TelemetryError::Protocol { variable, value });
+/// The variables that configure one signal's exporter.
+struct Signal {
+    /// `traces` or `metrics`, for messages.
+    name: &'static str,
+    exporter: &'static str,
+    endpoint: &'static str,
+    protocol: &'static str,
+}
+
+const TRACES: Signal = Signal {
+    name: "traces",
+    exporter: "OTEL_TRACES_EXPORTER",
+    endpoint: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    protocol: "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+};
+
+const METRICS: Signal = Signal {
+    name: "metrics",
+    exporter: "OTEL_METRICS_EXPORTER",
+    endpoint: "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    protocol: "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+};
+
+impl Signal {
+    /// Whether this signal is exported: an endpoint is set for it and its exporter is not
+    /// `none`; its protocol must be gRPC.
+    fn exported(&self, env: Env<'_>) -> Result<bool, TelemetryError> {
+        if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            || env(self.exporter).is_some_and(|v| v == "none")
+            || (env(self.endpoint).is_none() && env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none())
+        {
+            return Ok(false);
+        }
+        let protocol = [self.protocol, "OTEL_EXPORTER_OTLP_PROTOCOL"]
+            .into_iter()
+            .find_map(|variable| env(variable).map(|value| (variable, value)));
+        match protocol {
+            Some((variable, value)) if value != "grpc" => {
+                Err(TelemetryError::Protocol { variable, value })
             }
-            break;
+            _ => Ok(true),
         }
     }
-    Ok(true)
+
+    fn build_error(&self, error: impl std::fmt::Display) -> TelemetryError {
+        TelemetryError::Exporter {
+            signal: self.name,
+            reason: error.to_string(),
+        }
+    }
 }
 
 /// Logs without exporters: the subscriber for tools (`inject`, `injector`, `keys`).
@@ -275,6 +279,3 @@ fn init_subscriber(tracer_provider: Option<&SdkTracerProvider>, default_filter: 
         .with(spans)
         .try_init();
 }
-
-/// Shared telemetry, as the server hands it around.
-pub type SharedTelemetry = Arc<Telemetry>;

@@ -137,6 +137,23 @@ pub fn client_span(path: &str, authority: &str, headers: &mut HeaderMap) -> Span
     span
 }
 
+/// Names the key of the current call on its span (the key's hash, never the serial).
+pub fn record_key(key: &crate::key::Key) {
+    if enabled() {
+        Span::current().record("idemproxy.key.hash", key.hex());
+    }
+}
+
+/// The current span to carry into a spawned task, or `Span::none()` without a lookup when
+/// traces are off.
+pub fn current() -> Span {
+    if enabled() {
+        Span::current()
+    } else {
+        Span::none()
+    }
+}
+
 /// An INTERNAL span for one store operation (`claim`, `complete`, ...).
 pub fn store_span(operation: &'static str, backend: &'static str) -> Span {
     if !enabled() {

@@ -226,20 +226,30 @@ impl Tokens {
     }
 }
 
-/// Counts one forwarded call as running until dropped, however its task ends.
-struct Forwarding(Arc<tokio::sync::watch::Sender<usize>>);
+/// Counts one call as running (claiming, forwarded, or recording) until dropped, however its
+/// task ends.
+struct Running(Arc<tokio::sync::watch::Sender<usize>>);
 
-impl Forwarding {
-    fn start(counter: &Arc<tokio::sync::watch::Sender<usize>>) -> Forwarding {
+impl Running {
+    fn start(counter: &Arc<tokio::sync::watch::Sender<usize>>) -> Running {
         counter.send_modify(|calls| *calls += 1);
-        Forwarding(counter.clone())
+        Running(counter.clone())
     }
 }
 
-impl Drop for Forwarding {
+impl Drop for Running {
     fn drop(&mut self) {
         self.0.send_modify(|calls| *calls -= 1);
     }
+}
+
+/// What a claim needs of its call.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    method: &'a str,
+    caller: &'a str,
+    timeout: Option<Duration>,
+    origin: Option<&'a [u8; 24]>,
 }
 
 /// Why a call is not ours to forward.
@@ -252,8 +262,9 @@ enum Unclaimed<S> {
 
 /// The dedup engine over one store, one upstream and one clock.
 pub struct Engine<S, U, C> {
-    /// Forwarded calls still running (their outcome not yet recorded), for the drain.
-    forwarding: Arc<tokio::sync::watch::Sender<usize>>,
+    /// Calls still running (claimed or claiming, their outcome not yet recorded), for the
+    /// drain.
+    running: Arc<tokio::sync::watch::Sender<usize>>,
     store: Arc<S>,
     upstream: Arc<U>,
     clock: C,
@@ -275,7 +286,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     /// An engine over its parts.
     pub fn new(store: Arc<S>, upstream: Arc<U>, clock: C, tokens: Tokens, limits: Limits) -> Self {
         Engine {
-            forwarding: Arc::new(tokio::sync::watch::Sender::new(0)),
+            running: Arc::new(tokio::sync::watch::Sender::new(0)),
             store,
             upstream,
             clock,
@@ -309,18 +320,18 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         result
     }
 
-    /// Resolves once no forwarded call is running (none may start meanwhile: the caller has
-    /// stopped taking calls). A drain waits on it so every outcome is recorded.
+    /// Resolves once no call is running (none may start meanwhile: the caller has stopped
+    /// taking calls). A drain waits on it so every outcome is recorded.
     pub fn idle(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut running = self.forwarding.subscribe();
+        let mut running = self.running.subscribe();
         async move {
             let _ = running.wait_for(|calls| *calls == 0).await;
         }
     }
 
-    /// Forwarded calls still running.
-    pub fn forwarding(&self) -> usize {
-        *self.forwarding.borrow()
+    /// Calls still running.
+    pub fn running(&self) -> usize {
+        *self.running.borrow()
     }
 
     /// The store this engine records in.
@@ -328,8 +339,14 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         &self.store
     }
 
-    /// Serves one deduplicated call. The forwarded part runs in its own task: dropping this
-    /// future (the client cancelled) leaves the call running and its outcome recorded.
+    /// The service this engine forwards to.
+    pub fn upstream(&self) -> &Arc<U> {
+        &self.upstream
+    }
+
+    /// Serves one deduplicated call. The claim and the forwarded call run in their own task:
+    /// dropping this future (the client cancelled) can never leave a claim landed and its call
+    /// not forwarded; a forwarded call runs on and its outcome is recorded.
     pub async fn handle(self: &Arc<Self>, call: Call<U::Request>) -> Answer<U::Stream> {
         self.handle_observed(call).await.0
     }
@@ -345,6 +362,39 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         }
         let key = Key::derive(&call.method, &call.caller, &call.serial);
         trace::record_key(&key);
+        let (mut answered, answer) = tokio::sync::oneshot::channel();
+        let engine = self.clone();
+        let running = Running::start(&self.running);
+        // The task carries the call's span, so the store's and upstream's spans are children.
+        tokio::spawn(
+            async move {
+                let _running = running;
+                let outcome = engine.claim_and_forward(key, call, &mut answered).await;
+                let _ = answered.send(outcome);
+            }
+            .instrument(trace::current()),
+        );
+        match answer.await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::error!(key = %key, "the call's task ended without an answer");
+                let refusal = Refusal::new(Reason::OutcomeUnknown, "the call's outcome is unknown")
+                    .with_key(key)
+                    .with_state("IN_DOUBT");
+                (Answer::Refused(refusal), Decision::Miss)
+            }
+        }
+    }
+
+    /// Claims `key` and, if it is ours, forwards the call and records its outcome. Runs to the
+    /// end whether or not anyone still waits for the answer, except that a duplicate stops
+    /// waiting on an in-flight first attempt once its caller is gone (`answered` closed).
+    async fn claim_and_forward(
+        &self,
+        key: Key,
+        call: Call<U::Request>,
+        answered: &mut tokio::sync::oneshot::Sender<(Answer<U::Stream>, Decision)>,
+    ) -> (Answer<U::Stream>, Decision) {
         let fingerprint = call
             .fingerprint
             .unwrap_or_else(|| key::fingerprint(&call.body));
@@ -354,8 +404,23 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         let token = self.tokens.next();
         let lease = call.timeout.unwrap_or(self.limits.lease_default) + self.limits.lease_margin;
         let mut waited = false;
+        let asked = Asked {
+            method: &call.method,
+            caller: &call.caller,
+            timeout: call.timeout,
+            origin: call.origin.as_ref(),
+        };
         let claimed = self
-            .claim(&call, &policy, key, &fingerprint, token, lease, &mut waited)
+            .claim(
+                asked,
+                &policy,
+                key,
+                &fingerprint,
+                token,
+                lease,
+                &mut waited,
+                answered,
+            )
             .await;
         match claimed {
             Ok(()) => {}
@@ -375,32 +440,18 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 return (Answer::Refused(refusal), Decision::StoreError)
             }
         }
-        let engine = self.clone();
-        let running = Forwarding::start(&self.forwarding);
-        let method = call.method;
-        let origin = call.origin;
-        // The forwarding task carries the call's span, so the upstream's span is its child.
-        let forwarded = tokio::spawn(
-            async move {
-                let _running = running;
-                let request = (call.request, call.body);
-                engine
-                    .forward(key, token, lease, policy, &method, origin, request)
-                    .await
-            }
-            .instrument(trace::current()),
-        );
-        let answer = match forwarded.await {
-            Ok(answer) => answer,
-            Err(error) => {
-                tracing::error!(key = %key, %error, "the forwarding task failed");
-                Answer::Refused(
-                    Refusal::new(Reason::OutcomeUnknown, "the call's outcome is unknown")
-                        .with_key(key)
-                        .with_state("IN_DOUBT"),
-                )
-            }
-        };
+        let request = (call.request, call.body);
+        let answer = self
+            .forward(
+                key,
+                token,
+                lease,
+                policy,
+                &call.method,
+                call.origin,
+                request,
+            )
+            .await;
         (answer, Decision::Miss)
     }
 
@@ -409,13 +460,14 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     #[allow(clippy::too_many_arguments)]
     async fn claim(
         &self,
-        call: &Call<U::Request>,
+        call: Asked<'_>,
         policy: &CallPolicy,
         key: Key,
         fingerprint: &[u8; 32],
         token: Token,
         lease: Duration,
         waited: &mut bool,
+        answered: &mut tokio::sync::oneshot::Sender<(Answer<U::Stream>, Decision)>,
     ) -> Result<(), Unclaimed<U::Stream>> {
         // Stop a little before the caller's own deadline, so it hears ABORTED with a
         // pushback instead of timing out with nothing.
@@ -434,8 +486,8 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             let now_ms = self.clock.now_ms();
             let request = ClaimRequest {
                 fingerprint,
-                method: &call.method,
-                caller: &call.caller,
+                method: call.method,
+                caller: call.caller,
                 token,
                 now_ms,
                 lease_until_ms: now_ms + lease.as_millis() as u64,
@@ -445,7 +497,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                     .is_sole_owner()
                     .then(|| self.tokens.incarnation()),
                 retry_in_doubt: policy.retry_in_doubt,
-                origin: call.origin.as_ref(),
+                origin: call.origin,
             };
             let claimed = self
                 .timed_update(StoreOperation::Claim, &key, |current| {
@@ -508,6 +560,13 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             tokio::select! {
                 () = changed => {}
                 () = tokio::time::sleep_until(wake) => {}
+                // Nobody to answer: stop between two reads, never inside one.
+                () = answered.closed() => {
+                    return Err(Unclaimed::Answered(Answer::Refused(Refusal::new(
+                        Reason::InProgress,
+                        "the caller went away while an earlier attempt was running",
+                    ))));
+                }
             }
         }
     }

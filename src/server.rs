@@ -165,7 +165,7 @@ impl Running {
         match outcome {
             Ok(()) => Ok(()),
             Err(_) => Err(DrainTimedOut {
-                calls: self.engine.forwarding(),
+                calls: self.engine.running(),
             }),
         }
     }

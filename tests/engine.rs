@@ -39,13 +39,22 @@ impl Upstream for Counting {
 type TestEngine = Engine<MemoryStore, Counting, SystemClock>;
 
 fn engine(delay: Duration, status: u32, limits: Limits) -> Arc<TestEngine> {
+    engine_over(MemoryStore::new(1 << 30), delay, status, limits)
+}
+
+fn engine_over(
+    store: MemoryStore,
+    delay: Duration,
+    status: u32,
+    limits: Limits,
+) -> Arc<TestEngine> {
     let upstream = Counting {
         executions: AtomicU64::new(0),
         delay,
         status,
     };
     Arc::new(Engine::new(
-        Arc::new(MemoryStore::new(1 << 30)),
+        Arc::new(store),
         Arc::new(upstream),
         SystemClock::new(),
         Tokens::new([7; 8]),
@@ -174,6 +183,41 @@ async fn waiting_duplicates_are_bounded_by_the_max_wait() {
         engine.handle(call("w", None)).await,
         Answer::Replay(_)
     ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_cancelled_while_its_claim_is_being_written_still_gets_the_call_forwarded() {
+    // The claim is visible at once and durable 200 ms later; the caller gives up at 50 ms.
+    let store = MemoryStore::new(1 << 30).with_write_delay(Duration::from_millis(200));
+    let engine = engine_over(store, Duration::from_millis(10), 0, Limits::default());
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), engine.handle(call("c", None)));
+    assert!(
+        gave_up.await.is_err(),
+        "the caller gave up during the claim"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let key = Key::derive("/pkg.Svc/Do", "tester", b"c");
+    let record = engine.store().get(&key).expect("the claim landed");
+    assert_eq!(record.state(), State::Completed, "forwarded and recorded");
+    assert_eq!(engine.upstream().executions.load(Ordering::SeqCst), 1);
+    assert!(matches!(
+        engine.handle(call("c", None)).await,
+        Answer::Replay(_)
+    ));
+    assert_eq!(engine.running(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_whose_caller_is_gone_stops_waiting() {
+    let engine = engine(Duration::from_secs(5), 0, Limits::default());
+    let first = in_background(&engine, call("g", None));
+    tokio::task::yield_now().await;
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), engine.handle(call("g", None)));
+    assert!(gave_up.await.is_err());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(engine.running(), 1, "only the first attempt still runs");
+    assert!(matches!(first.await.unwrap(), Answer::Fresh(_)));
+    assert_eq!(engine.running(), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -54,6 +54,8 @@ pub struct MemoryStore {
     bytes_max: u64,
     /// Bumped on every change; waiters re-read when it moves.
     version: watch::Sender<u64>,
+    /// How long a change takes to become durable, after it is visible (a flush).
+    write_delay: std::time::Duration,
 }
 
 impl MemoryStore {
@@ -63,7 +65,15 @@ impl MemoryStore {
             records: Mutex::new(Records::default()),
             bytes_max,
             version: watch::channel(0).0,
+            write_delay: std::time::Duration::ZERO,
         }
+    }
+
+    /// A store whose every change is visible at once but returns only after `delay`, as a
+    /// durable store's flush does: a caller cancelled meanwhile has changed the record anyway.
+    pub fn with_write_delay(mut self, delay: std::time::Duration) -> MemoryStore {
+        self.write_delay = delay;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Records> {
@@ -133,25 +143,32 @@ impl Store for MemoryStore {
         T: Send,
         F: FnMut(Option<&Record>) -> (Change, T) + Send,
     {
-        let mut records = self.lock();
-        let (change, value) = transition(records.get(key));
-        // Over the bound with nothing evictable: new keys are refused (sled decides this in
-        // its sweeper; the model decides at once).
-        if matches!(change, Change::Put(_))
-            && records.get(key).is_none()
-            && records.bytes > self.bytes_max
-            && !records
-                .by_key
-                .values()
-                .any(|r| record::evict(Some(r)) == Change::Delete)
-        {
-            return Err(StoreError::Full {
-                bytes: records.bytes,
-                bytes_max: self.bytes_max,
-            });
-        }
-        if Self::apply(&mut records, key, change) {
-            self.version.send_modify(|v| *v += 1);
+        let (wrote, value) = {
+            let mut records = self.lock();
+            let (change, value) = transition(records.get(key));
+            // Over the bound with nothing evictable: new keys are refused (sled decides this in
+            // its sweeper; the model decides at once).
+            if matches!(change, Change::Put(_))
+                && records.get(key).is_none()
+                && records.bytes > self.bytes_max
+                && !records
+                    .by_key
+                    .values()
+                    .any(|r| record::evict(Some(r)) == Change::Delete)
+            {
+                return Err(StoreError::Full {
+                    bytes: records.bytes,
+                    bytes_max: self.bytes_max,
+                });
+            }
+            let wrote = Self::apply(&mut records, key, change);
+            if wrote {
+                self.version.send_modify(|v| *v += 1);
+            }
+            (wrote, value)
+        };
+        if wrote && !self.write_delay.is_zero() {
+            tokio::time::sleep(self.write_delay).await;
         }
         Ok(value)
     }

@@ -5,6 +5,7 @@
 //! is visible); `resolve` lays them over the file and the defaults. Nothing here starts
 //! anything; a bad setting is an error that names it, never a panic.
 
+use crate::caller::{CallerSource, Callers};
 use crate::engine::Limits;
 use clap::Args;
 use http::HeaderName;
@@ -31,9 +32,57 @@ pub struct RunArgs {
     /// Header carrying the request serial number [default: idempotency-key].
     #[arg(long, env = "IDEMPROXY_KEY_HEADER")]
     pub key_header: Option<String>,
-    /// Header naming the caller, set by a trusted mesh or gateway [default: x-caller-id].
+    /// Header naming the caller, set by a trusted mesh or gateway [default: x-caller-id];
+    /// short for `--caller-source header:<name>`.
     #[arg(long, env = "IDEMPROXY_CALLER_HEADER")]
     pub caller_header: Option<String>,
+    /// Where the caller identity comes from: `header:<name>`, `xfcc` (Envoy/Istio's
+    /// x-forwarded-client-cert, from a loopback peer), `mtls` (the client certificate of
+    /// this listener's TLS) or `none` (one tenant) [default: header:x-caller-id].
+    #[arg(long, env = "IDEMPROXY_CALLER_SOURCE")]
+    pub caller_source: Option<String>,
+    /// Refuse a deduplicated call that names no caller (UNAUTHENTICATED) instead of filing it
+    /// under the anonymous caller.
+    #[arg(long, env = "IDEMPROXY_REQUIRE_CALLER")]
+    pub require_caller: bool,
+    /// PEM certificate chain of the proxy listener: it then speaks TLS (gRPC over h2).
+    #[arg(long, env = "IDEMPROXY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "IDEMPROXY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle client certificates must chain to; a client certificate is then
+    /// required (needed by --caller-source mtls).
+    #[arg(long, env = "IDEMPROXY_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// With `mtls`: a client certificate without a URI SAN names its caller by its subject
+    /// CN instead of being refused.
+    #[arg(long, env = "IDEMPROXY_CALLER_SUBJECT_FALLBACK")]
+    pub caller_subject_fallback: bool,
+    /// File of record encryption keys, one `<id> <base64 of 32 bytes>` per line: the first
+    /// seals new records, every one opens old ones [default: records in the clear].
+    #[arg(long, env = "IDEMPROXY_ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
+    /// Live records one caller may hold; past it its new keys are refused
+    /// (RESOURCE_EXHAUSTED) [default: no cap].
+    #[arg(long, env = "IDEMPROXY_MAX_RECORDS_PER_CALLER")]
+    pub max_records_per_caller: Option<String>,
+    /// Most concurrent HTTP/2 streams per client connection [default: 1024].
+    #[arg(long, env = "IDEMPROXY_HTTP2_MAX_CONCURRENT_STREAMS")]
+    pub http2_max_concurrent_streams: Option<String>,
+    /// Largest header list a client may send, in bytes [default: 16KiB].
+    #[arg(long, env = "IDEMPROXY_HTTP2_MAX_HEADER_LIST_SIZE")]
+    pub http2_max_header_list_size: Option<String>,
+    /// How often an idle client connection is pinged (0s: never) [default: 60s].
+    #[arg(long, env = "IDEMPROXY_HTTP2_KEEPALIVE_INTERVAL")]
+    pub http2_keepalive_interval: Option<String>,
+    /// How long a ping may go unanswered before the connection is closed [default: 20s].
+    #[arg(long, env = "IDEMPROXY_HTTP2_KEEPALIVE_TIMEOUT")]
+    pub http2_keepalive_timeout: Option<String>,
+    /// A client connection that starts no call for this long is closed gracefully (GOAWAY)
+    /// [default: 15m].
+    #[arg(long, env = "IDEMPROXY_HTTP2_IDLE_TIMEOUT")]
+    pub http2_idle_timeout: Option<String>,
     /// How long an outcome is kept and replayed [default: 24h].
     #[arg(long, env = "IDEMPROXY_RETENTION")]
     pub retention: Option<String>,
@@ -151,6 +200,19 @@ pub struct FileSettings {
     data_dir: Option<PathBuf>,
     key_header: Option<String>,
     caller_header: Option<String>,
+    caller_source: Option<String>,
+    require_caller: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    caller_subject_fallback: Option<bool>,
+    encryption_key_file: Option<PathBuf>,
+    max_records_per_caller: Option<Scalar>,
+    http2_max_concurrent_streams: Option<Scalar>,
+    http2_max_header_list_size: Option<Scalar>,
+    http2_keepalive_interval: Option<String>,
+    http2_keepalive_timeout: Option<String>,
+    http2_idle_timeout: Option<String>,
     retention: Option<String>,
     max_in_flight_wait: Option<String>,
     default_lease: Option<String>,
@@ -280,8 +342,16 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The serial's header.
     pub key_header: HeaderName,
-    /// The caller's header.
-    pub caller_header: HeaderName,
+    /// Who calls.
+    pub callers: Callers,
+    /// The proxy listener's TLS, when it terminates TLS itself.
+    pub tls: Option<TlsFiles>,
+    /// The record encryption keys' file, when records are sealed.
+    pub encryption_key_file: Option<PathBuf>,
+    /// Live records one caller may hold.
+    pub records_per_caller_max: Option<u64>,
+    /// The proxy listener's HTTP/2 limits.
+    pub http2: Http2Limits,
     /// Retention, leases and waits.
     pub limits: Limits,
     /// Largest request body deduplicated.
@@ -314,6 +384,46 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// The admin API's bearer token, when one is required.
     pub admin_token: Option<String>,
+}
+
+/// The files of the proxy listener's TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle of client certificates; `None`: none asked for.
+    pub client_ca: Option<PathBuf>,
+    /// A client certificate without a URI SAN is named by its subject CN.
+    pub subject_fallback: bool,
+}
+
+/// What one client connection to the proxy may do (design: safe defaults, each a setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Limits {
+    /// Concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Bytes of one header list.
+    pub max_header_list_size: u32,
+    /// Ping period of a connection; `None`: no pings.
+    pub keepalive_interval: Option<Duration>,
+    /// How long a ping may go unanswered.
+    pub keepalive_timeout: Duration,
+    /// A connection starting no call for this long is closed gracefully.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Http2Limits {
+    fn default() -> Self {
+        Http2Limits {
+            max_concurrent_streams: 1024,
+            max_header_list_size: 16 << 10,
+            keepalive_interval: Some(Duration::from_secs(60)),
+            keepalive_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 /// The longest retention accepted: a year.
@@ -354,6 +464,18 @@ fn duration(
         ));
     }
     Ok(parsed)
+}
+
+/// A whole number from `min` to `max`.
+fn count(setting: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match value.parse::<u64>() {
+        Ok(number) if (min..=max).contains(&number) => Ok(number),
+        _ => Err(invalid(
+            setting,
+            value,
+            format!("must be a whole number from {min} to {max}"),
+        )),
+    }
 }
 
 /// Parses `4194304`, `4MiB`, `512KiB`, `1GiB`, `10MB`.
@@ -451,17 +573,125 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         "key-header",
         &pick(args.key_header, file.key_header, "idempotency-key"),
     )?;
-    let caller_header = header(
-        "caller-header",
-        &pick(args.caller_header, file.caller_header, "x-caller-id"),
-    )?;
-    if key_header == caller_header {
+    let caller_header = args.caller_header.or(file.caller_header);
+    let source = match (args.caller_source.or(file.caller_source), caller_header) {
+        (Some(source), None) => {
+            let parsed = CallerSource::parse(&source)
+                .map_err(|reason| invalid("caller-source", &source, reason))?;
+            if let CallerSource::Header(name) = &parsed {
+                header("caller-source", name.as_str())?;
+            }
+            parsed
+        }
+        (None, header_name) => CallerSource::Header(header(
+            "caller-header",
+            header_name.as_deref().unwrap_or("x-caller-id"),
+        )?),
+        (Some(source), Some(_)) => {
+            return Err(invalid(
+                "caller-source",
+                &source,
+                "give either --caller-source or --caller-header, not both",
+            ))
+        }
+    };
+    if source == CallerSource::Header(key_header.clone()) {
         return Err(invalid(
             "caller-header",
-            caller_header.as_str(),
+            key_header.as_str(),
             "must differ from --key-header",
         ));
     }
+    let callers = Callers {
+        source,
+        require: args.require_caller || file.require_caller == Some(true),
+    };
+    let tls = tls_files(
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+        args.client_ca.or(file.client_ca),
+        args.caller_subject_fallback || file.caller_subject_fallback == Some(true),
+    )?;
+    if callers.source == CallerSource::Mtls
+        && tls.as_ref().is_none_or(|tls| tls.client_ca.is_none())
+    {
+        return Err(invalid(
+            "caller-source",
+            "mtls",
+            "needs --tls-cert, --tls-key and --client-ca: the caller comes from a client certificate this listener verifies",
+        ));
+    }
+    let encryption_key_file = args.encryption_key_file.or(file.encryption_key_file);
+    let records_per_caller_max = match args
+        .max_records_per_caller
+        .or(file.max_records_per_caller.map(Scalar::into_text))
+    {
+        None => None,
+        Some(text) => Some(count("max-records-per-caller", &text, 1, u64::MAX)?),
+    };
+    let http2 = {
+        let defaults = Http2Limits::default();
+        let streams = args
+            .http2_max_concurrent_streams
+            .or(file.http2_max_concurrent_streams.map(Scalar::into_text));
+        let header_list = args
+            .http2_max_header_list_size
+            .or(file.http2_max_header_list_size.map(Scalar::into_text));
+        let interval = pick(
+            args.http2_keepalive_interval,
+            file.http2_keepalive_interval,
+            "60s",
+        );
+        Http2Limits {
+            max_concurrent_streams: match streams {
+                None => defaults.max_concurrent_streams,
+                Some(text) => count("http2-max-concurrent-streams", &text, 1, 1 << 20)? as u32,
+            },
+            max_header_list_size: match header_list {
+                None => defaults.max_header_list_size,
+                Some(text) => {
+                    let bytes = parse_bytes(&text).ok_or_else(|| {
+                        invalid(
+                            "http2-max-header-list-size",
+                            &text,
+                            "not a size (write e.g. 16KiB)",
+                        )
+                    })?;
+                    if !(1024..=16 << 20).contains(&bytes) {
+                        return Err(invalid(
+                            "http2-max-header-list-size",
+                            &text,
+                            "must be between 1KiB and 16MiB",
+                        ));
+                    }
+                    bytes as u32
+                }
+            },
+            keepalive_interval: Some(duration(
+                "http2-keepalive-interval",
+                &interval,
+                Duration::ZERO,
+                Duration::from_secs(24 * 3600),
+            )?)
+            .filter(|interval| !interval.is_zero()),
+            keepalive_timeout: duration(
+                "http2-keepalive-timeout",
+                &pick(
+                    args.http2_keepalive_timeout,
+                    file.http2_keepalive_timeout,
+                    "20s",
+                ),
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            )?,
+            idle_timeout: duration(
+                "http2-idle-timeout",
+                &pick(args.http2_idle_timeout, file.http2_idle_timeout, "15m"),
+                Duration::from_millis(100),
+                Duration::from_secs(7 * 24 * 3600),
+            )?,
+        }
+    };
     let ms = Duration::from_millis;
     let limits = Limits {
         retention: duration(
@@ -526,16 +756,7 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         Duration::from_secs(3600),
     )?;
     let threads_text = pick_bytes(args.worker_threads, file.worker_threads, "1");
-    let worker_threads = match threads_text.parse::<usize>() {
-        Ok(threads) if (1..=256).contains(&threads) => threads,
-        _ => {
-            return Err(invalid(
-                "worker-threads",
-                &threads_text,
-                "must be a whole number from 1 to 256",
-            ))
-        }
-    };
+    let worker_threads = count("worker-threads", &threads_text, 1, 256)? as usize;
     let flush_text = pick(args.flush, file.flush, "group");
     let flush = match flush_text.as_str() {
         "group" => FlushMode::Group,
@@ -633,7 +854,11 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         upstream,
         data_dir,
         key_header,
-        caller_header,
+        callers,
+        tls,
+        encryption_key_file,
+        records_per_caller_max,
+        http2,
         limits,
         request_bytes_max,
         response_bytes_max,
@@ -651,6 +876,41 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         admin_listen,
         admin_token,
     })
+}
+
+/// The proxy listener's TLS files: a certificate and key go together; a client CA needs them.
+fn tls_files(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    subject_fallback: bool,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert,
+            key,
+            client_ca,
+            subject_fallback,
+        })),
+        (None, None) => match client_ca {
+            None => Ok(None),
+            Some(ca) => Err(invalid(
+                "client-ca",
+                &ca.display().to_string(),
+                "needs --tls-cert and --tls-key: client certificates are asked for by this listener's TLS",
+            )),
+        },
+        (Some(cert), None) => Err(invalid(
+            "tls-key",
+            "",
+            format!("--tls-cert {} needs --tls-key", cert.display()),
+        )),
+        (None, Some(key)) => Err(invalid(
+            "tls-cert",
+            "",
+            format!("--tls-key {} needs --tls-cert", key.display()),
+        )),
+    }
 }
 
 fn method_rules(
@@ -892,7 +1152,12 @@ mod tests {
         let config = resolve(args(), FileSettings::default()).expect("defaults are valid");
         assert_eq!(config.listen.to_string(), "0.0.0.0:16000");
         assert_eq!(config.key_header.as_str(), "idempotency-key");
-        assert_eq!(config.caller_header.as_str(), "x-caller-id");
+        assert_eq!(
+            config.callers.source,
+            CallerSource::Header(HeaderName::from_static("x-caller-id"))
+        );
+        assert!(!config.callers.require);
+        assert_eq!(config.http2, Http2Limits::default());
         assert_eq!(config.limits.retention, Duration::from_secs(86_400));
         assert_eq!(config.request_bytes_max, 4 << 20);
         assert_eq!(config.flush, FlushMode::Group);

@@ -148,7 +148,16 @@ pub async fn run() -> anyhow::Result<()> {
         upstream: format!("http://{service_addr}"),
         data_dir: data_dir.path().to_owned(),
         key_header: http::HeaderName::from_static("idempotency-key"),
-        caller_header: http::HeaderName::from_static("x-caller-id"),
+        callers: crate::caller::Callers {
+            source: crate::caller::CallerSource::Header(http::HeaderName::from_static(
+                "x-caller-id",
+            )),
+            require: false,
+        },
+        tls: None,
+        encryption_key_file: None,
+        records_per_caller_max: None,
+        http2: crate::config::Http2Limits::default(),
         limits: Limits::default(),
         request_bytes_max: 4 << 20,
         response_bytes_max: 4 << 20,

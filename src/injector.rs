@@ -59,15 +59,8 @@ pub struct InjectorArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum InjectorError {
     /// A certificate or key file that cannot be used.
-    #[error("--{flag} {path}: {reason}")]
-    Tls {
-        /// The flag that named it.
-        flag: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The listen address cannot be bound.
     #[error("--listen {addr}: {source}")]
     Bind {
@@ -190,42 +183,15 @@ async fn answer(
     }
 }
 
-fn tls_config(args: &InjectorArgs) -> Result<rustls::ServerConfig, InjectorError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let tls = |flag, path: &PathBuf, reason: String| InjectorError::Tls {
-        flag,
-        path: path.clone(),
-        reason,
-    };
-    let chain = CertificateDer::pem_file_iter(&args.tls_cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| tls("tls-cert", &args.tls_cert, e.to_string()))?;
-    if chain.is_empty() {
-        return Err(tls(
-            "tls-cert",
-            &args.tls_cert,
-            "holds no certificate".into(),
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(&args.tls_key)
-        .map_err(|e| tls("tls-key", &args.tls_key, e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls("tls-cert", &args.tls_cert, e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map(|mut config| {
-            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-            config
-        })
-        .map_err(|e| tls("tls-key", &args.tls_key, e.to_string()))
-}
-
 /// Runs the webhook until SIGTERM or SIGINT.
 pub async fn run(args: InjectorArgs) -> Result<(), InjectorError> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&args)?));
+    let files = crate::tls::Files {
+        cert: args.tls_cert.clone(),
+        key: args.tls_key.clone(),
+        client_ca: None,
+        alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
+    let tls = crate::tls::Reloading::start(files, crate::tls::RELOAD_POLL)?;
     let settings = Arc::new(Settings {
         image: args
             .image
@@ -261,7 +227,7 @@ pub async fn run(args: InjectorArgs) -> Result<(), InjectorError> {
                 }
             },
         };
-        let (acceptor, builder, settings) = (acceptor.clone(), builder.clone(), settings.clone());
+        let (acceptor, builder, settings) = (tls.acceptor(), builder.clone(), settings.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,

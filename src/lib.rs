@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod caller;
 pub mod config;
 pub mod demo;
 pub mod engine;
@@ -16,6 +17,7 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 /// Code generated from `proto/` at build time.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -1,6 +1,7 @@
 //! Assembles a running sidecar from a `Config`: opens the store, starts the sweeper, binds
 //! the proxy listener. Used by `idemproxy run` and by the demo, so both run the same parts.
 
+use crate::caller::CallerSource;
 use crate::config::{Config, FlushMode, StoreChoice};
 use crate::engine::{CallPolicy, Engine, SystemClock, Tokens};
 use crate::ops::{Health, Readiness};
@@ -47,6 +48,9 @@ pub enum StartError {
     /// The drain ran out of time.
     #[error(transparent)]
     Drain(#[from] DrainTimedOut),
+    /// The proxy listener's TLS files cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The upstream URL is unusable.
     #[error(transparent)]
     Upstream(#[from] proxy::upstream::UpstreamUrlError),
@@ -179,6 +183,46 @@ pub fn backend_name(config: &Config) -> &'static str {
     }
 }
 
+/// The proxy listener's TLS and limits, and what the start log says of who may call.
+fn listening(config: &Config) -> Result<proxy::Listening, StartError> {
+    let source = config.callers.source.describe();
+    match &config.callers.source {
+        CallerSource::None => tracing::warn!(
+            "caller source none: every call is filed under one caller, so any client can be answered with any other's recorded response; run this only for a single-tenant service"
+        ),
+        CallerSource::Header(name) => tracing::info!(
+            caller_source = %source,
+            require_caller = config.callers.require,
+            "callers named by the {name} header: trusted only if a mesh or gateway in front sets it and strips it from outside requests"
+        ),
+        _ => tracing::info!(
+            caller_source = %source,
+            require_caller = config.callers.require,
+            "caller source"
+        ),
+    }
+    let tls = match &config.tls {
+        None => None,
+        Some(files) => {
+            let files = crate::tls::Files {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+                client_ca: files.client_ca.clone(),
+                alpn: vec![b"h2".to_vec()],
+            };
+            Some(crate::tls::Reloading::start(
+                files,
+                crate::tls::RELOAD_POLL,
+            )?)
+        }
+    };
+    Ok(proxy::Listening {
+        http2: config.http2,
+        tls,
+        subject_fallback: config.tls.as_ref().is_some_and(|tls| tls.subject_fallback),
+    })
+}
+
 /// Opens the store and starts serving, with metrics for `/metrics` and no exporter.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     let telemetry = Telemetry::local(backend_name(config))?;
@@ -218,9 +262,10 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
     );
     let settings = ProxySettings {
         key_header: config.key_header.clone(),
-        caller_header: config.caller_header.clone(),
+        callers: config.callers.clone(),
         request_bytes_max: config.request_bytes_max,
     };
+    let listening = listening(config)?;
     // Bound before anything serves, so a taken port stops the start with its name.
     let (ops_listener, ops_addr) = bind(config.ops_listen).await?;
     let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
@@ -244,7 +289,12 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
     ));
     let proxy = Proxy::new(settings, engine.clone(), upstream, Arc::new(policy));
     let proxy = Arc::new(proxy.with_metrics(metrics.clone()));
-    let serving = tokio::spawn(proxy::serve(listener, proxy, wait_for(stopped.clone())));
+    let serving = tokio::spawn(proxy::serve(
+        listener,
+        proxy,
+        listening,
+        wait_for(stopped.clone()),
+    ));
     let admin = crate::admin::AdminService::new(store.clone(), config.limits.retention);
     let administering = tokio::spawn(crate::admin::serve(
         admin_listener,

@@ -94,6 +94,12 @@ pub enum Reason {
     UpstreamUnavailable,
     /// The request is not a well-formed gRPC call.
     MalformedRequest,
+    /// A caller identity is required and the call has none.
+    CallerMissing,
+    /// The caller source gave something that cannot be trusted as an identity.
+    CallerInvalid,
+    /// The caller holds as many live records as it may.
+    CallerQuota,
 }
 
 impl Reason {
@@ -111,6 +117,9 @@ impl Reason {
             Reason::StoreUnavailable => "IDEMPOTENCY_STORE_UNAVAILABLE",
             Reason::UpstreamUnavailable => "IDEMPOTENCY_UPSTREAM_UNAVAILABLE",
             Reason::MalformedRequest => "IDEMPOTENCY_MALFORMED_REQUEST",
+            Reason::CallerMissing => "IDEMPOTENCY_CALLER_MISSING",
+            Reason::CallerInvalid => "IDEMPOTENCY_CALLER_INVALID",
+            Reason::CallerQuota => "IDEMPOTENCY_CALLER_QUOTA",
         }
     }
 
@@ -123,7 +132,8 @@ impl Reason {
             Reason::InProgress => Code::Aborted,
             Reason::Duplicate => Code::AlreadyExists,
             Reason::KeyInvalid | Reason::KeyMissing => Code::InvalidArgument,
-            Reason::RequestTooLarge => Code::ResourceExhausted,
+            Reason::RequestTooLarge | Reason::CallerQuota => Code::ResourceExhausted,
+            Reason::CallerMissing | Reason::CallerInvalid => Code::Unauthenticated,
             Reason::StoreUnavailable | Reason::UpstreamUnavailable => Code::Unavailable,
             Reason::MalformedRequest => Code::Internal,
         }

@@ -10,8 +10,9 @@ pub mod body;
 pub mod grpc;
 pub mod upstream;
 
+use crate::caller::{Callers, Peer};
+use crate::config::Http2Limits;
 use crate::engine::{Answer, Call, Clock, Engine};
-use crate::key::ANONYMOUS_CALLER;
 use crate::policy::{message, Dedup, MethodRule, PolicyTable};
 use crate::record::Response;
 use crate::status::{Reason, Refusal};
@@ -27,7 +28,6 @@ use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -42,8 +42,8 @@ pub const REPLAYED_HEADER: &str = "idempotency-replayed";
 pub struct ProxySettings {
     /// The header holding the request serial number.
     pub key_header: HeaderName,
-    /// The header naming the caller (set by a trusted mesh or gateway).
-    pub caller_header: HeaderName,
+    /// Who calls, and whether a call must say.
+    pub callers: Callers,
     /// The largest request body that is deduplicated.
     pub request_bytes_max: usize,
 }
@@ -147,7 +147,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
     pub async fn serve(
         self: Arc<Self>,
         request: Request<Incoming>,
-        peer: Option<SocketAddr>,
+        peer: Arc<Peer>,
     ) -> Result<HttpResponse, Infallible> {
         let started = Instant::now();
         let path = request.uri().path();
@@ -155,11 +155,14 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             path,
             request.uri().authority(),
             request.headers(),
-            peer,
+            peer.addr,
             self.metrics.backend(),
         );
         let method = self.metrics.method_label(path);
-        let routed = self.route(request, &span).instrument(span.clone()).await;
+        let routed = self
+            .route(request, &peer, &span)
+            .instrument(span.clone())
+            .await;
         if !span.is_none() {
             span.record("idemproxy.decision", routed.decision.as_str());
             trace::record_status(&span, routed.grpc_status);
@@ -173,14 +176,14 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         Ok(routed.response)
     }
 
-    async fn route(&self, request: Request<Incoming>, span: &tracing::Span) -> Routed {
+    async fn route(&self, request: Request<Incoming>, peer: &Peer, span: &tracing::Span) -> Routed {
         let rule = self.policy.get(request.uri().path());
         if rule.dedup == Dedup::Off {
             return self.pass_through(request.map(ProxyBody::Streaming)).await;
         }
         let keyed = request.headers().contains_key(&self.settings.key_header);
         if keyed || rule.inspects_request() {
-            return self.deduplicate(request, rule, span).await;
+            return self.deduplicate(request, rule, peer, span).await;
         }
         if rule.require_key {
             return Routed::refused(&key_missing(&self.settings));
@@ -206,6 +209,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         &self,
         request: Request<Incoming>,
         rule: &MethodRule,
+        peer: &Peer,
         span: &tracing::Span,
     ) -> Routed {
         let (parts, incoming) = request.into_parts();
@@ -213,20 +217,9 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             .headers
             .get(&self.settings.key_header)
             .map(|value| Bytes::copy_from_slice(value.as_bytes()));
-        let caller = match parts.headers.get(&self.settings.caller_header) {
-            None => ANONYMOUS_CALLER.to_owned(),
-            Some(value) => match value.to_str() {
-                Ok(caller) if !caller.is_empty() => caller.to_owned(),
-                _ => {
-                    return Routed::refused(&Refusal::new(
-                        Reason::KeyInvalid,
-                        format!(
-                            "the {} header is not visible ASCII",
-                            self.settings.caller_header
-                        ),
-                    ))
-                }
-            },
+        let caller = match self.settings.callers.caller_of(&parts.headers, peer) {
+            Ok(caller) => caller,
+            Err(refusal) => return Routed::refused(&refusal),
         };
         let body = match Limited::new(incoming, self.settings.request_bytes_max)
             .collect()
@@ -348,22 +341,44 @@ fn key_missing(settings: &ProxySettings) -> Refusal {
     )
 }
 
-/// Serves HTTP/2 (prior knowledge, as gRPC speaks it) on `listener` until `shutdown`
-/// resolves, then drains: no new connection is accepted, every open one gets GOAWAY and is
-/// served until its calls end; returns when all have closed. Each connection runs in its own
-/// task.
+/// How the proxy listener takes connections.
+#[derive(Clone)]
+pub struct Listening {
+    /// What each connection may do.
+    pub http2: Http2Limits,
+    /// TLS, when the listener terminates it; with a client CA, each connection's verified
+    /// certificate names its caller.
+    pub tls: Option<Arc<crate::tls::Reloading>>,
+    /// A client certificate without a URI SAN is named by its subject CN.
+    pub subject_fallback: bool,
+}
+
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves HTTP/2 (prior knowledge, as gRPC speaks it; over TLS with ALPN `h2` when
+/// `listening.tls` is set) on `listener` until `shutdown` resolves, then drains: no new
+/// connection is accepted, every open one gets GOAWAY and is served until its calls end;
+/// returns when all have closed. Each connection runs in its own task.
 pub async fn serve<S: Store, C: Clock>(
     listener: TcpListener,
     proxy: Arc<Proxy<S, C>>,
+    listening: Listening,
     shutdown: impl Future<Output = ()>,
 ) {
+    let limits = listening.http2;
     let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder.timer(hyper_util::rt::TokioTimer::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_list_size)
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout);
     let (draining, drain) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, addr) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -378,24 +393,39 @@ pub async fn serve<S: Store, C: Clock>(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let connection = builder.serve_connection(
-            TokioIo::new(stream),
-            hyper::service::service_fn(move |request| proxy.clone().serve(request, Some(peer))),
-        );
-        let mut drain = drain.clone();
+        let connection = Connection {
+            builder: builder.clone(),
+            proxy: proxy.clone(),
+            drain: drain.clone(),
+            idle_timeout: limits.idle_timeout,
+        };
+        let tls = listening.tls.as_ref().map(|tls| tls.acceptor());
+        let subject_fallback = listening.subject_fallback;
         connections.spawn(async move {
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = async { let _ = drain.wait_for(|draining| *draining).await; } => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
+            let Some(acceptor) = tls else {
+                let peer = Peer {
+                    addr: Some(addr),
+                    certificate: None,
+                };
+                return connection.run(TokioIo::new(stream), peer).await;
             };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
+            let stream =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => return tracing::debug!(%addr, %error, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%addr, "TLS handshake timed out"),
+                };
+            let certificate = stream.get_ref().1.peer_certificates().map(|chain| {
+                chain.first().map_or_else(
+                    || Err("no client certificate".to_owned()),
+                    |leaf| crate::tls::caller_of_certificate(leaf, subject_fallback),
+                )
+            });
+            let peer = Peer {
+                addr: Some(addr),
+                certificate: certificate.or(Some(Err("no client certificate".to_owned()))),
+            };
+            connection.run(TokioIo::new(stream), peer).await;
         });
     }
     drop(listener);
@@ -405,4 +435,61 @@ pub async fn serve<S: Store, C: Clock>(
         "draining the open connections"
     );
     while connections.join_next().await.is_some() {}
+}
+
+/// One client connection's share of the listener.
+struct Connection<S, C> {
+    builder: http2::Builder<TokioExecutor>,
+    proxy: Arc<Proxy<S, C>>,
+    drain: tokio::sync::watch::Receiver<bool>,
+    idle_timeout: std::time::Duration,
+}
+
+impl<S: Store, C: Clock> Connection<S, C> {
+    /// Serves the connection until it closes: gracefully (GOAWAY, open calls finish) when the
+    /// listener drains or when no call started for the idle timeout.
+    async fn run<I>(mut self, io: I, peer: Peer)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let peer = Arc::new(peer);
+        let addr = peer.addr;
+        let started = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = started.clone();
+        let proxy = self.proxy.clone();
+        let connection = self.builder.serve_connection(
+            io,
+            hyper::service::service_fn(move |request| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                proxy.clone().serve(request, peer.clone())
+            }),
+        );
+        tokio::pin!(connection);
+        let tick = self.idle_timeout / 4;
+        let mut seen = 0;
+        let mut quiet_since = Instant::now();
+        let result = loop {
+            tokio::select! {
+                result = connection.as_mut() => break result,
+                () = async { let _ = self.drain.wait_for(|draining| *draining).await; } => {
+                    connection.as_mut().graceful_shutdown();
+                    break connection.await;
+                }
+                () = tokio::time::sleep(tick) => {
+                    let now = started.load(std::sync::atomic::Ordering::Relaxed);
+                    if now != seen {
+                        seen = now;
+                        quiet_since = Instant::now();
+                    } else if quiet_since.elapsed() >= self.idle_timeout {
+                        tracing::debug!(?addr, "closing an idle connection");
+                        connection.as_mut().graceful_shutdown();
+                        break connection.await;
+                    }
+                }
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(?addr, %error, "connection ended with an error");
+        }
+    }
 }

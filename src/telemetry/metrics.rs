@@ -80,7 +80,10 @@ impl Decision {
             | Reason::KeyMissing
             | Reason::RequestTooLarge
             | Reason::MalformedRequest
-            | Reason::UpstreamUnavailable => Decision::Invalid,
+            | Reason::UpstreamUnavailable
+            | Reason::CallerMissing
+            | Reason::CallerInvalid => Decision::Invalid,
+            Reason::CallerQuota => Decision::Conflict,
         }
     }
 

@@ -2,6 +2,9 @@
 //! never see each other's responses; a caller that cannot be trusted is refused, never
 //! guessed; mTLS with a real rustls client, and certificates rotated under load.
 
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use idemproxy::pb::idemproxy::testing::v1::ledger_client::LedgerClient;

@@ -271,6 +271,8 @@ pub struct Engine<S, U, C> {
     tokens: Tokens,
     limits: Limits,
     metrics: Metrics,
+    /// Seals recorded responses at rest; `None`: records in the clear.
+    sealer: Option<Arc<crate::seal::Sealer>>,
 }
 
 fn store_refusal(key: Key, error: &StoreError) -> Refusal {
@@ -293,7 +295,14 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             tokens,
             limits,
             metrics: Metrics::disabled(),
+            sealer: None,
         }
+    }
+
+    /// Seals every recorded response with `sealer` and opens them on the way back.
+    pub fn with_sealer(mut self, sealer: Arc<crate::seal::Sealer>) -> Self {
+        self.sealer = Some(sealer);
+        self
     }
 
     /// Records into `metrics` (store operations, waits, upstream durations).
@@ -307,14 +316,25 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         &self,
         operation: StoreOperation,
         key: &Key,
-        transition: impl FnMut(Option<&record::Record>) -> (record::Change, T) + Send,
+        mut transition: impl FnMut(Option<&record::Record>) -> (record::Change, T) + Send,
     ) -> Result<T, StoreError>
     where
         T: Send,
     {
         let span = trace::store_span(operation.as_str(), self.metrics.backend());
         let started = Instant::now();
-        let result = self.store.update(key, transition).instrument(span).await;
+        let update = match &self.sealer {
+            None => self.store.update(key, transition).instrument(span).await,
+            Some(sealer) => {
+                let sealed = |current: Option<&record::Record>| {
+                    let opened = current.map(|record| sealer.open(key, record));
+                    let (change, value) = transition(opened.as_deref());
+                    (sealer.seal(key, change), value)
+                };
+                self.store.update(key, sealed).instrument(span).await
+            }
+        };
+        let result = update;
         self.metrics
             .store(operation, started.elapsed(), result.is_err());
         result
@@ -592,6 +612,11 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             Claimed::InDoubt => Refusal::new(
                 Reason::OutcomeUnknown,
                 "an earlier attempt with this key may have taken effect and its outcome is unknown",
+            )
+            .with_state("IN_DOUBT"),
+            Claimed::Unreadable => Refusal::new(
+                Reason::OutcomeUnknown,
+                "an earlier attempt with this key completed, but its recorded outcome cannot be decrypted (its key is no longer in the key file, or the record was altered)",
             )
             .with_state("IN_DOUBT"),
             Claimed::ResponseNotKept => Refusal::new(

@@ -13,6 +13,7 @@ pub mod ops;
 pub mod policy;
 pub mod proxy;
 pub mod record;
+pub mod seal;
 pub mod server;
 pub mod status;
 pub mod store;

@@ -74,6 +74,9 @@ pub enum Claimed {
     InDoubt,
     /// The same key arrived with another request payload.
     KeyReused,
+    /// The recorded outcome is sealed and cannot be opened (its key is gone, or the record
+    /// was altered): answered as IN_DOUBT, never run again.
+    Unreadable,
 }
 
 /// Whether the owner's write landed, or another claim holds the record now.
@@ -109,6 +112,9 @@ pub fn claim(current: Option<&Record>, request: &ClaimRequest<'_>) -> (Change, C
     };
     if record.fingerprint != request.fingerprint[..] {
         return (Change::Keep, Claimed::KeyReused);
+    }
+    if record.sealed.is_some() {
+        return (Change::Keep, Claimed::Unreadable);
     }
     let orphaned = request.sole_owner.is_some_and(|incarnation| {
         record.state() == State::InFlight && !record.token.starts_with(&incarnation)

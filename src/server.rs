@@ -48,6 +48,9 @@ pub enum StartError {
     /// The drain ran out of time.
     #[error(transparent)]
     Drain(#[from] DrainTimedOut),
+    /// The record encryption keys cannot be used.
+    #[error(transparent)]
+    KeyFile(#[from] crate::seal::KeyFileError),
     /// The proxy listener's TLS files cannot be used.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -250,16 +253,28 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
     let dir = config.data_dir.display().to_string();
     reconcile_in_background(store.clone(), dir, tokens.incarnation());
     let upstream = HttpUpstream::new(&config.upstream, config.response_bytes_max)?;
-    let engine = Arc::new(
-        Engine::new(
-            store.clone(),
-            Arc::new(upstream.clone()),
-            SystemClock::new(),
-            tokens,
-            config.limits.clone(),
-        )
-        .with_metrics(metrics.clone()),
-    );
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(upstream.clone()),
+        SystemClock::new(),
+        tokens,
+        config.limits.clone(),
+    )
+    .with_metrics(metrics.clone());
+    let engine = Arc::new(match &config.encryption_key_file {
+        Some(path) => {
+            let sealer = crate::seal::Sealer::from_file(path)?;
+            tracing::info!(
+                key_id = sealer.sealing_key_id(),
+                "recorded responses are sealed with AES-256-GCM"
+            );
+            engine.with_sealer(Arc::new(sealer))
+        }
+        None => {
+            tracing::warn!("recorded responses are stored in the clear: set --encryption-key-file to seal them");
+            engine
+        }
+    });
     let settings = ProxySettings {
         key_header: config.key_header.clone(),
         callers: config.callers.clone(),

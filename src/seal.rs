@@ -1,0 +1,290 @@
+//! Records at rest: the recorded response sealed with AES-256-GCM (ring), so a copy of the
+//! data dir or of Redis does not give away payment details or personal data.
+//!
+//! Only the response (headers, messages, trailers) is secret; the rest of a record is what
+//! the engine and operators must read without a key (state, fingerprint hash, times). The
+//! associated data binds a sealed response to its key hash, fingerprint, method, caller,
+//! creation time and key id, so it opens under no other record. A record that cannot be
+//! opened (its key removed from the file, or its bytes altered) is never treated as absent:
+//! its key answers IN_DOUBT (`record::claim`), so the call is not run again.
+
+use crate::key::Key;
+use crate::pb::idemproxy::v1::{Record, Sealed};
+use crate::record::Change;
+use base64::Engine as _;
+use prost::Message;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+use std::borrow::Cow;
+use std::path::Path;
+
+/// The longest key id.
+const KEY_ID_MAX: usize = 64;
+
+/// A key file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("--encryption-key-file {path}: {reason}")]
+pub struct KeyFileError {
+    /// The file.
+    pub path: String,
+    /// What is wrong with it, by line.
+    pub reason: String,
+}
+
+/// The keys of a key file: the first seals, every one opens.
+pub struct Sealer {
+    keys: Vec<(String, LessSafeKey)>,
+    random: SystemRandom,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<&str> = self.keys.iter().map(|(id, _)| id.as_str()).collect();
+        f.debug_struct("Sealer").field("key_ids", &ids).finish()
+    }
+}
+
+impl Sealer {
+    /// Reads a key file: one `<id> <base64 of 32 bytes>` per line; `#` starts a comment.
+    pub fn from_file(path: &Path) -> Result<Sealer, KeyFileError> {
+        let fail = |reason: String| KeyFileError {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        Sealer::parse(&text).map_err(fail)
+    }
+
+    /// Parses a key file's text.
+    pub fn parse(text: &str) -> Result<Sealer, String> {
+        let mut keys: Vec<(String, LessSafeKey)> = Vec::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let at = |why: &str| format!("line {}: {why}", number + 1);
+            let mut fields = line.split_whitespace();
+            let (Some(id), Some(secret), None) = (fields.next(), fields.next(), fields.next())
+            else {
+                return Err(at("write `<key id> <base64 of 32 random bytes>`"));
+            };
+            let id_ok = id.len() <= KEY_ID_MAX
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !id_ok {
+                return Err(at("a key id is 1 to 64 letters, digits, `-`, `_` or `.`"));
+            }
+            if keys.iter().any(|(known, _)| known == id) {
+                return Err(at(&format!("the key id `{id}` is given twice")));
+            }
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(secret)
+                .map_err(|_| at("the key is not base64"))?;
+            let unbound = UnboundKey::new(&AES_256_GCM, &bytes)
+                .map_err(|_| at(&format!("a key is 32 bytes, this one is {}", bytes.len())))?;
+            keys.push((id.to_owned(), LessSafeKey::new(unbound)));
+        }
+        if keys.is_empty() {
+            return Err("holds no key".into());
+        }
+        Ok(Sealer {
+            keys,
+            random: SystemRandom::new(),
+        })
+    }
+
+    /// The id of the key that seals new records.
+    pub fn sealing_key_id(&self) -> &str {
+        &self.keys[0].0
+    }
+
+    /// The record as the engine reads it: its response opened. A record that cannot be
+    /// opened keeps `sealed` set and no response (`record::claim` answers it IN_DOUBT).
+    pub fn open<'a>(&self, key: &Key, record: &'a Record) -> Cow<'a, Record> {
+        let Some(sealed) = &record.sealed else {
+            return Cow::Borrowed(record);
+        };
+        match self.open_response(key, record, sealed) {
+            Ok(response) => {
+                let mut opened = record.clone();
+                opened.sealed = None;
+                opened.response = Some(response);
+                Cow::Owned(opened)
+            }
+            Err(why) => {
+                tracing::warn!(key = %key, key_id = %sealed.key_id, "a recorded response cannot be opened: {why}; its key answers IN_DOUBT");
+                Cow::Borrowed(record)
+            }
+        }
+    }
+
+    fn open_response(
+        &self,
+        key: &Key,
+        record: &Record,
+        sealed: &Sealed,
+    ) -> Result<crate::record::Response, &'static str> {
+        let (_, cipher) = self
+            .keys
+            .iter()
+            .find(|(id, _)| *id == sealed.key_id)
+            .ok_or("its key is not in the key file")?;
+        let nonce = Nonce::try_assume_unique_for_key(&sealed.nonce).map_err(|_| "a bad nonce")?;
+        let mut buffer = sealed.ciphertext.clone();
+        let aad = associated_data(key, record, &sealed.key_id);
+        let plain = cipher
+            .open_in_place(nonce, Aad::from(&aad), &mut buffer)
+            .map_err(|_| "it was altered, or moved from another record")?;
+        crate::record::Response::decode(&plain[..]).map_err(|_| "its plaintext does not decode")
+    }
+
+    /// The change as the store writes it: a record's response sealed under the first key.
+    pub fn seal(&self, key: &Key, change: Change) -> Change {
+        let Change::Put(mut record) = change else {
+            return change;
+        };
+        let Some(response) = record.response.take() else {
+            return Change::Put(record);
+        };
+        let (id, cipher) = &self.keys[0];
+        let mut nonce = [0u8; NONCE_LEN];
+        let mut buffer = response.encode_to_vec();
+        let sealed = self.random.fill(&mut nonce).ok().and_then(|()| {
+            let aad = associated_data(key, &record, id);
+            cipher
+                .seal_in_place_append_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(&aad),
+                    &mut buffer,
+                )
+                .ok()
+        });
+        if sealed.is_none() {
+            // The system's random source failed: keep the outcome rather than lose it, and say so.
+            tracing::error!(key = %key, "could not seal a response; it is kept unsealed");
+            record.response = Some(response);
+            return Change::Put(record);
+        }
+        record.sealed = Some(Sealed {
+            key_id: id.clone(),
+            nonce: nonce.to_vec(),
+            ciphertext: buffer,
+        });
+        Change::Put(record)
+    }
+}
+
+/// What a sealed response is bound to: length-prefixed, so no two records' data coincide.
+fn associated_data(key: &Key, record: &Record, key_id: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(128);
+    let created = record.created_ms.to_be_bytes();
+    for part in [
+        b"idemproxy/v1 sealed response".as_slice(),
+        key.as_bytes(),
+        &record.fingerprint,
+        record.method.as_bytes(),
+        record.caller.as_bytes(),
+        &created,
+        key_id.as_bytes(),
+    ] {
+        aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        aad.extend_from_slice(part);
+    }
+    aad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Response;
+    use bytes::Bytes;
+
+    fn keyfile(ids: &[(&str, u8)]) -> String {
+        ids.iter()
+            .map(|(id, byte)| {
+                let secret = base64::engine::general_purpose::STANDARD.encode([*byte; 32]);
+                format!("{id} {secret}\n")
+            })
+            .collect()
+    }
+
+    fn completed(body: &'static [u8]) -> Record {
+        Record {
+            fingerprint: vec![1; 32],
+            method: "/p.S/M".into(),
+            caller: "alice".into(),
+            created_ms: 42,
+            response: Some(Response {
+                body: Bytes::from_static(body),
+                ..Response::default()
+            }),
+            ..Record::default()
+        }
+    }
+
+    fn sealed(sealer: &Sealer, key: &Key, record: Record) -> Record {
+        match sealer.seal(key, Change::Put(record)) {
+            Change::Put(record) => record,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_sealed_response_opens_only_in_its_own_record() {
+        let sealer = Sealer::parse(&keyfile(&[("k1", 1)])).unwrap();
+        let key = Key::derive("/p.S/M", "alice", b"1");
+        let record = sealed(&sealer, &key, completed(b"secret card number"));
+        assert!(record.response.is_none());
+        let stored = record.encode_to_vec();
+        assert!(!stored.windows(6).any(|w| w == b"secret"));
+        let opened = sealer.open(&key, &record);
+        assert_eq!(
+            opened.response.as_ref().unwrap().body,
+            &b"secret card number"[..]
+        );
+        // Moved to another key, or another caller's record: it does not open.
+        let other = Key::derive("/p.S/M", "bob", b"1");
+        assert!(sealer.open(&other, &record).response.is_none());
+        let mut moved = record.clone();
+        moved.caller = "bob".into();
+        assert!(sealer.open(&key, &moved).response.is_none());
+        // One bit flipped in the ciphertext: detected.
+        let mut altered = record.clone();
+        altered.sealed.as_mut().unwrap().ciphertext[3] ^= 1;
+        let opened = sealer.open(&key, &altered);
+        assert!(opened.response.is_none() && opened.sealed.is_some());
+    }
+
+    #[test]
+    fn rotation_opens_old_records_and_seals_with_the_first_key() {
+        let key = Key::derive("/p.S/M", "alice", b"1");
+        let old = Sealer::parse(&keyfile(&[("old", 1)])).unwrap();
+        let record = sealed(&old, &key, completed(b"x"));
+        let rotated = Sealer::parse(&keyfile(&[("new", 2), ("old", 1)])).unwrap();
+        assert!(rotated.open(&key, &record).response.is_some());
+        let resealed = sealed(&rotated, &key, completed(b"y"));
+        assert_eq!(resealed.sealed.as_ref().unwrap().key_id, "new");
+        let removed = Sealer::parse(&keyfile(&[("new", 2)])).unwrap();
+        assert!(removed.open(&key, &record).response.is_none());
+    }
+
+    #[test]
+    fn bad_key_files_are_named_by_line() {
+        for (text, expected) in [
+            ("", "no key"),
+            ("k1\n", "line 1"),
+            ("k1 notbase64!\n", "not base64"),
+            ("k1 AAAA\n", "32 bytes"),
+            ("bad/id AAAA\n", "key id"),
+        ] {
+            let error = Sealer::parse(text).unwrap_err();
+            assert!(error.contains(expected), "{text:?}: {error}");
+        }
+        let twice = keyfile(&[("k", 1), ("k", 2)]);
+        assert!(Sealer::parse(&twice).unwrap_err().contains("twice"));
+        let commented = format!("# rotated 2026-12\n{}", keyfile(&[("k", 1)]));
+        assert_eq!(Sealer::parse(&commented).unwrap().sealing_key_id(), "k");
+    }
+}

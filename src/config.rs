@@ -63,10 +63,6 @@ pub struct RunArgs {
     /// seals new records, every one opens old ones [default: records in the clear].
     #[arg(long, env = "IDEMPROXY_ENCRYPTION_KEY_FILE")]
     pub encryption_key_file: Option<PathBuf>,
-    /// Live records one caller may hold; past it its new keys are refused
-    /// (RESOURCE_EXHAUSTED) [default: no cap].
-    #[arg(long, env = "IDEMPROXY_MAX_RECORDS_PER_CALLER")]
-    pub max_records_per_caller: Option<String>,
     /// Most concurrent HTTP/2 streams per client connection [default: 1024].
     #[arg(long, env = "IDEMPROXY_HTTP2_MAX_CONCURRENT_STREAMS")]
     pub http2_max_concurrent_streams: Option<String>,
@@ -207,7 +203,6 @@ pub struct FileSettings {
     client_ca: Option<PathBuf>,
     caller_subject_fallback: Option<bool>,
     encryption_key_file: Option<PathBuf>,
-    max_records_per_caller: Option<Scalar>,
     http2_max_concurrent_streams: Option<Scalar>,
     http2_max_header_list_size: Option<Scalar>,
     http2_keepalive_interval: Option<String>,
@@ -348,8 +343,6 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// The record encryption keys' file, when records are sealed.
     pub encryption_key_file: Option<PathBuf>,
-    /// Live records one caller may hold.
-    pub records_per_caller_max: Option<u64>,
     /// The proxy listener's HTTP/2 limits.
     pub http2: Http2Limits,
     /// Retention, leases and waits.
@@ -622,13 +615,6 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         ));
     }
     let encryption_key_file = args.encryption_key_file.or(file.encryption_key_file);
-    let records_per_caller_max = match args
-        .max_records_per_caller
-        .or(file.max_records_per_caller.map(Scalar::into_text))
-    {
-        None => None,
-        Some(text) => Some(count("max-records-per-caller", &text, 1, u64::MAX)?),
-    };
     let http2 = {
         let defaults = Http2Limits::default();
         let streams = args
@@ -857,7 +843,6 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         callers,
         tls,
         encryption_key_file,
-        records_per_caller_max,
         http2,
         limits,
         request_bytes_max,

@@ -156,7 +156,6 @@ pub async fn run() -> anyhow::Result<()> {
         },
         tls: None,
         encryption_key_file: None,
-        records_per_caller_max: None,
         http2: crate::config::Http2Limits::default(),
         limits: Limits::default(),
         request_bytes_max: 4 << 20,

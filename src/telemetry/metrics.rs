@@ -83,7 +83,6 @@ impl Decision {
             | Reason::UpstreamUnavailable
             | Reason::CallerMissing
             | Reason::CallerInvalid => Decision::Invalid,
-            Reason::CallerQuota => Decision::Conflict,
         }
     }
 

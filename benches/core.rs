@@ -50,6 +50,7 @@ async fn claim_and_complete<S: Store>(store: &S, n: u64) {
         sole_owner: Some([1; 8]),
         retry_in_doubt: false,
         origin: None,
+        at_quota: false,
     };
     store
         .update(&key, |current| record::claim(current, &request))

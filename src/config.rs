@@ -63,6 +63,10 @@ pub struct RunArgs {
     /// seals new records, every one opens old ones [default: records in the clear].
     #[arg(long, env = "IDEMPROXY_ENCRYPTION_KEY_FILE")]
     pub encryption_key_file: Option<PathBuf>,
+    /// Live records one caller may hold; past it, its new keys are refused with
+    /// RESOURCE_EXHAUSTED and other callers are unaffected [default: no cap].
+    #[arg(long, env = "IDEMPROXY_MAX_RECORDS_PER_CALLER")]
+    pub max_records_per_caller: Option<String>,
     /// Most concurrent HTTP/2 streams per client connection [default: 1024].
     #[arg(long, env = "IDEMPROXY_HTTP2_MAX_CONCURRENT_STREAMS")]
     pub http2_max_concurrent_streams: Option<String>,
@@ -203,6 +207,7 @@ pub struct FileSettings {
     client_ca: Option<PathBuf>,
     caller_subject_fallback: Option<bool>,
     encryption_key_file: Option<PathBuf>,
+    max_records_per_caller: Option<Scalar>,
     http2_max_concurrent_streams: Option<Scalar>,
     http2_max_header_list_size: Option<Scalar>,
     http2_keepalive_interval: Option<String>,
@@ -678,6 +683,13 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
             )?,
         }
     };
+    let records_per_caller_max = match args
+        .max_records_per_caller
+        .or(file.max_records_per_caller.map(Scalar::into_text))
+    {
+        None => None,
+        Some(text) => Some(count("max-records-per-caller", &text, 1, u64::MAX)?),
+    };
     let ms = Duration::from_millis;
     let limits = Limits {
         retention: duration(
@@ -704,6 +716,7 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
             ms(0),
             Duration::from_secs(3600),
         )?,
+        records_per_caller_max,
     };
     let request_bytes_max = bytes(
         "max-request-bytes",
@@ -764,7 +777,10 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         redis_key_prefix: args.redis_key_prefix.or(file.redis_key_prefix),
         redis_poll_interval: args.redis_poll_interval.or(file.redis_poll_interval),
     };
-    let store = store_choice(store_settings, store_timeout)?;
+    let mut store = store_choice(store_settings, store_timeout)?;
+    if let StoreChoice::Redis(options) = &mut store {
+        options.track_callers = limits.records_per_caller_max.is_some();
+    }
     let ops_text = pick(args.ops_listen, file.ops_listen, "0.0.0.0:16090");
     let ops_listen: SocketAddr = ops_text.parse().map_err(|_| {
         invalid(
@@ -1092,6 +1108,7 @@ fn store_choice(
         key_prefix,
         command_timeout: store_timeout,
         poll_interval,
+        track_callers: false,
     };
     // Parse the URLs now, so a typo stops the start with the setting's name.
     for url in &options.urls {

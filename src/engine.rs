@@ -136,6 +136,8 @@ pub struct Limits {
     pub lease_margin: Duration,
     /// How long a duplicate waits for an in-flight first attempt.
     pub in_flight_wait_max: Duration,
+    /// Live records one caller may hold; `None`: no cap.
+    pub records_per_caller_max: Option<u64>,
 }
 
 impl Default for Limits {
@@ -145,6 +147,7 @@ impl Default for Limits {
             lease_default: Duration::from_secs(30),
             lease_margin: Duration::from_secs(5),
             in_flight_wait_max: Duration::from_secs(10),
+            records_per_caller_max: None,
         }
     }
 }
@@ -501,6 +504,17 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             timeout.saturating_sub(answer_time).min(wait_max)
         });
         let wait_until = Instant::now() + wait;
+        let at_quota = match self.limits.records_per_caller_max {
+            None => false,
+            Some(max) => match self
+                .store
+                .caller_records(call.caller, self.clock.now_ms())
+                .await
+            {
+                Ok(live) => live >= max,
+                Err(error) => return Err(Unclaimed::StoreFailed(store_refusal(key, &error))),
+            },
+        };
         let mut armed = None;
         loop {
             let now_ms = self.clock.now_ms();
@@ -518,6 +532,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                     .then(|| self.tokens.incarnation()),
                 retry_in_doubt: policy.retry_in_doubt,
                 origin: call.origin,
+                at_quota,
             };
             let claimed = self
                 .timed_update(StoreOperation::Claim, &key, |current| {
@@ -614,6 +629,10 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 "an earlier attempt with this key may have taken effect and its outcome is unknown",
             )
             .with_state("IN_DOUBT"),
+            Claimed::QuotaExceeded => Refusal::new(
+                Reason::CallerQuota,
+                "this caller holds as many recorded keys as it may; retry once some expire",
+            ),
             Claimed::Unreadable => Refusal::new(
                 Reason::OutcomeUnknown,
                 "an earlier attempt with this key completed, but its recorded outcome cannot be decrypted (its key is no longer in the key file, or the record was altered)",

@@ -54,6 +54,9 @@ pub struct ClaimRequest<'a> {
     /// The claiming attempt's trace and span id (`telemetry::trace::origin_of`), kept for
     /// operators.
     pub origin: Option<&'a [u8; 24]>,
+    /// The caller holds as many live records as it may: a claim that would create a new
+    /// record is refused (`Claimed::QuotaExceeded`); duplicates of its records are answered.
+    pub at_quota: bool,
 }
 
 /// What a claim learned.
@@ -74,6 +77,8 @@ pub enum Claimed {
     InDoubt,
     /// The same key arrived with another request payload.
     KeyReused,
+    /// A new key of a caller at its cap on live records: nothing was written.
+    QuotaExceeded,
     /// The recorded outcome is sealed and cannot be opened (its key is gone, or the record
     /// was altered): answered as IN_DOUBT, never run again.
     Unreadable,
@@ -108,6 +113,7 @@ pub fn effective_state(record: &Record, now_ms: u64) -> State {
 pub fn claim(current: Option<&Record>, request: &ClaimRequest<'_>) -> (Change, Claimed) {
     let record = match current {
         Some(record) if !is_expired(record, request.now_ms) => record,
+        _ if request.at_quota => return (Change::Keep, Claimed::QuotaExceeded),
         _ => return (Change::Put(new_in_flight(request)), Claimed::Owned),
     };
     if record.fingerprint != request.fingerprint[..] {
@@ -387,6 +393,7 @@ mod tests {
             sole_owner: None,
             retry_in_doubt: false,
             origin: None,
+            at_quota: false,
         }
     }
 

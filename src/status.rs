@@ -98,6 +98,8 @@ pub enum Reason {
     CallerMissing,
     /// The caller source gave something that cannot be trusted as an identity.
     CallerInvalid,
+    /// The caller holds as many live records as it may.
+    CallerQuota,
 }
 
 impl Reason {
@@ -117,6 +119,7 @@ impl Reason {
             Reason::MalformedRequest => "IDEMPOTENCY_MALFORMED_REQUEST",
             Reason::CallerMissing => "IDEMPOTENCY_CALLER_MISSING",
             Reason::CallerInvalid => "IDEMPOTENCY_CALLER_INVALID",
+            Reason::CallerQuota => "IDEMPOTENCY_CALLER_QUOTA",
         }
     }
 
@@ -129,7 +132,7 @@ impl Reason {
             Reason::InProgress => Code::Aborted,
             Reason::Duplicate => Code::AlreadyExists,
             Reason::KeyInvalid | Reason::KeyMissing => Code::InvalidArgument,
-            Reason::RequestTooLarge => Code::ResourceExhausted,
+            Reason::RequestTooLarge | Reason::CallerQuota => Code::ResourceExhausted,
             Reason::CallerMissing | Reason::CallerInvalid => Code::Unauthenticated,
             Reason::StoreUnavailable | Reason::UpstreamUnavailable => Code::Unavailable,
             Reason::MalformedRequest => Code::Internal,

@@ -120,6 +120,7 @@ fn options(url: String) -> RedisOptions {
         key_prefix: "fencing-test".into(),
         command_timeout: Duration::from_secs(2),
         poll_interval: Duration::from_millis(100),
+        track_callers: true,
     }
 }
 
@@ -135,6 +136,7 @@ fn claim_request(token: u8, now_ms: u64) -> ClaimRequest<'static> {
         sole_owner: None,
         retry_in_doubt: false,
         origin: None,
+        at_quota: false,
     }
 }
 

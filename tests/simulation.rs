@@ -122,6 +122,7 @@ fn limits() -> Limits {
         lease_default: Duration::from_secs(2),
         lease_margin: Duration::from_millis(500),
         in_flight_wait_max: Duration::from_secs(1),
+        records_per_caller_max: None,
     }
 }
 

@@ -47,6 +47,7 @@ async fn claim(
         sole_owner: Some([process; 8]),
         retry_in_doubt: false,
         origin: None,
+        at_quota: false,
     };
     store
         .update(&key, |current| record::claim(current, &request))

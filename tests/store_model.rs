@@ -126,6 +126,7 @@ impl Model {
                     sole_owner: Some([self.process; 8]),
                     retry_in_doubt: false,
                     origin: None,
+                    at_quota: false,
                 };
                 self.both(&key(n), |current| record::claim(current, &request))
                     .await;

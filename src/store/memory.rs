@@ -119,6 +119,16 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn caller_records(&self, caller: &str, now_ms: u64) -> Result<u64, StoreError> {
+        let records = self.lock();
+        let live = records
+            .by_key
+            .values()
+            .filter(|record| record.caller == caller && !record::is_expired(record, now_ms))
+            .count();
+        Ok(live as u64)
+    }
+
     async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
         use std::ops::Bound;
         let limit = limit.clamp(1, super::PAGE_RECORDS_MAX);

@@ -111,6 +111,16 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<Page, StoreError>> + Send;
 
+    /// How many live records `caller` holds at `now_ms`, for the per-caller cap. It may lag
+    /// concurrent writes by a little, and after a restart until `reconcile` has walked the
+    /// store (sled); a cap checked against it can be passed by the caller's concurrent first
+    /// attempts.
+    fn caller_records(
+        &self,
+        caller: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// True when one process is the store's only writer, so an IN_FLIGHT record of another
     /// process incarnation is known to be orphaned (sled: one process owns the data dir).
     fn is_sole_owner(&self) -> bool;
@@ -188,6 +198,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.scan(cursor, limit).await,
             AnyStore::Redis(store) => store.scan(cursor, limit).await,
+        }
+    }
+
+    async fn caller_records(&self, caller: &str, now_ms: u64) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Sled(store) => store.caller_records(caller, now_ms).await,
+            AnyStore::Redis(store) => store.caller_records(caller, now_ms).await,
         }
     }
 }

@@ -57,6 +57,25 @@ redis.call('PUBLISH', KEYS[1], '')
 return 1
 ";
 
+/// Files a record under its caller's sorted set (score: when it expires), or takes it out;
+/// the set expires with its last record.
+const COUNT_CALLER: &str = r"
+if ARGV[1] == 'add' then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', KEYS[1], last[2])
+else
+  redis.call('ZREM', KEYS[1], ARGV[2])
+end
+return 1
+";
+
+/// A caller's live records: its set, less what has expired.
+const CALLER_RECORDS: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+return redis.call('ZCARD', KEYS[1])
+";
+
 /// How to reach Redis.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -75,6 +94,9 @@ pub struct RedisOptions {
     pub command_timeout: Duration,
     /// How often a waiting duplicate re-reads the record when no change message came.
     pub poll_interval: Duration,
+    /// Keep each caller's records in a sorted set, for the per-caller cap (one more command
+    /// per new and per deleted record).
+    pub track_callers: bool,
 }
 
 /// Why the Redis settings cannot be used.
@@ -127,6 +149,8 @@ pub struct RedisStore {
     target: Target,
     connection: OnceCell<Connection>,
     script: redis::Script,
+    count_caller: Option<redis::Script>,
+    caller_records: redis::Script,
     key_prefix: String,
     command_timeout: Duration,
     notifier: Arc<Notifier>,
@@ -209,11 +233,59 @@ impl RedisStore {
             target,
             connection: OnceCell::new(),
             script: redis::Script::new(COMPARE_AND_SWAP),
+            count_caller: options
+                .track_callers
+                .then(|| redis::Script::new(COUNT_CALLER)),
+            caller_records: redis::Script::new(CALLER_RECORDS),
             key_prefix: options.key_prefix.clone(),
             command_timeout: options.command_timeout,
             notifier,
             records: AtomicU64::new(0),
         })
+    }
+
+    /// The Redis key of a caller's sorted set of records (its own slot in a cluster).
+    fn caller_key(&self, caller: &str) -> String {
+        let digest = crate::key::fingerprint(caller.as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}:caller:{{{hex}}}", self.key_prefix)
+    }
+
+    /// Files a written record under its caller, when callers are tracked.
+    async fn count_caller(
+        &self,
+        connection: &mut Connection,
+        key: &Key,
+        current: Option<&Record>,
+        change: &Change,
+    ) -> Result<(), StoreError> {
+        let Some(script) = &self.count_caller else {
+            return Ok(());
+        };
+        let (caller, operation, expires_ms) = match (current, change) {
+            // Scored by when the record stops counting (`record::is_expired`), which for a
+            // finished record may be before Redis drops it.
+            (_, Change::Put(record)) => {
+                let in_flight = record.state() == crate::record::State::InFlight;
+                let until = if in_flight {
+                    record.expires_ms.max(record.lease_until_ms)
+                } else {
+                    record.expires_ms
+                };
+                (&record.caller, "add", until.max(1))
+            }
+            (Some(record), Change::Delete) => (&record.caller, "rem", 0),
+            _ => return Ok(()),
+        };
+        let mut invocation = script.key(self.caller_key(caller));
+        invocation.arg(operation).arg(key.hex()).arg(expires_ms);
+        let _: i64 = self
+            .bounded(
+                "counting a caller's records failed",
+                connection.invoke(&invocation),
+            )
+            .await?;
+        Ok(())
     }
 
     /// The Redis key (and change channel) of a record.
@@ -341,6 +413,13 @@ impl Store for RedisStore {
                 .compare_and_swap(&mut connection, &name, read.as_deref(), &change)
                 .await?
             {
+                // The record is written; a failure to count it only lets the cap lag.
+                if let Err(error) = self
+                    .count_caller(&mut connection, key, current.as_ref(), &change)
+                    .await
+                {
+                    tracing::warn!(key = %key, %error, "could not count a record under its caller");
+                }
                 return Ok(value);
             }
         }
@@ -372,6 +451,17 @@ impl Store for RedisStore {
 
     fn is_sole_owner(&self) -> bool {
         false
+    }
+
+    async fn caller_records(&self, caller: &str, now_ms: u64) -> Result<u64, StoreError> {
+        let mut connection = self.connection().await?;
+        let mut invocation = self.caller_records.key(self.caller_key(caller));
+        invocation.arg(now_ms);
+        self.bounded(
+            "counting a caller's records failed",
+            connection.invoke(&invocation),
+        )
+        .await
     }
 
     async fn check(&self) -> Result<(), StoreError> {

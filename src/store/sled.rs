@@ -67,6 +67,8 @@ pub struct SledStore {
     /// Set once the buffer overflowed since the last sweep, so the warning is logged once.
     index_overflowed: AtomicBool,
     records_count: AtomicU64,
+    /// Records per caller, kept as records are created and deleted, rebuilt by `reconcile`.
+    callers: Mutex<HashMap<String, u64>>,
     bytes: AtomicU64,
     bytes_max: u64,
     flush_timeout: std::time::Duration,
@@ -149,6 +151,7 @@ impl SledStore {
             index_buffer: Mutex::new(Vec::new()),
             index_overflowed: AtomicBool::new(false),
             records_count: AtomicU64::new(0),
+            callers: Mutex::new(HashMap::new()),
             bytes: AtomicU64::new(0),
             bytes_max: options.bytes_max,
             flush_timeout: options.flush_timeout,
@@ -165,6 +168,7 @@ impl SledStore {
     pub fn reconcile(&self, live: &[u8; 8]) -> Result<Recovery, StoreError> {
         let mut recovery = Recovery::default();
         let mut bytes = 0;
+        let mut callers: HashMap<String, u64> = HashMap::new();
         for entry in self.records.iter() {
             let (raw_key, _) = entry.map_err(store_error)?;
             let key = Key::from_slice(&raw_key).ok_or_else(|| {
@@ -180,7 +184,7 @@ impl SledStore {
                         Change::Put(next) => Some(next),
                         _ => current,
                     };
-                    seen = kept.map(|r| (r.expires_ms, r.encoded_len()));
+                    seen = kept.map(|r| (r.expires_ms, r.encoded_len(), r.caller.clone()));
                     let doubted = matches!(change, Change::Put(_));
                     (change, doubted)
                 },
@@ -190,9 +194,10 @@ impl SledStore {
                 self.unmark_pending(&key);
             }
             recovery.in_doubt += u64::from(result?);
-            let Some((expires_ms, len)) = seen else {
+            let Some((expires_ms, len, caller)) = seen else {
                 continue;
             };
+            *callers.entry(caller).or_insert(0) += 1;
             let index = index_key(expires_ms, &key);
             if !self.expiry.contains_key(index).map_err(store_error)? {
                 self.expiry.insert(index, &[]).map_err(store_error)?;
@@ -203,6 +208,7 @@ impl SledStore {
         self.records_count
             .store(recovery.records, Ordering::Relaxed);
         self.bytes.store(bytes, Ordering::Relaxed);
+        *self.callers.lock().expect("callers lock is never poisoned") = callers;
         self.db.flush().map_err(store_error)?;
         Ok(recovery)
     }
@@ -287,6 +293,11 @@ impl SledStore {
                 continue;
             }
             self.account(old.as_ref().map(|v| v.len()), new_len);
+            match (&current, &change) {
+                (None, Change::Put(record)) => self.count_caller(&record.caller, true),
+                (Some(record), Change::Delete) => self.count_caller(&record.caller, false),
+                _ => {}
+            }
             if let Change::Put(record) = &change {
                 // The index may lag the record; a missing entry is rebuilt at start.
                 self.buffer_index(index_key(record.expires_ms, key));
@@ -324,6 +335,23 @@ impl SledStore {
             self.expiry.insert(entry, &[]).map_err(store_error)?;
         }
         Ok(())
+    }
+
+    fn count_caller(&self, caller: &str, created: bool) {
+        let mut callers = self.callers.lock().expect("callers lock is never poisoned");
+        match callers.get_mut(caller) {
+            Some(count) if created => *count += 1,
+            Some(count) => {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    callers.remove(caller);
+                }
+            }
+            None if created => {
+                callers.insert(caller.to_owned(), 1);
+            }
+            None => {}
+        }
     }
 
     fn account(&self, old_len: Option<usize>, new_len: Option<usize>) {
@@ -402,6 +430,12 @@ impl SledStore {
 }
 
 impl Store for SledStore {
+    async fn caller_records(&self, caller: &str, _now_ms: u64) -> Result<u64, StoreError> {
+        // Expired records count until the sweeper deletes them (within --sweep-interval).
+        let callers = self.callers.lock().expect("callers lock is never poisoned");
+        Ok(callers.get(caller).copied().unwrap_or(0))
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         if !self.flusher.is_healthy() {
             return Err(StoreError::Io(

@@ -83,6 +83,7 @@ impl Decision {
             | Reason::UpstreamUnavailable
             | Reason::CallerMissing
             | Reason::CallerInvalid => Decision::Invalid,
+            Reason::CallerQuota => Decision::Conflict,
         }
     }
 

@@ -707,6 +707,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 )
             }
             Reply::Unknown(why) => {
+                tracing::warn!(key = %key, %method, "the call's outcome is unknown ({why}); its key stays IN_DOUBT until an operator resolves it or it expires");
                 self.settle(key, StoreOperation::MarkInDoubt, |current| {
                     record::mark_in_doubt(current, &token, &why)
                 })

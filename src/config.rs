@@ -534,10 +534,15 @@ pub fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
         path: path.to_owned(),
         reason: error.to_string(),
     })?;
-    toml::from_str(&text).map_err(|error| ConfigError::File {
+    parse_file(&text).map_err(|reason| ConfigError::File {
         path: path.to_owned(),
-        reason: error.to_string(),
+        reason,
     })
+}
+
+/// Parses a config file's text; the error says what is wrong and where.
+pub fn parse_file(text: &str) -> Result<FileSettings, String> {
+    toml::from_str(text).map_err(|error| error.to_string())
 }
 
 /// Lays flags and environment (`args`) over the file over the defaults, and validates.

@@ -184,6 +184,7 @@ async fn sigkill_under_load_never_executes_a_key_twice_nor_loses_an_answer() {
     let answers = Arc::new(Mutex::new(HashMap::new()));
     let mut all_sent = Vec::new();
     let mut in_doubt = 0;
+    let mut ready_times = Vec::new();
     for cycle in 0..cycles {
         let sidecar = binary::start(&args(upstream.addr, dir.path())).await;
         let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -198,7 +199,9 @@ async fn sigkill_under_load_never_executes_a_key_twice_nor_loses_an_answer() {
         sent.dedup();
 
         // Restart on the same data dir and retry every key of this cycle.
+        let restarted = std::time::Instant::now();
         let sidecar = binary::start(&args(upstream.addr, dir.path())).await;
+        ready_times.push(restarted.elapsed());
         in_doubt += retry_all(sidecar.addr, sent.clone(), answers.clone()).await;
         sidecar.kill().await;
         assert_eq!(
@@ -213,8 +216,11 @@ async fn sigkill_under_load_never_executes_a_key_twice_nor_loses_an_answer() {
     let final_in_doubt = retry_all(sidecar.addr, all_sent.clone(), answers.clone()).await;
     sidecar.kill().await;
     assert_eq!(upstream.state.executed_twice(), vec![], "CRASH_SEED={seed}");
+    ready_times.sort();
+    let ready_p50 = ready_times[ready_times.len() / 2];
+    let ready_max = ready_times[ready_times.len() - 1];
     eprintln!(
-        "{cycles} kill cycles, {} keys, {} executions, {in_doubt} answered as IN_DOUBT ({final_in_doubt} still at the end)",
+        "{cycles} kill cycles, {} keys, {} executions, {in_doubt} answered as IN_DOUBT ({final_in_doubt} still at the end); restart to listening: p50 {ready_p50:?}, max {ready_max:?}",
         all_sent.len(),
         upstream.state.executions(),
     );

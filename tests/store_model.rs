@@ -1,14 +1,19 @@
 //! The store model test: random sequences of claim, complete, release, mark-in-doubt, time
-//! passing, maintenance and restart, applied to the sled store (a real directory, reopened at
-//! each restart) and to the in-memory reference store; after every step both must have
-//! answered alike and hold the same records. A restart of sled is a real reopen, so a change
-//! that was acknowledged but not durable shows up as a difference.
+//! passing, maintenance and restart, applied to a durable store and to the in-memory
+//! reference store; after every step both must have answered alike and hold the same records.
+//! On sled (a real directory) a restart is a real reopen, so a change that was acknowledged
+//! but not durable shows up as a difference. On Redis (a real redis-server) a restart is a new
+//! store and connection; Redis expires by its own clock, so records are compared as of the
+//! model's time (an expired record counts as absent) and claims name no sole owner.
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
+
+mod support;
 
 use idemproxy::key::Key;
 use idemproxy::record::{self, ClaimRequest, Response, Token};
 use idemproxy::store::memory::MemoryStore;
+use idemproxy::store::redis::{RedisOptions, RedisStore};
 use idemproxy::store::sled::{SledOptions, SledStore};
 use idemproxy::store::Store;
 use proptest::prelude::*;
@@ -61,10 +66,48 @@ fn options(dir: &std::path::Path) -> SledOptions {
     }
 }
 
+/// Opens sled again on `dir`. sled's own background work may hold the directory's lock for a
+/// moment after the last handle is dropped (a new process never meets this), so a lock error
+/// is retried for up to 2 s.
+fn reopen(dir: &std::path::Path) -> SledStore {
+    for _ in 0..100 {
+        match SledStore::open(&options(dir)) {
+            Ok(store) => return store,
+            Err(error) if error.to_string().contains("could not acquire lock") => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(error) => panic!("sled does not reopen: {error}"),
+        }
+    }
+    panic!(
+        "sled's lock on {} was not released within 2 s",
+        dir.display()
+    )
+}
+
+/// The durable store under test (one per case: the size difference costs nothing).
+#[allow(clippy::large_enum_variant)]
+enum Durable {
+    Sled(tempfile::TempDir, Option<SledStore>),
+    Redis(RedisOptions, Option<RedisStore>),
+}
+
+fn redis_options(url: String) -> RedisOptions {
+    RedisOptions {
+        urls: vec![url],
+        cluster: false,
+        password: None,
+        ca_pem: None,
+        key_prefix: "model".into(),
+        command_timeout: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(100),
+        track_callers: false,
+    }
+}
+
 /// Both stores, and what the simulated processes have done.
 struct Model {
-    dir: tempfile::TempDir,
-    sled: Option<SledStore>,
+    durable: Durable,
     memory: MemoryStore,
     process: u8,
     issued: Vec<Token>,
@@ -72,21 +115,51 @@ struct Model {
 }
 
 impl Model {
-    fn new() -> Model {
+    fn sled() -> Model {
         let dir = tempfile::tempdir().unwrap();
         let sled = SledStore::open(&options(dir.path())).unwrap();
+        Model::over(Durable::Sled(dir, Some(sled)), 1_000)
+    }
+
+    fn redis(options: RedisOptions) -> Model {
+        let store = RedisStore::new(&options).unwrap();
+        // Redis expires records by the wall clock: the model's time starts at it.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        Model::over(Durable::Redis(options, Some(store)), now_ms)
+    }
+
+    fn over(durable: Durable, now_ms: u64) -> Model {
         Model {
-            dir,
-            sled: Some(sled),
+            durable,
             memory: MemoryStore::new(1 << 30),
             process: 1,
             issued: Vec::new(),
-            now_ms: 1_000,
+            now_ms,
         }
     }
 
-    fn sled(&self) -> &SledStore {
-        self.sled.as_ref().unwrap()
+    fn is_sled(&self) -> bool {
+        matches!(self.durable, Durable::Sled(..))
+    }
+
+    async fn durable_update<T, F>(&self, key: &Key, transition: F) -> T
+    where
+        T: Send,
+        F: FnMut(Option<&record::Record>) -> (record::Change, T) + Send,
+    {
+        match &self.durable {
+            Durable::Sled(_, store) => store.as_ref().unwrap().update(key, transition).await,
+            Durable::Redis(_, store) => store.as_ref().unwrap().update(key, transition).await,
+        }
+        .unwrap()
+    }
+
+    async fn durable_get(&self, key: &Key) -> Option<record::Record> {
+        self.durable_update(key, |current| (record::Change::Keep, current.cloned()))
+            .await
     }
 
     fn token(&self, nth: usize) -> Token {
@@ -99,13 +172,13 @@ impl Model {
         T: Send + PartialEq + std::fmt::Debug,
         F: FnMut(Option<&record::Record>) -> (record::Change, T) + Send + Clone,
     {
-        let from_sled = self.sled().update(key, transition.clone()).await.unwrap();
+        let from_durable = self.durable_update(key, transition.clone()).await;
         let from_memory = self.memory.update(key, transition).await.unwrap();
         assert_eq!(
-            from_sled, from_memory,
-            "sled and the reference answered differently"
+            from_durable, from_memory,
+            "the durable store and the reference answered differently"
         );
-        from_sled
+        from_durable
     }
 
     async fn step(&mut self, op: &Op) {
@@ -123,7 +196,7 @@ impl Model {
                     now_ms: self.now_ms,
                     lease_until_ms: self.now_ms + 2_000,
                     expires_ms: self.now_ms + 10_000,
-                    sole_owner: Some([self.process; 8]),
+                    sole_owner: self.is_sled().then_some([self.process; 8]),
                     retry_in_doubt: false,
                     origin: None,
                     at_quota: false,
@@ -157,33 +230,60 @@ impl Model {
                 .await;
             }
             Op::Advance { ms } => self.now_ms += ms,
-            Op::Maintain => {
-                let from_sled = self.sled().maintain(self.now_ms).unwrap();
-                let from_memory = self.memory.maintain(self.now_ms).unwrap();
-                assert_eq!(
-                    from_sled.expired, from_memory.expired,
-                    "maintenance expired differently"
-                );
-            }
+            Op::Maintain => match &self.durable {
+                Durable::Sled(_, store) => {
+                    let from_sled = store.as_ref().unwrap().maintain(self.now_ms).unwrap();
+                    let from_memory = self.memory.maintain(self.now_ms).unwrap();
+                    assert_eq!(
+                        from_sled.expired, from_memory.expired,
+                        "maintenance expired differently"
+                    );
+                }
+                // Redis expires by the wall clock, which the model's time runs ahead of: no
+                // record has expired for it yet, so the reference keeps them too.
+                Durable::Redis(..) => {}
+            },
             Op::Restart => {
-                drop(self.sled.take());
                 self.process += 1;
-                let reopened = SledStore::open(&options(self.dir.path())).unwrap();
-                let found = reopened.reconcile(&[self.process; 8]).unwrap();
-                let doubted = self.memory.restart();
-                assert_eq!(found.in_doubt, doubted, "restart settled different claims");
-                self.sled = Some(reopened);
+                match &mut self.durable {
+                    Durable::Sled(dir, store) => {
+                        drop(store.take());
+                        let reopened = reopen(dir.path());
+                        let found = reopened.reconcile(&[self.process; 8]).unwrap();
+                        let doubted = self.memory.restart();
+                        assert_eq!(found.in_doubt, doubted, "restart settled different claims");
+                        *store = Some(reopened);
+                    }
+                    // Shared by live processes: a restart settles nothing; leases do.
+                    Durable::Redis(options, store) => {
+                        drop(store.take());
+                        *store = Some(RedisStore::new(options).unwrap());
+                    }
+                }
             }
         }
     }
 
-    fn assert_same_records(&self, after: &Op) {
+    async fn assert_same_records(&self, after: &Op) {
+        let now = self.now_ms;
+        let live = |found: Option<record::Record>| found.filter(|r| !record::is_expired(r, now));
         for n in 0..KEYS {
-            let sled = self.sled().get(&key(n)).unwrap();
+            let durable = self.durable_get(&key(n)).await;
             let memory = self.memory.get(&key(n));
-            assert_eq!(sled, memory, "key {n} differs after {after:?}");
+            if self.is_sled() {
+                assert_eq!(durable, memory, "key {n} differs after {after:?}");
+            } else {
+                assert_eq!(
+                    live(durable),
+                    live(memory),
+                    "key {n} differs after {after:?}"
+                );
+            }
         }
-        assert_eq!(self.sled().usage().records, self.memory.usage().records);
+        if let Durable::Sled(_, store) = &self.durable {
+            let records = store.as_ref().unwrap().usage().records;
+            assert_eq!(records, self.memory.usage().records);
+        }
     }
 }
 
@@ -194,10 +294,24 @@ proptest! {
     fn sled_behaves_as_the_reference_store(ops in proptest::collection::vec(op(), 1..60)) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
-            let mut model = Model::new();
+            let mut model = Model::sled();
             for op in &ops {
                 model.step(op).await;
-                model.assert_same_records(op);
+                model.assert_same_records(op).await;
+            }
+        });
+    }
+
+    #[test]
+    fn redis_behaves_as_the_reference_store(ops in proptest::collection::vec(op(), 1..60)) {
+        let server = support::redis::RedisServer::start();
+        let options = redis_options(server.url());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let mut model = Model::redis(options);
+            for op in &ops {
+                model.step(op).await;
+                model.assert_same_records(op).await;
             }
         });
     }

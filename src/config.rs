@@ -1171,6 +1171,55 @@ mod tests {
     }
 
     #[test]
+    fn security_settings_are_checked_together() {
+        let mut both = args();
+        both.caller_source = Some("xfcc".into());
+        both.caller_header = Some("x-caller".into());
+        assert!(error_text(resolve(both, FileSettings::default())).contains("not both"));
+        let mut mtls = args();
+        mtls.caller_source = Some("mtls".into());
+        assert!(error_text(resolve(mtls, FileSettings::default())).contains("--client-ca"));
+        let mut clash = args();
+        clash.caller_source = Some("header:idempotency-key".into());
+        assert!(error_text(resolve(clash, FileSettings::default())).contains("--key-header"));
+        let mut half = args();
+        half.tls_cert = Some("/tls.crt".into());
+        assert!(error_text(resolve(half, FileSettings::default())).contains("--tls-key"));
+        let mut ca_only = args();
+        ca_only.client_ca = Some("/ca.crt".into());
+        assert!(error_text(resolve(ca_only, FileSettings::default())).contains("--client-ca"));
+        for (setting, value) in [
+            ("--http2-max-concurrent-streams", "0"),
+            ("--http2-max-header-list-size", "10"),
+            ("--http2-idle-timeout", "1ms"),
+            ("--max-records-per-caller", "-1"),
+        ] {
+            let mut bad = args();
+            match setting {
+                "--http2-max-concurrent-streams" => {
+                    bad.http2_max_concurrent_streams = Some(value.into())
+                }
+                "--http2-max-header-list-size" => {
+                    bad.http2_max_header_list_size = Some(value.into())
+                }
+                "--http2-idle-timeout" => bad.http2_idle_timeout = Some(value.into()),
+                _ => bad.max_records_per_caller = Some(value.into()),
+            }
+            let text = error_text(resolve(bad, FileSettings::default()));
+            assert!(text.contains(setting), "{setting}: {text}");
+        }
+        let file = parse_file(
+            "caller-source = \"xfcc\"\nrequire-caller = true\nmax-records-per-caller = 10\nhttp2-keepalive-interval = \"0s\"",
+        )
+        .expect("valid TOML");
+        let config = resolve(args(), file).expect("valid");
+        assert_eq!(config.callers.source, CallerSource::Xfcc);
+        assert!(config.callers.require);
+        assert_eq!(config.limits.records_per_caller_max, Some(10));
+        assert_eq!(config.http2.keepalive_interval, None);
+    }
+
+    #[test]
     fn flags_win_over_file() {
         let file: FileSettings = toml::from_str(
             "retention = \"1h\"\nmax-request-bytes = 1024\nkey-header = \"x-request-id\"",

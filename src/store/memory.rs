@@ -56,6 +56,52 @@ pub struct MemoryStore {
     version: watch::Sender<u64>,
     /// How long a change takes to become durable, after it is visible (a flush).
     write_delay: std::time::Duration,
+    /// Seeded failpoints, for the simulation.
+    faults: Option<Mutex<Faults>>,
+    /// Changes visible but not yet durable, oldest first: (write id, key, record before).
+    /// A restart loses them; an acknowledged write makes it and every earlier one durable.
+    unsynced: Mutex<Unsynced>,
+}
+
+#[derive(Default)]
+struct Unsynced {
+    next_id: u64,
+    writes: Vec<(u64, Key, Option<Record>)>,
+    /// Writes a restart took back, whose updates have not returned yet.
+    lost: std::collections::HashSet<u64>,
+    /// Restarts so far.
+    restarts: u64,
+}
+
+/// Failpoints of the reference store, driven by one seed (per mille of updates).
+#[derive(Debug, Clone)]
+pub struct Faults {
+    /// The generator's state (SplitMix64), so a seed replays exactly.
+    pub seed: u64,
+    /// An update fails before it touches anything (an I/O error).
+    pub fail_before: u64,
+    /// An update lands and becomes durable, but reports a failure (a lost acknowledgement).
+    pub fail_after: u64,
+    /// Each write takes up to this long to become durable; a restart meanwhile loses it.
+    pub flush_max: std::time::Duration,
+    /// Failpoints are armed.
+    pub armed: bool,
+}
+
+impl Faults {
+    fn below(&mut self, n: u64) -> u64 {
+        self.seed = self.seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n.max(1)
+    }
+}
+
+enum Fault {
+    None,
+    Before,
+    After,
 }
 
 impl MemoryStore {
@@ -66,7 +112,45 @@ impl MemoryStore {
             bytes_max,
             version: watch::channel(0).0,
             write_delay: std::time::Duration::ZERO,
+            faults: None,
+            unsynced: Mutex::new(Unsynced::default()),
         }
+    }
+
+    /// A store with failpoints: updates that fail before or after they land, and writes that
+    /// take a while to become durable and are lost by a restart meanwhile.
+    pub fn with_faults(mut self, faults: Faults) -> MemoryStore {
+        self.faults = Some(Mutex::new(faults));
+        self
+    }
+
+    /// Arms or disarms the failpoints (a checker's reads run without them).
+    pub fn arm_faults(&self, armed: bool) {
+        if let Some(faults) = &self.faults {
+            faults.lock().expect("never poisoned").armed = armed;
+        }
+    }
+
+    /// What this update meets, and how long its write takes to become durable.
+    fn roll(&self) -> (Fault, std::time::Duration) {
+        let Some(faults) = &self.faults else {
+            return (Fault::None, self.write_delay);
+        };
+        let mut faults = faults.lock().expect("never poisoned");
+        if !faults.armed {
+            return (Fault::None, self.write_delay);
+        }
+        let dice = faults.below(1000);
+        let fault = if dice < faults.fail_before {
+            Fault::Before
+        } else if dice < faults.fail_before + faults.fail_after {
+            Fault::After
+        } else {
+            Fault::None
+        };
+        let max_ms = faults.flush_max.as_millis() as u64;
+        let delay = std::time::Duration::from_millis(faults.below(max_ms + 1));
+        (fault, delay.max(self.write_delay))
     }
 
     /// A store whose every change is visible at once but returns only after `delay`, as a
@@ -87,9 +171,42 @@ impl MemoryStore {
         self.lock().get(key).cloned()
     }
 
-    /// A process restart: records of the dead process's claims become IN_DOUBT.
+    /// Waits until no write of `key` is pending; an error if a restart lost what was read.
+    async fn wait_durable(&self, key: &Key) -> Result<(), StoreError> {
+        let restarts = self.unsynced.lock().expect("never poisoned").restarts;
+        loop {
+            {
+                let unsynced = self.unsynced.lock().expect("never poisoned");
+                if unsynced.restarts != restarts {
+                    return Err(StoreError::Io(
+                        "injected: the process ended before what was read became durable".into(),
+                    ));
+                }
+                if !unsynced.writes.iter().any(|(_, pending, _)| pending == key) {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    /// A process restart: writes not yet durable are lost, then the records of the dead
+    /// process's claims become IN_DOUBT.
     pub fn restart(&self) -> u64 {
         let mut records = self.lock();
+        let mut unsynced = self.unsynced.lock().expect("never poisoned");
+        let lost = std::mem::take(&mut unsynced.writes);
+        unsynced.lost.extend(lost.iter().map(|(id, _, _)| *id));
+        unsynced.restarts += 1;
+        drop(unsynced);
+        for (_, key, before) in lost.into_iter().rev() {
+            match before {
+                Some(record) => records.put(key, record),
+                None => {
+                    records.remove(&key);
+                }
+            }
+        }
         let mut doubted = 0;
         let keys: Vec<Key> = records.by_key.keys().copied().collect();
         for key in keys {
@@ -153,8 +270,13 @@ impl Store for MemoryStore {
         T: Send,
         F: FnMut(Option<&Record>) -> (Change, T) + Send,
     {
-        let (wrote, value) = {
+        let (fault, delay) = self.roll();
+        if let Fault::Before = fault {
+            return Err(StoreError::Io("injected: the write failed".into()));
+        }
+        let (written, value) = {
             let mut records = self.lock();
+            let before = records.get(key).cloned();
             let (change, value) = transition(records.get(key));
             // Over the bound with nothing evictable: new keys are refused (sled decides this in
             // its sweeper; the model decides at once).
@@ -171,14 +293,39 @@ impl Store for MemoryStore {
                     bytes_max: self.bytes_max,
                 });
             }
-            let wrote = Self::apply(&mut records, key, change);
-            if wrote {
+            let written = Self::apply(&mut records, key, change).then(|| {
                 self.version.send_modify(|v| *v += 1);
-            }
-            (wrote, value)
+                let mut unsynced = self.unsynced.lock().expect("never poisoned");
+                unsynced.next_id += 1;
+                let id = unsynced.next_id;
+                unsynced.writes.push((id, *key, before));
+                id
+            });
+            (written, value)
         };
-        if wrote && !self.write_delay.is_zero() {
-            tokio::time::sleep(self.write_delay).await;
+        if written.is_none() {
+            // What the closure read must be durable before the caller acts on it (as sled
+            // waits for the flush of a record it reads while it is pending).
+            self.wait_durable(key).await?;
+        }
+        if let Some(id) = written {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            // Durable now, with every earlier write (a flush covers all before it) — unless a
+            // restart came first and lost it.
+            let mut unsynced = self.unsynced.lock().expect("never poisoned");
+            unsynced.writes.retain(|(pending, _, _)| *pending > id);
+            if unsynced.lost.remove(&id) {
+                return Err(StoreError::Io(
+                    "injected: the process ended before the flush".into(),
+                ));
+            }
+        }
+        if let Fault::After = fault {
+            return Err(StoreError::Io(
+                "injected: the write landed, its acknowledgement did not".into(),
+            ));
         }
         Ok(value)
     }

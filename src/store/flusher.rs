@@ -58,7 +58,11 @@ impl Flusher {
                     thread_flushing.store(true, Ordering::Release);
                     let result = flush();
                     thread_flushing.store(false, Ordering::Release);
-                    thread_healthy.store(result.is_ok(), Ordering::Release);
+                    if result.is_err() {
+                        // Sticky: writes after a failed one may sit behind a hole in sled's
+                        // log that recovery stops at, so no later flush vouches for them.
+                        thread_healthy.store(false, Ordering::Release);
+                    }
                     thread_counts.flushes.fetch_add(1, Ordering::Relaxed);
                     let writes = batch.len() as u64;
                     thread_counts.writes.fetch_add(writes, Ordering::Relaxed);
@@ -108,7 +112,8 @@ impl Flusher {
         !self.is_healthy() && self.flushing.load(Ordering::Acquire)
     }
 
-    /// False after a failed flush, until a flush succeeds again.
+    /// False once a flush failed or timed out, until the process restarts: nothing written
+    /// after a failed write is acknowledged (a later flush cannot vouch for it).
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
     }

@@ -67,6 +67,9 @@ pub struct SledStore {
     /// Set once the buffer overflowed since the last sweep, so the warning is logged once.
     index_overflowed: AtomicBool,
     records_count: AtomicU64,
+    /// Keys whose last write was visible but never acknowledged (its flush failed): read as
+    /// failures until a restart.
+    suspect: Mutex<std::collections::HashSet<Key>>,
     /// Records per caller, kept as records are created and deleted, rebuilt by `reconcile`.
     callers: Mutex<HashMap<String, u64>>,
     bytes: AtomicU64,
@@ -99,6 +102,9 @@ fn decode(key: &Key, bytes: &[u8]) -> Result<Record, StoreError> {
         reason: error.to_string(),
     })
 }
+
+/// Why a store whose flush failed takes no more writes.
+const SUSPECT: &str = "a write to the data dir failed or timed out earlier; nothing more is acknowledged until the sidecar restarts";
 
 fn index_key(expires_ms: u64, key: &Key) -> [u8; 40] {
     let mut out = [0u8; 40];
@@ -152,6 +158,7 @@ impl SledStore {
             index_overflowed: AtomicBool::new(false),
             records_count: AtomicU64::new(0),
             callers: Mutex::new(HashMap::new()),
+            suspect: Mutex::new(std::collections::HashSet::new()),
             bytes: AtomicU64::new(0),
             bytes_max: options.bytes_max,
             flush_timeout: options.flush_timeout,
@@ -238,6 +245,15 @@ impl SledStore {
         }
     }
 
+    fn is_suspect(&self, key: &Key) -> bool {
+        !self.flusher.is_healthy()
+            && self
+                .suspect
+                .lock()
+                .expect("suspect lock is never poisoned")
+                .contains(key)
+    }
+
     fn is_pending(&self, key: &Key) -> bool {
         let shard = self
             .shard(key)
@@ -271,13 +287,10 @@ impl SledStore {
                 }
                 Change::Delete => None,
             };
-            if self.flusher.is_stuck() {
-                // Fail fast and closed: nothing written now could become durable. Reads of
+            if !self.flusher.is_healthy() {
+                // Fail fast and closed: nothing written now could be acknowledged. Reads of
                 // durable records (the `Keep` above) are still answered.
-                return Err(StoreError::Io(
-                    "the disk has not confirmed the last flush; refusing writes until it does"
-                        .into(),
-                ));
+                return Err(StoreError::Io(SUSPECT.into()));
             }
             if !*marked {
                 // Before the write is visible, so any reader of it knows to wait for a flush.
@@ -438,9 +451,7 @@ impl Store for SledStore {
 
     async fn check(&self) -> Result<(), StoreError> {
         if !self.flusher.is_healthy() {
-            return Err(StoreError::Io(
-                "the last flush of the data dir failed".into(),
-            ));
+            return Err(StoreError::Io(SUSPECT.into()));
         }
         if self.full.load(Ordering::Relaxed) {
             return Err(StoreError::Io(
@@ -486,17 +497,29 @@ impl Store for SledStore {
         T: Send,
         F: FnMut(Option<&Record>) -> (Change, T) + Send,
     {
+        if self.is_suspect(key) {
+            // Its last write was never acknowledged: what sled holds may not survive.
+            return Err(StoreError::Io(SUSPECT.into()));
+        }
         let mut marked = false;
         let applied = self.apply(key, &mut transition, &mut marked);
         let needs_flush = marked || (applied.is_ok() && self.is_pending(key));
         let flushed = if needs_flush {
-            self.flusher
-                .flush(self.flush_timeout)
-                .await
-                .map_err(StoreError::Io)
+            match self.flusher.flush(self.flush_timeout).await {
+                // A flush that ends after another one failed vouches for nothing.
+                Ok(()) if !self.flusher.is_healthy() => Err(StoreError::Io(SUSPECT.into())),
+                Ok(()) => Ok(()),
+                Err(error) => Err(StoreError::Io(error)),
+            }
         } else {
             Ok(())
         };
+        if marked && flushed.is_err() {
+            self.suspect
+                .lock()
+                .expect("suspect lock is never poisoned")
+                .insert(*key);
+        }
         if marked {
             self.unmark_pending(key);
         }

@@ -29,15 +29,6 @@ fn fiu_ctrl(pid: u32, command: &str) {
     assert!(status.success(), "fiu-ctrl -c {command:?}");
 }
 
-async fn wait_listening(addr: std::net::SocketAddr) {
-    support::eventually(
-        Duration::from_secs(60),
-        "the binary to listen",
-        || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_write_and_fsync_errors_fail_closed_and_lose_no_answer() {
     let upstream = ledger::start().await;
@@ -66,7 +57,7 @@ async fn injected_write_and_fsync_errors_fail_closed_and_lose_no_answer() {
         .spawn()
         .unwrap();
     let pid = faulty.id().unwrap();
-    wait_listening(addr).await;
+    support::binary::wait_listening(addr).await;
     for name in FAILPOINTS {
         fiu_ctrl(pid, &format!("enable_random name={name},probability=0.03"));
     }
@@ -161,7 +152,7 @@ async fn injected_write_and_fsync_errors_fail_closed_and_lose_no_answer() {
 
     // Restarted without faults: every answer given is replayed; the rest are settled.
     let mut clean = run("env", &[]).stderr(Stdio::null()).spawn().unwrap();
-    wait_listening(addr).await;
+    support::binary::wait_listening(addr).await;
     let mut client = client(addr).await;
     let (mut replayed, mut in_doubt, mut fresh) = (0, 0, 0);
     for key in &sent {

@@ -542,12 +542,7 @@ async fn logs_carry_no_serial_caller_or_body() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    support::eventually(
-        Duration::from_secs(60),
-        "the binary to listen",
-        || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
-    )
-    .await;
+    support::binary::wait_listening(addr).await;
     let mut client = client(addr).await;
     let (serial, caller) = ("serial-secret-7731", "caller-secret-8842");
     let secret_request = idemproxy::pb::idemproxy::testing::v1::ApplyRequest {

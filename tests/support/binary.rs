@@ -79,6 +79,17 @@ impl BinarySidecar {
     }
 }
 
+/// Waits (up to 60 s) until something accepts connections on `addr`: for a binary started
+/// with a fixed `--listen` whose standard error goes elsewhere (a log file, fiu-run).
+pub async fn wait_listening(addr: SocketAddr) {
+    super::eventually(
+        std::time::Duration::from_secs(60),
+        "the binary to listen",
+        || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
+    )
+    .await;
+}
+
 /// Waits until the child logs its proxy address (the product's own ready-line reader).
 pub async fn listening_addr(stderr: tokio::process::ChildStderr) -> SocketAddr {
     idemproxy::bench::procs::wait_for_address(stderr, "proxy listening on ")

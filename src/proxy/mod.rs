@@ -415,15 +415,18 @@ pub async fn serve<S: Store, C: Clock>(
                     Ok(Err(error)) => return tracing::debug!(%addr, %error, "TLS handshake failed"),
                     Err(_) => return tracing::debug!(%addr, "TLS handshake timed out"),
                 };
-            let certificate = stream.get_ref().1.peer_certificates().map(|chain| {
-                chain.first().map_or_else(
-                    || Err("no client certificate".to_owned()),
-                    |leaf| crate::tls::caller_of_certificate(leaf, subject_fallback),
-                )
-            });
+            let leaf = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(<[_]>::first);
+            let certificate = match leaf {
+                Some(leaf) => crate::tls::caller_of_certificate(leaf, subject_fallback),
+                None => Err("no client certificate".to_owned()),
+            };
             let peer = Peer {
                 addr: Some(addr),
-                certificate: certificate.or(Some(Err("no client certificate".to_owned()))),
+                certificate: Some(certificate),
             };
             connection.run(TokioIo::new(stream), peer).await;
         });

@@ -247,8 +247,11 @@ impl RedisStore {
     /// The Redis key of a caller's sorted set of records (its own slot in a cluster).
     fn caller_key(&self, caller: &str) -> String {
         let digest = crate::key::fingerprint(caller.as_bytes());
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}:caller:{{{hex}}}", self.key_prefix)
+        format!(
+            "{}:caller:{{{}}}",
+            self.key_prefix,
+            crate::key::hex(&digest[..16])
+        )
     }
 
     /// Files a written record under its caller, when callers are tracked.

@@ -199,6 +199,9 @@ pub async fn run(args: InjectorArgs) -> Result<(), InjectorError> {
             .unwrap_or_else(|| Settings::default().image),
         native: !args.no_native_sidecar,
     });
+    // Before it logs that it listens: see `shutdown_signal`.
+    let shutdown = crate::server::shutdown_signal();
+    tokio::pin!(shutdown);
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|source| InjectorError::Bind {
@@ -212,8 +215,6 @@ pub async fn run(args: InjectorArgs) -> Result<(), InjectorError> {
             source,
         })?;
     tracing::info!(image = %settings.image, native = settings.native, "injector listening on {addr}");
-    let shutdown = crate::server::shutdown_signal();
-    tokio::pin!(shutdown);
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
         let stream = tokio::select! {

@@ -428,9 +428,11 @@ const TELEMETRY_FLUSH_MAX: Duration = Duration::from_secs(3);
 
 /// `idemproxy run`: serves until SIGTERM or SIGINT, then flushes what telemetry holds.
 pub async fn run(config: Config, telemetry: Arc<Telemetry>) -> Result<(), StartError> {
+    // Before the start logs that it listens: see `shutdown_signal`.
+    let signalled = shutdown_signal();
     let running = start_with(&config, telemetry.clone()).await;
     let drained = match running {
-        Ok(running) => serve_until_signal(&config, running).await,
+        Ok(running) => serve_until_signal(&config, running, signalled).await,
         Err(error) => Err(error),
     };
     // The exporters' shutdown blocks until their last batch is sent: off the runtime
@@ -446,32 +448,44 @@ pub async fn run(config: Config, telemetry: Arc<Telemetry>) -> Result<(), StartE
     drained
 }
 
-async fn serve_until_signal(config: &Config, running: Running) -> Result<(), StartError> {
-    shutdown_signal().await;
+async fn serve_until_signal(
+    config: &Config,
+    running: Running,
+    signalled: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    signalled.await;
     tracing::info!(deadline = ?config.drain_timeout, "draining");
     running.drain(config.drain_timeout).await?;
     tracing::info!("drained: every call finished and its outcome is stored");
     Ok(())
 }
 
-pub(crate) async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// SIGTERM or SIGINT. The handlers are installed by this call, not when the future is first
+/// polled: a caller takes it before it logs that it listens, so a signal sent as soon as the
+/// process is seen serving drains it instead of killing it.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(terminate) => terminate,
+        use tokio::signal::unix::{signal, SignalKind};
+        let streams = signal(SignalKind::terminate())
+            .and_then(|terminate| Ok((terminate, signal(SignalKind::interrupt())?)));
+        async move {
+            match streams {
+                Ok((mut terminate, mut interrupt)) => {
+                    tokio::select! {
+                        _ = terminate.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "cannot listen for SIGTERM; stopping on SIGINT only");
-                    let _ = interrupt.await;
-                    return;
+                    let _ = tokio::signal::ctrl_c().await;
                 }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -158,3 +158,17 @@ async fn a_drain_past_its_deadline_exits_non_zero_and_leaves_the_call_in_doubt()
     assert_eq!(support::reason(&refused), "IDEMPOTENCY_OUTCOME_UNKNOWN");
     restarted.kill().await;
 }
+
+/// A SIGTERM sent the moment the sidecar says it listens drains it (exit 0) rather than
+/// killing it: the handler is in place before the line is logged. (CI once saw the process
+/// die of the signal: the handler was installed only after the start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_right_after_the_listening_line_still_drains() {
+    let upstream = ledger::start().await;
+    for _ in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let sidecar = binary::start(&binary::run_args(upstream.addr, dir.path(), &[])).await;
+        sidecar.terminate();
+        assert_eq!(sidecar.wait().await, Some(0), "exit code, not a signal");
+    }
+}

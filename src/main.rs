@@ -99,39 +99,54 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     match cli.command {
         Command::Run(args) => {
             let config = idemproxy::config::load(args)?;
-            runtime.block_on(async {
+            // The sidecar shares its pod's cores with the service: its threads are a setting.
+            let threads = Some(config.worker_threads);
+            block_on(threads, async {
                 // The OTLP exporters need the runtime; logs start with the span exporter.
                 let backend = idemproxy::server::backend_name(&config);
                 let env = idemproxy::telemetry::process_env;
                 let telemetry = idemproxy::telemetry::Telemetry::from_env(&env, backend)?;
                 telemetry.init_logs();
                 idemproxy::server::run(config, std::sync::Arc::new(telemetry)).await
-            })?;
+            })??;
         }
         Command::Check(args) => {
             let config = idemproxy::config::load(args)?;
-            return Ok(runtime.block_on(idemproxy::server::check(&config)));
+            return block_on(None, idemproxy::server::check(&config));
         }
-        Command::Keys(args) => return Ok(runtime.block_on(idemproxy::admin::cli::run(args))),
+        Command::Keys(args) => return block_on(None, idemproxy::admin::cli::run(args)),
         Command::Inject(args) => return inject(args),
         Command::Injector(args) => {
             idemproxy::telemetry::init_logs();
-            runtime.block_on(idemproxy::injector::run(args))?;
+            block_on(None, idemproxy::injector::run(args))??;
         }
-        Command::Demo => runtime.block_on(idemproxy::demo::run())?,
-        Command::Bench(args) => runtime.block_on(idemproxy::bench::run(args))?,
-        Command::BenchLoad(args) => runtime.block_on(idemproxy::bench::run_load(args))?,
+        Command::Demo => block_on(None, idemproxy::demo::run())??,
+        Command::Bench(args) => block_on(None, idemproxy::bench::run(args))??,
+        Command::BenchLoad(args) => block_on(None, idemproxy::bench::run_load(args))??,
         Command::BenchUpstream { listen } => {
-            runtime.block_on(idemproxy::bench::serve_upstream(listen))?
+            block_on(None, idemproxy::bench::serve_upstream(listen))??
         }
     }
-    // A telemetry flush still stuck on a dead collector must not hold the exit.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `future` on a new runtime with `threads` workers (one per core when `None`), then
+/// gives what still runs half a second: a telemetry flush stuck on a dead collector must not
+/// hold the exit.
+fn block_on<F: std::future::Future>(
+    threads: Option<usize>,
+    future: F,
+) -> anyhow::Result<F::Output> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = builder.build()?;
+    let output = runtime.block_on(future);
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    Ok(output)
 }

@@ -292,7 +292,8 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
         token = config.admin_token.is_some(),
         "admin listening on {admin_addr}"
     );
-    tracing::info!(upstream = %config.upstream, "proxy listening on {proxy_addr}");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(upstream = %config.upstream, workers, "proxy listening on {proxy_addr}");
     let (stop, stopped) = watch::channel(false);
     let (ops_stop, ops_stopped) = watch::channel(false);
     let health = Health::new();

@@ -153,6 +153,21 @@ async fn flags_win_over_environment_which_wins_over_the_file() {
     child.kill().await.unwrap();
 }
 
+/// `--worker-threads` is the runtime's size, as the runtime itself reports it (the setting
+/// was once parsed and never applied).
+#[tokio::test]
+async fn worker_threads_sizes_the_runtime() {
+    let upstream = support::ledger::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, workers) in [(&[][..], 1), (&["--worker-threads", "3"][..], 3)] {
+        let args = support::binary::run_args(upstream.addr, dir.path(), extra);
+        let sidecar = support::binary::start(&args).await;
+        let line = &sidecar.listening_line;
+        assert!(line.contains(&format!("\"workers\":{workers}")), "{line}");
+        sidecar.kill().await;
+    }
+}
+
 #[test]
 fn the_example_config_file_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/config.example.toml");

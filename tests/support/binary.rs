@@ -8,6 +8,8 @@ use tokio::process::{Child, Command};
 pub struct BinarySidecar {
     child: Child,
     pub addr: SocketAddr,
+    /// The log line that named `addr`.
+    pub listening_line: String,
 }
 
 /// The binary's path, as cargo built it for the tests.
@@ -53,8 +55,12 @@ pub async fn start_with_env(args: &[String], env: &[(&str, String)]) -> BinarySi
         .spawn()
         .expect("the binary starts");
     let stderr = child.stderr.take().expect("stderr is piped");
-    let addr = listening_addr(stderr).await;
-    BinarySidecar { child, addr }
+    let (addr, listening_line) = listening(stderr).await;
+    BinarySidecar {
+        child,
+        addr,
+        listening_line,
+    }
 }
 
 impl BinarySidecar {
@@ -92,8 +98,12 @@ pub async fn wait_listening(addr: SocketAddr) {
 
 /// Waits until the child logs its proxy address (the product's own ready-line reader).
 pub async fn listening_addr(stderr: tokio::process::ChildStderr) -> SocketAddr {
+    listening(stderr).await.0
+}
+
+/// The proxy address and the line that named it.
+async fn listening(stderr: tokio::process::ChildStderr) -> (SocketAddr, String) {
     idemproxy::bench::procs::wait_for_address(stderr, "proxy listening on ")
         .await
         .expect("the binary listens within 60 s")
-        .0
 }

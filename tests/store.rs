@@ -254,3 +254,61 @@ async fn the_sidecar_refuses_when_its_store_is_full() {
         "the refused call was never forwarded"
     );
 }
+
+/// With group commit off (`--flush per-write`, the benchmark's baseline) no flush covers two
+/// writes: each write lands only once every earlier write has had its own flush. (Before, the
+/// writes of concurrent calls landed together and one real flush covered them all, so the
+/// baseline was group commit under another name.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_group_commit_off_each_write_waits_for_the_flush_of_the_one_before() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = options(dir.path(), u64::MAX);
+    settings.flush_per_write = true;
+    let store = Arc::new(SledStore::open(&settings).unwrap());
+    let flushes = store.group_commit_counts();
+    let landed = Arc::new(AtomicU64::new(0));
+    let unflushed_seen = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..16u8)
+        .map(|n| {
+            let (store, flushes) = (store.clone(), flushes.clone());
+            let (landed, unflushed_seen) = (landed.clone(), unflushed_seen.clone());
+            tokio::spawn(async move {
+                let key = Key::derive("/s.S/M", "-", format!("serial-{n}").as_bytes());
+                let request = ClaimRequest {
+                    fingerprint: &[1; 32],
+                    method: "/s.S/M",
+                    caller: "-",
+                    token: token(1, n),
+                    now_ms: 1,
+                    lease_until_ms: 60_000,
+                    expires_ms: 3_600_000,
+                    sole_owner: Some([1; 8]),
+                    retry_in_doubt: false,
+                    origin: None,
+                    at_quota: false,
+                };
+                store
+                    .update(&key, |current| {
+                        let before = landed.fetch_add(1, Ordering::SeqCst);
+                        if flushes.flushes.load(Ordering::SeqCst) < before {
+                            unflushed_seen.fetch_add(1, Ordering::SeqCst);
+                        }
+                        record::claim(current, &request)
+                    })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for writer in writers {
+        assert_eq!(writer.await.unwrap(), Claimed::Owned);
+    }
+    assert_eq!(landed.load(Ordering::SeqCst), 16);
+    assert_eq!(
+        unflushed_seen.load(Ordering::SeqCst),
+        0,
+        "a write landed beside one not yet flushed"
+    );
+}

@@ -45,7 +45,6 @@ fn spawn(port: u16, dir: &Path, cluster: bool, extra: &[String]) -> Child {
     let mut command = Command::new(redis_server());
     command
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(extra)
         .arg("--dir")
         .arg(dir)
         .args([
@@ -57,7 +56,9 @@ fn spawn(port: u16, dir: &Path, cluster: bool, extra: &[String]) -> Child {
             "always",
         ])
         .args(["--protected-mode", "no", "--daemonize", "no"])
-        .args(["--maxmemory-policy", "noeviction"]);
+        .args(["--maxmemory-policy", "noeviction"])
+        // Last, so a test's own settings win over the defaults above.
+        .args(extra);
     if cluster {
         command.args([
             "--cluster-enabled",

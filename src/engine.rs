@@ -319,7 +319,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         &self,
         operation: StoreOperation,
         key: &Key,
-        mut transition: impl FnMut(Option<&record::Record>) -> (record::Change, T) + Send,
+        transition: impl FnMut(Option<&record::Record>) -> (record::Change, T) + Send,
     ) -> Result<T, StoreError>
     where
         T: Send,
@@ -329,11 +329,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         let update = match &self.sealer {
             None => self.store.update(key, transition).instrument(span).await,
             Some(sealer) => {
-                let sealed = |current: Option<&record::Record>| {
-                    let opened = current.map(|record| sealer.open(key, record));
-                    let (change, value) = transition(opened.as_deref());
-                    (sealer.seal(key, change), value)
-                };
+                let sealed = sealer.around(key, transition);
                 self.store.update(key, sealed).instrument(span).await
             }
         };

@@ -140,6 +140,20 @@ impl Sealer {
         crate::record::Response::decode(&plain[..]).map_err(|_| "its plaintext does not decode")
     }
 
+    /// `transition` as a store applies it: it sees the current record opened, and its change
+    /// is sealed. The engine and the admin API both write through this.
+    pub fn around<'a, T>(
+        &'a self,
+        key: &'a Key,
+        mut transition: impl FnMut(Option<&Record>) -> (Change, T) + Send + 'a,
+    ) -> impl FnMut(Option<&Record>) -> (Change, T) + Send + 'a {
+        move |current| {
+            let opened = current.map(|record| self.open(key, record));
+            let (change, value) = transition(opened.as_deref());
+            (self.seal(key, change), value)
+        }
+    }
+
     /// The change as the store writes it: a record's response sealed under the first key.
     pub fn seal(&self, key: &Key, change: Change) -> Change {
         let Change::Put(mut record) = change else {

@@ -261,19 +261,23 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
         config.limits.clone(),
     )
     .with_metrics(metrics.clone());
-    let engine = Arc::new(match &config.encryption_key_file {
+    let sealer = match &config.encryption_key_file {
         Some(path) => {
             let sealer = crate::seal::Sealer::from_file(path)?;
             tracing::info!(
                 key_id = sealer.sealing_key_id(),
                 "recorded responses are sealed with AES-256-GCM"
             );
-            engine.with_sealer(Arc::new(sealer))
+            Some(Arc::new(sealer))
         }
         None => {
             tracing::warn!("recorded responses are stored in the clear: set --encryption-key-file to seal them");
-            engine
+            None
         }
+    };
+    let engine = Arc::new(match &sealer {
+        Some(sealer) => engine.with_sealer(sealer.clone()),
+        None => engine,
     });
     let settings = ProxySettings {
         key_header: config.key_header.clone(),
@@ -311,7 +315,8 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
         listening,
         wait_for(stopped.clone()),
     ));
-    let admin = crate::admin::AdminService::new(store.clone(), config.limits.retention);
+    let admin =
+        crate::admin::AdminService::new(store.clone(), config.limits.retention).with_sealer(sealer);
     let administering = tokio::spawn(crate::admin::serve(
         admin_listener,
         admin,

@@ -179,6 +179,92 @@ async fn a_rotation_keeps_old_records_and_removing_a_key_leaves_them_in_doubt() 
     stop(trimmed).await;
 }
 
+/// `idemproxy keys ARGS --admin ADMIN --json`, parsed.
+fn keys_json(admin: &str, args: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new(binary::path())
+        .arg("keys")
+        .args(["--admin", admin])
+        .args(args)
+        .arg("--json")
+        .env_remove("IDEMPROXY_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&out).unwrap_or_else(|error| panic!("{error}: {out}"))
+}
+
+/// With a key file, operators see a sealed record's answer (its status), and the
+/// answer an operator records for an IN_DOUBT key is sealed like the service's. (Before, the
+/// admin API showed sealed records without a status and wrote operators' answers in the
+/// clear.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_sealed_answers_and_their_own_answers_are_sealed() {
+    const OPERATOR_ANSWER: &str = "refunded-by-ops-ticket-7731";
+    let upstream = ledger::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    write_keys(&keys, &[("k1", 7)]);
+    let admin = support::http::free_addr().to_string();
+    let key_file = keys.display().to_string();
+    let extra = [
+        "--encryption-key-file",
+        key_file.as_str(),
+        "--admin-listen",
+        admin.as_str(),
+    ];
+    let args = binary::run_args(upstream.addr, &dir.path().join("data"), &extra);
+    let sidecar = binary::start(&args).await;
+    let mut client = client(sidecar.addr).await;
+    answer(&mut client, "kept").await;
+    let mut doubtful = known_answer();
+    doubtful.fail_code = 13; // INTERNAL after acting: the key is IN_DOUBT.
+    let _ = apply(&mut client, doubtful, Some("doubt"), Some("alice")).await;
+
+    let method = "/idemproxy.testing.v1.Ledger/Apply";
+    let select =
+        |serial: &'static str| ["--method", method, "--caller", "alice", "--serial", serial];
+    let kept = keys_json(&admin, &[&["get"][..], &select("kept")].concat());
+    assert_eq!(kept["state"], "COMPLETED", "{kept}");
+    assert_eq!(kept["grpc_status"], 5, "{kept}");
+
+    let resolve = [
+        &["resolve"][..],
+        &select("doubt"),
+        &[
+            "--complete",
+            "6",
+            "--message",
+            OPERATOR_ANSWER,
+            "--operator",
+            "ops@example",
+        ],
+    ]
+    .concat();
+    let resolved = keys_json(&admin, &resolve);
+    assert_eq!(resolved["state"], "COMPLETED", "{resolved}");
+    let mut retry = known_answer();
+    retry.fail_code = 13;
+    let replay = apply(&mut client, retry, Some("doubt"), Some("alice"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        replay.message(),
+        OPERATOR_ANSWER,
+        "the operator's answer is replayed"
+    );
+    stop(sidecar).await;
+    assert!(
+        !data_dir_contains(&dir.path().join("data"), OPERATOR_ANSWER.as_bytes()),
+        "the operator's answer reached the disk in the clear"
+    );
+    assert_eq!(upstream.state.executions(), 2);
+}
+
 #[tokio::test]
 async fn a_bad_key_file_stops_the_start_naming_it() {
     let dir = tempfile::tempdir().unwrap();

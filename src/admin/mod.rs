@@ -11,6 +11,7 @@ use crate::key::{self, Key};
 use crate::pb::idemproxy::v1 as pb;
 use crate::pb::idemproxy::v1::admin_server::{Admin, AdminServer};
 use crate::record::{self, Change, Header, Record, Resolved, Response, State};
+use crate::seal::Sealer;
 use crate::store::{AnyStore, Store, StoreError, PAGE_RECORDS_MAX};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,9 @@ pub struct AdminService {
     store: Arc<AnyStore>,
     clock: SystemClock,
     retention: Duration,
+    /// With `--encryption-key-file`: records are shown opened, and an operator's answer is
+    /// sealed like the service's.
+    sealer: Option<Arc<Sealer>>,
 }
 
 impl AdminService {
@@ -37,6 +41,33 @@ impl AdminService {
             store,
             clock: SystemClock::new(),
             retention,
+            sealer: None,
+        }
+    }
+
+    /// Opens records to show them and seals what operators write, with `sealer`.
+    pub fn with_sealer(mut self, sealer: Option<Arc<Sealer>>) -> AdminService {
+        self.sealer = sealer;
+        self
+    }
+
+    /// `Store::update` through the sealer, as the engine writes.
+    async fn update<T: Send>(
+        &self,
+        key: &Key,
+        transition: impl FnMut(Option<&Record>) -> (Change, T) + Send,
+    ) -> Result<T, StoreError> {
+        match &self.sealer {
+            None => self.store.update(key, transition).await,
+            Some(sealer) => self.store.update(key, sealer.around(key, transition)).await,
+        }
+    }
+
+    /// A scanned record as operators see it: its response opened when it can be.
+    fn opened<'a>(&self, key: &Key, record: &'a Record) -> std::borrow::Cow<'a, Record> {
+        match &self.sealer {
+            None => std::borrow::Cow::Borrowed(record),
+            Some(sealer) => sealer.open(key, record),
         }
     }
 }
@@ -157,7 +188,6 @@ impl Admin for AdminService {
     ) -> Result<Reply<pb::RecordView>, Status> {
         let key = selected(request.into_inner().key)?;
         let found = self
-            .store
             .update(&key, |current| (Change::Keep, current.cloned()))
             .await
             .map_err(store_status)?;
@@ -190,7 +220,8 @@ impl Admin for AdminService {
                 .await
                 .map_err(store_status)?;
             for (key, record) in &page.records {
-                let shown = view(key, record, now_ms);
+                let record = self.opened(key, record);
+                let shown = view(key, &record, now_ms);
                 let old_enough = now_ms.saturating_sub(record.created_ms) >= filter.older_than_ms;
                 if (filter.state.is_empty() || filter.state == shown.state)
                     && (filter.method.is_empty() || filter.method == shown.method)
@@ -226,7 +257,6 @@ impl Admin for AdminService {
         let (resolved, how) = match asked.resolution {
             Some(Resolution::Forget(_)) => {
                 let resolved = self
-                    .store
                     .update(&key, |current| record::resolve_forget(current, now_ms))
                     .await;
                 (resolved, "forget".to_owned())
@@ -240,7 +270,6 @@ impl Admin for AdminService {
                 let response = error_response(complete.grpc_status, &complete.grpc_message);
                 let expires_ms = now_ms + self.retention.as_millis() as u64;
                 let resolved = self
-                    .store
                     .update(&key, |current| {
                         record::resolve_complete(current, response.clone(), now_ms, expires_ms)
                     })
@@ -266,7 +295,6 @@ impl Admin for AdminService {
             "operator resolved an IN_DOUBT record"
         );
         let after = self
-            .store
             .update(&key, |current| (Change::Keep, current.cloned()))
             .await
             .map_err(store_status)?;
@@ -293,7 +321,6 @@ impl Admin for AdminService {
             Some(Target::Key(selector)) => {
                 let key = selected(Some(selector))?;
                 let resolved = self
-                    .store
                     .update(&key, |current| record::purge(current, now_ms))
                     .await
                     .map_err(store_status)?;

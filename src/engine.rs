@@ -302,9 +302,10 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         }
     }
 
-    /// Seals every recorded response with `sealer` and opens them on the way back.
-    pub fn with_sealer(mut self, sealer: Arc<crate::seal::Sealer>) -> Self {
-        self.sealer = Some(sealer);
+    /// Seals every recorded response with `sealer` (when there is one) and opens them on the
+    /// way back.
+    pub fn with_sealer(mut self, sealer: Option<Arc<crate::seal::Sealer>>) -> Self {
+        self.sealer = sealer;
         self
     }
 

@@ -275,10 +275,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
             None
         }
     };
-    let engine = Arc::new(match &sealer {
-        Some(sealer) => engine.with_sealer(sealer.clone()),
-        None => engine,
-    });
+    let engine = Arc::new(engine.with_sealer(sealer.clone()));
     let settings = ProxySettings {
         key_header: config.key_header.clone(),
         callers: config.callers.clone(),

@@ -9,6 +9,7 @@ mod support;
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
+use support::binary::{json, keys};
 use support::{add, apply, binary, client, ledger, was_replayed};
 
 const APPLY: &str = "/idemproxy.testing.v1.Ledger/Apply";
@@ -21,31 +22,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Runs `idemproxy keys ARGS --admin ADMIN`: (exit code, stdout, stderr).
-fn keys(admin: &str, args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(binary::path())
-        .arg("keys")
-        .args(["--admin", admin])
-        .args(args)
-        .env_remove("IDEMPROXY_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 /// A request the service acts on, then answers INTERNAL: its key becomes IN_DOUBT.
 fn acts_then_fails(account: &str) -> idemproxy::pb::idemproxy::testing::v1::ApplyRequest {
     let mut request = add(account, 1);
     request.fail_code = 13;
     request
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|error| panic!("{error}: {text}"))
 }
 
 async fn sidecar(

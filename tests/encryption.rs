@@ -179,23 +179,11 @@ async fn a_rotation_keeps_old_records_and_removing_a_key_leaves_them_in_doubt() 
     stop(trimmed).await;
 }
 
-/// `idemproxy keys ARGS --admin ADMIN --json`, parsed.
+/// `idemproxy keys ARGS --json --admin ADMIN`, which must succeed, parsed.
 fn keys_json(admin: &str, args: &[&str]) -> serde_json::Value {
-    let output = std::process::Command::new(binary::path())
-        .arg("keys")
-        .args(["--admin", admin])
-        .args(args)
-        .arg("--json")
-        .env_remove("IDEMPROXY_ADMIN_TOKEN")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(&out).unwrap_or_else(|error| panic!("{error}: {out}"))
+    let (code, out, err) = binary::keys(admin, &[args, &["--json"]].concat());
+    assert_eq!(code, 0, "{out}{err}");
+    binary::json(&out)
 }
 
 /// With a key file, operators see a sealed record's answer (its status), and the

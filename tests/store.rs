@@ -28,15 +28,9 @@ fn token(process: u8, n: u8) -> [u8; 16] {
     token
 }
 
-async fn claim(
-    store: &SledStore,
-    serial: &str,
-    process: u8,
-    n: u8,
-    now_ms: u64,
-) -> Result<Claimed, StoreError> {
-    let key = Key::derive("/s.S/M", "-", serial.as_bytes());
-    let request = ClaimRequest {
+/// Claim number `n` of process `process`, at `now_ms`.
+fn claim_request(process: u8, n: u8, now_ms: u64) -> ClaimRequest<'static> {
+    ClaimRequest {
         fingerprint: &[1; 32],
         method: "/s.S/M",
         caller: "-",
@@ -48,7 +42,18 @@ async fn claim(
         retry_in_doubt: false,
         origin: None,
         at_quota: false,
-    };
+    }
+}
+
+async fn claim(
+    store: &SledStore,
+    serial: &str,
+    process: u8,
+    n: u8,
+    now_ms: u64,
+) -> Result<Claimed, StoreError> {
+    let key = Key::derive("/s.S/M", "-", serial.as_bytes());
+    let request = claim_request(process, n, now_ms);
     store
         .update(&key, |current| record::claim(current, &request))
         .await
@@ -276,19 +281,7 @@ async fn with_group_commit_off_each_write_waits_for_the_flush_of_the_one_before(
             let (landed, unflushed_seen) = (landed.clone(), unflushed_seen.clone());
             tokio::spawn(async move {
                 let key = Key::derive("/s.S/M", "-", format!("serial-{n}").as_bytes());
-                let request = ClaimRequest {
-                    fingerprint: &[1; 32],
-                    method: "/s.S/M",
-                    caller: "-",
-                    token: token(1, n),
-                    now_ms: 1,
-                    lease_until_ms: 60_000,
-                    expires_ms: 3_600_000,
-                    sole_owner: Some([1; 8]),
-                    retry_in_doubt: false,
-                    origin: None,
-                    at_quota: false,
-                };
+                let request = claim_request(1, n, 1);
                 store
                     .update(&key, |current| {
                         let before = landed.fetch_add(1, Ordering::SeqCst);

@@ -36,9 +36,9 @@ pub struct GroupCommitCounts {
 }
 
 impl Flusher {
-    /// Starts the flusher thread. With `per_write`, every waiter gets a flush of its own (the
-    /// benchmark's baseline, never a production setting).
-    pub fn start(mut flush: FlushFn, per_write: bool) -> std::io::Result<Flusher> {
+    /// Starts the flusher thread. (With group commit off, the store lets one writer wait at a
+    /// time, so each flush serves one write.)
+    pub fn start(mut flush: FlushFn) -> std::io::Result<Flusher> {
         let (queue, waiting) = mpsc::channel::<oneshot::Sender<Result<(), String>>>();
         let healthy = Arc::new(AtomicBool::new(true));
         let flushing = Arc::new(AtomicBool::new(false));
@@ -52,9 +52,7 @@ impl Flusher {
                 // Ends when every `Flusher` handle is gone and the queue is drained.
                 while let Ok(first) = waiting.recv() {
                     let mut batch = vec![first];
-                    if !per_write {
-                        batch.extend(waiting.try_iter());
-                    }
+                    batch.extend(waiting.try_iter());
                     thread_flushing.store(true, Ordering::Release);
                     let result = flush();
                     thread_flushing.store(false, Ordering::Release);

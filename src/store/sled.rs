@@ -147,10 +147,9 @@ impl SledStore {
         let records = db.open_tree("records").map_err(store_error)?;
         let expiry = db.open_tree("expiry").map_err(store_error)?;
         let flush_db = db.clone();
-        let flusher = Flusher::start(
-            Box::new(move || flush_db.flush().map(|_| ()).map_err(|e| e.to_string())),
-            options.flush_per_write,
-        )
+        let flusher = Flusher::start(Box::new(move || {
+            flush_db.flush().map(|_| ()).map_err(|e| e.to_string())
+        }))
         .map_err(|error| StoreError::Io(format!("cannot start the flusher thread: {error}")))?;
         let store = SledStore {
             db,

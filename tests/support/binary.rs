@@ -107,3 +107,24 @@ async fn listening(stderr: tokio::process::ChildStderr) -> (SocketAddr, String) 
         .await
         .expect("the binary listens within 60 s")
 }
+
+/// Runs `idemproxy keys ARGS --admin ADMIN`: (exit code, stdout, stderr).
+pub fn keys(admin: &str, args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(path())
+        .arg("keys")
+        .args(["--admin", admin])
+        .args(args)
+        .env_remove("IDEMPROXY_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `text` parsed as JSON; a test failure naming it when it is not.
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|error| panic!("{error}: {text}"))
+}

@@ -1,18 +1,16 @@
-//! The one body type the proxy sends, both ways: streamed through untouched, or written from
-//! a buffer (a recorded response, a request read for deduplication).
+//! The one body the proxy answers with: the service's answer streamed through untouched, or
+//! written from a buffer (a recorded response, a refusal).
 
 use bytes::Bytes;
+use h2::RecvStream;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
-/// A request or response body.
+/// A response body.
 #[derive(Debug)]
 pub enum ProxyBody {
-    /// Streamed from the other side as it arrives: never buffered.
-    Streaming(Incoming),
     /// Written from memory: one data frame (if any bytes), then the trailers (if any).
     Buffered {
         /// The data not yet written.
@@ -20,12 +18,15 @@ pub enum ProxyBody {
         /// The trailers not yet written.
         trailers: Option<HeaderMap>,
     },
-    /// A prefix already read from `rest`, then the rest streamed.
-    Prefixed {
+    /// The service's answer as it arrives, after any prefix already read from it; its window
+    /// is given back as each frame is passed on, so a slow caller slows the service.
+    Upstream {
         /// The bytes read before the decision to stream.
         prefix: Option<Bytes>,
-        /// The remainder of the body.
-        rest: Incoming,
+        /// The rest of the service's answer.
+        rest: RecvStream,
+        /// Its data has ended: the trailers come next.
+        data_done: bool,
     },
 }
 
@@ -45,55 +46,80 @@ impl ProxyBody {
             trailers,
         }
     }
+
+    /// The service's answer streamed on, after `prefix`.
+    pub fn upstream(prefix: Option<Bytes>, rest: RecvStream) -> ProxyBody {
+        ProxyBody::Upstream {
+            prefix: prefix.filter(|prefix| !prefix.is_empty()),
+            rest,
+            data_done: false,
+        }
+    }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         match self.get_mut() {
-            ProxyBody::Streaming(incoming) => Pin::new(incoming).poll_frame(cx),
             ProxyBody::Buffered { data, trailers } => {
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
-            ProxyBody::Prefixed { prefix, rest } => {
+            ProxyBody::Upstream {
+                prefix,
+                rest,
+                data_done,
+            } => {
                 if let Some(prefix) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(prefix))));
                 }
-                Pin::new(rest).poll_frame(cx)
+                if !*data_done {
+                    match ready!(rest.poll_data(cx)) {
+                        Some(Ok(data)) => {
+                            let _ = rest.flow_control().release_capacity(data.len());
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+                        None => *data_done = true,
+                    }
+                }
+                match ready!(rest.poll_trailers(cx)) {
+                    Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                    Ok(None) => Poll::Ready(None),
+                    Err(error) => Poll::Ready(Some(Err(error))),
+                }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Streaming(incoming) => incoming.is_end_stream(),
             ProxyBody::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
-            ProxyBody::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            ProxyBody::Upstream { prefix, rest, .. } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Streaming(incoming) => incoming.size_hint(),
             ProxyBody::Buffered { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            ProxyBody::Prefixed { prefix, rest } => {
-                let mut hint = rest.size_hint();
-                let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
-                hint.set_lower(hint.lower() + extra);
-                if let Some(upper) = hint.upper() {
-                    hint.set_upper(upper + extra);
+            ProxyBody::Upstream { prefix, rest, .. } => {
+                let prefix = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                if rest.is_end_stream() {
+                    SizeHint::with_exact(prefix)
+                } else {
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(prefix);
+                    hint
                 }
-                hint
             }
         }
     }

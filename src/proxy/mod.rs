@@ -32,7 +32,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::Instrument as _;
-use upstream::HttpUpstream;
+use upstream::{HttpUpstream, UpstreamError};
 
 /// The metadata a replayed answer carries.
 pub const REPLAYED_HEADER: &str = "idempotency-replayed";
@@ -179,7 +179,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
     async fn route(&self, request: Request<Incoming>, peer: &Peer, span: &tracing::Span) -> Routed {
         let rule = self.policy.get(request.uri().path());
         if rule.dedup == Dedup::Off {
-            return self.pass_through(request.map(ProxyBody::Streaming)).await;
+            return self.pass_through(request).await;
         }
         let keyed = request.headers().contains_key(&self.settings.key_header);
         if keyed || rule.inspects_request() {
@@ -188,11 +188,16 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         if rule.require_key {
             return Routed::refused(&key_missing(&self.settings));
         }
-        self.pass_through(request.map(ProxyBody::Streaming)).await
+        self.pass_through(request).await
     }
 
-    async fn pass_through(&self, request: Request<ProxyBody>) -> Routed {
-        match self.upstream.stream(request).await {
+    async fn pass_through(&self, request: Request<Incoming>) -> Routed {
+        let forwarded = self.upstream.stream(request).await;
+        self.streamed_or_refused(forwarded)
+    }
+
+    fn streamed_or_refused(&self, forwarded: Result<HttpResponse, UpstreamError>) -> Routed {
+        match forwarded {
             Ok(response) => Routed::streamed(response, Decision::Bypass),
             Err(error) => {
                 let mut routed = Routed::refused(&Refusal::new(
@@ -262,8 +267,8 @@ impl<S: Store, C: Clock> Proxy<S, C> {
                 return Routed::refused(&key_missing(&self.settings));
             }
             // Read to look for a key field and found none: forward what was read.
-            let request = Request::from_parts(parts, ProxyBody::buffered(body, None));
-            return self.pass_through(request).await;
+            let forwarded = self.upstream.forward(parts, body).await;
+            return self.streamed_or_refused(forwarded);
         };
         let timeout = parts
             .headers

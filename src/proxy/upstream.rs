@@ -1,29 +1,35 @@
-//! The pooled HTTP/2 client to the service, and the `Upstream` the engine forwards through.
+//! The HTTP/2 client to the service, and the `Upstream` the engine forwards through.
 //!
-//! One multiplexed HTTP/2 connection set (hyper-util's pool) serves passthrough and
-//! deduplicated calls alike. It decides what a transport failure means for a record: only a
-//! failure that proves the service never saw the request (connect error, REFUSED_STREAM) lets
-//! the key be released; anything else is an unknown outcome.
+//! One multiplexed HTTP/2 connection serves passthrough and deduplicated calls alike, driven
+//! with h2 directly: a request whose body is in hand goes out as HEADERS and DATA in the same
+//! write, where a generic client would give the body its own task and write. A body still
+//! arriving is pumped after the HEADERS with h2's flow control, so nothing is buffered. The
+//! module decides what a transport failure means for a record: only a failure that proves the
+//! service never saw the request (no connection, a request h2 refused to send, REFUSED_STREAM)
+//! lets the key be released; anything else is an unknown outcome.
 
 use super::body::ProxyBody;
 use super::grpc;
 use crate::engine::{Reply, Upstream};
 use crate::telemetry::trace;
 use bytes::{Bytes, BytesMut};
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use std::error::Error as _;
+use hyper::body::{Body, Incoming};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use tracing::Instrument as _;
 
-/// The service's address and the client that reaches it.
+/// The service's address and the connection that reaches it.
 #[derive(Clone)]
 pub struct HttpUpstream {
-    client: Client<HttpConnector, ProxyBody>,
+    connection: Arc<Connection>,
     scheme: Scheme,
     authority: Authority,
     response_bytes_max: usize,
@@ -47,6 +53,174 @@ pub enum UpstreamUrlError {
     Unsupported(String),
 }
 
+/// Why a call to the service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection to the service: it never saw the request.
+    #[error("cannot connect to {authority}: {reason}")]
+    Connect {
+        /// Where we tried.
+        authority: Authority,
+        /// Why it failed.
+        reason: String,
+    },
+    /// h2 refused to send the request (the connection closed before it went out): the
+    /// service never saw it.
+    #[error("the request could not be sent: {0}")]
+    NotSent(h2::Error),
+    /// The stream failed after the request was sent.
+    #[error("{0}")]
+    Stream(h2::Error),
+    /// The caller's request body broke off before the request was sent.
+    #[error("the request body could not be read: {0}")]
+    RequestBody(hyper::Error),
+}
+
+impl UpstreamError {
+    /// True when the failure proves the service never saw the request.
+    pub fn never_reached_service(&self) -> bool {
+        match self {
+            UpstreamError::Connect { .. } | UpstreamError::NotSent(_) => true,
+            UpstreamError::Stream(error) => error.reason() == Some(h2::Reason::REFUSED_STREAM),
+            UpstreamError::RequestBody(_) => false,
+        }
+    }
+}
+
+/// hyper's HTTP/2 client settings, which the pool before this one used.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Streams opened before the service's SETTINGS say how many it takes.
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
+
+/// The one HTTP/2 connection to the service, made when first needed and again after it
+/// closes.
+struct Connection {
+    address: String,
+    authority: Authority,
+    /// The open connection's handle, cloned per request, and its generation.
+    current: Mutex<Option<(u64, SendRequest<Bytes>)>>,
+    /// Held while connecting, so concurrent calls share one new connection.
+    connecting: tokio::sync::Mutex<u64>,
+}
+
+/// A connection's handle, ready for one request.
+struct Ready {
+    generation: u64,
+    handle: SendRequest<Bytes>,
+}
+
+impl Ready {
+    /// Opens the request's stream; a connection that refuses is discarded.
+    fn send_request(
+        &mut self,
+        connection: &Connection,
+        head: Request<()>,
+        end_of_stream: bool,
+    ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), UpstreamError> {
+        self.handle
+            .send_request(head, end_of_stream)
+            .map_err(|error| {
+                connection.discard(self.generation);
+                UpstreamError::NotSent(error)
+            })
+    }
+}
+
+impl Connection {
+    /// A handle ready to send one request on: the open connection, or a new one when it
+    /// has closed.
+    async fn ready(&self) -> Result<Ready, UpstreamError> {
+        let mut failed = None;
+        loop {
+            let cached = self.current.lock().expect("not poisoned").clone();
+            if let Some((generation, handle)) = cached {
+                if failed != Some(generation) {
+                    match handle.ready().await {
+                        Ok(handle) => return Ok(Ready { generation, handle }),
+                        Err(_) => failed = Some(generation),
+                    }
+                }
+            }
+            // The connection closed (or never opened): one caller reconnects.
+            let mut generations = self.connecting.lock().await;
+            let current = self.current.lock().expect("not poisoned").clone();
+            if let Some((generation, _)) = current {
+                if failed != Some(generation) {
+                    continue; // another call reconnected meanwhile
+                }
+            }
+            let handle = self.connect().await?;
+            *generations += 1;
+            let generation = *generations;
+            *self.current.lock().expect("not poisoned") = Some((generation, handle.clone()));
+            match handle.ready().await {
+                Ok(handle) => return Ok(Ready { generation, handle }),
+                Err(error) => {
+                    return Err(UpstreamError::Connect {
+                        authority: self.authority.clone(),
+                        reason: error.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Forgets a connection that refused to send a request, so the next call makes a new one.
+    fn discard(&self, generation: u64) {
+        let mut current = self.current.lock().expect("not poisoned");
+        if current.as_ref().is_some_and(|(open, _)| *open == generation) {
+            *current = None;
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Bytes>, UpstreamError> {
+        let failed = |reason: String| UpstreamError::Connect {
+            authority: self.authority.clone(),
+            reason,
+        };
+        let tcp = tokio::net::TcpStream::connect(&self.address)
+            .await
+            .map_err(|error| failed(error.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let (handle, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .map_err(|error| failed(error.to_string()))?;
+        let authority = self.authority.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%authority, %error, "the connection to the service ended");
+            }
+        });
+        Ok(handle)
+    }
+
+    /// Sends a request head, the body after it when there is one.
+    async fn send(
+        &self,
+        head: Request<()>,
+        body: Option<Bytes>,
+    ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), UpstreamError> {
+        let mut ready = self.ready().await?;
+        let body = body.filter(|body| !body.is_empty());
+        let (response, mut stream) = ready.send_request(self, head, body.is_none())?;
+        if let Some(body) = body {
+            // Buffered by h2 until the stream opens, then written with its HEADERS.
+            stream.send_data(body, true).map_err(UpstreamError::Stream)?;
+        }
+        Ok((response, stream))
+    }
+}
+
 impl HttpUpstream {
     /// A client for `url` (`http://host:port`) keeping responses up to `response_bytes_max`.
     pub fn new(url: &str, response_bytes_max: usize) -> Result<HttpUpstream, UpstreamUrlError> {
@@ -63,13 +237,17 @@ impl HttpUpstream {
         if scheme != Scheme::HTTP || uri.path() != "/" && !uri.path().is_empty() {
             return Err(UpstreamUrlError::Unsupported(url.to_owned()));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(connector);
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority.host();
+        let address = format!("{}:{port}", host.trim_start_matches('[').trim_end_matches(']'));
+        let connection = Arc::new(Connection {
+            address,
+            authority: authority.clone(),
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(0),
+        });
         Ok(HttpUpstream {
-            client,
+            connection,
             scheme,
             authority,
             response_bytes_max,
@@ -92,42 +270,145 @@ impl HttpUpstream {
         .expect("scheme, authority and path make a valid URI")
     }
 
-    /// Forwards a call as it streams, both ways. `None` when the service cannot be reached.
+    fn head(&self, mut parts: Parts) -> Request<()> {
+        parts.uri = self.target(&parts.uri);
+        Request::from_parts(parts, ())
+    }
+
+    /// Forwards a call as it streams, both ways.
     pub async fn stream(
         &self,
-        mut request: Request<ProxyBody>,
-    ) -> Result<Response<ProxyBody>, hyper_util::client::legacy::Error> {
+        request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let (parts, body) = request.into_parts();
+        self.traced(parts, |head| self.send_streaming(head, body))
+            .await
+    }
+
+    /// Forwards a call whose body was read whole (to look for a key field), streaming the
+    /// answer back.
+    pub async fn forward(
+        &self,
+        parts: Parts,
+        body: Bytes,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        self.traced(parts, |head| async move {
+            let (response, _stream) = self.connection.send(head, Some(body)).await?;
+            response.await.map_err(UpstreamError::Stream)
+        })
+        .await
+    }
+
+    /// Sends a passthrough call in its CLIENT span (when traces are exported).
+    async fn traced<F, R>(
+        &self,
+        mut parts: Parts,
+        send: F,
+    ) -> Result<Response<ProxyBody>, UpstreamError>
+    where
+        F: FnOnce(Request<()>) -> R,
+        R: Future<Output = Result<Response<RecvStream>, UpstreamError>>,
+    {
         let span = if trace::enabled() {
-            let uri = request.uri().clone();
-            trace::client_span(uri.path(), self.authority.as_str(), request.headers_mut())
+            trace::client_span(parts.uri.path(), self.authority.as_str(), &mut parts.headers)
         } else {
             tracing::Span::none()
         };
-        *request.uri_mut() = self.target(request.uri());
-        let response = self.client.request(request).instrument(span.clone()).await;
-        let response = response?;
+        let response = send(self.head(parts)).instrument(span.clone()).await?;
         if !span.is_none() {
             let status = response.headers().get("grpc-status");
             let status = status.and_then(|value| value.to_str().ok()?.parse().ok());
             trace::record_status(&span, status);
         }
-        Ok(response.map(ProxyBody::Streaming))
+        Ok(response.map(|body| ProxyBody::upstream(None, body)))
+    }
+
+    async fn send_streaming(
+        &self,
+        head: Request<()>,
+        mut body: Incoming,
+    ) -> Result<Response<RecvStream>, UpstreamError> {
+        let mut ready = self.connection.ready().await?;
+        // A unary call's body has usually arrived with its headers: take it now, so the
+        // request goes out in one write. Never wait for it: a streaming caller may send
+        // nothing until it hears from the service.
+        let first = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+            Poll::Ready(Some(Err(error))) => return Err(UpstreamError::RequestBody(error)),
+            Poll::Ready(Some(Ok(frame))) => Some(frame),
+            Poll::Ready(None) => None,
+            Poll::Pending => {
+                let (response, stream) = ready.send_request(&self.connection, head, false)?;
+                tokio::spawn(pump(body, stream));
+                return response.await.map_err(UpstreamError::Stream);
+            }
+        };
+        let (response, mut stream) =
+            ready.send_request(&self.connection, head, first.is_none())?;
+        match first.map(|frame| frame.into_data()) {
+            None => {}
+            Some(Ok(data)) => {
+                let end = body.is_end_stream();
+                stream.send_data(data, end).map_err(UpstreamError::Stream)?;
+                if !end {
+                    tokio::spawn(pump(body, stream));
+                }
+            }
+            Some(Err(frame)) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    stream
+                        .send_trailers(trailers)
+                        .map_err(UpstreamError::Stream)?;
+                }
+            }
+        }
+        response.await.map_err(UpstreamError::Stream)
     }
 }
 
-/// True when the failure proves the service never saw the request.
-fn never_reached_service(error: &hyper_util::client::legacy::Error) -> bool {
-    if error.is_connect() {
-        return true;
-    }
-    let mut source = error.source();
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+/// Pumps the rest of a request body to the service as it arrives, within h2's flow control,
+/// until it ends or either side gives up.
+async fn pump(mut body: Incoming, mut stream: SendStream<Bytes>) {
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            // The service reset the stream (or answered and closed it): stop reading.
+            _ = poll_fn(|cx| stream.poll_reset(cx)) => return,
+        };
+        let frame = match frame {
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Err(error)) => {
+                tracing::debug!(%error, "the caller's request body broke off");
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            Some(Ok(frame)) => frame,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                let end = body.is_end_stream();
+                // As hyper does: wait for some window, then hand h2 the whole frame.
+                stream.reserve_capacity(1);
+                while stream.capacity() == 0 {
+                    match poll_fn(|cx| stream.poll_capacity(cx)).await {
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => return,
+                    }
+                }
+                if stream.send_data(data, end).is_err() || end {
+                    return;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                }
+                return;
+            }
         }
-        source = cause.source();
     }
-    false
 }
 
 fn describe(error: &dyn std::error::Error) -> String {
@@ -161,44 +442,42 @@ impl Upstream for HttpUpstream {
 
 impl HttpUpstream {
     /// Sends a buffered call and collects its answer up to the response limit.
-    async fn collect(&self, mut parts: Parts, body: Bytes) -> Reply<Response<ProxyBody>> {
-        parts.uri = self.target(&parts.uri);
-        let request = Request::from_parts(parts, ProxyBody::buffered(body, None));
-        let response = match self.client.request(request).await {
+    async fn collect(&self, parts: Parts, body: Bytes) -> Reply<Response<ProxyBody>> {
+        let sent = async {
+            let (response, _stream) = self.connection.send(self.head(parts), Some(body)).await?;
+            response.await.map_err(UpstreamError::Stream)
+        };
+        let response = match sent.await {
             Ok(response) => response,
-            Err(error) if never_reached_service(&error) => {
+            Err(error) if error.never_reached_service() => {
                 return Reply::NotProcessed(describe(&error))
             }
             Err(error) => return Reply::Unknown(describe(&error)),
         };
+        let broke_off = |error: h2::Error| {
+            Reply::Unknown(format!(
+                "the response broke off after its headers: {}",
+                describe(&error)
+            ))
+        };
         let (head, mut incoming) = response.into_parts();
         let mut data = BytesMut::new();
-        let mut trailers = None;
-        while let Some(frame) = incoming.frame().await {
-            let frame = match frame {
-                Ok(frame) => frame,
-                Err(error) => {
-                    return Reply::Unknown(format!(
-                        "the response broke off after its headers: {}",
-                        describe(&error)
-                    ))
-                }
+        while let Some(chunk) = incoming.data().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(error) => return broke_off(error),
             };
-            match frame.into_data() {
-                Ok(chunk) => {
-                    if data.len() + chunk.len() > self.response_bytes_max {
-                        data.extend_from_slice(&chunk);
-                        let body = ProxyBody::Prefixed {
-                            prefix: Some(data.freeze()),
-                            rest: incoming,
-                        };
-                        return Reply::Oversized(Response::from_parts(head, body));
-                    }
-                    data.extend_from_slice(&chunk);
-                }
-                Err(frame) => trailers = frame.into_trailers().ok(),
+            let _ = incoming.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+            if data.len() > self.response_bytes_max {
+                let body = ProxyBody::upstream(Some(data.freeze()), incoming);
+                return Reply::Oversized(Response::from_parts(head, body));
             }
         }
+        let trailers = match incoming.trailers().await {
+            Ok(trailers) => trailers,
+            Err(error) => return broke_off(error),
+        };
         Reply::Complete(grpc::to_response(
             head.status.as_u16(),
             &head.headers,

@@ -19,11 +19,11 @@ use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use tracing::Instrument as _;
 
 /// The service's address and the connection that reaches it.
@@ -338,41 +338,98 @@ impl HttpUpstream {
             Poll::Ready(None) => None,
             Poll::Pending => {
                 let (response, stream) = ready.send_request(&self.connection, head, false)?;
-                tokio::spawn(pump(body, stream));
+                tokio::spawn(pump(body, stream, None));
                 return response.await.map_err(UpstreamError::Stream);
             }
         };
-        let (response, mut stream) =
-            ready.send_request(&self.connection, head, first.is_none())?;
-        match first.map(|frame| frame.into_data()) {
-            None => {}
-            Some(Ok(data)) => {
-                let end = body.is_end_stream();
-                stream.send_data(data, end).map_err(UpstreamError::Stream)?;
-                if !end {
-                    tokio::spawn(pump(body, stream));
-                }
-            }
-            Some(Err(frame)) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    stream
-                        .send_trailers(trailers)
-                        .map_err(UpstreamError::Stream)?;
-                }
-            }
+        let (response, stream) = ready.send_request(&self.connection, head, first.is_none())?;
+        if let Some(first) = first {
+            send_ready_frames(first, body, stream)?;
         }
         response.await.map_err(UpstreamError::Stream)
     }
 }
 
+/// Frames of a request body already received, sent before the stream opens.
+const EAGER_FRAMES: usize = 4;
+
+/// Sends `first` and what has already arrived after it, holding each DATA back one step so
+/// that the END_STREAM flag rides on it: a unary call goes out as HEADERS and one DATA, in
+/// one write. A body that has not ended is pumped on in its own task.
+fn send_ready_frames(
+    first: Frame<Bytes>,
+    mut body: Incoming,
+    mut stream: SendStream<Bytes>,
+) -> Result<(), UpstreamError> {
+    let mut context = Context::from_waker(Waker::noop());
+    let mut frame = first;
+    let mut held = None;
+    let mut eager = 0;
+    loop {
+        match frame.into_data() {
+            // An empty DATA frame (a client's bare END_STREAM) carries nothing to hold.
+            Ok(data) if data.is_empty() && held.is_some() => {}
+            Ok(data) => {
+                if let Some(earlier) = held.replace(data) {
+                    send_data(&mut stream, earlier, false)?;
+                }
+            }
+            Err(frame) => {
+                if let Some(earlier) = held {
+                    send_data(&mut stream, earlier, false)?;
+                }
+                if let Ok(trailers) = frame.into_trailers() {
+                    stream
+                        .send_trailers(trailers)
+                        .map_err(UpstreamError::Stream)?;
+                }
+                return Ok(());
+            }
+        }
+        if body.is_end_stream() {
+            return send_data(&mut stream, held.unwrap_or_default(), true);
+        }
+        frame = match Pin::new(&mut body).poll_frame(&mut context) {
+            Poll::Ready(Some(Ok(next))) => next,
+            Poll::Ready(None) => return send_data(&mut stream, held.unwrap_or_default(), true),
+            Poll::Ready(Some(Err(error))) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                return Err(UpstreamError::RequestBody(error));
+            }
+            Poll::Pending => {
+                if let Some(earlier) = held {
+                    send_data(&mut stream, earlier, false)?;
+                }
+                tokio::spawn(pump(body, stream, None));
+                return Ok(());
+            }
+        };
+        eager += 1;
+        if eager == EAGER_FRAMES {
+            if let Some(earlier) = held {
+                send_data(&mut stream, earlier, false)?;
+            }
+            tokio::spawn(pump(body, stream, Some(frame)));
+            return Ok(());
+        }
+    }
+}
+
+fn send_data(stream: &mut SendStream<Bytes>, data: Bytes, end: bool) -> Result<(), UpstreamError> {
+    stream.send_data(data, end).map_err(UpstreamError::Stream)
+}
+
 /// Pumps the rest of a request body to the service as it arrives, within h2's flow control,
 /// until it ends or either side gives up.
-async fn pump(mut body: Incoming, mut stream: SendStream<Bytes>) {
+async fn pump(mut body: Incoming, mut stream: SendStream<Bytes>, mut next: Option<Frame<Bytes>>) {
     loop {
-        let frame = tokio::select! {
-            frame = body.frame() => frame,
-            // The service reset the stream (or answered and closed it): stop reading.
-            _ = poll_fn(|cx| stream.poll_reset(cx)) => return,
+        let frame = match next.take() {
+            Some(frame) => Some(Ok(frame)),
+            None => tokio::select! {
+                frame = body.frame() => frame,
+                // The service reset the stream (or answered and closed it): stop reading.
+                _ = poll_fn(|cx| stream.poll_reset(cx)) => return,
+            },
         };
         let frame = match frame {
             None => {

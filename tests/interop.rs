@@ -1,6 +1,7 @@
 //! Against an upstream written on the bare `h2` crate rather than tonic: the request headers
 //! the gRPC HTTP/2 spec requires reach the service unchanged on both paths, and a stream the
-//! service refuses (RST_STREAM REFUSED_STREAM) releases the key.
+//! service refuses (RST_STREAM REFUSED_STREAM, or a GOAWAY below it) releases the key, and a
+//! connection the service closes is remade.
 
 #![allow(clippy::unwrap_used)] // Test helpers: a failed unwrap is a failed test.
 
@@ -19,6 +20,10 @@ struct Seen {
     headers: Mutex<Vec<HeaderMap>>,
     processed: AtomicU64,
     refuse_next: AtomicBool,
+    /// Connections accepted.
+    connections: AtomicU64,
+    /// Close each connection (GOAWAY, then the socket) once it has answered one call.
+    one_call_per_connection: AtomicBool,
 }
 
 /// An upstream on `h2` itself: echoes the request body as its answer, or refuses the stream
@@ -31,11 +36,15 @@ async fn bare_upstream() -> (SocketAddr, Arc<Seen>) {
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             let state = state.clone();
+            state.connections.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let Ok(mut connection) = h2::server::handshake(socket).await else {
                     return;
                 };
                 while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    if state.one_call_per_connection.load(Ordering::SeqCst) {
+                        connection.graceful_shutdown();
+                    }
                     let state = state.clone();
                     tokio::spawn(async move {
                         if state.refuse_next.swap(false, Ordering::SeqCst) {
@@ -130,4 +139,81 @@ async fn a_refused_stream_releases_the_key() {
     let replay = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &key, message()).await;
     assert_eq!(replay.headers["idempotency-replayed"], "true");
     assert_eq!(seen.processed.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_connection_the_service_closes_is_remade() {
+    let (upstream, seen) = bare_upstream().await;
+    seen.one_call_per_connection.store(true, Ordering::SeqCst);
+    let sidecar = support::start_sidecar(upstream, |_| {}).await;
+    for n in 1..=3 {
+        let passthrough = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &[], message()).await;
+        assert_eq!(passthrough.grpc_status(), Some(0), "passthrough call {n}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let key = format!("remade-{n}");
+        let keyed = [("idempotency-key", key.as_str())];
+        let dedup = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &keyed, message()).await;
+        assert_eq!(dedup.grpc_status(), Some(0), "keyed call {n}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen.processed.load(Ordering::SeqCst), 6);
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 6, "one connection per call");
+}
+
+/// A service that answers every call's HEADERS with GOAWAY(last stream 0): per RFC 9113
+/// §6.8, no stream above the last one was processed. Written frame by frame, as no library
+/// sends a GOAWAY below a stream it has already read.
+async fn goaway_upstream() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                let mut buffer = [0u8; 4096];
+                // The client preface (24 bytes), then frames until a HEADERS one.
+                'headers: loop {
+                    let Ok(n) = socket.read(&mut buffer).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    read.extend_from_slice(&buffer[..n]);
+                    let mut at = 24;
+                    while read.len() >= at + 9 {
+                        let length = u32::from_be_bytes([0, read[at], read[at + 1], read[at + 2]]);
+                        if read[at + 3] == 1 {
+                            break 'headers;
+                        }
+                        at += 9 + length as usize;
+                    }
+                }
+                let settings = [0u8, 0, 0, 4, 0, 0, 0, 0, 0];
+                let goaway = [0u8, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                let _ = socket.write_all(&settings).await;
+                let _ = socket.write_all(&goaway).await;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_call_refused_by_goaway_releases_the_key() {
+    let upstream = goaway_upstream().await;
+    let sidecar = support::start_sidecar(upstream, |_| {}).await;
+    let key = [("idempotency-key", "goaway-1")];
+    for attempt in ["first", "retry"] {
+        let refused = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &key, message()).await;
+        assert_eq!(refused.grpc_status(), Some(14), "{attempt}: UNAVAILABLE");
+        let reason = refused.headers.get("grpc-status-details-bin").is_some();
+        assert!(reason, "{attempt}: a refusal with its reason");
+        let message = refused.headers["grpc-message"].to_str().unwrap();
+        assert!(
+            message.starts_with("the%20service%20is%20unavailable")
+                || message.starts_with("the service is unavailable"),
+            "{attempt}: nothing was processed, so the key is free: {message}"
+        );
+    }
 }

@@ -99,3 +99,36 @@ async fn deadlines_reach_the_service() {
     assert_ne!(response.grpc_status(), Some(0));
     assert_eq!(upstream.state.executions(), 0);
 }
+
+#[tokio::test]
+async fn bodies_larger_than_the_flow_control_windows_stream_both_ways() {
+    // 12 MiB each way: past the 2 MiB stream and 5 MiB connection windows to the service, so
+    // the request pump must wait for window and the answer must give window back as it goes.
+    let upstream = ledger::start().await;
+    let sidecar = start_sidecar(upstream.addr, |_| {}).await;
+    let mut client = client(sidecar.addr).await;
+    let big_account = "a".repeat(1 << 20);
+    let requests = tokio_stream::iter((0..12).map(move |_| add(&big_account, 1)));
+    let reply = tokio::time::timeout(Duration::from_secs(30), client.collect(requests))
+        .await
+        .expect("the upload does not stall")
+        .expect("answered")
+        .into_inner();
+    assert_eq!(reply.balance, 12);
+    assert_eq!(upstream.state.executions(), 12);
+
+    let request = ApplyRequest {
+        stream_messages: 12,
+        reply_padding_bytes: 1 << 20,
+        ..add("w", 1)
+    };
+    let mut stream = client.watch(request).await.expect("opens").into_inner();
+    let mut bytes = 0;
+    while let Some(reply) = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .expect("the download does not stall")
+    {
+        bytes += reply.expect("a message").padding.len();
+    }
+    assert_eq!(bytes, 12 << 20);
+}

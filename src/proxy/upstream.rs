@@ -81,7 +81,12 @@ impl UpstreamError {
     pub fn never_reached_service(&self) -> bool {
         match self {
             UpstreamError::Connect { .. } | UpstreamError::NotSent(_) => true,
-            UpstreamError::Stream(error) => error.reason() == Some(h2::Reason::REFUSED_STREAM),
+            // REFUSED_STREAM, or a GOAWAY whose last stream is below ours (h2 fails a stream
+            // with the peer's GOAWAY only then): RFC 9113 §8.7 and §6.8, not processed.
+            UpstreamError::Stream(error) => {
+                error.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || error.is_go_away() && error.is_remote()
+            }
             UpstreamError::RequestBody(_) => false,
         }
     }

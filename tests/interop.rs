@@ -157,7 +157,11 @@ async fn a_connection_the_service_closes_is_remade() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(seen.processed.load(Ordering::SeqCst), 6);
-    assert_eq!(seen.connections.load(Ordering::SeqCst), 6, "one connection per call");
+    assert_eq!(
+        seen.connections.load(Ordering::SeqCst),
+        6,
+        "one connection per call"
+    );
 }
 
 /// A service that answers every call's HEADERS with GOAWAY(last stream 0): per RFC 9113
@@ -174,7 +178,9 @@ async fn goaway_upstream() -> SocketAddr {
                 let mut buffer = [0u8; 4096];
                 // The client preface (24 bytes), then frames until a HEADERS one.
                 'headers: loop {
-                    let Ok(n) = socket.read(&mut buffer).await else { return };
+                    let Ok(n) = socket.read(&mut buffer).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }

@@ -92,7 +92,8 @@ impl UpstreamError {
     }
 }
 
-/// hyper's HTTP/2 client settings, which the pool before this one used.
+/// The HTTP/2 settings hyper's client uses by default: windows sized for a service on the
+/// same host, answers up to the response limit without a stall.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
@@ -176,7 +177,10 @@ impl Connection {
     /// Forgets a connection that refused to send a request, so the next call makes a new one.
     fn discard(&self, generation: u64) {
         let mut current = self.current.lock().expect("not poisoned");
-        if current.as_ref().is_some_and(|(open, _)| *open == generation) {
+        if current
+            .as_ref()
+            .is_some_and(|(open, _)| *open == generation)
+        {
             *current = None;
         }
     }
@@ -220,7 +224,9 @@ impl Connection {
         let (response, mut stream) = ready.send_request(self, head, body.is_none())?;
         if let Some(body) = body {
             // Buffered by h2 until the stream opens, then written with its HEADERS.
-            stream.send_data(body, true).map_err(UpstreamError::Stream)?;
+            stream
+                .send_data(body, true)
+                .map_err(UpstreamError::Stream)?;
         }
         Ok((response, stream))
     }
@@ -244,7 +250,10 @@ impl HttpUpstream {
         }
         let port = authority.port_u16().unwrap_or(80);
         let host = authority.host();
-        let address = format!("{}:{port}", host.trim_start_matches('[').trim_end_matches(']'));
+        let address = format!(
+            "{}:{port}",
+            host.trim_start_matches('[').trim_end_matches(']')
+        );
         let connection = Arc::new(Connection {
             address,
             authority: authority.clone(),
@@ -315,7 +324,11 @@ impl HttpUpstream {
         R: Future<Output = Result<Response<RecvStream>, UpstreamError>>,
     {
         let span = if trace::enabled() {
-            trace::client_span(parts.uri.path(), self.authority.as_str(), &mut parts.headers)
+            trace::client_span(
+                parts.uri.path(),
+                self.authority.as_str(),
+                &mut parts.headers,
+            )
         } else {
             tracing::Span::none()
         };

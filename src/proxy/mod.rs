@@ -68,6 +68,21 @@ struct Routed {
 }
 
 impl Routed {
+    /// A passthrough answer, or UNAVAILABLE when the service could not be reached.
+    fn passed_through(forwarded: Result<HttpResponse, UpstreamError>) -> Routed {
+        match forwarded {
+            Ok(response) => Routed::streamed(response, Decision::Bypass),
+            Err(error) => {
+                let mut routed = Routed::refused(&Refusal::new(
+                    Reason::UpstreamUnavailable,
+                    format!("the service is unavailable: {error}"),
+                ));
+                routed.decision = Decision::Bypass;
+                routed
+            }
+        }
+    }
+
     fn refused(refusal: &Refusal) -> Routed {
         Routed {
             response: refusal_response(refusal),
@@ -192,22 +207,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
     }
 
     async fn pass_through(&self, request: Request<Incoming>) -> Routed {
-        let forwarded = self.upstream.stream(request).await;
-        self.streamed_or_refused(forwarded)
-    }
-
-    fn streamed_or_refused(&self, forwarded: Result<HttpResponse, UpstreamError>) -> Routed {
-        match forwarded {
-            Ok(response) => Routed::streamed(response, Decision::Bypass),
-            Err(error) => {
-                let mut routed = Routed::refused(&Refusal::new(
-                    Reason::UpstreamUnavailable,
-                    format!("the service is unavailable: {error}"),
-                ));
-                routed.decision = Decision::Bypass;
-                routed
-            }
-        }
+        Routed::passed_through(self.upstream.stream(request).await)
     }
 
     async fn deduplicate(
@@ -268,7 +268,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             }
             // Read to look for a key field and found none: forward what was read.
             let forwarded = self.upstream.forward(parts, body).await;
-            return self.streamed_or_refused(forwarded);
+            return Routed::passed_through(forwarded);
         };
         let timeout = parts
             .headers

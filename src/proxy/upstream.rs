@@ -213,22 +213,19 @@ impl Connection {
         Ok(handle)
     }
 
-    /// Sends a request head, the body after it when there is one.
+    /// Sends a request whose body is in hand and waits for the answer's head.
     async fn send(
         &self,
         head: Request<()>,
-        body: Option<Bytes>,
-    ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), UpstreamError> {
+        body: Bytes,
+    ) -> Result<Response<RecvStream>, UpstreamError> {
         let mut ready = self.ready().await?;
-        let body = body.filter(|body| !body.is_empty());
-        let (response, mut stream) = ready.send_request(self, head, body.is_none())?;
-        if let Some(body) = body {
+        let (response, mut stream) = ready.send_request(self, head, body.is_empty())?;
+        if !body.is_empty() {
             // Buffered by h2 until the stream opens, then written with its HEADERS.
-            stream
-                .send_data(body, true)
-                .map_err(UpstreamError::Stream)?;
+            send_data(&mut stream, body, true)?;
         }
-        Ok((response, stream))
+        response.await.map_err(UpstreamError::Stream)
     }
 }
 
@@ -306,11 +303,8 @@ impl HttpUpstream {
         parts: Parts,
         body: Bytes,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
-        self.traced(parts, |head| async move {
-            let (response, _stream) = self.connection.send(head, Some(body)).await?;
-            response.await.map_err(UpstreamError::Stream)
-        })
-        .await
+        self.traced(parts, |head| self.connection.send(head, body))
+            .await
     }
 
     /// Sends a passthrough call in its CLIENT span (when traces are exported).
@@ -350,19 +344,16 @@ impl HttpUpstream {
         // A unary call's body has usually arrived with its headers: take it now, so the
         // request goes out in one write. Never wait for it: a streaming caller may send
         // nothing until it hears from the service.
-        let first = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
-            Poll::Ready(Some(Err(error))) => return Err(UpstreamError::RequestBody(error)),
-            Poll::Ready(Some(Ok(frame))) => Some(frame),
-            Poll::Ready(None) => None,
-            Poll::Pending => {
-                let (response, stream) = ready.send_request(&self.connection, head, false)?;
-                tokio::spawn(pump(body, stream, None));
-                return response.await.map_err(UpstreamError::Stream);
-            }
-        };
-        let (response, stream) = ready.send_request(&self.connection, head, first.is_none())?;
-        if let Some(first) = first {
-            send_ready_frames(first, body, stream)?;
+        let first = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+        if let Poll::Ready(Some(Err(error))) = first {
+            return Err(UpstreamError::RequestBody(error));
+        }
+        let ended = matches!(first, Poll::Ready(None));
+        let (response, stream) = ready.send_request(&self.connection, head, ended)?;
+        match first {
+            Poll::Ready(Some(Ok(frame))) => send_ready_frames(frame, body, stream)?,
+            Poll::Pending => drop(tokio::spawn(pump(body, stream, None))),
+            Poll::Ready(_) => {}
         }
         response.await.map_err(UpstreamError::Stream)
     }
@@ -518,11 +509,7 @@ impl Upstream for HttpUpstream {
 impl HttpUpstream {
     /// Sends a buffered call and collects its answer up to the response limit.
     async fn collect(&self, parts: Parts, body: Bytes) -> Reply<Response<ProxyBody>> {
-        let sent = async {
-            let (response, _stream) = self.connection.send(self.head(parts), Some(body)).await?;
-            response.await.map_err(UpstreamError::Stream)
-        };
-        let response = match sent.await {
+        let response = match self.connection.send(self.head(parts), body).await {
             Ok(response) => response,
             Err(error) if error.never_reached_service() => {
                 return Reply::NotProcessed(describe(&error))

@@ -207,11 +207,51 @@ async fn start_sidecar(upstream: SocketAddr, dir: &Path, flush: &str) -> anyhow:
     procs::spawn_until(&exe()?, &args, "proxy listening on ").await
 }
 
+/// nginx as the benchmark runs it, with what it takes to stop it.
+struct Nginx {
+    process: Process,
+    program: PathBuf,
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Nginx {
+    /// `nginx -s stop`: the master ends its workers, then itself. A SIGKILL of the master
+    /// alone leaves the workers running, holding the port and taking CPU from later runs.
+    async fn stop(self) {
+        let asked = tokio::process::Command::new(&self.program)
+            .arg("-p")
+            .arg(&self.dir)
+            .arg("-e")
+            .arg(self.dir.join("error.log"))
+            .arg("-c")
+            .arg(&self.config)
+            .args(["-s", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await;
+        let mut child = self.process.child;
+        let stopped = match asked {
+            Ok(status) if status.success() => {
+                tokio::time::timeout(Duration::from_secs(5), child.wait())
+                    .await
+                    .is_ok()
+            }
+            _ => false,
+        };
+        if !stopped {
+            eprintln!("nginx did not stop when asked: killing its master");
+            let _ = child.kill().await;
+        }
+    }
+}
+
 async fn start_nginx(
     nginx: &str,
     upstream: SocketAddr,
     dir: &Path,
-) -> anyhow::Result<Option<Process>> {
+) -> anyhow::Result<Option<Nginx>> {
     let Some(program) = find_program(nginx) else {
         return Ok(None);
     };
@@ -229,19 +269,26 @@ async fn start_nginx(
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(listen).await.is_err() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "nginx did not listen on {listen}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(Some(Process {
+    let process = Process {
         child,
         addr: listen,
         ready_line: String::new(),
-    }))
+    };
+    let nginx = Nginx {
+        process,
+        program,
+        dir: dir.to_owned(),
+        config,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        if Instant::now() >= deadline {
+            nginx.stop().await;
+            anyhow::bail!("nginx did not listen on {listen}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Some(nginx))
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -394,19 +441,12 @@ async fn measure_store(
     })
 }
 
-/// `idemproxy bench`.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let upstream = procs::spawn_until(
-        &exe()?,
-        &["bench-upstream".to_string()],
-        "bench upstream listening addr=",
-    )
-    .await?;
-    let nginx_dir = tempfile::tempdir()?;
-    let nginx = start_nginx(&args.nginx, upstream.addr, nginx_dir.path()).await?;
-    if nginx.is_none() {
-        eprintln!("nginx not found ({}): its variant is skipped", args.nginx);
-    }
+/// Every round of every variant at every concurrency, interleaved.
+async fn measure_rounds(
+    args: &BenchArgs,
+    upstream: SocketAddr,
+    nginx: Option<&Process>,
+) -> anyhow::Result<BTreeMap<(usize, Variant), Figures>> {
     let mut figures: BTreeMap<(usize, Variant), Figures> = BTreeMap::new();
     let mut run_id = 0;
     for round in 1..=args.rounds {
@@ -416,15 +456,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     continue;
                 }
                 run_id += 1;
-                let measured = measure(
-                    variant,
-                    in_flight,
-                    &args,
-                    upstream.addr,
-                    nginx.as_ref(),
-                    run_id,
-                )
-                .await?;
+                let measured = measure(variant, in_flight, args, upstream, nginx, run_id).await?;
                 eprintln!(
                     "round {round}/{} · {in_flight} in flight · {:<40} {:>9.0} calls/s",
                     args.rounds,
@@ -441,15 +473,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for figure in figures.values_mut() {
         figure.load.finish();
     }
+    Ok(figures)
+}
+
+/// `idemproxy bench`.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let upstream = procs::spawn_until(
+        &exe()?,
+        &["bench-upstream".to_string()],
+        "bench upstream listening addr=",
+    )
+    .await?;
+    let nginx_dir = tempfile::tempdir()?;
+    let nginx = start_nginx(&args.nginx, upstream.addr, nginx_dir.path()).await?;
+    if nginx.is_none() {
+        eprintln!("nginx not found ({}): its variant is skipped", args.nginx);
+    }
+    let figures = measure_rounds(&args, upstream.addr, nginx.as_ref().map(|n| &n.process)).await;
+    if let Some(nginx) = nginx {
+        nginx.stop().await;
+    }
+    let figures = figures?;
     let store = if args.records > 0 {
         eprintln!("storing {} outcomes for the memory/disk run", args.records);
         Some(measure_store(args.records, &args, upstream.addr).await?)
     } else {
         None
     };
-    if let Some(nginx) = nginx {
-        nginx.stop().await;
-    }
     upstream.stop().await;
     let report = report(&args, &figures, store.as_ref());
     print!("{report}");

@@ -1,0 +1,113 @@
+//! `idemproxy bench` end to end, shortened: every variant runs against the real upstream, nginx
+//! and sidecar processes, the report names every variant and target, the notes of an existing
+//! report are kept, and no process it started (nginx's workers among them) outlives it.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+/// Process ids whose command name is `name`, from `/proc`.
+fn pids_named(name: &str) -> BTreeSet<u32> {
+    let mut pids = BTreeSet::new();
+    for entry in std::fs::read_dir("/proc")
+        .expect("/proc is readable")
+        .flatten()
+    {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            pids.insert(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
+    let nginx_found = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .any(|path| std::path::Path::new(path).exists());
+    if std::env::var_os("CI").is_some() {
+        assert!(nginx_found, "scripts/test installs nginx for this test");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = dir.path().join("BENCHMARKS.md");
+    let notes = "<!-- Notes below this line are kept when the benchmark rewrites the file. -->\n\nhand-written notes\n";
+    std::fs::write(&output, format!("old table\n\n{notes}")).expect("write the old report");
+    let nginx_before = pids_named("nginx");
+    let run = Command::new(support::binary::path())
+        .args([
+            "bench",
+            "--rounds",
+            "1",
+            "--in-flight",
+            "1,4",
+            "--duration",
+            "300ms",
+            "--warmup",
+            "100ms",
+            "--records",
+            "300",
+        ])
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .expect("the benchmark runs");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "bench failed: {stderr}");
+    let nginx_after = pids_named("nginx");
+    let left: Vec<_> = nginx_after.difference(&nginx_before).collect();
+    assert!(left.is_empty(), "nginx processes left running: {left:?}");
+
+    let report = std::fs::read_to_string(&output).expect("the report is written");
+    assert!(
+        !report.contains("old table"),
+        "the generated part is replaced"
+    );
+    assert!(report.ends_with(notes), "the notes are kept:\n{report}");
+    let mut variants = vec![
+        "direct",
+        "idemproxy passthrough",
+        "idemproxy fresh keys",
+        "idemproxy duplicate hits",
+        "idemproxy fresh keys, flush per write",
+    ];
+    if nginx_found {
+        variants.push("nginx grpc_pass");
+    }
+    for heading in ["## 1 in flight", "## 4 in flight"] {
+        let section = report
+            .split(heading)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no section {heading}:\n{report}"));
+        for variant in &variants {
+            let row = section
+                .lines()
+                .find(|line| line.starts_with(&format!("| {variant} |")))
+                .unwrap_or_else(|| panic!("no row for {variant} under {heading}:\n{report}"));
+            let calls: f64 = row
+                .split('|')
+                .nth(2)
+                .expect("a calls/s cell")
+                .trim()
+                .parse()
+                .expect("calls/s is a number");
+            assert!(
+                calls > 0.0,
+                "{variant} under {heading} made no calls: {row}"
+            );
+            let errors = row.split('|').nth(7).expect("an errors cell").trim();
+            assert_eq!(errors, "0", "{variant} under {heading} had errors: {row}");
+        }
+    }
+    for target in ["| P1 |", "| P2 |", "| P3 |", "| P4 |", "| P5 |", "| P6 |"] {
+        assert!(report.contains(target), "no row {target}:\n{report}");
+    }
+    assert!(
+        report.contains("(300 records found)"),
+        "the restart found every record:\n{report}"
+    );
+}

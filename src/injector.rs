@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube_core::DynamicObject;
 use serde_json::Value;
@@ -215,7 +215,7 @@ pub async fn run(args: InjectorArgs) -> Result<(), InjectorError> {
             source,
         })?;
     tracing::info!(image = %settings.image, native = settings.native, "injector listening on {addr}");
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder = crate::ops::http_server();
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => return Ok(()),

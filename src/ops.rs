@@ -170,6 +170,22 @@ async fn answer(
     ))
 }
 
+/// How long a client of the ops or injector port may take to send a request's headers; a
+/// connection that trickles them is closed, so slow clients cannot hold connections open.
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The HTTP/1.1 and HTTP/2 server of the ops and injector ports. hyper applies its header
+/// read timeout only when it has a timer, so it is given one.
+pub(crate) fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    builder
+}
+
 /// Serves health and metrics on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -178,7 +194,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder = http_server();
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => return,

@@ -1,0 +1,260 @@
+//! Against grpcio (gRPC's C core, through Python) instead of tonic, on both sides of the
+//! sidecar: a C-core client gets one execution per key, the recorded answer (message, status,
+//! details, trailers) on a duplicate, the replay marker, and idemproxy's own refusals it can
+//! decode; a C-core server behind the sidecar executes a key once. `tests/grpcio/peer.py` is
+//! the peer; `scripts/test` installs grpcio when it is missing.
+
+#![allow(clippy::unwrap_used)] // Test helpers: a failed unwrap is a failed test.
+
+mod support;
+
+use idemproxy::pb::google::rpc::{ErrorInfo, Status as RpcStatus};
+use idemproxy::pb::idemproxy::testing::v1::{ApplyReply, ApplyRequest};
+use prost::Message;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::{add, apply, client, ledger, start_sidecar, was_replayed};
+use tokio::io::AsyncBufReadExt;
+
+const APPLY: &str = "/idemproxy.testing.v1.Ledger/Apply";
+
+fn peer() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grpcio/peer.py")
+}
+
+/// Whether grpcio can be imported; in CI it must be (`scripts/test` installs it).
+fn grpcio_present() -> bool {
+    let present = std::process::Command::new("python3")
+        .args(["-c", "import grpc"])
+        .status()
+        .is_ok_and(|status| status.success());
+    if std::env::var_os("CI").is_some() {
+        assert!(present, "grpcio is missing: scripts/test installs it");
+    }
+    if !present {
+        eprintln!("grpcio is not installed: run scripts/test, which installs it");
+    }
+    present
+}
+
+/// One call for peer.py's client.
+fn call(request: &ApplyRequest, metadata: &[(&str, &str)]) -> Value {
+    json!({
+        "method": APPLY,
+        "request_hex": hex(&request.encode_to_vec()),
+        "metadata": metadata,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&text[at..at + 2], 16).unwrap())
+        .collect()
+}
+
+/// Runs peer.py's client against `target`; one JSON answer per call.
+async fn grpcio_client(target: SocketAddr, calls: Vec<Value>) -> Vec<Value> {
+    let output = tokio::process::Command::new("python3")
+        .arg(peer())
+        .arg("client")
+        .arg(target.to_string())
+        .arg(Value::Array(calls).to_string())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "peer.py client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn reply_of(answer: &Value) -> ApplyReply {
+    let body = unhex(answer["response_hex"].as_str().expect("a response"));
+    ApplyReply::decode(&body[..]).unwrap()
+}
+
+/// The reason of idemproxy's `google.rpc.Status` in the trailers C core handed over.
+fn reason_of(answer: &Value) -> String {
+    let details = unhex(
+        answer["trailing"]["grpc-status-details-bin"]
+            .as_str()
+            .unwrap(),
+    );
+    let status = RpcStatus::decode(&details[..]).unwrap();
+    let info = status
+        .details
+        .iter()
+        .find(|any| any.type_url.ends_with("google.rpc.ErrorInfo"))
+        .expect("an ErrorInfo detail");
+    ErrorInfo::decode(&info.value[..]).unwrap().reason
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcio_client_gets_one_execution_and_the_recorded_answer() {
+    if !grpcio_present() {
+        return;
+    }
+    let upstream = ledger::start().await;
+    let sidecar = start_sidecar(upstream.addr, |_| {}).await;
+    let paid = add("grpcio-paid", 5);
+    let refused = ApplyRequest {
+        fail_code: tonic::Code::FailedPrecondition as u32,
+        fail_message: "account frozen".into(),
+        with_details: true,
+        ..add("grpcio-refused", 7)
+    };
+    let long_key = "k".repeat(idemproxy::key::SERIAL_BYTES_MAX + 1);
+    let caller = ("x-caller-id", "python-client");
+    let answers = grpcio_client(
+        sidecar.addr,
+        vec![
+            call(&paid, &[("idempotency-key", "grpcio-1"), caller]),
+            call(&paid, &[("idempotency-key", "grpcio-1"), caller]),
+            call(&refused, &[("idempotency-key", "grpcio-2"), caller]),
+            call(&refused, &[("idempotency-key", "grpcio-2"), caller]),
+            call(
+                &add("grpcio-bad-key", 1),
+                &[("idempotency-key", &long_key), caller],
+            ),
+            call(
+                &add("grpcio-paid", 1),
+                &[("idempotency-key", "grpcio-1"), caller],
+            ),
+            call(&add("grpcio-no-key", 1), &[caller]),
+        ],
+    )
+    .await;
+    assert_eq!(answers.len(), 7, "{answers:?}");
+
+    // A duplicate gets the first answer, marked as replayed; the service ran once.
+    let (first, second) = (&answers[0], &answers[1]);
+    assert_eq!(first["code"], "OK", "{first}");
+    assert_eq!(second["code"], "OK", "{second}");
+    assert_eq!(first["response_hex"], second["response_hex"]);
+    assert_eq!(reply_of(first).balance, 5);
+    assert!(
+        first["initial"].get("idempotency-replayed").is_none(),
+        "{first}"
+    );
+    assert_eq!(
+        second["initial"]["idempotency-replayed"], "true",
+        "{second}"
+    );
+    assert_eq!(upstream.state.executions_of("grpcio-paid"), 1);
+
+    // A recorded error comes back whole: code, message, details and the service's trailer.
+    let (failed, again) = (&answers[2], &answers[3]);
+    for answer in [failed, again] {
+        assert_eq!(answer["code"], "FAILED_PRECONDITION", "{answer}");
+        assert_eq!(answer["details"], "account frozen", "{answer}");
+        assert_eq!(answer["trailing"]["x-ledger-trailer"], "kept", "{answer}");
+    }
+    assert_eq!(
+        failed["trailing"]["grpc-status-details-bin"],
+        again["trailing"]["grpc-status-details-bin"]
+    );
+    assert_eq!(upstream.state.executions_of("grpcio-refused"), 1);
+
+    // idemproxy's own refusals, decoded by C core: a key too long, a key reused.
+    assert_eq!(answers[4]["code"], "INVALID_ARGUMENT", "{}", answers[4]);
+    assert_eq!(reason_of(&answers[4]), "IDEMPOTENCY_KEY_INVALID");
+    assert_eq!(answers[5]["code"], "FAILED_PRECONDITION", "{}", answers[5]);
+    assert_eq!(reason_of(&answers[5]), "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(upstream.state.executions_of("grpcio-bad-key"), 0);
+    assert_eq!(upstream.state.executions_of("grpcio-paid"), 1);
+
+    // No key: passed through to the service.
+    assert_eq!(answers[6]["code"], "OK", "{}", answers[6]);
+    assert_eq!(upstream.state.executions_of("grpcio-no-key"), 1);
+}
+
+/// peer.py's server: its address, the requests it executed (hex), and the child.
+async fn grpcio_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio::process::Child) {
+    let mut child = tokio::process::Command::new("python3")
+        .arg(peer())
+        .arg("server")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("peer.py server starts within 30 s")
+        .unwrap()
+        .expect("peer.py server prints its port");
+    let port: u16 = first.strip_prefix("listening ").unwrap().parse().unwrap();
+    let executed = Arc::new(Mutex::new(Vec::new()));
+    let seen = executed.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(request) = line.strip_prefix("executed ") {
+                seen.lock().unwrap().push(request.to_owned());
+            }
+        }
+    });
+    (SocketAddr::from(([127, 0, 0, 1], port)), executed, child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcio_server_behind_the_sidecar_executes_a_key_once() {
+    if !grpcio_present() {
+        return;
+    }
+    let (addr, executed, _child) = grpcio_server().await;
+    let sidecar = start_sidecar(addr, |_| {}).await;
+    let mut client = client(sidecar.addr).await;
+
+    let first = apply(&mut client, add("py", 1), Some("py-1"), Some("rust"))
+        .await
+        .unwrap();
+    let second = apply(&mut client, add("py", 1), Some("py-1"), Some("rust"))
+        .await
+        .unwrap();
+    assert!(!was_replayed(&first) && was_replayed(&second));
+    assert_eq!(first.get_ref().execution, 1);
+    assert_eq!(second.get_ref(), first.get_ref());
+
+    for _ in 0..2 {
+        let status = apply(&mut client, add("fail", 1), Some("py-2"), Some("rust"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+        assert_eq!(status.message(), "the peer refused");
+        assert_eq!(status.metadata().get("x-peer-trailer").unwrap(), "kept");
+    }
+
+    let no_key = apply(&mut client, add("py", 1), None, Some("rust"))
+        .await
+        .unwrap();
+    assert_eq!(no_key.get_ref().execution, 3);
+
+    // Every answer above arrived after its execution line was printed.
+    support::eventually(Duration::from_secs(5), "three executions seen", || {
+        let executed = executed.clone();
+        async move { executed.lock().unwrap().len() == 3 }
+    })
+    .await;
+    let executed = executed.lock().unwrap().clone();
+    let keyed = hex(&add("py", 1).encode_to_vec());
+    assert_eq!(
+        executed.iter().filter(|request| **request == keyed).count(),
+        2,
+        "py-1 once, and the call without a key: {executed:?}"
+    );
+}

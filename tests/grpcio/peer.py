@@ -1,0 +1,107 @@
+"""A gRPC peer on grpcio (gRPC's C core), for tests/grpcio.rs: a client or a server that is not
+tonic, so idemproxy is checked against another implementation of the gRPC HTTP/2 protocol.
+
+Messages are raw protobuf bytes: the Rust test encodes and decodes them.
+
+  peer.py client TARGET CALLS_JSON
+      Makes each call of CALLS_JSON in turn on one channel, a list of
+      {"method": "/pkg.Service/Method", "request_hex": "..", "metadata": [[k, v], ..]},
+      and prints one JSON line per call: code, details, response_hex, initial and trailing
+      metadata (binary values hex-encoded).
+
+  peer.py server
+      Serves idemproxy.testing.v1.Ledger/Apply on a free loopback port, prints
+      "listening PORT", then "executed REQUEST_HEX" for every call it executes. The reply is
+      an ApplyReply whose execution field counts calls; a request whose bytes hold
+      b"fail" is answered FAILED_PRECONDITION, with a trailer, after executing.
+"""
+
+import json
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+
+
+def _metadata(pairs):
+    out = {}
+    for key, value in pairs or ():
+        out[key] = value.hex() if isinstance(value, bytes) else value
+    return out
+
+
+def client(target, calls):
+    with grpc.insecure_channel(target) as channel:
+        for call in calls:
+            stub = channel.unary_unary(call["method"])
+            request = bytes.fromhex(call["request_hex"])
+            metadata = [tuple(pair) for pair in call.get("metadata", [])]
+            try:
+                response, outcome = stub.with_call(request, metadata=metadata, timeout=20)
+                line = {
+                    "code": outcome.code().name,
+                    "details": outcome.details() or "",
+                    "response_hex": response.hex(),
+                    "initial": _metadata(outcome.initial_metadata()),
+                    "trailing": _metadata(outcome.trailing_metadata()),
+                }
+            except grpc.RpcError as error:
+                line = {
+                    "code": error.code().name,
+                    "details": error.details() or "",
+                    "response_hex": None,
+                    "initial": _metadata(error.initial_metadata()),
+                    "trailing": _metadata(error.trailing_metadata()),
+                }
+            print(json.dumps(line), flush=True)
+
+
+def _varint(value):
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def server():
+    lock = threading.Lock()
+    executions = [0]
+
+    def apply(request, context):
+        with lock:
+            executions[0] += 1
+            execution = executions[0]
+            print("executed " + request.hex(), flush=True)
+        if b"fail" in request:
+            context.set_trailing_metadata((("x-peer-trailer", "kept"),))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the peer refused")
+        # ApplyReply { execution = 2 (varint) }
+        return b"\x10" + _varint(execution)
+
+    handler = grpc.method_handlers_generic_handler(
+        "idemproxy.testing.v1.Ledger",
+        {"Apply": grpc.unary_unary_rpc_method_handler(apply)},
+    )
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    grpc_server.add_generic_rpc_handlers((handler,))
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    print("listening %d" % port, flush=True)
+    # Runs until the test closes our stdin (or kills us).
+    sys.stdin.read()
+    grpc_server.stop(0)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "client":
+        client(sys.argv[2], json.loads(sys.argv[3]))
+    elif sys.argv[1] == "server":
+        server()
+    else:
+        sys.exit("usage: peer.py client TARGET CALLS_JSON | peer.py server")

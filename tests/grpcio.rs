@@ -20,6 +20,7 @@ use support::{add, apply, client, ledger, start_sidecar, was_replayed};
 use tokio::io::AsyncBufReadExt;
 
 const APPLY: &str = "/idemproxy.testing.v1.Ledger/Apply";
+const WATCH: &str = "/idemproxy.testing.v1.Ledger/Watch";
 
 fn peer() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grpcio/peer.py")
@@ -257,4 +258,91 @@ async fn a_grpcio_server_behind_the_sidecar_executes_a_key_once() {
         2,
         "py-1 once, and the call without a key: {executed:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcio_client_streams_through_in_every_call_shape() {
+    if !grpcio_present() {
+        return;
+    }
+    let upstream = ledger::start().await;
+    let sidecar = start_sidecar(upstream.addr, |_| {}).await;
+    let watch = ApplyRequest {
+        stream_messages: 3,
+        reply_padding_bytes: 300_000,
+        ..add("grpcio-watch", 2)
+    };
+    let parts: Vec<String> = (1..=4)
+        .map(|n| hex(&add("grpcio-collect", n).encode_to_vec()))
+        .collect();
+    let chat: Vec<String> = (1..=3)
+        .map(|n| hex(&add("grpcio-chat", n).encode_to_vec()))
+        .collect();
+    let keyed = [
+        ("idempotency-key", "grpcio-watch-1"),
+        ("x-caller-id", "python"),
+    ];
+    let mut keyed_watch = call(&watch, &keyed);
+    keyed_watch["shape"] = json!("server_stream");
+    keyed_watch["method"] = json!(WATCH);
+    let mut open_watch = call(
+        &ApplyRequest {
+            reply_padding_bytes: 0,
+            ..watch.clone()
+        },
+        &[],
+    );
+    open_watch["shape"] = json!("server_stream");
+    open_watch["method"] = json!(WATCH);
+    let answers = grpcio_client(
+        sidecar.addr,
+        vec![
+            keyed_watch.clone(),
+            keyed_watch,
+            open_watch,
+            json!({"method": "/idemproxy.testing.v1.Ledger/Collect", "shape": "client_stream",
+                   "requests_hex": parts, "metadata": []}),
+            json!({"method": "/idemproxy.testing.v1.Ledger/Chat", "shape": "bidi",
+                   "requests_hex": chat, "metadata": []}),
+        ],
+    )
+    .await;
+    assert_eq!(answers.len(), 5, "{answers:?}");
+    for answer in &answers {
+        assert_eq!(answer["code"], "OK", "{answer}");
+    }
+
+    // A keyed server stream is recorded whole (900 kB here) and replayed in order.
+    let (first, replay) = (&answers[0], &answers[1]);
+    let messages = first["response_hex"].as_array().unwrap();
+    assert_eq!(messages.len(), 3);
+    assert_eq!(first["response_hex"], replay["response_hex"]);
+    assert_eq!(
+        replay["initial"]["idempotency-replayed"], "true",
+        "{replay}"
+    );
+    assert_eq!(
+        upstream.state.executions_of("grpcio-watch"),
+        2,
+        "once keyed, once open"
+    );
+    let third = ApplyReply::decode(&unhex(messages[2].as_str().unwrap())[..]).unwrap();
+    assert_eq!((third.balance, third.padding.len()), (2, 300_000));
+
+    // Without a key every shape streams through.
+    assert_eq!(answers[2]["response_hex"].as_array().unwrap().len(), 3);
+    let collected = reply_of(&answers[3]);
+    assert_eq!(collected.balance, 1 + 2 + 3 + 4);
+    assert_eq!(upstream.state.executions_of("grpcio-collect"), 4);
+    let chatted: Vec<i64> = answers[4]["response_hex"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            ApplyReply::decode(&unhex(m.as_str().unwrap())[..])
+                .unwrap()
+                .balance
+        })
+        .collect();
+    assert_eq!(chatted, vec![1, 3, 6]);
 }

@@ -5,9 +5,11 @@ Messages are raw protobuf bytes: the Rust test encodes and decodes them.
 
   peer.py client TARGET CALLS_JSON
       Makes each call of CALLS_JSON in turn on one channel, a list of
-      {"method": "/pkg.Service/Method", "request_hex": "..", "metadata": [[k, v], ..]},
-      and prints one JSON line per call: code, details, response_hex, initial and trailing
-      metadata (binary values hex-encoded).
+      {"method": "/pkg.Service/Method", "request_hex": "..", "metadata": [[k, v], ..],
+       "shape": "unary" | "server_stream" | "client_stream" | "bidi"}
+      (a client or bidi stream sends "requests_hex", a list), and prints one JSON line per
+      call: code, details, response_hex (a list for a server or bidi stream), initial and
+      trailing metadata (binary values hex-encoded).
 
   peer.py server
       Serves idemproxy.testing.v1.Ledger/Apply on a free loopback port, prints
@@ -34,15 +36,32 @@ def _metadata(pairs):
 def client(target, calls):
     with grpc.insecure_channel(target) as channel:
         for call in calls:
-            stub = channel.unary_unary(call["method"])
-            request = bytes.fromhex(call["request_hex"])
             metadata = [tuple(pair) for pair in call.get("metadata", [])]
+            shape = call.get("shape", "unary")
             try:
-                response, outcome = stub.with_call(request, metadata=metadata, timeout=20)
+                if shape == "unary":
+                    stub = channel.unary_unary(call["method"])
+                    request = bytes.fromhex(call["request_hex"])
+                    response, outcome = stub.with_call(request, metadata=metadata, timeout=20)
+                    response = response.hex()
+                elif shape == "client_stream":
+                    stub = channel.stream_unary(call["method"])
+                    requests = iter([bytes.fromhex(r) for r in call["requests_hex"]])
+                    response, outcome = stub.with_call(requests, metadata=metadata, timeout=20)
+                    response = response.hex()
+                else:
+                    if shape == "server_stream":
+                        stub = channel.unary_stream(call["method"])
+                        outcome = stub(bytes.fromhex(call["request_hex"]), metadata=metadata, timeout=20)
+                    else:
+                        stub = channel.stream_stream(call["method"])
+                        requests = iter([bytes.fromhex(r) for r in call["requests_hex"]])
+                        outcome = stub(requests, metadata=metadata, timeout=20)
+                    response = [message.hex() for message in outcome]
                 line = {
                     "code": outcome.code().name,
                     "details": outcome.details() or "",
-                    "response_hex": response.hex(),
+                    "response_hex": response,
                     "initial": _metadata(outcome.initial_metadata()),
                     "trailing": _metadata(outcome.trailing_metadata()),
                 }

@@ -1,4 +1,4 @@
-"""A gRPC peer on grpcio (gRPC's C core), for tests/grpcio.rs: a client or a server that is not
+"""A gRPC peer on grpcio (gRPC's C core), for tests/peers.rs: a client or a server that is not
 tonic, so idemproxy is checked against another implementation of the gRPC HTTP/2 protocol.
 
 Messages are raw protobuf bytes: the Rust test encodes and decodes them.

@@ -1,8 +1,9 @@
-//! Against grpcio (gRPC's C core, through Python) instead of tonic, on both sides of the
-//! sidecar: a C-core client gets one execution per key, the recorded answer (message, status,
-//! details, trailers) on a duplicate, the replay marker, and idemproxy's own refusals it can
-//! decode; a C-core server behind the sidecar executes a key once. `tests/grpcio/peer.py` is
-//! the peer; `scripts/test` installs grpcio when it is missing.
+//! Against gRPC implementations other than tonic, on both sides of the sidecar: grpcio (gRPC's
+//! C core, through Python) and grpc-js (Node.js's http2, which is nghttp2). A client gets one
+//! execution per key, the recorded answer (message, status, details, trailers) on a duplicate,
+//! the replay marker, idemproxy's own refusals it can decode, and every call shape streamed;
+//! a server behind the sidecar executes a key once. The peers are `tests/peers/grpcio.py` and
+//! `tests/peers/grpc-js.js`, with one command line; `scripts/test` installs both libraries.
 
 #![allow(clippy::unwrap_used)] // Test helpers: a failed unwrap is a failed test.
 
@@ -22,26 +23,63 @@ use tokio::io::AsyncBufReadExt;
 const APPLY: &str = "/idemproxy.testing.v1.Ledger/Apply";
 const WATCH: &str = "/idemproxy.testing.v1.Ledger/Watch";
 
-fn peer() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grpcio/peer.py")
+/// A gRPC implementation the tests run as client and as server.
+#[derive(Clone, Copy, Debug)]
+enum Peer {
+    Grpcio,
+    GrpcJs,
 }
 
-/// Whether grpcio can be imported; in CI it must be (`scripts/test` installs it).
-fn grpcio_present() -> bool {
-    let present = std::process::Command::new("python3")
-        .args(["-c", "import grpc"])
-        .status()
-        .is_ok_and(|status| status.success());
-    if std::env::var_os("CI").is_some() {
-        assert!(present, "grpcio is missing: scripts/test installs it");
+impl Peer {
+    const ALL: [Peer; 2] = [Peer::Grpcio, Peer::GrpcJs];
+
+    fn script(self) -> std::path::PathBuf {
+        let name = match self {
+            Peer::Grpcio => "grpcio.py",
+            Peer::GrpcJs => "grpc-js.js",
+        };
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/peers")
+            .join(name)
     }
-    if !present {
-        eprintln!("grpcio is not installed: run scripts/test, which installs it");
+
+    fn command(self) -> tokio::process::Command {
+        let program = match self {
+            Peer::Grpcio => "python3",
+            Peer::GrpcJs => "node",
+        };
+        let mut command = tokio::process::Command::new(program);
+        command.arg(self.script()).kill_on_drop(true);
+        command
     }
-    present
+
+    /// Whether its library is installed; in CI it must be (`scripts/test` installs it).
+    fn present(self) -> bool {
+        let present = match self {
+            Peer::Grpcio => std::process::Command::new("python3")
+                .args(["-c", "import grpc"])
+                .status()
+                .is_ok_and(|status| status.success()),
+            Peer::GrpcJs => {
+                let library = self.script().with_file_name("node_modules/@grpc/grpc-js");
+                library.exists()
+                    && std::process::Command::new("node")
+                        .arg("--version")
+                        .output()
+                        .is_ok_and(|output| output.status.success())
+            }
+        };
+        if std::env::var_os("CI").is_some() {
+            assert!(present, "{self:?} is missing: scripts/test installs it");
+        }
+        if !present {
+            eprintln!("{self:?} is not installed: scripts/test installs it; skipped");
+        }
+        present
+    }
 }
 
-/// One call for peer.py's client.
+/// One call for a peer's client.
 fn call(request: &ApplyRequest, metadata: &[(&str, &str)]) -> Value {
     json!({
         "method": APPLY,
@@ -61,10 +99,10 @@ fn unhex(text: &str) -> Vec<u8> {
         .collect()
 }
 
-/// Runs peer.py's client against `target`; one JSON answer per call.
-async fn grpcio_client(target: SocketAddr, calls: Vec<Value>) -> Vec<Value> {
-    let output = tokio::process::Command::new("python3")
-        .arg(peer())
+/// Runs `peer`'s client against `target`; one JSON answer per call.
+async fn peer_client(peer: Peer, target: SocketAddr, calls: Vec<Value>) -> Vec<Value> {
+    let output = peer
+        .command()
         .arg("client")
         .arg(target.to_string())
         .arg(Value::Array(calls).to_string())
@@ -74,7 +112,7 @@ async fn grpcio_client(target: SocketAddr, calls: Vec<Value>) -> Vec<Value> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "peer.py client failed: {}",
+        "{peer:?} client failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     stdout
@@ -104,38 +142,35 @@ fn reason_of(answer: &Value) -> String {
     ErrorInfo::decode(&info.value[..]).unwrap().reason
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grpcio_client_gets_one_execution_and_the_recorded_answer() {
-    if !grpcio_present() {
-        return;
-    }
+async fn a_client_gets_one_execution_and_the_recorded_answer_with(peer: Peer) {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |_| {}).await;
-    let paid = add("grpcio-paid", 5);
+    let paid = add("peer-paid", 5);
     let refused = ApplyRequest {
         fail_code: tonic::Code::FailedPrecondition as u32,
         fail_message: "account frozen".into(),
         with_details: true,
-        ..add("grpcio-refused", 7)
+        ..add("peer-refused", 7)
     };
     let long_key = "k".repeat(idemproxy::key::SERIAL_BYTES_MAX + 1);
-    let caller = ("x-caller-id", "python-client");
-    let answers = grpcio_client(
+    let caller = ("x-caller-id", "peer-client");
+    let answers = peer_client(
+        peer,
         sidecar.addr,
         vec![
-            call(&paid, &[("idempotency-key", "grpcio-1"), caller]),
-            call(&paid, &[("idempotency-key", "grpcio-1"), caller]),
-            call(&refused, &[("idempotency-key", "grpcio-2"), caller]),
-            call(&refused, &[("idempotency-key", "grpcio-2"), caller]),
+            call(&paid, &[("idempotency-key", "peer-1"), caller]),
+            call(&paid, &[("idempotency-key", "peer-1"), caller]),
+            call(&refused, &[("idempotency-key", "peer-2"), caller]),
+            call(&refused, &[("idempotency-key", "peer-2"), caller]),
             call(
-                &add("grpcio-bad-key", 1),
+                &add("peer-bad-key", 1),
                 &[("idempotency-key", &long_key), caller],
             ),
             call(
-                &add("grpcio-paid", 1),
-                &[("idempotency-key", "grpcio-1"), caller],
+                &add("peer-paid", 1),
+                &[("idempotency-key", "peer-1"), caller],
             ),
-            call(&add("grpcio-no-key", 1), &[caller]),
+            call(&add("peer-no-key", 1), &[caller]),
         ],
     )
     .await;
@@ -155,7 +190,7 @@ async fn a_grpcio_client_gets_one_execution_and_the_recorded_answer() {
         second["initial"]["idempotency-replayed"], "true",
         "{second}"
     );
-    assert_eq!(upstream.state.executions_of("grpcio-paid"), 1);
+    assert_eq!(upstream.state.executions_of("peer-paid"), 1);
 
     // A recorded error comes back whole: code, message, details and the service's trailer.
     let (failed, again) = (&answers[2], &answers[3]);
@@ -168,37 +203,36 @@ async fn a_grpcio_client_gets_one_execution_and_the_recorded_answer() {
         failed["trailing"]["grpc-status-details-bin"],
         again["trailing"]["grpc-status-details-bin"]
     );
-    assert_eq!(upstream.state.executions_of("grpcio-refused"), 1);
+    assert_eq!(upstream.state.executions_of("peer-refused"), 1);
 
     // idemproxy's own refusals, decoded by C core: a key too long, a key reused.
     assert_eq!(answers[4]["code"], "INVALID_ARGUMENT", "{}", answers[4]);
     assert_eq!(reason_of(&answers[4]), "IDEMPOTENCY_KEY_INVALID");
     assert_eq!(answers[5]["code"], "FAILED_PRECONDITION", "{}", answers[5]);
     assert_eq!(reason_of(&answers[5]), "IDEMPOTENCY_KEY_REUSED");
-    assert_eq!(upstream.state.executions_of("grpcio-bad-key"), 0);
-    assert_eq!(upstream.state.executions_of("grpcio-paid"), 1);
+    assert_eq!(upstream.state.executions_of("peer-bad-key"), 0);
+    assert_eq!(upstream.state.executions_of("peer-paid"), 1);
 
     // No key: passed through to the service.
     assert_eq!(answers[6]["code"], "OK", "{}", answers[6]);
-    assert_eq!(upstream.state.executions_of("grpcio-no-key"), 1);
+    assert_eq!(upstream.state.executions_of("peer-no-key"), 1);
 }
 
-/// peer.py's server: its address, the requests it executed (hex), and the child.
-async fn grpcio_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio::process::Child) {
-    let mut child = tokio::process::Command::new("python3")
-        .arg(peer())
+/// `peer`'s server: its address, the requests it executed (hex), and the child.
+async fn peer_server(peer: Peer) -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio::process::Child) {
+    let mut child = peer
+        .command()
         .arg("server")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
-        .expect("peer.py server starts within 30 s")
+        .expect("the peer's server starts within 30 s")
         .unwrap()
-        .expect("peer.py server prints its port");
+        .expect("the peer's server prints its port");
     let port: u16 = first.strip_prefix("listening ").unwrap().parse().unwrap();
     let executed = Arc::new(Mutex::new(Vec::new()));
     let seen = executed.clone();
@@ -212,12 +246,8 @@ async fn grpcio_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio::process
     (SocketAddr::from(([127, 0, 0, 1], port)), executed, child)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grpcio_server_behind_the_sidecar_executes_a_key_once() {
-    if !grpcio_present() {
-        return;
-    }
-    let (addr, executed, _child) = grpcio_server().await;
+async fn a_server_behind_the_sidecar_executes_a_key_once_with(peer: Peer) {
+    let (addr, executed, _child) = peer_server(peer).await;
     let sidecar = start_sidecar(addr, |_| {}).await;
     let mut client = client(sidecar.addr).await;
 
@@ -260,27 +290,23 @@ async fn a_grpcio_server_behind_the_sidecar_executes_a_key_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grpcio_client_streams_through_in_every_call_shape() {
-    if !grpcio_present() {
-        return;
-    }
+async fn a_client_streams_through_in_every_call_shape_with(peer: Peer) {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |_| {}).await;
     let watch = ApplyRequest {
         stream_messages: 3,
         reply_padding_bytes: 300_000,
-        ..add("grpcio-watch", 2)
+        ..add("peer-watch", 2)
     };
     let parts: Vec<String> = (1..=4)
-        .map(|n| hex(&add("grpcio-collect", n).encode_to_vec()))
+        .map(|n| hex(&add("peer-collect", n).encode_to_vec()))
         .collect();
     let chat: Vec<String> = (1..=3)
-        .map(|n| hex(&add("grpcio-chat", n).encode_to_vec()))
+        .map(|n| hex(&add("peer-chat", n).encode_to_vec()))
         .collect();
     let keyed = [
-        ("idempotency-key", "grpcio-watch-1"),
-        ("x-caller-id", "python"),
+        ("idempotency-key", "peer-watch-1"),
+        ("x-caller-id", "peer-client"),
     ];
     let mut keyed_watch = call(&watch, &keyed);
     keyed_watch["shape"] = json!("server_stream");
@@ -294,7 +320,8 @@ async fn a_grpcio_client_streams_through_in_every_call_shape() {
     );
     open_watch["shape"] = json!("server_stream");
     open_watch["method"] = json!(WATCH);
-    let answers = grpcio_client(
+    let answers = peer_client(
+        peer,
         sidecar.addr,
         vec![
             keyed_watch.clone(),
@@ -322,7 +349,7 @@ async fn a_grpcio_client_streams_through_in_every_call_shape() {
         "{replay}"
     );
     assert_eq!(
-        upstream.state.executions_of("grpcio-watch"),
+        upstream.state.executions_of("peer-watch"),
         2,
         "once keyed, once open"
     );
@@ -333,7 +360,7 @@ async fn a_grpcio_client_streams_through_in_every_call_shape() {
     assert_eq!(answers[2]["response_hex"].as_array().unwrap().len(), 3);
     let collected = reply_of(&answers[3]);
     assert_eq!(collected.balance, 1 + 2 + 3 + 4);
-    assert_eq!(upstream.state.executions_of("grpcio-collect"), 4);
+    assert_eq!(upstream.state.executions_of("peer-collect"), 4);
     let chatted: Vec<i64> = answers[4]["response_hex"]
         .as_array()
         .unwrap()
@@ -345,4 +372,31 @@ async fn a_grpcio_client_streams_through_in_every_call_shape() {
         })
         .collect();
     assert_eq!(chatted, vec![1, 3, 6]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gets_one_execution_and_the_recorded_answer() {
+    for peer in Peer::ALL {
+        if peer.present() {
+            a_client_gets_one_execution_and_the_recorded_answer_with(peer).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_behind_the_sidecar_executes_a_key_once() {
+    for peer in Peer::ALL {
+        if peer.present() {
+            a_server_behind_the_sidecar_executes_a_key_once_with(peer).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_streams_through_in_every_call_shape() {
+    for peer in Peer::ALL {
+        if peer.present() {
+            a_client_streams_through_in_every_call_shape_with(peer).await;
+        }
+    }
 }

@@ -251,10 +251,10 @@ async fn a_server_behind_the_sidecar_executes_a_key_once_with(peer: Peer) {
     let sidecar = start_sidecar(addr, |_| {}).await;
     let mut client = client(sidecar.addr).await;
 
-    let first = apply(&mut client, add("py", 1), Some("py-1"), Some("rust"))
+    let first = apply(&mut client, add("peer", 1), Some("peer-1"), Some("rust"))
         .await
         .unwrap();
-    let second = apply(&mut client, add("py", 1), Some("py-1"), Some("rust"))
+    let second = apply(&mut client, add("peer", 1), Some("peer-1"), Some("rust"))
         .await
         .unwrap();
     assert!(!was_replayed(&first) && was_replayed(&second));
@@ -262,7 +262,7 @@ async fn a_server_behind_the_sidecar_executes_a_key_once_with(peer: Peer) {
     assert_eq!(second.get_ref(), first.get_ref());
 
     for _ in 0..2 {
-        let status = apply(&mut client, add("fail", 1), Some("py-2"), Some("rust"))
+        let status = apply(&mut client, add("fail", 1), Some("peer-2"), Some("rust"))
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
@@ -270,7 +270,7 @@ async fn a_server_behind_the_sidecar_executes_a_key_once_with(peer: Peer) {
         assert_eq!(status.metadata().get("x-peer-trailer").unwrap(), "kept");
     }
 
-    let no_key = apply(&mut client, add("py", 1), None, Some("rust"))
+    let no_key = apply(&mut client, add("peer", 1), None, Some("rust"))
         .await
         .unwrap();
     assert_eq!(no_key.get_ref().execution, 3);
@@ -282,11 +282,11 @@ async fn a_server_behind_the_sidecar_executes_a_key_once_with(peer: Peer) {
     })
     .await;
     let executed = executed.lock().unwrap().clone();
-    let keyed = hex(&add("py", 1).encode_to_vec());
+    let keyed = hex(&add("peer", 1).encode_to_vec());
     assert_eq!(
         executed.iter().filter(|request| **request == keyed).count(),
         2,
-        "py-1 once, and the call without a key: {executed:?}"
+        "peer-1 once, and the call without a key: {executed:?}"
     );
 }
 

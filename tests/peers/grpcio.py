@@ -33,6 +33,17 @@ def _metadata(pairs):
     return out
 
 
+def _line(outcome, response):
+    """What a finished call (or its RpcError, which is a call too) printed as."""
+    return {
+        "code": outcome.code().name,
+        "details": outcome.details() or "",
+        "response_hex": response,
+        "initial": _metadata(outcome.initial_metadata()),
+        "trailing": _metadata(outcome.trailing_metadata()),
+    }
+
+
 def client(target, calls):
     with grpc.insecure_channel(target) as channel:
         for call in calls:
@@ -58,21 +69,9 @@ def client(target, calls):
                         requests = iter([bytes.fromhex(r) for r in call["requests_hex"]])
                         outcome = stub(requests, metadata=metadata, timeout=20)
                     response = [message.hex() for message in outcome]
-                line = {
-                    "code": outcome.code().name,
-                    "details": outcome.details() or "",
-                    "response_hex": response,
-                    "initial": _metadata(outcome.initial_metadata()),
-                    "trailing": _metadata(outcome.trailing_metadata()),
-                }
+                line = _line(outcome, response)
             except grpc.RpcError as error:
-                line = {
-                    "code": error.code().name,
-                    "details": error.details() or "",
-                    "response_hex": None,
-                    "initial": _metadata(error.initial_metadata()),
-                    "trailing": _metadata(error.trailing_metadata()),
-                }
+                line = _line(error, None)
             print(json.dumps(line), flush=True)
 
 

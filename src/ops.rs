@@ -172,7 +172,7 @@ async fn answer(
 
 /// How long a client of the ops or injector port may take to send a request's headers; a
 /// connection that trickles them is closed, so slow clients cannot hold connections open.
-pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The HTTP/1.1 and HTTP/2 server of the ops and injector ports. hyper applies its header
 /// read timeout only when it has a timer, so it is given one.
@@ -182,7 +182,6 @@ pub(crate) fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExec
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(hyper_util::rt::TokioTimer::new());
     builder
 }
 

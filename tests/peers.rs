@@ -9,7 +9,7 @@
 
 mod support;
 
-use idemproxy::pb::google::rpc::{ErrorInfo, Status as RpcStatus};
+use idemproxy::key::hex;
 use idemproxy::pb::idemproxy::testing::v1::{ApplyReply, ApplyRequest};
 use prost::Message;
 use serde_json::{json, Value};
@@ -88,15 +88,8 @@ fn call(request: &ApplyRequest, metadata: &[(&str, &str)]) -> Value {
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|at| u8::from_str_radix(&text[at..at + 2], 16).unwrap())
-        .collect()
+    idemproxy::key::unhex(text).expect("the peer prints hex")
 }
 
 /// Runs `peer`'s client against `target`; one JSON answer per call.
@@ -126,20 +119,16 @@ fn reply_of(answer: &Value) -> ApplyReply {
     ApplyReply::decode(&body[..]).unwrap()
 }
 
-/// The reason of idemproxy's `google.rpc.Status` in the trailers C core handed over.
+/// The reason of idemproxy's `google.rpc.Status` in the trailers the peer handed over.
 fn reason_of(answer: &Value) -> String {
     let details = unhex(
         answer["trailing"]["grpc-status-details-bin"]
             .as_str()
             .unwrap(),
     );
-    let status = RpcStatus::decode(&details[..]).unwrap();
-    let info = status
-        .details
-        .iter()
-        .find(|any| any.type_url.ends_with("google.rpc.ErrorInfo"))
-        .expect("an ErrorInfo detail");
-    ErrorInfo::decode(&info.value[..]).unwrap().reason
+    support::error_info_of(&details)
+        .expect("an ErrorInfo detail")
+        .reason
 }
 
 async fn a_client_gets_one_execution_and_the_recorded_answer_with(peer: Peer) {

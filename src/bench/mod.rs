@@ -215,20 +215,27 @@ struct Nginx {
     config: PathBuf,
 }
 
+/// nginx run on the benchmark's prefix, logs and config, output discarded.
+fn nginx_command(program: &Path, dir: &Path, config: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    command
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    command
+}
+
 impl Nginx {
     /// `nginx -s stop`: the master ends its workers, then itself. A SIGKILL of the master
     /// alone leaves the workers running, holding the port and taking CPU from later runs.
     async fn stop(self) {
-        let asked = tokio::process::Command::new(&self.program)
-            .arg("-p")
-            .arg(&self.dir)
-            .arg("-e")
-            .arg(self.dir.join("error.log"))
-            .arg("-c")
-            .arg(&self.config)
+        let asked = nginx_command(&self.program, &self.dir, &self.config)
             .args(["-s", "stop"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
             .status()
             .await;
         let mut child = self.process.child;
@@ -257,16 +264,8 @@ async fn start_nginx(
     };
     let listen = procs::free_port()?;
     let config = procs::nginx_config(dir, listen, upstream)?;
-    let child = tokio::process::Command::new(&program)
-        .arg("-p")
-        .arg(dir)
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        .arg("-c")
-        .arg(&config)
+    let child = nginx_command(&program, dir, &config)
         .args(["-g", "daemon off;"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
     let process = Process {

@@ -132,7 +132,12 @@ pub fn add(account: &str, amount: i64) -> ApplyRequest {
 
 /// The `ErrorInfo` of an idemproxy refusal: (reason, domain, metadata).
 pub fn error_info(status: &tonic::Status) -> Option<ErrorInfo> {
-    let details = RpcStatus::decode(status.details()).ok()?;
+    error_info_of(status.details())
+}
+
+/// The `ErrorInfo` in an encoded `google.rpc.Status` (`grpc-status-details-bin`).
+pub fn error_info_of(status_details: &[u8]) -> Option<ErrorInfo> {
+    let details = RpcStatus::decode(status_details).ok()?;
     let any = details
         .details
         .iter()

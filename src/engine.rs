@@ -750,9 +750,18 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                         tracing::warn!(key = %key, "the record changed hands before the outcome; answering unrecorded");
                         Answer::Fresh(response)
                     }
-                    // The service acted, but no retry could learn it: say the outcome is unknown.
+                    // The service acted, but no retry could learn it: say the outcome is
+                    // unknown, never UNAVAILABLE (which means "not forwarded").
                     Err(error) => {
-                        Answer::Refused(store_refusal(key, &error).with_state("IN_FLIGHT"))
+                        tracing::warn!(key = %key, %error, "the service acted but its outcome could not be stored");
+                        Answer::Refused(
+                            Refusal::new(
+                                Reason::OutcomeNotRecorded,
+                                format!("the service acted, but its outcome could not be stored, so it is unknown here: {error}"),
+                            )
+                            .with_key(key)
+                            .with_state("IN_FLIGHT"),
+                        )
                     }
                 }
             }

@@ -88,8 +88,11 @@ pub enum Reason {
     RequestTooLarge,
     /// The call ran once but its response was too large to keep.
     ResponseNotKept,
-    /// The store cannot durably claim or record: nothing is forwarded.
+    /// The store cannot durably claim: nothing is forwarded.
     StoreUnavailable,
+    /// The service acted, but its outcome could not be stored: the sidecar does not know it,
+    /// and a retry is not forwarded.
+    OutcomeNotRecorded,
     /// The service could not be reached; the key was released, so a retry executes.
     UpstreamUnavailable,
     /// The request is not a well-formed gRPC call.
@@ -115,6 +118,7 @@ impl Reason {
             Reason::RequestTooLarge => "IDEMPOTENCY_REQUEST_TOO_LARGE",
             Reason::ResponseNotKept => "IDEMPOTENCY_RESPONSE_NOT_KEPT",
             Reason::StoreUnavailable => "IDEMPOTENCY_STORE_UNAVAILABLE",
+            Reason::OutcomeNotRecorded => "IDEMPOTENCY_OUTCOME_NOT_RECORDED",
             Reason::UpstreamUnavailable => "IDEMPOTENCY_UPSTREAM_UNAVAILABLE",
             Reason::MalformedRequest => "IDEMPOTENCY_MALFORMED_REQUEST",
             Reason::CallerMissing => "IDEMPOTENCY_CALLER_MISSING",
@@ -136,6 +140,8 @@ impl Reason {
             Reason::CallerMissing | Reason::CallerInvalid => Code::Unauthenticated,
             Reason::StoreUnavailable | Reason::UpstreamUnavailable => Code::Unavailable,
             Reason::MalformedRequest => Code::Internal,
+            // Not UNAVAILABLE: retry policies read that as "never processed".
+            Reason::OutcomeNotRecorded => Code::Unknown,
         }
     }
 }

@@ -32,27 +32,29 @@ async fn a_full_disk_fails_closed_and_forwards_nothing() {
         let key = format!("after-{n}");
         let mut request = add(&key, 1);
         request.reply_padding_bytes = 200_000;
-        if let Err(status) = apply(&mut client, request, Some(&key), None).await {
-            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-            assert_eq!(reason(&status), "IDEMPOTENCY_STORE_UNAVAILABLE");
-            refused.push(key);
+        match apply(&mut client, request, Some(&key), None).await {
+            Err(status) if reason(&status) == "IDEMPOTENCY_STORE_UNAVAILABLE" => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                refused.push(key);
+            }
+            // A claim that still fitted: the call ran, its outcome could not be stored.
+            Err(status) => assert_eq!(reason(&status), "IDEMPOTENCY_OUTCOME_NOT_RECORDED"),
+            Ok(_) => {}
         }
     }
     assert!(
-        refused.len() >= 19,
+        refused.len() >= 18,
         "a full disk refuses new keys: {} refused",
         refused.len()
     );
-    // Nothing ran twice. At most the first refused call ran: its claim reached the disk and
-    // only its outcome did not, so the caller was told the store failed (a retry gets
-    // IDEMPOTENCY_OUTCOME_UNKNOWN). Every later one was refused before it was forwarded.
+    // Nothing ran twice, and nothing refused as STORE_UNAVAILABLE was forwarded.
     assert!(upstream.state.executed_twice().is_empty());
     let forwarded: Vec<_> = refused
         .iter()
         .filter(|key| upstream.state.executions_of(key) > 0)
         .collect();
     assert!(
-        forwarded.len() <= 1,
+        forwarded.is_empty(),
         "forwarded without a durable claim: {forwarded:?}"
     );
     // An outcome recorded before the disk filled is still replayed: reads need no flush.
@@ -62,4 +64,57 @@ async fn a_full_disk_fails_closed_and_forwards_nothing() {
     assert!(was_replayed(&replay));
     assert_eq!(replay.get_ref(), first.get_ref());
     assert_eq!(upstream.state.executions_of("before"), 1);
+}
+
+/// Regression (issue 19): the service acted, then its outcome could not be written. The caller
+/// must not be told UNAVAILABLE / STORE_UNAVAILABLE, which every retry policy reads as "never
+/// forwarded, safe to retry": it is told the outcome is unknown, and a retry does not run it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_that_cannot_be_stored_is_answered_as_unknown_not_unavailable() {
+    let tmpfs = Tmpfs::mount("24m");
+    let upstream = ledger::start().await;
+    let data_dir = tmpfs.path.join("data");
+    let sidecar = support::start_sidecar(upstream.addr, |args| {
+        args.data_dir = Some(data_dir.clone());
+        args.sled_cache_bytes = Some("1MiB".into());
+        args.store_timeout = Some("500ms".into());
+    })
+    .await;
+    let mut client = client(sidecar.addr).await;
+    apply(&mut client, add("before", 1), Some("before"), None)
+        .await
+        .expect("disk has room");
+    // Room for a claim, not for a 2 MB answer.
+    tmpfs.fill_leaving(256 << 10);
+
+    let mut not_recorded = Vec::new();
+    for n in 0..10 {
+        let key = format!("after-{n}");
+        let mut request = add(&key, 1);
+        request.reply_padding_bytes = 2_000_000;
+        let Err(status) = apply(&mut client, request, Some(&key), None).await else {
+            continue;
+        };
+        let executed = upstream.state.executions_of(&key) > 0;
+        match reason(&status).as_str() {
+            "IDEMPOTENCY_STORE_UNAVAILABLE" => {
+                assert!(!executed, "{key}: UNAVAILABLE said of a call that ran");
+            }
+            "IDEMPOTENCY_OUTCOME_NOT_RECORDED" => {
+                assert!(executed, "{key}: {status:?}");
+                assert_eq!(status.code(), tonic::Code::Unknown, "{status:?}");
+                not_recorded.push(key);
+            }
+            other => panic!("{key}: unexpected refusal {other}: {status:?}"),
+        }
+    }
+    assert!(
+        !not_recorded.is_empty(),
+        "some call ran and could not record its outcome"
+    );
+    for key in &not_recorded {
+        let retried = apply(&mut client, add(key, 1), Some(key), None).await;
+        assert!(retried.is_err(), "{key}: a retry must not run it again");
+        assert_eq!(upstream.state.executions_of(key), 1, "{key}");
+    }
 }

@@ -6,6 +6,7 @@
 //! reference model the other backends are tested against), `redis` (shared by replicas), and
 //! `AnyStore`, the one the server runs on, chosen by the settings.
 
+pub mod durable;
 pub mod flusher;
 pub mod memory;
 pub mod redis;

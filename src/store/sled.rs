@@ -7,9 +7,11 @@
 //! IN_FLIGHT record of another process incarnation knows it is orphaned (`record::claim`).
 //! `reconcile` then walks the records in the background: counts them, rebuilds missing index
 //! entries and marks orphaned claims IN_DOUBT for operators.
-//! Every acknowledged change is flushed by the group-commit flusher before `update` returns,
-//! and so is any record a reader sees while its writer still waits for that flush.
+//! Every acknowledged change is flushed by the group-commit flusher, and fsynced
+//! (`durable.rs`), before `update` returns, and so is any record a reader sees while its writer
+//! still waits for that flush.
 
+use super::durable::{DataDirSync, PROBE_FILE};
 use super::flusher::Flusher;
 use super::{Maintenance, Store, StoreError, Usage};
 use crate::key::Key;
@@ -131,7 +133,7 @@ impl SledStore {
     /// Opens (or creates) the store, without scanning it: call `reconcile` next, off the
     /// serving path. Blocking.
     pub fn open(options: &SledOptions) -> Result<SledStore, StoreError> {
-        std::fs::create_dir_all(&options.dir).map_err(|error| {
+        DataDirSync::create_dir(&options.dir).map_err(|error| {
             StoreError::Io(format!(
                 "cannot create data dir {}: {error}",
                 options.dir.display()
@@ -146,9 +148,18 @@ impl SledStore {
             .map_err(store_error)?;
         let records = db.open_tree("records").map_err(store_error)?;
         let expiry = db.open_tree("expiry").map_err(store_error)?;
+        let mut disk = DataDirSync::open(&options.dir).map_err(|error| {
+            StoreError::Io(format!(
+                "cannot sync data dir {}: {error}",
+                options.dir.display()
+            ))
+        })?;
         let flush_db = db.clone();
         let flusher = Flusher::start(Box::new(move || {
-            flush_db.flush().map(|_| ()).map_err(|e| e.to_string())
+            flush_db.flush().map_err(|e| e.to_string())?;
+            // sled's flush ends with `sync_file_range`: the fsyncs make it survive a power cut.
+            disk.sync()
+                .map_err(|error| format!("cannot sync the data dir: {error}"))
         }))
         .map_err(|error| StoreError::Io(format!("cannot start the flusher thread: {error}")))?;
         let store = SledStore {
@@ -465,7 +476,7 @@ impl Store for SledStore {
         }
         // The directory must take a new file: sled writes to files it holds open, so a
         // read-only or full filesystem would otherwise go unnoticed until the next flush.
-        let probe = self.dir.join(".idemproxy-ready");
+        let probe = self.dir.join(PROBE_FILE);
         let written = tokio::fs::write(&probe, b"ok").await;
         let _ = tokio::fs::remove_file(&probe).await;
         written.map_err(|error| {

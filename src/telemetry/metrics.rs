@@ -75,7 +75,7 @@ impl Decision {
             Reason::KeyReused => Decision::Mismatch,
             Reason::OutcomeUnknown => Decision::InDoubt,
             Reason::InProgress | Reason::Duplicate | Reason::ResponseNotKept => Decision::Conflict,
-            Reason::StoreUnavailable => Decision::StoreError,
+            Reason::StoreUnavailable | Reason::OutcomeNotRecorded => Decision::StoreError,
             Reason::KeyInvalid
             | Reason::KeyMissing
             | Reason::RequestTooLarge

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod binary;
+pub mod crash;
 pub mod http;
 pub mod ledger;
 pub mod payments;

@@ -51,6 +51,14 @@ impl Tmpfs {
         while file.write_all(&[0]).and_then(|()| file.sync_all()).is_ok() {}
         path
     }
+
+    /// Fills the file system, then frees `free_bytes` of it again.
+    pub fn fill_leaving(&self, free_bytes: u64) {
+        let path = self.fill();
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        let len = file.metadata().unwrap().len();
+        file.set_len(len.saturating_sub(free_bytes)).unwrap();
+    }
 }
 
 impl Drop for Tmpfs {

@@ -1,0 +1,173 @@
+//! The crash loop's callers, shared by the SIGKILL loop (`restart.rs`) and the power-cut loop
+//! (`power_cut.rs`): callers that send fresh keys, duplicates and hedged copies until the
+//! sidecar dies, and the retry of every key afterwards that checks I1 and I2.
+
+use super::{add, apply, client, reason, was_replayed};
+use idemproxy::pb::idemproxy::testing::v1::ApplyReply;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Callers sending at once.
+const CALLERS: usize = 64;
+
+/// The request of a key: always the same payload for the same key, as a real retry sends.
+pub fn payload(key: &str) -> idemproxy::pb::idemproxy::testing::v1::ApplyRequest {
+    let mut request = add(key, 1);
+    request.delay_ms = key.bytes().map(u32::from).sum::<u32>() % 7;
+    request
+}
+
+/// Runs callers until stopped: fresh keys, with about one call in five a duplicate of an
+/// earlier key and one in seven sent as two hedged copies at once. Returns every answer
+/// received, by key.
+pub async fn load(
+    addr: std::net::SocketAddr,
+    cycle: usize,
+    answers: Arc<Mutex<HashMap<String, ApplyReply>>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<String> {
+    let client = client(addr).await;
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            let (mut client, answers, stop) = (client.clone(), answers.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut sent = Vec::new();
+                for n in 0.. {
+                    if *stop.borrow() {
+                        break;
+                    }
+                    let key = if n % 5 == 4 {
+                        format!("c{cycle}-{caller}-{}", n / 2)
+                    } else {
+                        format!("c{cycle}-{caller}-{n}")
+                    };
+                    sent.push(key.clone());
+                    let mut hedge = client.clone();
+                    let (first, second) = if n % 7 == 3 {
+                        tokio::join!(
+                            apply(&mut client, payload(&key), Some(&key), None),
+                            apply(&mut hedge, payload(&key), Some(&key), None)
+                        )
+                    } else {
+                        let first = apply(&mut client, payload(&key), Some(&key), None).await;
+                        (first, Err(tonic::Status::cancelled("no hedge")))
+                    };
+                    if let (Ok(first), Ok(second)) = (&first, &second) {
+                        assert_eq!(first.get_ref(), second.get_ref(), "{key}: hedged copies");
+                    }
+                    for reply in [first, second].into_iter().flatten() {
+                        answers
+                            .lock()
+                            .expect("answers lock")
+                            .insert(key.clone(), reply.into_inner());
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut sent = Vec::new();
+    for caller in callers {
+        // A caller whose connection died with the sidecar ends with an error: keep what it sent.
+        if let Ok(keys) = caller.await {
+            sent.extend(keys);
+        }
+    }
+    sent
+}
+
+/// What retrying a key after a restart found.
+#[derive(Debug, PartialEq)]
+pub enum Retried {
+    /// Replayed, or run now for a key that had no answer.
+    Answered,
+    /// Refused as IN_DOUBT (its first attempt may have acted).
+    InDoubt,
+}
+
+/// Retries `keys` through `addr` (16 at a time) and checks I1–I2: an answered key is replayed
+/// byte for byte; an unanswered one runs now or is IN_DOUBT, never anything else.
+pub async fn retry_all(
+    addr: std::net::SocketAddr,
+    keys: Vec<String>,
+    answers: Arc<Mutex<HashMap<String, ApplyReply>>>,
+) -> usize {
+    let client = client(addr).await;
+    let shares: Vec<Vec<String>> = (0..16)
+        .map(|share| keys.iter().skip(share).step_by(16).cloned().collect())
+        .collect();
+    let tasks: Vec<_> = shares
+        .into_iter()
+        .map(|share| {
+            let (mut client, answers) = (client.clone(), answers.clone());
+            tokio::spawn(async move {
+                let mut in_doubt = 0;
+                for key in share {
+                    if retry(&mut client, &key, &answers).await == Retried::InDoubt {
+                        in_doubt += 1;
+                    }
+                }
+                in_doubt
+            })
+        })
+        .collect();
+    let mut in_doubt = 0;
+    for task in tasks {
+        in_doubt += task.await.expect("no retry failed its checks");
+    }
+    in_doubt
+}
+
+async fn retry(
+    client: &mut idemproxy::pb::idemproxy::testing::v1::ledger_client::LedgerClient<
+        tonic::transport::Channel,
+    >,
+    key: &str,
+    answers: &Mutex<HashMap<String, ApplyReply>>,
+) -> Retried {
+    let seen = answers.lock().expect("answers lock").get(key).cloned();
+    match apply(client, payload(key), Some(key), None).await {
+        Ok(reply) => {
+            match seen {
+                Some(seen) => {
+                    assert!(
+                        was_replayed(&reply),
+                        "{key}: an answered key must be replayed"
+                    );
+                    assert_eq!(
+                        reply.get_ref(),
+                        &seen,
+                        "{key}: the replay is the answer seen"
+                    );
+                }
+                None => {
+                    answers
+                        .lock()
+                        .expect("answers lock")
+                        .insert(key.to_owned(), reply.into_inner());
+                }
+            }
+            Retried::Answered
+        }
+        Err(status) => {
+            assert!(
+                seen.is_none(),
+                "{key}: an answered key must be replayed, got {status:?}"
+            );
+            assert_eq!(
+                reason(&status),
+                "IDEMPOTENCY_OUTCOME_UNKNOWN",
+                "{key}: {status:?}"
+            );
+            Retried::InDoubt
+        }
+    }
+}
+
+/// SplitMix64: the loops' seeded random numbers.
+pub fn splitmix(state: u64) -> u64 {
+    let mut z = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}

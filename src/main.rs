@@ -34,6 +34,9 @@ enum Command {
     /// One load run against any address, for profiling a single process.
     #[command(hide = true)]
     BenchLoad(idemproxy::bench::LoadArgs),
+    /// The benchmark's sled-alone baseline (started by `bench`).
+    #[command(hide = true)]
+    BenchSled(idemproxy::bench::sled_alone::SledAloneArgs),
     /// The benchmark's echo upstream (started by `bench`).
     #[command(hide = true)]
     BenchUpstream {
@@ -126,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo => block_on(None, idemproxy::demo::run())??,
         Command::Bench(args) => block_on(None, idemproxy::bench::run(args))??,
         Command::BenchLoad(args) => block_on(None, idemproxy::bench::run_load(args))??,
+        Command::BenchSled(args) => block_on(Some(1), idemproxy::bench::sled_alone::run(args))??,
         Command::BenchUpstream { listen } => {
             block_on(None, idemproxy::bench::serve_upstream(listen))??
         }

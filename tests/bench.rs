@@ -110,4 +110,8 @@ fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
         report.contains("(300 records found)"),
         "the restart found every record:\n{report}"
     );
+    assert!(
+        report.contains("× sled alone's") && report.contains("sled alone, the same records"),
+        "the memory/disk run is compared with sled alone:\n{report}"
+    );
 }

@@ -1,0 +1,75 @@
+//! A data dir written by an earlier release keeps protecting its keys after an upgrade: the
+//! new binary starts on it, replays every recorded answer without forwarding it, and keeps an
+//! unknown outcome IN_DOUBT. Never ignored, never wiped: those records are what stops a
+//! duplicate execution.
+//!
+//! `tests/fixtures/data-dir-0.1.0.tar.gz` was written by idemproxy 0.1.0 (`1b96a16`, the release
+//! before the power-cut fsyncs): 20 keys `upgrade-0` … `upgrade-19` completed, each adding
+//! `i + 1` to its own account, then `upgrade-in-doubt` (amount 7, `delay_ms` 10,000) claimed and
+//! forwarded when the process was killed.
+
+mod support;
+
+use support::{add, apply, binary, client, ledger, reason, was_replayed};
+
+fn unpack(fixture: &str, into: &std::path::Path) -> std::path::PathBuf {
+    let archive = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixture);
+    let status = std::process::Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(into)
+        .status()
+        .expect("runs tar");
+    assert!(status.success(), "unpacks {}", archive.display());
+    into.join("data")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_release_0_1_0_keeps_protecting_its_keys() {
+    let upstream = ledger::start().await;
+    let unpacked = tempfile::tempdir().unwrap();
+    let dir = unpack("data-dir-0.1.0.tar.gz", unpacked.path());
+    let sidecar = binary::start(&binary::run_args(upstream.addr, &dir, &[])).await;
+    let mut caller = client(sidecar.addr).await;
+    for i in 0..20i64 {
+        let key = format!("upgrade-{i}");
+        let reply = apply(&mut caller, add(&key, i + 1), Some(&key), None)
+            .await
+            .unwrap_or_else(|status| panic!("{key}: {status:?}"));
+        assert!(was_replayed(&reply), "{key}: replayed from the old record");
+        assert_eq!(reply.get_ref().balance, i + 1, "{key}: the recorded answer");
+        let reused = apply(&mut caller, add(&key, 1000), Some(&key), None).await;
+        assert_eq!(
+            reason(&reused.expect_err("another payload is refused")),
+            "IDEMPOTENCY_KEY_REUSED"
+        );
+    }
+    // The same payload as the call the kill caught (its slow reply is part of the request).
+    let mut slow = add("upgrade-in-doubt", 7);
+    slow.delay_ms = 10_000;
+    let in_doubt = apply(&mut caller, slow, Some("upgrade-in-doubt"), None)
+        .await
+        .expect_err("an unknown outcome is not run again");
+    assert_eq!(reason(&in_doubt), "IDEMPOTENCY_OUTCOME_UNKNOWN");
+    assert_eq!(upstream.state.executions(), 0, "nothing forwarded again");
+    // New keys are served on the old dir, and the dir survives a second start.
+    apply(
+        &mut caller,
+        add("after-upgrade", 1),
+        Some("after-upgrade"),
+        None,
+    )
+    .await
+    .expect("a new key runs");
+    sidecar.kill().await;
+    let sidecar = binary::start(&binary::run_args(upstream.addr, &dir, &[])).await;
+    let mut again = client(sidecar.addr).await;
+    let reply = apply(&mut again, add("upgrade-3", 4), Some("upgrade-3"), None)
+        .await
+        .expect("still replayed");
+    assert!(was_replayed(&reply));
+    assert_eq!(upstream.state.executions(), 1);
+}

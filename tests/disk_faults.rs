@@ -1,8 +1,8 @@
 //! I/O errors injected into the real binary with libfiu (Debian's fiu-utils): once the
 //! sidecar is serving, 3 % of its `pwrite`s and `fsync`/`fdatasync`s fail while callers send
 //! fresh keys and retries. Expected: no panic; every refusal is UNAVAILABLE /
-//! IDEMPOTENCY_STORE_UNAVAILABLE (or a key left IN_DOUBT / still IN_FLIGHT); nothing forwarded
-//! twice; and after a restart without faults, every answer a caller received is replayed.
+//! IDEMPOTENCY_STORE_UNAVAILABLE, UNKNOWN / IDEMPOTENCY_OUTCOME_NOT_RECORDED (the call ran, its
+//! outcome's write failed), or a key left IN_DOUBT / still IN_FLIGHT; nothing forwarded twice; and after a restart without faults, every answer a caller received is replayed.
 
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
@@ -92,6 +92,8 @@ async fn injected_write_and_fsync_errors_fail_closed_and_lose_no_answer() {
                             assert!(
                                 [
                                     "IDEMPOTENCY_STORE_UNAVAILABLE",
+                                    // The call ran; its outcome's write failed.
+                                    "IDEMPOTENCY_OUTCOME_NOT_RECORDED",
                                     "IDEMPOTENCY_OUTCOME_UNKNOWN",
                                     "IDEMPOTENCY_IN_PROGRESS",
                                 ]

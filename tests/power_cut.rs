@@ -10,10 +10,7 @@ mod support;
 #[path = "support/lazyfs.rs"]
 mod lazyfs;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use support::crash::{load, retry_all, splitmix};
+use support::crash::CrashLoop;
 use support::{binary, ledger};
 
 /// Power cuts in one test run (`POWER_CUTS=N` for a soak; a run prints its `POWER_CUT_SEED`,
@@ -29,65 +26,30 @@ async fn a_power_cut_under_load_never_executes_a_key_twice_nor_loses_an_answer()
     let cuts = env_number("POWER_CUTS").map_or(CUTS, |n| n as usize);
     let seed = env_number("POWER_CUT_SEED").unwrap_or_else(|| std::process::id().into());
     eprintln!("power-cut loop: {cuts} cuts, POWER_CUT_SEED={seed}");
-    let mut random = seed;
     let upstream = ledger::start().await;
     let backing = tempfile::tempdir().unwrap();
     let mountpoint = tempfile::tempdir().unwrap();
-    let mut disk = lazyfs::LazyFs::mount(backing.path(), mountpoint.path())
-        .expect("mounts the power-cut filesystem (run as root, with /dev/fuse)");
-    // The sidecar creates its data dir itself: that directory entry must survive a cut too.
-    let dir = mountpoint.path().join("data");
-    let args = binary::run_args(upstream.addr, &dir, &[]);
-    let answers = Arc::new(Mutex::new(HashMap::new()));
-    let mut all_sent = Vec::new();
-    let mut in_doubt = 0;
-    let mut ready_times = Vec::new();
-    for cut in 0..cuts {
-        let sidecar = binary::start(&args).await;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let load = tokio::spawn(load(sidecar.addr, cut, answers.clone(), stopped));
-        // The cut lands 0-500 ms into the load: anywhere in a call's life.
-        random = splitmix(random);
-        tokio::time::sleep(Duration::from_millis(random % 501)).await;
-        // The power goes: the process stops, and with it everything not synced.
-        sidecar.kill().await;
-        disk = disk.cut().expect("mounts again after the cut");
-        let _ = stop.send(true);
-        let mut sent = load.await.unwrap();
-        sent.sort();
-        sent.dedup();
-
-        let restarted = std::time::Instant::now();
-        let sidecar = binary::start(&args).await;
-        ready_times.push(restarted.elapsed());
-        in_doubt += retry_all(sidecar.addr, sent.clone(), answers.clone()).await;
-        sidecar.kill().await;
-        assert_eq!(
-            upstream.state.executed_twice(),
-            vec![],
-            "cut {cut} (POWER_CUT_SEED={seed}): a key ran twice"
-        );
-        all_sent.extend(sent);
-    }
-    // Every answer of every cycle is still replayed after all those cuts.
-    let sidecar = binary::start(&args).await;
-    let final_in_doubt = retry_all(sidecar.addr, all_sent.clone(), answers.clone()).await;
-    sidecar.kill().await;
-    assert_eq!(
-        upstream.state.executed_twice(),
-        vec![],
-        "POWER_CUT_SEED={seed}"
+    let mut disk = Some(
+        lazyfs::LazyFs::mount(backing.path(), mountpoint.path())
+            .expect("mounts the power-cut filesystem (run as root, with /dev/fuse)"),
     );
-    let counts = disk.counts();
-    ready_times.sort();
+    // The sidecar creates its data dir itself: that directory entry must survive a cut too.
+    let args = binary::run_args(upstream.addr, &mountpoint.path().join("data"), &[]);
+    let mut cuts_loop = CrashLoop::new(upstream, args, "POWER_CUT_SEED", seed);
+    for cut in 0..cuts {
+        cuts_loop
+            .cycle(cut, async |sidecar| {
+                // The power goes: the process stops, and with it everything not synced.
+                sidecar.kill().await;
+                let mounted = disk.take().expect("mounted between cuts");
+                disk = Some(mounted.cut().expect("mounts again after the cut"));
+            })
+            .await;
+    }
+    let summary = cuts_loop.finish().await;
+    let counts = disk.as_ref().expect("mounted").counts();
     eprintln!(
-        "{cuts} power cuts, {} keys, {} executions, {in_doubt} answered as IN_DOUBT ({final_in_doubt} still at the end); {} file syncs, {} directory syncs, {} unsynced pages dropped; restart to listening: p50 {:?}, max {:?}",
-        all_sent.len(),
-        upstream.state.executions(),
-        counts.file_syncs,
-        counts.dir_syncs,
-        counts.pages_lost,
-        ready_times[ready_times.len() / 2],
-        ready_times[ready_times.len() - 1],
+        "{cuts} power cuts, {summary}; {} file syncs, {} directory syncs, {} unsynced pages dropped",
+        counts.file_syncs, counts.dir_syncs, counts.pages_lost,
     );
 }

@@ -9,9 +9,10 @@ mod support;
 use support::tmpfs::Tmpfs;
 use support::{add, apply, client, ledger, reason, was_replayed};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_fails_closed_and_forwards_nothing() {
-    let tmpfs = Tmpfs::mount("16m");
+/// A sidecar whose data dir is on a fresh tmpfs of `size`, with a small cache and a short
+/// store timeout, so a full disk shows at once.
+async fn on_a_tmpfs(size: &str) -> (Tmpfs, ledger::LedgerHandle, support::Sidecar) {
+    let tmpfs = Tmpfs::mount(size);
     let upstream = ledger::start().await;
     let data_dir = tmpfs.path.join("data");
     let sidecar = support::start_sidecar(upstream.addr, |args| {
@@ -20,6 +21,12 @@ async fn a_full_disk_fails_closed_and_forwards_nothing() {
         args.store_timeout = Some("500ms".into());
     })
     .await;
+    (tmpfs, upstream, sidecar)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_closed_and_forwards_nothing() {
+    let (tmpfs, upstream, sidecar) = on_a_tmpfs("16m").await;
     let mut client = client(sidecar.addr).await;
     let first = apply(&mut client, add("before", 1), Some("before"), None)
         .await
@@ -71,15 +78,7 @@ async fn a_full_disk_fails_closed_and_forwards_nothing() {
 /// forwarded, safe to retry": it is told the outcome is unknown, and a retry does not run it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_that_cannot_be_stored_is_answered_as_unknown_not_unavailable() {
-    let tmpfs = Tmpfs::mount("24m");
-    let upstream = ledger::start().await;
-    let data_dir = tmpfs.path.join("data");
-    let sidecar = support::start_sidecar(upstream.addr, |args| {
-        args.data_dir = Some(data_dir.clone());
-        args.sled_cache_bytes = Some("1MiB".into());
-        args.store_timeout = Some("500ms".into());
-    })
-    .await;
+    let (tmpfs, upstream, sidecar) = on_a_tmpfs("24m").await;
     let mut client = client(sidecar.addr).await;
     apply(&mut client, add("before", 1), Some("before"), None)
         .await

@@ -2,10 +2,12 @@
 //! (`power_cut.rs`): callers that send fresh keys, duplicates and hedged copies until the
 //! sidecar dies, and the retry of every key afterwards that checks I1 and I2.
 
-use super::{add, apply, client, reason, was_replayed};
+use super::binary::{self, BinarySidecar};
+use super::{add, apply, client, ledger, reason, was_replayed};
 use idemproxy::pb::idemproxy::testing::v1::ApplyReply;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Callers sending at once.
 const CALLERS: usize = 64;
@@ -170,4 +172,93 @@ pub fn splitmix(state: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// Crashes of the real binary under load, one cycle at a time: each starts the sidecar, loads
+/// it, lets `crash` stop it 0–500 ms in (anywhere in a call's life), restarts it on what
+/// survived, retries every key of the cycle and checks that none ran twice.
+pub struct CrashLoop {
+    upstream: ledger::LedgerHandle,
+    args: Vec<String>,
+    answers: Arc<Mutex<HashMap<String, ApplyReply>>>,
+    random: u64,
+    /// How to replay this run, for failure messages (`NAME=seed`).
+    replay: String,
+    sent: Vec<String>,
+    in_doubt: usize,
+    ready_times: Vec<Duration>,
+}
+
+impl CrashLoop {
+    /// A loop over `upstream` of sidecars started with `args`; `seed` picks the crash times and
+    /// `seed_name` is the variable that replays them.
+    pub fn new(
+        upstream: ledger::LedgerHandle,
+        args: Vec<String>,
+        seed_name: &str,
+        seed: u64,
+    ) -> Self {
+        CrashLoop {
+            upstream,
+            args,
+            answers: Arc::new(Mutex::new(HashMap::new())),
+            random: seed,
+            replay: format!("{seed_name}={seed}"),
+            sent: Vec::new(),
+            in_doubt: 0,
+            ready_times: Vec::new(),
+        }
+    }
+
+    /// One cycle, numbered `number` (it keeps the cycle's keys apart); `crash` must leave the
+    /// sidecar stopped.
+    pub async fn cycle(&mut self, number: usize, crash: impl AsyncFnOnce(BinarySidecar)) {
+        let sidecar = binary::start(&self.args).await;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let load = tokio::spawn(load(sidecar.addr, number, self.answers.clone(), stopped));
+        self.random = splitmix(self.random);
+        tokio::time::sleep(Duration::from_millis(self.random % 501)).await;
+        crash(sidecar).await;
+        let _ = stop.send(true);
+        let mut sent = load.await.unwrap();
+        sent.sort();
+        sent.dedup();
+
+        let restarted = std::time::Instant::now();
+        let sidecar = binary::start(&self.args).await;
+        self.ready_times.push(restarted.elapsed());
+        self.in_doubt += retry_all(sidecar.addr, sent.clone(), self.answers.clone()).await;
+        sidecar.kill().await;
+        assert_eq!(
+            self.upstream.state.executed_twice(),
+            vec![],
+            "cycle {number} ({}): a key ran twice",
+            self.replay
+        );
+        self.sent.extend(sent);
+    }
+
+    /// Retries every key of every cycle once more (every answer is still replayed after all
+    /// the crashes) and says what the loop did.
+    pub async fn finish(mut self) -> String {
+        let sidecar = binary::start(&self.args).await;
+        let keys = std::mem::take(&mut self.sent);
+        let final_in_doubt = retry_all(sidecar.addr, keys.clone(), self.answers.clone()).await;
+        sidecar.kill().await;
+        assert_eq!(
+            self.upstream.state.executed_twice(),
+            vec![],
+            "{}",
+            self.replay
+        );
+        self.ready_times.sort();
+        format!(
+            "{} keys, {} executions, {} answered as IN_DOUBT ({final_in_doubt} still at the end); restart to listening: p50 {:?}, max {:?}",
+            keys.len(),
+            self.upstream.state.executions(),
+            self.in_doubt,
+            self.ready_times[self.ready_times.len() / 2],
+            self.ready_times[self.ready_times.len() - 1],
+        )
+    }
 }

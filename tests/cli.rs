@@ -257,3 +257,22 @@ fn check_prints_the_policy_or_names_what_is_broken() {
     assert_ne!(code, 0, "{stderr}");
     assert!(stderr.contains("/b.S/Up: client-streaming"), "{stderr}");
 }
+
+/// Regression (issue 21): the demo prints its story and nothing else, even when its output is
+/// not a terminal (its sidecar's start-up warnings were the first line, as JSON).
+#[test]
+fn the_demo_prints_its_story_and_no_log_lines() {
+    let output = Command::new(support::binary::path())
+        .arg("demo")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the demo failed: {stderr}");
+    assert!(
+        stdout.starts_with("A message queue delivers"),
+        "the story comes first:\n{stdout}"
+    );
+    assert_eq!(stderr, "", "no log lines beside the story");
+}

@@ -269,7 +269,7 @@ async fn grpcurl_style_tools_find_health_and_reflection_on_the_admin_port() {
         .connect()
         .await
         .unwrap();
-    let health = HealthClient::new(channel)
+    let health = HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
             service: "idemproxy.v1.Admin".into(),
         })
@@ -285,6 +285,37 @@ async fn grpcurl_style_tools_find_health_and_reflection_on_the_admin_port() {
     .unwrap();
     let pool = prost_reflect::DescriptorPool::decode(&reflected[..]).unwrap();
     assert!(pool.get_service_by_name("idemproxy.v1.Admin").is_some());
+    // Both reflection versions list the admin service (issue 21: v1alpha was UNIMPLEMENTED).
+    macro_rules! listed_services {
+        ($version:ident) => {{
+            use tonic_reflection::pb::$version as pb;
+            let request = pb::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(pb::server_reflection_request::MessageRequest::ListServices(
+                    String::new(),
+                )),
+            };
+            let mut answers =
+                pb::server_reflection_client::ServerReflectionClient::new(channel.clone())
+                    .server_reflection_info(tokio_stream::iter([request]))
+                    .await
+                    .unwrap_or_else(|status| panic!("{}: {status:?}", stringify!($version)))
+                    .into_inner();
+            let answer = answers.message().await.unwrap().unwrap();
+            match answer.message_response {
+                Some(pb::server_reflection_response::MessageResponse::ListServicesResponse(
+                    list,
+                )) => list
+                    .service
+                    .into_iter()
+                    .map(|service| service.name)
+                    .collect::<Vec<_>>(),
+                other => panic!("{}: {other:?}", stringify!($version)),
+            }
+        }};
+    }
+    assert!(listed_services!(v1).contains(&"idemproxy.v1.Admin".to_owned()));
+    assert!(listed_services!(v1alpha).contains(&"idemproxy.v1.Admin".to_owned()));
     sidecar.kill().await;
 }
 

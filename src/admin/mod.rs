@@ -435,21 +435,26 @@ pub async fn serve(
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<AdminService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::ADMIN_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1();
-    let reflection = match reflection {
-        Ok(reflection) => Some(reflection),
-        Err(error) => {
-            tracing::warn!(%error, "admin reflection unavailable");
-            None
-        }
+    // Reflection v1, and v1alpha for the clients that still ask it (older grpcurl, grpcui,
+    // Postman, Python's grpc_reflection.v1alpha), as grpc-go and grpc-java serve both.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::ADMIN_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    let (reflection_v1, reflection_v1alpha) =
+        match (reflection().build_v1(), reflection().build_v1alpha()) {
+            (Ok(v1), Ok(v1alpha)) => (Some(v1), Some(v1alpha)),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "admin reflection unavailable");
+                (None, None)
+            }
+        };
     let served = tonic::transport::Server::builder()
         .add_service(AdminServer::with_interceptor(service, check))
         .add_service(health_service)
-        .add_optional_service(reflection)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,

@@ -1139,6 +1139,32 @@ pub fn load(mut args: RunArgs) -> Result<Config, ConfigError> {
     resolve(args, file)
 }
 
+/// The upstream `check` resolves with when none is given: `check` never calls the service
+/// unless `--reflection` asks it to, and then an upstream is required.
+const CHECK_WITHOUT_UPSTREAM: &str = "http://127.0.0.1:16000";
+
+/// `idemproxy check`'s settings: as `load`, but only `--reflection` needs `--upstream`, so a CI
+/// job that lints annotated protos needs no service address.
+pub fn load_for_check(mut args: RunArgs) -> Result<Config, ConfigError> {
+    let file = match &args.config {
+        Some(path) => read_file(path)?,
+        None => FileSettings::default(),
+    };
+    let no_upstream = args.upstream.is_none() && file.upstream.is_none();
+    if no_upstream {
+        args.upstream = Some(CHECK_WITHOUT_UPSTREAM.to_owned());
+    }
+    let config = load(args)?;
+    if no_upstream && config.descriptors.reflection {
+        return Err(ConfigError::Invalid {
+            setting: "reflection",
+            value: "true".into(),
+            reason: "server reflection is asked from the service: give --upstream too".into(),
+        });
+    }
+    Ok(config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -117,7 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })??;
         }
         Command::Check(args) => {
-            let config = idemproxy::config::load(args)?;
+            let config = idemproxy::config::load_for_check(args)?;
             return block_on(None, idemproxy::server::check(&config));
         }
         Command::Keys(args) => return block_on(None, idemproxy::admin::cli::run(args)),

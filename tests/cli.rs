@@ -258,6 +258,32 @@ fn check_prints_the_policy_or_names_what_is_broken() {
     assert!(stderr.contains("/b.S/Up: client-streaming"), "{stderr}");
 }
 
+/// Regression (issue 21): a CI job that lints annotated protos has no service address; only
+/// `--reflection` needs `--upstream`.
+#[test]
+fn check_needs_no_upstream_unless_it_asks_the_service() {
+    let proto_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+    let example = format!("{proto_dir}/idemproxy/example/v1/payments.proto");
+    let output = Command::new(support::binary::path())
+        .args(["check", "--proto", &example, "--proto-path", proto_dir])
+        .env_remove("IDEMPROXY_UPSTREAM")
+        .output()
+        .expect("the binary runs");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table.contains("/idemproxy.example.v1.Payments/Refund"),
+        "{table}"
+    );
+
+    let (code, stderr) = run(&["check", "--reflection"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("--reflection") && stderr.contains("--upstream"),
+        "{stderr}"
+    );
+}
+
 /// Regression (issue 21): the demo prints its story and nothing else, even when its output is
 /// not a terminal (its sidecar's start-up warnings were the first line, as JSON).
 #[test]

@@ -1124,7 +1124,13 @@ fn store_choice(
 }
 
 /// Reads the file named by `args.config` (if any) and resolves.
-pub fn load(mut args: RunArgs) -> Result<Config, ConfigError> {
+pub fn load(args: RunArgs) -> Result<Config, ConfigError> {
+    let (args, file) = gather(args)?;
+    resolve(args, file)
+}
+
+/// The flags with the secrets that come only from the environment, and the config file.
+fn gather(mut args: RunArgs) -> Result<(RunArgs, FileSettings), ConfigError> {
     // Only from the environment: a password flag would show in the process list.
     if args.redis_password.is_none() {
         args.redis_password = std::env::var("IDEMPROXY_REDIS_PASSWORD").ok();
@@ -1136,7 +1142,7 @@ pub fn load(mut args: RunArgs) -> Result<Config, ConfigError> {
         Some(path) => read_file(path)?,
         None => FileSettings::default(),
     };
-    resolve(args, file)
+    Ok((args, file))
 }
 
 /// The upstream `check` resolves with when none is given: `check` never calls the service
@@ -1145,16 +1151,13 @@ const CHECK_WITHOUT_UPSTREAM: &str = "http://127.0.0.1:16000";
 
 /// `idemproxy check`'s settings: as `load`, but only `--reflection` needs `--upstream`, so a CI
 /// job that lints annotated protos needs no service address.
-pub fn load_for_check(mut args: RunArgs) -> Result<Config, ConfigError> {
-    let file = match &args.config {
-        Some(path) => read_file(path)?,
-        None => FileSettings::default(),
-    };
+pub fn load_for_check(args: RunArgs) -> Result<Config, ConfigError> {
+    let (mut args, file) = gather(args)?;
     let no_upstream = args.upstream.is_none() && file.upstream.is_none();
     if no_upstream {
         args.upstream = Some(CHECK_WITHOUT_UPSTREAM.to_owned());
     }
-    let config = load(args)?;
+    let config = resolve(args, file)?;
     if no_upstream && config.descriptors.reflection {
         return Err(ConfigError::Invalid {
             setting: "reflection",

@@ -732,7 +732,7 @@ fn targets(
     );
     if let Some(s) = store {
         let _ = writeln!(out, "\nStoring the {} outcomes through the sidecar took {:.1} s ({:.0} calls/s at 64 in flight).", s.records, s.fill_seconds, s.records as f64 / s.fill_seconds);
-        let logical = s.records * 382;
+        let logical = s.records * sled_alone::LOGICAL_BYTES_PER_RECORD;
         let _ = writeln!(
             out,
             "sled alone, the same records (get, CAS claim, durable flush, CAS outcome, durable flush; 32 writers, group commit, 8 MiB cache): {:.1} s, {:.0} µs CPU per record, RSS {:.1} MiB (peak {:.1}), disk {:.0} MiB for {:.0} MiB logical = {:.2}×, reopen {:.2} s.",

@@ -5,7 +5,6 @@
 //! sidecar's own `Flusher` and `DataDirSync`, so both pay the same fsyncs), the sidecar's
 //! default 8 MiB cache. Its own process, so its RSS and CPU time are its own.
 
-use crate::store::durable::DataDirSync;
 use crate::store::flusher::Flusher;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -17,6 +16,8 @@ const WRITERS: u64 = 32;
 /// The claim and outcome sizes of a 64-byte echo call's record.
 const CLAIM_BYTES: usize = 120;
 const OUTCOME_BYTES: usize = 350;
+/// What one record holds once complete: its 32-byte key and its outcome.
+pub const LOGICAL_BYTES_PER_RECORD: u64 = 32 + OUTCOME_BYTES as u64;
 /// The sidecar's default `--sled-cache-bytes`.
 const CACHE_BYTES: u64 = 8 << 20;
 
@@ -34,21 +35,12 @@ pub struct SledAloneArgs {
 /// `idemproxy bench-sled`: opens (timed), adds the records, prints one line of figures.
 pub async fn run(args: SledAloneArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let db = sled::Config::new()
-        .path(&args.dir)
-        .cache_capacity(CACHE_BYTES)
-        .flush_every_ms(None)
-        .open()?;
+    let db = crate::store::sled::open_db(&args.dir, CACHE_BYTES)?;
     let records = db.open_tree("records")?;
     // A first read, as the sidecar's first call would make.
     records.get([0u8; 32])?;
     let open_seconds = started.elapsed().as_secs_f64();
-    let mut disk = DataDirSync::open(&args.dir)?;
-    let flush_db = db.clone();
-    let flusher = Arc::new(Flusher::start(Box::new(move || {
-        flush_db.flush().map_err(|e| e.to_string())?;
-        disk.sync().map_err(|e| e.to_string())
-    }))?);
+    let flusher = Arc::new(crate::store::durable::start_flusher(&db, &args.dir)?);
     let cpu_before = super::procs::cpu_seconds(std::process::id(), false);
     let filled = std::time::Instant::now();
     let writers: Vec<_> = (0..WRITERS)

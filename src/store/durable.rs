@@ -11,6 +11,7 @@
 //! before this process (an older release, a crash during a first start) is left unsynced.
 //! It never writes a byte of its own into the data dir.
 
+use super::flusher::Flusher;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
@@ -83,6 +84,19 @@ impl DataDirSync {
         // Beside the log: sled's `conf` (written unsynced) and its snapshots.
         sync_entries(&self.dir, &mut self.dir_entries)
     }
+}
+
+/// The group-commit flusher of a sled database in `dir`: each flush is sled's (which ends in
+/// `sync_file_range`), then `DataDirSync::sync`, so what it acknowledges survives a power cut.
+/// Syncs everything already in `dir` first.
+pub fn start_flusher(db: &sled::Db, dir: &Path) -> io::Result<Flusher> {
+    let mut disk = DataDirSync::open(dir)?;
+    let db = db.clone();
+    Flusher::start(Box::new(move || {
+        db.flush().map_err(|e| e.to_string())?;
+        disk.sync()
+            .map_err(|error| format!("cannot sync the data dir: {error}"))
+    }))
 }
 
 /// Syncs each file of `dir` that is new or has grown since `synced` was taken (the log is

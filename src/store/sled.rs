@@ -11,7 +11,7 @@
 //! (`durable.rs`), before `update` returns, and so is any record a reader sees while its writer
 //! still waits for that flush.
 
-use super::durable::{DataDirSync, PROBE_FILE};
+use super::durable::{self, DataDirSync, PROBE_FILE};
 use super::flusher::Flusher;
 use super::{Maintenance, Store, StoreError, Usage};
 use crate::key::Key;
@@ -124,6 +124,16 @@ fn entry_bytes(value_len: usize) -> u64 {
     (32 + value_len) as u64
 }
 
+/// Opens sled in `dir` as the store uses it (the benchmark's sled-alone baseline too).
+pub fn open_db(dir: &std::path::Path, cache_bytes: u64) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_bytes)
+        // Our flusher makes every acknowledged write durable; sled's timer adds nothing.
+        .flush_every_ms(None)
+        .open()
+}
+
 impl SledStore {
     /// Group commit's flush and write counts (for the telemetry's batch-size counters).
     pub fn group_commit_counts(&self) -> std::sync::Arc<super::flusher::GroupCommitCounts> {
@@ -139,29 +149,15 @@ impl SledStore {
                 options.dir.display()
             ))
         })?;
-        let db = sled::Config::new()
-            .path(&options.dir)
-            .cache_capacity(options.cache_bytes)
-            // Our flusher makes every acknowledged write durable; sled's timer adds nothing.
-            .flush_every_ms(None)
-            .open()
-            .map_err(store_error)?;
+        let db = open_db(&options.dir, options.cache_bytes).map_err(store_error)?;
         let records = db.open_tree("records").map_err(store_error)?;
         let expiry = db.open_tree("expiry").map_err(store_error)?;
-        let mut disk = DataDirSync::open(&options.dir).map_err(|error| {
+        let flusher = durable::start_flusher(&db, &options.dir).map_err(|error| {
             StoreError::Io(format!(
-                "cannot sync data dir {}: {error}",
+                "cannot sync data dir {} or start its flusher: {error}",
                 options.dir.display()
             ))
         })?;
-        let flush_db = db.clone();
-        let flusher = Flusher::start(Box::new(move || {
-            flush_db.flush().map_err(|e| e.to_string())?;
-            // sled's flush ends with `sync_file_range`: the fsyncs make it survive a power cut.
-            disk.sync()
-                .map_err(|error| format!("cannot sync the data dir: {error}"))
-        }))
-        .map_err(|error| StoreError::Io(format!("cannot start the flusher thread: {error}")))?;
         let store = SledStore {
             db,
             dir: options.dir.clone(),

@@ -226,6 +226,14 @@ impl State {
         })
     }
 
+    /// A directory or, for anything else (a file, or an inode a cut forgot), a regular file.
+    fn file_type(&self, number: u64) -> FileType {
+        match self.inodes.get(&number).map(|inode| &inode.kind) {
+            Some(Kind::Dir { .. }) => FileType::Directory,
+            _ => FileType::RegularFile,
+        }
+    }
+
     fn entries_mut(&mut self, dir: u64) -> Result<&mut BTreeMap<OsString, u64>, Errno> {
         match self.inodes.get_mut(&dir).map(|inode| &mut inode.kind) {
             Some(Kind::Dir { entries }) => Ok(entries),
@@ -317,8 +325,8 @@ impl State {
         };
         let mut listing = Vec::new();
         for (name, child) in entries {
-            let kind = match self.inodes.get(child).map(|inode| &inode.kind) {
-                Some(Kind::Dir { .. }) => "d",
+            let kind = match self.file_type(*child) {
+                FileType::Directory => "d",
                 _ => "f",
             };
             writeln!(listing, "{child} {kind} {}", hex(name.as_bytes()))?;
@@ -629,16 +637,8 @@ impl Filesystem for LazyFsServer {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let mut state = self.state();
-        let synced = if matches!(
-            state.inodes.get(&ino.0).map(|i| &i.kind),
-            Some(Kind::Dir { .. })
-        ) {
-            state.sync_dir(ino.0)
-        } else {
-            state.sync_file(ino.0)
-        };
-        match synced.map_err(io_errno) {
+        // A directory's fsync arrives as `fsyncdir`.
+        match self.state().sync_file(ino.0).map_err(io_errno) {
             Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
         }
@@ -653,24 +653,19 @@ impl Filesystem for LazyFsServer {
         mut reply: ReplyDirectory,
     ) {
         let mut state = self.state();
-        let listing: Vec<(u64, FileType, OsString)> = match state.entries_mut(ino.0) {
-            Ok(entries) => entries
-                .iter()
-                .map(|(name, child)| (*child, FileType::RegularFile, name.clone()))
-                .collect(),
+        let children = match state.entries_mut(ino.0) {
+            Ok(entries) => entries.clone(),
             Err(errno) => return reply.error(errno),
         };
         let mut all = vec![
             (ino.0, FileType::Directory, OsString::from(".")),
             (ino.0, FileType::Directory, OsString::from("..")),
         ];
-        for (child, _, name) in listing {
-            let kind = match state.inodes.get(&child).map(|inode| &inode.kind) {
-                Some(Kind::Dir { .. }) => FileType::Directory,
-                _ => FileType::RegularFile,
-            };
-            all.push((child, kind, name));
-        }
+        all.extend(
+            children
+                .into_iter()
+                .map(|(name, child)| (child, state.file_type(child), name)),
+        );
         for (index, (child, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(child), index as u64 + 1, kind, name) {
                 break;

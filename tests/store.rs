@@ -210,6 +210,48 @@ async fn a_restart_turns_the_previous_process_claims_into_in_doubt() {
     assert_eq!(store.usage().records, 0);
 }
 
+/// The sweeper writes the expiry index once a round, so a crash loses the entries buffered
+/// since: the next start re-indexes the records written after the index's watermark (and only
+/// those), and every record still expires.
+#[tokio::test]
+async fn records_whose_index_entries_a_crash_lost_still_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let hour_ms = 3_600_000;
+    {
+        let store = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
+        store.reconcile(&[1; 8]).unwrap();
+        for n in 0..10u8 {
+            claim(&store, &format!("indexed-{n}"), 1, n, 0)
+                .await
+                .unwrap();
+        }
+        // Writes their entries (none is due yet), and the watermark: everything written before
+        // now is indexed.
+        assert_eq!(store.maintain(hour_ms - 1_000).unwrap().expired, 0);
+        for n in 10..15u8 {
+            claim(&store, &format!("buffered-{n}"), 1, n, hour_ms + 1_000)
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            store.index_entries().unwrap(),
+            10,
+            "five entries only in memory"
+        );
+    }
+    let store = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
+    let found = store.reconcile(&[2; 8]).unwrap();
+    assert_eq!(found.records, 15);
+    assert_eq!(
+        store.index_entries().unwrap(),
+        15,
+        "the five lost entries are written again, the ten covered ones are not"
+    );
+    let swept = store.maintain(100 * hour_ms).unwrap();
+    assert_eq!(swept.expired, 15);
+    assert_eq!(store.usage().records, 0);
+}
+
 #[tokio::test]
 async fn reconciling_marks_every_orphaned_claim_in_doubt() {
     let dir = tempfile::tempdir().unwrap();

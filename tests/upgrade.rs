@@ -73,3 +73,56 @@ async fn a_data_dir_of_release_0_1_0_keeps_protecting_its_keys() {
     assert!(was_replayed(&reply));
     assert_eq!(upstream.state.executions(), 1);
 }
+
+/// The records of 0.1.0 were indexed for expiry one sled key each, in a tree this release no
+/// longer keeps: the first walk re-indexes them all and drops that tree, and they still expire
+/// at their retention, not earlier and not never.
+#[tokio::test]
+async fn the_records_of_release_0_1_0_still_expire_and_their_old_index_goes() {
+    use idemproxy::store::sled::{SledOptions, SledStore};
+    use idemproxy::store::Store;
+    let unpacked = tempfile::tempdir().unwrap();
+    let dir = unpack("data-dir-0.1.0.tar.gz", unpacked.path());
+    let options = SledOptions {
+        dir: dir.clone(),
+        cache_bytes: 1 << 20,
+        bytes_max: 1 << 30,
+        flush_per_write: false,
+        flush_timeout: std::time::Duration::from_secs(10),
+    };
+    let trees = |dir: &std::path::Path| {
+        let db = sled::open(dir).unwrap();
+        db.tree_names()
+            .iter()
+            .map(|name| String::from_utf8_lossy(name).into_owned())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        trees(&dir).contains(&"expiry".to_string()),
+        "the fixture has the old index"
+    );
+    let store = SledStore::open(&options).unwrap();
+    let found = store.reconcile(&[7; 8]).unwrap();
+    assert_eq!(found.records, 21);
+    assert_eq!(
+        store.index_entries().unwrap(),
+        21,
+        "every record re-indexed"
+    );
+    // The fixture was written in 2026 with a 24 h retention: nothing is due a second before
+    // its writing, everything is due a year later.
+    let written_ms = 1_764_000_000_000;
+    assert_eq!(store.maintain(written_ms).unwrap().expired, 0);
+    let year_ms = 366 * 86_400_000;
+    assert_eq!(
+        store.maintain(written_ms + 2 * year_ms).unwrap().expired,
+        21
+    );
+    assert_eq!(store.usage().records, 0);
+    drop(store);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        !trees(&dir).contains(&"expiry".to_string()),
+        "the old index is dropped"
+    );
+}

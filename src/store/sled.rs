@@ -1,17 +1,19 @@
 //! The embedded store on sled 0.34 (design §5): one process owns the data dir.
 //!
 //! Records live in the `records` tree, one protobuf `Record` per 32-byte key, changed only by
-//! compare-and-swap. The `expiry` tree indexes (expires_ms, key) for the sweeper and for
-//! eviction; it may lag the records and is reconciled after start, but it never decides a
-//! claim. Opening does not scan: one process owns the data dir, so a claim that meets an
-//! IN_FLIGHT record of another process incarnation knows it is orphaned (`record::claim`).
-//! `reconcile` then walks the records in the background: counts them, rebuilds missing index
-//! entries and marks orphaned claims IN_DOUBT for operators.
+//! compare-and-swap. The expiry index (`expiry.rs`, many entries to a sled value) finds them
+//! for the sweeper and for eviction; it may lag the records and is reconciled after start,
+//! but it never decides a claim. Opening does not scan: one process owns the data dir, so a
+//! claim that meets an IN_FLIGHT record of another process incarnation knows it is orphaned
+//! (`record::claim`). `reconcile` then walks the records in the background: counts them,
+//! re-indexes those written after the index's watermark, and marks orphaned claims IN_DOUBT
+//! for operators.
 //! Every acknowledged change is flushed by the group-commit flusher, and fsynced
 //! (`durable.rs`), before `update` returns, and so is any record a reader sees while its writer
 //! still waits for that flush.
 
 use super::durable::{self, DataDirSync, PROBE_FILE};
+use super::expiry::{self, ExpiryIndex};
 use super::flusher::Flusher;
 use super::{Maintenance, Store, StoreError, Usage};
 use crate::key::Key;
@@ -23,7 +25,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// How many index entries one maintenance round looks at, so a round stays short.
+/// How many index entries one maintenance round looks at (whole chunks), so a round stays
+/// short.
 const MAINTENANCE_ENTRIES_MAX: usize = 10_000;
 
 /// Eviction stops when the store is this fraction of its bound, so it does not run again at
@@ -34,9 +37,16 @@ const EVICTION_LOW_WATER_PERCENT: u64 = 90;
 const PENDING_SHARDS: usize = 16;
 
 /// Index entries buffered between two sweeps, at most (40 bytes an entry). Past it, entries
-/// are dropped: their records then outlive their retention until the next start rebuilds the
-/// index, which keeps a key protected longer, never shorter.
+/// are dropped: their records then outlive their retention until the next start re-indexes
+/// them (the watermark stops), which keeps a key protected longer, never shorter.
 const INDEX_BUFFER_MAX: usize = 65_536;
+
+/// The tree of one index entry per record that releases before 0.2 kept: its records are
+/// re-indexed by the first `reconcile`, then it is dropped.
+const LEGACY_EXPIRY_TREE: &[u8] = b"expiry";
+
+/// Entries `reconcile` re-indexes in one write.
+const RECONCILE_ENTRIES_PER_WRITE: usize = 16_384;
 
 /// How to open the sled store.
 #[derive(Debug, Clone)]
@@ -60,13 +70,21 @@ pub struct SledStore {
     /// The data directory, probed for writability by `check`.
     dir: PathBuf,
     records: sled::Tree,
-    expiry: sled::Tree,
+    index: ExpiryIndex,
+    /// The data dir was written by a release with a record-per-entry `expiry` tree.
+    legacy_index: bool,
+    /// Set once `reconcile` has re-indexed what a crash may have lost; until then the
+    /// watermark does not move.
+    reconciled: AtomicBool,
+    /// Set for good once the buffer overflowed and dropped entries: the watermark stops, so
+    /// the next start re-indexes what was written from then on.
+    index_lost: AtomicBool,
     flusher: Flusher,
     /// Keys written but not yet flushed, with how many writers are waiting on each.
     pending: [Mutex<HashMap<Key, u32>>; PENDING_SHARDS],
-    /// Expiry index entries not yet in the `expiry` tree: written in one batch per sweep, so
-    /// the per-call path writes only the record.
-    index_buffer: Mutex<Vec<[u8; 40]>>,
+    /// Expiry index entries not yet in the index: written as chunks by each sweep, so the
+    /// per-call path writes only the record.
+    index_buffer: Mutex<Vec<expiry::Entry>>,
     /// Set once the buffer overflowed since the last sweep, so the warning is logged once.
     index_overflowed: AtomicBool,
     records_count: AtomicU64,
@@ -96,7 +114,8 @@ pub struct Recovery {
     pub in_doubt: u64,
 }
 
-fn store_error(error: sled::Error) -> StoreError {
+/// A sled error as the store reports it.
+pub(super) fn store_error(error: sled::Error) -> StoreError {
     match error {
         sled::Error::Corruption { .. } => StoreError::Corrupt(error.to_string()),
         other => StoreError::Io(other.to_string()),
@@ -112,13 +131,6 @@ fn decode(key: &Key, bytes: &[u8]) -> Result<Record, StoreError> {
 
 /// Why a store whose flush failed takes no more writes.
 const SUSPECT: &str = "a write to the data dir failed or timed out earlier; nothing more is acknowledged until the sidecar restarts";
-
-fn index_key(expires_ms: u64, key: &Key) -> [u8; 40] {
-    let mut out = [0u8; 40];
-    out[..8].copy_from_slice(&expires_ms.to_be_bytes());
-    out[8..].copy_from_slice(key.as_bytes());
-    out
-}
 
 fn entry_bytes(value_len: usize) -> u64 {
     (32 + value_len) as u64
@@ -151,7 +163,11 @@ impl SledStore {
         })?;
         let db = open_db(&options.dir, options.cache_bytes).map_err(store_error)?;
         let records = db.open_tree("records").map_err(store_error)?;
-        let expiry = db.open_tree("expiry").map_err(store_error)?;
+        let index = ExpiryIndex::open(&db)?;
+        let legacy_index = db
+            .tree_names()
+            .iter()
+            .any(|name| name.as_ref() == LEGACY_EXPIRY_TREE);
         let flusher = durable::start_flusher(&db, &options.dir).map_err(|error| {
             StoreError::Io(format!(
                 "cannot sync data dir {} or start its flusher: {error}",
@@ -162,7 +178,10 @@ impl SledStore {
             db,
             dir: options.dir.clone(),
             records,
-            expiry,
+            index,
+            legacy_index,
+            reconciled: AtomicBool::new(false),
+            index_lost: AtomicBool::new(false),
             flusher,
             pending: Default::default(),
             index_buffer: Mutex::new(Vec::new()),
@@ -180,11 +199,21 @@ impl SledStore {
     }
 
     /// Walks every record once, after start and beside live traffic: marks claims of earlier
-    /// processes (any incarnation but `live`) IN_DOUBT, rebuilds missing expiry index entries
-    /// (they may lag after a crash), and counts records and bytes for the size bound. Writes
-    /// that land during the walk make the counts approximate, which the bound tolerates.
-    /// Blocking: run it off the async runtime's threads.
+    /// processes (any incarnation but `live`) IN_DOUBT, re-indexes the records written after
+    /// the index's watermark (a crash loses the entries not yet written; a data dir of an
+    /// earlier release has all its records re-indexed, then its old index dropped), and
+    /// counts records and bytes for the size bound. Writes that land during the walk make the
+    /// counts approximate, which the bound tolerates. Blocking: run it off the async runtime's
+    /// threads.
     pub fn reconcile(&self, live: &[u8; 8]) -> Result<Recovery, StoreError> {
+        // (A data dir of an earlier release has no watermark: all its records are re-indexed.)
+        let watermark = self.index.watermark()?;
+        let covered = |record_written_ms: u64| {
+            watermark.is_some_and(|watermark| {
+                record_written_ms.saturating_add(expiry::WATERMARK_MARGIN_MS) < watermark
+            })
+        };
+        let mut reindex = Vec::new();
         let mut recovery = Recovery::default();
         let mut bytes = 0;
         let mut callers: HashMap<String, u64> = HashMap::new();
@@ -203,7 +232,10 @@ impl SledStore {
                         Change::Put(next) => Some(next),
                         _ => current,
                     };
-                    seen = kept.map(|r| (r.expires_ms, r.encoded_len(), r.caller.clone()));
+                    seen = kept.map(|r| {
+                        let written_ms = r.created_ms.max(r.completed_ms);
+                        (r.expires_ms, written_ms, r.encoded_len(), r.caller.clone())
+                    });
                     let doubted = matches!(change, Change::Put(_));
                     (change, doubted)
                 },
@@ -213,13 +245,15 @@ impl SledStore {
                 self.unmark_pending(&key);
             }
             recovery.in_doubt += u64::from(result?);
-            let Some((expires_ms, len, caller)) = seen else {
+            let Some((expires_ms, written_ms, len, caller)) = seen else {
                 continue;
             };
             *callers.entry(caller).or_insert(0) += 1;
-            let index = index_key(expires_ms, &key);
-            if !self.expiry.contains_key(index).map_err(store_error)? {
-                self.expiry.insert(index, &[]).map_err(store_error)?;
+            if !covered(written_ms) {
+                reindex.push(expiry::entry(expires_ms, key.as_bytes()));
+                if reindex.len() >= RECONCILE_ENTRIES_PER_WRITE {
+                    self.index.write(std::mem::take(&mut reindex))?;
+                }
             }
             recovery.records += 1;
             bytes += entry_bytes(len);
@@ -228,6 +262,13 @@ impl SledStore {
             .store(recovery.records, Ordering::Relaxed);
         self.bytes.store(bytes, Ordering::Relaxed);
         *self.callers.lock().expect("callers lock is never poisoned") = callers;
+        self.index.write(reindex)?;
+        if self.legacy_index {
+            self.db.drop_tree(LEGACY_EXPIRY_TREE).map_err(store_error)?;
+        }
+        // Every record is indexed now, or buffered for the next sweep, which may move the
+        // watermark once it has written them.
+        self.reconciled.store(true, Ordering::Release);
         self.db.flush().map_err(store_error)?;
         Ok(recovery)
     }
@@ -325,13 +366,13 @@ impl SledStore {
             }
             if let Change::Put(record) = &change {
                 // The index may lag the record; a missing entry is rebuilt at start.
-                self.buffer_index(index_key(record.expires_ms, key));
+                self.buffer_index(expiry::entry(record.expires_ms, key.as_bytes()));
             }
             return Ok(value);
         }
     }
 
-    fn buffer_index(&self, entry: [u8; 40]) {
+    fn buffer_index(&self, entry: expiry::Entry) {
         let mut buffer = self
             .index_buffer
             .lock()
@@ -339,6 +380,7 @@ impl SledStore {
         if buffer.len() < INDEX_BUFFER_MAX {
             buffer.push(entry);
         } else if !self.index_overflowed.swap(true, Ordering::Relaxed) {
+            self.index_lost.store(true, Ordering::Release);
             tracing::warn!(
                 entries = INDEX_BUFFER_MAX,
                 "the expiry index buffer is full; some records will expire only after a restart"
@@ -348,7 +390,10 @@ impl SledStore {
 
     /// Writes buffered index entries to the `expiry` tree, one insert each. Not a batch:
     /// sled's batches take a database-wide lock, and on a full disk one never returns.
-    fn write_index(&self) -> Result<(), StoreError> {
+    fn write_index(&self, now_ms: u64) -> Result<(), StoreError> {
+        // Read before the buffer is taken: reconciling may end (and buffer its last entries)
+        // meanwhile, and those are not in this write.
+        let reconciled = self.reconciled.load(Ordering::Acquire);
         let entries = std::mem::take(
             &mut *self
                 .index_buffer
@@ -356,8 +401,9 @@ impl SledStore {
                 .expect("index buffer lock is never poisoned"),
         );
         self.index_overflowed.store(false, Ordering::Relaxed);
-        for entry in entries {
-            self.expiry.insert(entry, &[]).map_err(store_error)?;
+        self.index.write(entries)?;
+        if reconciled && !self.index_lost.load(Ordering::Acquire) {
+            self.index.set_watermark(now_ms)?;
         }
         Ok(())
     }
@@ -397,20 +443,18 @@ impl SledStore {
         }
     }
 
-    /// Applies `decide` to the record an index entry points at; drops stale entries.
-    /// Returns whether the record was deleted.
+    /// Applies `decide` to the record an index entry points at. Returns whether the record
+    /// was deleted, and whether the entry still indexes it (it is stale when its record is
+    /// gone, re-dated, or deleted now).
     fn maintain_entry(
         &self,
-        index: &[u8],
+        entry: &[u8],
         decide: impl Fn(Option<&Record>) -> Change,
-    ) -> Result<bool, StoreError> {
-        let key = Key::from_slice(&index[8..])
+    ) -> Result<(bool, bool), StoreError> {
+        let key = Key::from_slice(&entry[8..])
             .ok_or_else(|| StoreError::Corrupt("an expiry index entry is malformed".into()))?;
-        let expires_ms =
-            u64::from_be_bytes(index[..8].try_into().expect("index keys are 40 bytes"));
+        let expires_ms = expiry::expires_ms(entry);
         let mut marked = false;
-        // The transition reports (deleted, still indexed by this entry): an entry is stale
-        // when its record is gone, re-dated, or deleted now.
         let result = self.apply(
             &key,
             &mut |current| match current {
@@ -426,31 +470,48 @@ impl SledStore {
         if marked {
             self.unmark_pending(&key);
         }
-        let (deleted, still_indexed) = result?;
-        if !still_indexed {
-            self.expiry.remove(index).map_err(store_error)?;
-        }
-        Ok(deleted)
+        result
     }
 
+    /// Deletes the COMPLETED records closest to expiry while the store is over its bound.
     fn evict(&self, outcome: &mut Maintenance) -> Result<(), StoreError> {
         let low_water = self.bytes_max / 100 * EVICTION_LOW_WATER_PERCENT;
         if self.bytes.load(Ordering::Relaxed) <= self.bytes_max {
             self.full.store(false, Ordering::Release);
             return Ok(());
         }
-        for entry in self.expiry.iter().take(MAINTENANCE_ENTRIES_MAX) {
-            if self.bytes.load(Ordering::Relaxed) <= low_water {
-                break;
+        let mut looked_at = 0;
+        for chunk in self.index.chunks(None) {
+            let chunk = chunk?;
+            let mut kept = Vec::new();
+            for entry in chunk.entries() {
+                if self.bytes.load(Ordering::Relaxed) <= low_water {
+                    kept.push(entry);
+                    continue;
+                }
+                looked_at += 1;
+                let (deleted, still_indexed) = self.maintain_entry(entry, record::evict)?;
+                outcome.evicted += u64::from(deleted);
+                if still_indexed {
+                    kept.push(entry);
+                }
             }
-            let (index, _) = entry.map_err(store_error)?;
-            if self.maintain_entry(&index, record::evict)? {
-                outcome.evicted += 1;
+            self.index.keep(&chunk, &kept)?;
+            if looked_at >= MAINTENANCE_ENTRIES_MAX
+                || self.bytes.load(Ordering::Relaxed) <= low_water
+            {
+                break;
             }
         }
         let still_over = self.bytes.load(Ordering::Relaxed) > self.bytes_max;
         self.full.store(still_over, Ordering::Release);
         Ok(())
+    }
+
+    /// Entries in the expiry index (stale ones included), for tests and benchmarks.
+    /// Blocking: reads the whole index.
+    pub fn index_entries(&self) -> Result<usize, StoreError> {
+        self.index.len()
     }
 }
 
@@ -552,21 +613,29 @@ impl Store for SledStore {
     }
 
     fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
-        self.write_index()?;
+        self.write_index(now_ms)?;
         let mut outcome = Maintenance::default();
-        let due = self
-            .expiry
-            .range(
-                ..index_key(
-                    now_ms.saturating_add(1),
-                    &Key::from_slice(&[0; 32]).expect("32 bytes"),
-                ),
-            )
-            .take(MAINTENANCE_ENTRIES_MAX);
-        for entry in due {
-            let (index, _) = entry.map_err(store_error)?;
-            if self.maintain_entry(&index, |current| record::sweep(current, now_ms))? {
-                outcome.expired += 1;
+        let mut looked_at = 0;
+        for chunk in self.index.chunks(Some(now_ms)) {
+            let chunk = chunk?;
+            let mut kept = Vec::new();
+            for entry in chunk.entries() {
+                if expiry::expires_ms(entry) > now_ms {
+                    // Its bucket has begun, its record's retention has not ended.
+                    kept.push(entry);
+                    continue;
+                }
+                looked_at += 1;
+                let (deleted, still_indexed) =
+                    self.maintain_entry(entry, |current| record::sweep(current, now_ms))?;
+                outcome.expired += u64::from(deleted);
+                if still_indexed {
+                    kept.push(entry);
+                }
+            }
+            self.index.keep(&chunk, &kept)?;
+            if looked_at >= MAINTENANCE_ENTRIES_MAX {
+                break;
             }
         }
         self.evict(&mut outcome)?;

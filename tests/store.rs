@@ -203,53 +203,47 @@ async fn a_restart_turns_the_previous_process_claims_into_in_doubt() {
     };
     assert_eq!(state("fresh"), Some(State::InFlight));
     assert_eq!(state("running"), Some(State::InDoubt));
-    // The expiry index was rebuilt, so the sweeper finds every record when it expires (by
-    // then the new claim's lease is long over too).
+    // The sweeper finds every record when it expires (by then the new claim's lease is long
+    // over too).
     let swept = store.maintain(u64::MAX / 2).unwrap();
     assert_eq!(swept.expired, 3);
     assert_eq!(store.usage().records, 0);
 }
 
-/// The sweeper writes the expiry index once a round, so a crash loses the entries buffered
-/// since: the next start re-indexes the records written after the index's watermark (and only
-/// those), and every record still expires.
-#[tokio::test]
-async fn records_whose_index_entries_a_crash_lost_still_expire() {
+/// The sweeper keeps no index: it walks the records, 10,000 a round, going on where the last
+/// round stopped, so a store larger than one round is swept whole in a few rounds, and a
+/// round that finds nothing due walks on regardless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_walks_a_store_larger_than_one_round_in_turn() {
     let dir = tempfile::tempdir().unwrap();
-    let hour_ms = 3_600_000;
-    {
-        let store = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
-        store.reconcile(&[1; 8]).unwrap();
-        for n in 0..10u8 {
-            claim(&store, &format!("indexed-{n}"), 1, n, 0)
-                .await
-                .unwrap();
-        }
-        // Writes their entries (none is due yet), and the watermark: everything written before
-        // now is indexed.
-        assert_eq!(store.maintain(hour_ms - 1_000).unwrap().expired, 0);
-        for n in 10..15u8 {
-            claim(&store, &format!("buffered-{n}"), 1, n, hour_ms + 1_000)
-                .await
-                .unwrap();
-        }
-        assert_eq!(
-            store.index_entries().unwrap(),
-            10,
-            "five entries only in memory"
-        );
+    let store = std::sync::Arc::new(SledStore::open(&options(dir.path(), 1 << 30)).unwrap());
+    const RECORDS: u32 = 25_000;
+    let writers: Vec<_> = (0..32u32)
+        .map(|writer| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for n in (writer..RECORDS).step_by(32) {
+                    let key = Key::derive("/s.S/M", "-", &n.to_be_bytes());
+                    let mut request = claim_request(1, 0, 0);
+                    // Every other record is due at 1 s, the rest in 30 years.
+                    request.expires_ms = if n % 2 == 0 { 1_000 } else { 1 << 40 };
+                    request.lease_until_ms = 500;
+                    let claimed = store.update(&key, |current| record::claim(current, &request));
+                    assert_eq!(claimed.await.unwrap(), Claimed::Owned);
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
     }
-    let store = SledStore::open(&options(dir.path(), 1 << 30)).unwrap();
-    let found = store.reconcile(&[2; 8]).unwrap();
-    assert_eq!(found.records, 15);
-    assert_eq!(
-        store.index_entries().unwrap(),
-        15,
-        "the five lost entries are written again, the ten covered ones are not"
-    );
-    let swept = store.maintain(100 * hour_ms).unwrap();
-    assert_eq!(swept.expired, 15);
-    assert_eq!(store.usage().records, 0);
+    let rounds: Vec<u64> = (0..4)
+        .map(|_| store.maintain(2_000).unwrap().expired)
+        .collect();
+    assert_eq!(rounds.iter().sum::<u64>(), u64::from(RECORDS / 2), "{rounds:?}");
+    assert_eq!(rounds[3], 0, "three rounds walk 25,000 records: {rounds:?}");
+    assert!(rounds[0] <= 5_500, "a round looks at 10,000 records: {rounds:?}");
+    assert_eq!(store.usage().records, u64::from(RECORDS / 2));
 }
 
 #[tokio::test]

@@ -7,7 +7,6 @@
 //! `AnyStore`, the one the server runs on, chosen by the settings.
 
 pub mod durable;
-pub mod expiry;
 pub mod flusher;
 pub mod memory;
 pub mod redis;

@@ -1,19 +1,20 @@
 //! The embedded store on sled 0.34 (design §5): one process owns the data dir.
 //!
 //! Records live in the `records` tree, one protobuf `Record` per 32-byte key, changed only by
-//! compare-and-swap. The expiry index (`expiry.rs`, many entries to a sled value) finds them
-//! for the sweeper and for eviction; it may lag the records and is reconciled after start,
-//! but it never decides a claim. Opening does not scan: one process owns the data dir, so a
-//! claim that meets an IN_FLIGHT record of another process incarnation knows it is orphaned
-//! (`record::claim`). `reconcile` then walks the records in the background: counts them,
-//! re-indexes those written after the index's watermark, and marks orphaned claims IN_DOUBT
-//! for operators.
+//! compare-and-swap, and nothing else: sled holds one key per record. No expiry index: the
+//! sweeper walks the records in key order, `MAINTENANCE_RECORDS_MAX` a round, deleting those
+//! whose retention ended and, over the size bound, the COMPLETED ones closest to expiry
+//! among those it looks at. A record past its retention is already treated as absent by
+//! every transition (`record::is_expired`), so a walk that reaches it later only frees its
+//! space later; it never changes an answer. Opening does not scan: one process owns the
+//! data dir, so a claim that meets an IN_FLIGHT record of another process incarnation knows
+//! it is orphaned (`record::claim`). `reconcile` then walks the records in the background:
+//! counts them and marks orphaned claims IN_DOUBT for operators.
 //! Every acknowledged change is flushed by the group-commit flusher, and fsynced
 //! (`durable.rs`), before `update` returns, and so is any record a reader sees while its writer
 //! still waits for that flush.
 
 use super::durable::{self, DataDirSync, PROBE_FILE};
-use super::expiry::{self, ExpiryIndex};
 use super::flusher::Flusher;
 use super::{Maintenance, Store, StoreError, Usage};
 use crate::key::Key;
@@ -25,9 +26,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// How many index entries one maintenance round looks at (whole chunks), so a round stays
-/// short.
-const MAINTENANCE_ENTRIES_MAX: usize = 10_000;
+/// How many records one maintenance round looks at, so a round stays short. At the default
+/// sweep interval of 1 s, a walk over 1 M records takes 100 s.
+const MAINTENANCE_RECORDS_MAX: usize = 10_000;
 
 /// Eviction stops when the store is this fraction of its bound, so it does not run again at
 /// the very next write.
@@ -36,17 +37,9 @@ const EVICTION_LOW_WATER_PERCENT: u64 = 90;
 /// Lock shards of the set of keys whose writes are not yet flushed.
 const PENDING_SHARDS: usize = 16;
 
-/// Index entries buffered between two sweeps, at most (40 bytes an entry). Past it, entries
-/// are dropped: their records then outlive their retention until the next start re-indexes
-/// them (the watermark stops), which keeps a key protected longer, never shorter.
-const INDEX_BUFFER_MAX: usize = 65_536;
-
-/// The tree of one index entry per record that releases before 0.2 kept: its records are
-/// re-indexed by the first `reconcile`, then it is dropped.
+/// The expiry index that data dirs written by 0.1.0 hold, one sled key per record: dropped
+/// by the first `reconcile` (the sweeper's walk needs none).
 const LEGACY_EXPIRY_TREE: &[u8] = b"expiry";
-
-/// Entries `reconcile` re-indexes in one write.
-const RECONCILE_ENTRIES_PER_WRITE: usize = 16_384;
 
 /// How to open the sled store.
 #[derive(Debug, Clone)]
@@ -70,23 +63,11 @@ pub struct SledStore {
     /// The data directory, probed for writability by `check`.
     dir: PathBuf,
     records: sled::Tree,
-    index: ExpiryIndex,
-    /// The data dir was written by a release with a record-per-entry `expiry` tree.
-    legacy_index: bool,
-    /// Set once `reconcile` has re-indexed what a crash may have lost; until then the
-    /// watermark does not move.
-    reconciled: AtomicBool,
-    /// Set for good once the buffer overflowed and dropped entries: the watermark stops, so
-    /// the next start re-indexes what was written from then on.
-    index_lost: AtomicBool,
+    /// Where the sweeper's walk goes on: after this key (`None`: from the first).
+    sweep_from: Mutex<Option<sled::IVec>>,
     flusher: Flusher,
     /// Keys written but not yet flushed, with how many writers are waiting on each.
     pending: [Mutex<HashMap<Key, u32>>; PENDING_SHARDS],
-    /// Expiry index entries not yet in the index: written as chunks by each sweep, so the
-    /// per-call path writes only the record.
-    index_buffer: Mutex<Vec<expiry::Entry>>,
-    /// Set once the buffer overflowed since the last sweep, so the warning is logged once.
-    index_overflowed: AtomicBool,
     records_count: AtomicU64,
     /// Keys whose last write was visible but never acknowledged (its flush failed): read as
     /// failures until a restart.
@@ -163,11 +144,6 @@ impl SledStore {
         })?;
         let db = open_db(&options.dir, options.cache_bytes).map_err(store_error)?;
         let records = db.open_tree("records").map_err(store_error)?;
-        let index = ExpiryIndex::open(&db)?;
-        let legacy_index = db
-            .tree_names()
-            .iter()
-            .any(|name| name.as_ref() == LEGACY_EXPIRY_TREE);
         let flusher = durable::start_flusher(&db, &options.dir).map_err(|error| {
             StoreError::Io(format!(
                 "cannot sync data dir {} or start its flusher: {error}",
@@ -178,14 +154,9 @@ impl SledStore {
             db,
             dir: options.dir.clone(),
             records,
-            index,
-            legacy_index,
-            reconciled: AtomicBool::new(false),
-            index_lost: AtomicBool::new(false),
+            sweep_from: Mutex::new(None),
             flusher,
             pending: Default::default(),
-            index_buffer: Mutex::new(Vec::new()),
-            index_overflowed: AtomicBool::new(false),
             records_count: AtomicU64::new(0),
             callers: Mutex::new(HashMap::new()),
             suspect: Mutex::new(std::collections::HashSet::new()),
@@ -199,21 +170,11 @@ impl SledStore {
     }
 
     /// Walks every record once, after start and beside live traffic: marks claims of earlier
-    /// processes (any incarnation but `live`) IN_DOUBT, re-indexes the records written after
-    /// the index's watermark (a crash loses the entries not yet written; a data dir of an
-    /// earlier release has all its records re-indexed, then its old index dropped), and
-    /// counts records and bytes for the size bound. Writes that land during the walk make the
+    /// processes (any incarnation but `live`) IN_DOUBT, and counts records and bytes for the
+    /// size bound; then drops the expiry index of a data dir written by 0.1.0. Writes that land during the walk make the
     /// counts approximate, which the bound tolerates. Blocking: run it off the async runtime's
     /// threads.
     pub fn reconcile(&self, live: &[u8; 8]) -> Result<Recovery, StoreError> {
-        // (A data dir of an earlier release has no watermark: all its records are re-indexed.)
-        let watermark = self.index.watermark()?;
-        let covered = |record_written_ms: u64| {
-            watermark.is_some_and(|watermark| {
-                record_written_ms.saturating_add(expiry::WATERMARK_MARGIN_MS) < watermark
-            })
-        };
-        let mut reindex = Vec::new();
         let mut recovery = Recovery::default();
         let mut bytes = 0;
         let mut callers: HashMap<String, u64> = HashMap::new();
@@ -232,10 +193,7 @@ impl SledStore {
                         Change::Put(next) => Some(next),
                         _ => current,
                     };
-                    seen = kept.map(|r| {
-                        let written_ms = r.created_ms.max(r.completed_ms);
-                        (r.expires_ms, written_ms, r.encoded_len(), r.caller.clone())
-                    });
+                    seen = kept.map(|r| (r.encoded_len(), r.caller.clone()));
                     let doubted = matches!(change, Change::Put(_));
                     (change, doubted)
                 },
@@ -245,16 +203,10 @@ impl SledStore {
                 self.unmark_pending(&key);
             }
             recovery.in_doubt += u64::from(result?);
-            let Some((expires_ms, written_ms, len, caller)) = seen else {
+            let Some((len, caller)) = seen else {
                 continue;
             };
             *callers.entry(caller).or_insert(0) += 1;
-            if !covered(written_ms) {
-                reindex.push(expiry::entry(expires_ms, key.as_bytes()));
-                if reindex.len() >= RECONCILE_ENTRIES_PER_WRITE {
-                    self.index.write(std::mem::take(&mut reindex))?;
-                }
-            }
             recovery.records += 1;
             bytes += entry_bytes(len);
         }
@@ -262,13 +214,8 @@ impl SledStore {
             .store(recovery.records, Ordering::Relaxed);
         self.bytes.store(bytes, Ordering::Relaxed);
         *self.callers.lock().expect("callers lock is never poisoned") = callers;
-        self.index.write(reindex)?;
-        if self.legacy_index {
-            self.db.drop_tree(LEGACY_EXPIRY_TREE).map_err(store_error)?;
-        }
-        // Every record is indexed now, or buffered for the next sweep, which may move the
-        // watermark once it has written them.
-        self.reconciled.store(true, Ordering::Release);
+        // `drop_tree` of a tree that is not there is no error.
+        self.db.drop_tree(LEGACY_EXPIRY_TREE).map_err(store_error)?;
         self.db.flush().map_err(store_error)?;
         Ok(recovery)
     }
@@ -364,48 +311,8 @@ impl SledStore {
                 (Some(record), Change::Delete) => self.count_caller(&record.caller, false),
                 _ => {}
             }
-            if let Change::Put(record) = &change {
-                // The index may lag the record; a missing entry is rebuilt at start.
-                self.buffer_index(expiry::entry(record.expires_ms, key.as_bytes()));
-            }
             return Ok(value);
         }
-    }
-
-    fn buffer_index(&self, entry: expiry::Entry) {
-        let mut buffer = self
-            .index_buffer
-            .lock()
-            .expect("index buffer lock is never poisoned");
-        if buffer.len() < INDEX_BUFFER_MAX {
-            buffer.push(entry);
-        } else if !self.index_overflowed.swap(true, Ordering::Relaxed) {
-            self.index_lost.store(true, Ordering::Release);
-            tracing::warn!(
-                entries = INDEX_BUFFER_MAX,
-                "the expiry index buffer is full; some records will expire only after a restart"
-            );
-        }
-    }
-
-    /// Writes buffered index entries to the `expiry` tree, one insert each. Not a batch:
-    /// sled's batches take a database-wide lock, and on a full disk one never returns.
-    fn write_index(&self, now_ms: u64) -> Result<(), StoreError> {
-        // Read before the buffer is taken: reconciling may end (and buffer its last entries)
-        // meanwhile, and those are not in this write.
-        let reconciled = self.reconciled.load(Ordering::Acquire);
-        let entries = std::mem::take(
-            &mut *self
-                .index_buffer
-                .lock()
-                .expect("index buffer lock is never poisoned"),
-        );
-        self.index_overflowed.store(false, Ordering::Relaxed);
-        self.index.write(entries)?;
-        if reconciled && !self.index_lost.load(Ordering::Acquire) {
-            self.index.set_watermark(now_ms)?;
-        }
-        Ok(())
     }
 
     fn count_caller(&self, caller: &str, created: bool) {
@@ -443,75 +350,51 @@ impl SledStore {
         }
     }
 
-    /// Applies `decide` to the record an index entry points at. Returns whether the record
-    /// was deleted, and whether the entry still indexes it (it is stale when its record is
-    /// gone, re-dated, or deleted now).
-    fn maintain_entry(
+    /// Applies `decide` to the record of `key` if it still expires at `expires_ms` (the
+    /// sweeper read it so); returns whether the record was deleted.
+    fn maintain_record(
         &self,
-        entry: &[u8],
+        key: &Key,
+        expires_ms: u64,
         decide: impl Fn(Option<&Record>) -> Change,
-    ) -> Result<(bool, bool), StoreError> {
-        let key = Key::from_slice(&entry[8..])
-            .ok_or_else(|| StoreError::Corrupt("an expiry index entry is malformed".into()))?;
-        let expires_ms = expiry::expires_ms(entry);
+    ) -> Result<bool, StoreError> {
         let mut marked = false;
         let result = self.apply(
-            &key,
+            key,
             &mut |current| match current {
                 Some(record) if record.expires_ms == expires_ms => {
                     let change = decide(current);
                     let deleted = change == Change::Delete;
-                    (change, (deleted, !deleted))
+                    (change, deleted)
                 }
-                _ => (Change::Keep, (false, false)),
+                _ => (Change::Keep, false),
             },
             &mut marked,
         );
         if marked {
-            self.unmark_pending(&key);
+            self.unmark_pending(key);
         }
         result
     }
 
-    /// Deletes the COMPLETED records closest to expiry while the store is over its bound.
-    fn evict(&self, outcome: &mut Maintenance) -> Result<(), StoreError> {
+    /// Deletes COMPLETED records of `candidates` (expiry, key), closest to expiry first,
+    /// until the store is back under its bound (with room to spare).
+    fn evict(
+        &self,
+        mut candidates: Vec<(u64, Key)>,
+        outcome: &mut Maintenance,
+    ) -> Result<(), StoreError> {
         let low_water = self.bytes_max / 100 * EVICTION_LOW_WATER_PERCENT;
-        if self.bytes.load(Ordering::Relaxed) <= self.bytes_max {
-            self.full.store(false, Ordering::Release);
-            return Ok(());
-        }
-        let mut looked_at = 0;
-        for chunk in self.index.chunks(None) {
-            let chunk = chunk?;
-            let mut kept = Vec::new();
-            for entry in chunk.entries() {
-                if self.bytes.load(Ordering::Relaxed) <= low_water {
-                    kept.push(entry);
-                    continue;
-                }
-                looked_at += 1;
-                let (deleted, still_indexed) = self.maintain_entry(entry, record::evict)?;
-                outcome.evicted += u64::from(deleted);
-                if still_indexed {
-                    kept.push(entry);
-                }
-            }
-            self.index.keep(&chunk, &kept)?;
-            if looked_at >= MAINTENANCE_ENTRIES_MAX
-                || self.bytes.load(Ordering::Relaxed) <= low_water
-            {
+        candidates.sort_unstable();
+        for (expires_ms, key) in candidates {
+            if self.bytes.load(Ordering::Relaxed) <= low_water {
                 break;
             }
+            if self.maintain_record(&key, expires_ms, record::evict)? {
+                outcome.evicted += 1;
+            }
         }
-        let still_over = self.bytes.load(Ordering::Relaxed) > self.bytes_max;
-        self.full.store(still_over, Ordering::Release);
         Ok(())
-    }
-
-    /// Entries in the expiry index (stale ones included), for tests and benchmarks.
-    /// Blocking: reads the whole index.
-    pub fn index_entries(&self) -> Result<usize, StoreError> {
-        self.index.len()
     }
 }
 
@@ -613,32 +496,46 @@ impl Store for SledStore {
     }
 
     fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
-        self.write_index(now_ms)?;
+        use std::ops::Bound;
         let mut outcome = Maintenance::default();
+        let mut sweep_from = self
+            .sweep_from
+            .lock()
+            .expect("sweep cursor lock is never poisoned");
+        let start = sweep_from.take().map_or(Bound::Unbounded, Bound::Excluded);
+        let over_bound = self.bytes.load(Ordering::Relaxed) > self.bytes_max;
+        let mut evictable = Vec::new();
         let mut looked_at = 0;
-        for chunk in self.index.chunks(Some(now_ms)) {
-            let chunk = chunk?;
-            let mut kept = Vec::new();
-            for entry in chunk.entries() {
-                if expiry::expires_ms(entry) > now_ms {
-                    // Its bucket has begun, its record's retention has not ended.
-                    kept.push(entry);
+        for entry in self
+            .records
+            .range::<sled::IVec, _>((start, Bound::Unbounded))
+            .take(MAINTENANCE_RECORDS_MAX)
+        {
+            let (raw_key, value) = entry.map_err(store_error)?;
+            looked_at += 1;
+            *sweep_from = Some(raw_key.clone());
+            let key = Key::from_slice(&raw_key)
+                .ok_or_else(|| StoreError::Corrupt("a record key is not 32 bytes".into()))?;
+            let record = decode(&key, &value)?;
+            if record.expires_ms <= now_ms {
+                let sweep = |current: Option<&Record>| record::sweep(current, now_ms);
+                if self.maintain_record(&key, record.expires_ms, sweep)? {
+                    outcome.expired += 1;
                     continue;
                 }
-                looked_at += 1;
-                let (deleted, still_indexed) =
-                    self.maintain_entry(entry, |current| record::sweep(current, now_ms))?;
-                outcome.expired += u64::from(deleted);
-                if still_indexed {
-                    kept.push(entry);
-                }
             }
-            self.index.keep(&chunk, &kept)?;
-            if looked_at >= MAINTENANCE_ENTRIES_MAX {
-                break;
+            if over_bound && record.state() == State::Completed {
+                evictable.push((record.expires_ms, key));
             }
         }
-        self.evict(&mut outcome)?;
+        if looked_at < MAINTENANCE_RECORDS_MAX {
+            // The walk reached the end: the next round starts again from the first key.
+            *sweep_from = None;
+        }
+        drop(sweep_from);
+        self.evict(evictable, &mut outcome)?;
+        let still_over = self.bytes.load(Ordering::Relaxed) > self.bytes_max;
+        self.full.store(still_over, Ordering::Release);
         Ok(outcome)
     }
 

@@ -240,9 +240,16 @@ async fn the_sweeper_walks_a_store_larger_than_one_round_in_turn() {
     let rounds: Vec<u64> = (0..4)
         .map(|_| store.maintain(2_000).unwrap().expired)
         .collect();
-    assert_eq!(rounds.iter().sum::<u64>(), u64::from(RECORDS / 2), "{rounds:?}");
+    assert_eq!(
+        rounds.iter().sum::<u64>(),
+        u64::from(RECORDS / 2),
+        "{rounds:?}"
+    );
     assert_eq!(rounds[3], 0, "three rounds walk 25,000 records: {rounds:?}");
-    assert!(rounds[0] <= 5_500, "a round looks at 10,000 records: {rounds:?}");
+    assert!(
+        rounds[0] <= 5_500,
+        "a round looks at 10,000 records: {rounds:?}"
+    );
     assert_eq!(store.usage().records, u64::from(RECORDS / 2));
 }
 

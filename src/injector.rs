@@ -237,7 +237,9 @@ pub async fn run(args: InjectorArgs) -> Result<(), InjectorError> {
             };
             let service =
                 hyper::service::service_fn(move |request| answer(settings.clone(), request));
-            let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+            let _ = builder
+                .serve_connection(TokioIo::new(crate::ops::Accepted::new(tls)), service)
+                .await;
         });
     }
 }

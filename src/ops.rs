@@ -185,6 +185,113 @@ pub(crate) fn http_server() -> hyper_util::server::conn::auto::Builder<TokioExec
     builder
 }
 
+/// The HTTP/2 connection preface (RFC 9113 §3.4): what hyper-util reads to choose HTTP/2.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A newly accepted connection of the ops or injector port, bounded until it shows which
+/// HTTP it speaks. hyper-util's automatic server reads the first bytes to tell HTTP/1.1 from
+/// HTTP/2 with no timer, and hyper's header read timeout starts only after that, so a client
+/// that connects and sends nothing, or a part of the HTTP/2 preface, would hold its
+/// connection open for ever. Reads fail with `TimedOut` unless, within
+/// `HEADER_READ_TIMEOUT` of the accept, a byte rules the preface out (HTTP/1.1: hyper's
+/// timeout takes over) or the whole preface arrives (HTTP/2, where an idle connection is
+/// normal: a health `Watch` sends nothing for hours). After that reads pass through.
+pub(crate) struct Accepted<I> {
+    io: I,
+    /// How many bytes of the preface have arrived, while the deadline runs.
+    matched: usize,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> Accepted<I> {
+    pub(crate) fn new(io: I) -> Self {
+        Self {
+            io,
+            matched: 0,
+            deadline: Some(Box::pin(tokio::time::sleep(HEADER_READ_TIMEOUT))),
+        }
+    }
+
+    /// Notes `bytes`, just read, and lifts the deadline once they decide the protocol.
+    fn saw(&mut self, bytes: &[u8]) {
+        let end = (self.matched + bytes.len()).min(H2_PREFACE.len());
+        let expected = &H2_PREFACE[self.matched..end];
+        if bytes.get(..expected.len()) != Some(expected) || end == H2_PREFACE.len() {
+            self.deadline = None;
+        } else {
+            self.matched = end;
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Accepted<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if this.deadline.is_some() => {
+                this.saw(&buf.filled()[before..]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let expired = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if expired {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no request began within the header read timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Accepted<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Serves health and metrics on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -211,7 +318,7 @@ pub async fn serve(
             answer(health.clone(), telemetry.clone(), request)
         });
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(Accepted::new(stream)), service)
             .into_owned();
         tokio::spawn(async move {
             let _ = connection.await;

@@ -173,31 +173,43 @@ async fn a_sigterm_right_after_the_listening_line_still_drains() {
     }
 }
 
-/// A client that sends part of a request's headers and then nothing is cut off after the
-/// header read timeout (10 s), not held open for as long as it likes.
+/// A client that sends nothing, part of the HTTP/2 preface, or part of a request's headers,
+/// and then nothing, is cut off after the header read timeout (10 s), not held open for as
+/// long as it likes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ops_port_closes_a_connection_that_never_finishes_its_headers() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |_| {}).await;
-    let mut stream = tokio::net::TcpStream::connect(sidecar.running.ops_addr)
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /livez HTTP/1.1\r\nHost: ops\r\n")
-        .await
-        .unwrap();
+    let ops = sidecar.running.ops_addr;
     let started = std::time::Instant::now();
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "the connection was still open after 30 s");
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_secs(9),
-        "closed after {waited:?}, before the timeout"
-    );
-    assert!(
-        !String::from_utf8_lossy(&rest).contains("alive"),
-        "an unfinished request was answered: {rest:?}"
-    );
+    let clients = [
+        ("silent", &b""[..]),
+        ("part of the HTTP/2 preface", &b"PRI * HTTP/2.0\r\n"[..]),
+        (
+            "part of the headers",
+            &b"GET /livez HTTP/1.1\r\nHost: ops\r\n"[..],
+        ),
+    ]
+    .map(|(what, sent)| {
+        tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(ops).await.unwrap();
+            stream.write_all(sent).await.unwrap();
+            let mut rest = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest));
+            assert!(read.await.is_ok(), "{what}: still open after 30 s");
+            let waited = started.elapsed();
+            assert!(
+                waited >= Duration::from_secs(9),
+                "{what}: closed after {waited:?}, before the timeout"
+            );
+            assert!(
+                !String::from_utf8_lossy(&rest).contains("alive"),
+                "{what}: an unfinished request was answered: {rest:?}"
+            );
+        })
+    });
+    for client in clients {
+        client.await.expect("the client's checks hold");
+    }
 }

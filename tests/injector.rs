@@ -187,13 +187,11 @@ fn certificate() -> Certificate {
     }
 }
 
-async fn post_over_tls(
+/// A TLS connection to `addr` that trusts only `der`; `Err` when the handshake fails.
+async fn connect_tls(
     addr: std::net::SocketAddr,
     der: &[u8],
-    method: &str,
-    path: &str,
-    body: Vec<u8>,
-) -> (u16, Bytes) {
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(der.to_vec().into())
@@ -205,12 +203,21 @@ async fn post_over_tls(
     .expect("TLS versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connects");
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("a name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
+        .await
+}
+
+async fn post_over_tls(
+    addr: std::net::SocketAddr,
+    der: &[u8],
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (u16, Bytes) {
+    let tls = connect_tls(addr, der)
         .await
         .expect("the TLS handshake succeeds");
     let (mut sender, connection) =
@@ -236,9 +243,8 @@ async fn post_over_tls(
     (status, body)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_injector_binary_serves_reviews_over_tls() {
-    let cert = certificate();
+/// Starts the injector binary on `cert`'s files; returns it and its address.
+async fn start_injector(cert: &Certificate) -> (tokio::process::Child, std::net::SocketAddr) {
     let path = |name: &str| cert.dir.path().join(name).display().to_string();
     let mut child = tokio::process::Command::new(support::binary::path())
         .args([
@@ -263,6 +269,13 @@ async fn the_injector_binary_serves_reviews_over_tls() {
     let (addr, _) = idemproxy::bench::procs::wait_for_address(stderr, "injector listening on ")
         .await
         .expect("the injector listens");
+    (child, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_injector_binary_serves_reviews_over_tls() {
+    let cert = certificate();
+    let (mut child, addr) = start_injector(&cert).await;
     let (status, body) = post_over_tls(addr, &cert.der, "GET", "/readyz", Vec::new()).await;
     assert_eq!((status, &body[..]), (200, &b"ok\n"[..]));
     let review_body = admission_review("Pod", "CREATE", pod(json!({}), app_container(), None));
@@ -277,6 +290,61 @@ async fn the_injector_binary_serves_reviews_over_tls() {
     );
     let (status, _) = post_over_tls(addr, &cert.der, "POST", "/mutate", b"junk".to_vec()).await;
     assert_eq!(status, 400);
+    child.kill().await.expect("stops");
+}
+
+/// cert-manager renews the injector's certificate in place: new connections get the new one
+/// without a restart. A connection that sends nothing, or trickles its headers, is closed
+/// after the header read timeout (10 s), as on the ops port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_injector_serves_a_renewed_certificate_and_bounds_its_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let first = certificate();
+    let (mut child, addr) = start_injector(&first).await;
+    let (status, _) = post_over_tls(addr, &first.der, "GET", "/readyz", Vec::new()).await;
+    assert_eq!(status, 200);
+    // The renewal, as a mounted Secret changes: new files replace the old ones.
+    let renewed = certificate();
+    for name in ["tls.key", "tls.crt"] {
+        let staged = first.dir.path().join(format!("{name}.new"));
+        std::fs::copy(renewed.dir.path().join(name), &staged).unwrap();
+        std::fs::rename(&staged, first.dir.path().join(name)).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while connect_tls(addr, &renewed.der).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was not served within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, _) = post_over_tls(addr, &renewed.der, "GET", "/readyz", Vec::new()).await;
+    assert_eq!(status, 200, "served on the renewed certificate");
+
+    let mut silent = connect_tls(addr, &renewed.der).await.unwrap();
+    let mut trickling = connect_tls(addr, &renewed.der).await.unwrap();
+    trickling
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: injector\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    for (what, stream) in [("silent", &mut silent), ("trickling", &mut trickling)] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest));
+        assert!(
+            read.await.is_ok(),
+            "the {what} connection was still open after 30 s"
+        );
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("ok"),
+            "the {what} connection was answered: {rest:?}"
+        );
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9),
+        "closed after {waited:?}, before the timeout"
+    );
     child.kill().await.expect("stops");
 }
 

@@ -9,7 +9,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/idemproxy/v1/admin.proto",
         "proto/idemproxy/demo/v1/subscriptions.proto",
         "proto/idemproxy/testing/v1/ledger.proto",
-        "proto/idemproxy/bench/v1/echo.proto",
         "proto/idemproxy/example/v1/payments.proto",
     ];
     let descriptors = protox::compile(files, ["proto"])?;

@@ -1,7 +1,6 @@
 //! idemproxy: a gRPC idempotency sidecar. See ARCHITECTURE.md for the map of this crate.
 
 pub mod admin;
-pub mod bench;
 pub mod caller;
 pub mod config;
 pub mod demo;
@@ -46,11 +45,6 @@ pub mod pb {
         pub mod demo {
             pub mod v1 {
                 include!(concat!(env!("OUT_DIR"), "/idemproxy.demo.v1.rs"));
-            }
-        }
-        pub mod bench {
-            pub mod v1 {
-                include!(concat!(env!("OUT_DIR"), "/idemproxy.bench.v1.rs"));
             }
         }
         pub mod example {

@@ -29,21 +29,6 @@ enum Command {
     Injector(idemproxy::injector::InjectorArgs),
     /// Show, in seconds and with no setup, what the sidecar prevents.
     Demo,
-    /// Measure what the sidecar costs against a direct call and nginx; writes BENCHMARKS.md.
-    Bench(idemproxy::bench::BenchArgs),
-    /// One load run against any address, for profiling a single process.
-    #[command(hide = true)]
-    BenchLoad(idemproxy::bench::LoadArgs),
-    /// The benchmark's sled-alone baseline (started by `bench`).
-    #[command(hide = true)]
-    BenchSled(idemproxy::bench::sled_alone::SledAloneArgs),
-    /// The benchmark's echo upstream (started by `bench`).
-    #[command(hide = true)]
-    BenchUpstream {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: std::net::SocketAddr,
-    },
 }
 
 /// The command line of `idemproxy inject`.
@@ -127,12 +112,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             block_on(None, idemproxy::injector::run(args))??;
         }
         Command::Demo => block_on(None, idemproxy::demo::run())??,
-        Command::Bench(args) => block_on(None, idemproxy::bench::run(args))??,
-        Command::BenchLoad(args) => block_on(None, idemproxy::bench::run_load(args))??,
-        Command::BenchSled(args) => block_on(Some(1), idemproxy::bench::sled_alone::run(args))??,
-        Command::BenchUpstream { listen } => {
-            block_on(None, idemproxy::bench::serve_upstream(listen))??
-        }
     }
     Ok(ExitCode::SUCCESS)
 }

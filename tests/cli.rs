@@ -302,3 +302,39 @@ fn the_demo_prints_its_story_and_no_log_lines() {
     );
     assert_eq!(stderr, "", "no log lines beside the story");
 }
+
+/// `idemproxy --help` lists what operators use, and nothing of the benchmark (its own crate,
+/// `bench/`), shown or hidden.
+#[test]
+fn the_help_lists_only_the_operators_commands() {
+    let output = Command::new(support::binary::path())
+        .arg("--help")
+        .output()
+        .expect("the binary runs");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    let commands: Vec<&str> = help
+        .split("Commands:")
+        .nth(1)
+        .expect("a list of commands")
+        .lines()
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        commands,
+        ["run", "check", "keys", "inject", "injector", "demo", "help"],
+        "{help}"
+    );
+    for hidden in ["bench", "bench-load", "bench-upstream", "bench-sled"] {
+        let output = Command::new(support::binary::path())
+            .args([hidden, "--help"])
+            .output()
+            .expect("the binary runs");
+        assert!(
+            !output.status.success(),
+            "`idemproxy {hidden}` still exists"
+        );
+    }
+}

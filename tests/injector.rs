@@ -266,9 +266,7 @@ async fn start_injector(cert: &Certificate) -> (tokio::process::Child, std::net:
         .spawn()
         .expect("the binary starts");
     let stderr = child.stderr.take().expect("stderr is piped");
-    let (addr, _) = idemproxy::bench::procs::wait_for_address(stderr, "injector listening on ")
-        .await
-        .expect("the injector listens");
+    let (addr, _) = support::binary::wait_for_address(stderr, "injector listening on ").await;
     (child, addr)
 }
 

@@ -96,16 +96,44 @@ pub async fn wait_listening(addr: SocketAddr) {
     .await;
 }
 
-/// Waits until the child logs its proxy address (the product's own ready-line reader).
+/// Waits until the child logs its proxy address.
 pub async fn listening_addr(stderr: tokio::process::ChildStderr) -> SocketAddr {
     listening(stderr).await.0
 }
 
 /// The proxy address and the line that named it.
 async fn listening(stderr: tokio::process::ChildStderr) -> (SocketAddr, String) {
-    idemproxy::bench::procs::wait_for_address(stderr, "proxy listening on ")
-        .await
-        .expect("the binary listens within 60 s")
+    wait_for_address(stderr, "proxy listening on ").await
+}
+
+/// Reads a child's standard error (up to 60 s) until a line holds `marker` followed by an
+/// address; returns the address and the line, and keeps draining the rest so the child never
+/// blocks on a full pipe.
+pub async fn wait_for_address(
+    stderr: tokio::process::ChildStderr,
+    marker: &str,
+) -> (SocketAddr, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let found = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("reads the child's stderr") {
+            let Some(at) = line.find(marker) else {
+                continue;
+            };
+            // The address ends where its characters do (a space, or a JSON line's quote).
+            let rest = &line[at + marker.len()..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || ".:[]".contains(c)))
+                .unwrap_or(rest.len());
+            let addr = rest[..end].parse().expect("an address follows the marker");
+            return (addr, line);
+        }
+        panic!("the process exited before it logged {marker:?}")
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{marker:?} not logged within 60 s"));
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    found
 }
 
 /// Runs `idemproxy keys ARGS --admin ADMIN`: (exit code, stdout, stderr).

@@ -1,20 +1,17 @@
-//! `idemproxy bench`: what the sidecar costs, as ratios measured in one run (issue "Performance").
+//! `idemproxy-bench`: what the sidecar costs, as ratios measured in one run (issue "Performance").
 //!
 //! It starts the echo upstream, nginx (when installed) and the real sidecar binary as separate
 //! processes, drives each variant with the same load generator, interleaved over several
 //! rounds so drift on a noisy machine hits every variant alike, and writes the figures and the
 //! targets to BENCHMARKS.md. It never asserts: a missed target is reported, not hidden.
 
-pub mod load;
-pub mod procs;
-pub mod sled_alone;
-
-use crate::pb::idemproxy::bench::v1::echo_server::{Echo, EchoServer};
-use crate::pb::idemproxy::bench::v1::EchoMessage;
+use crate::load::{self, KeyMode, LoadResult};
+use crate::pb::echo_server::{Echo, EchoServer};
+use crate::pb::EchoMessage;
+use crate::procs::{self, Process};
+use crate::sled_alone;
 use anyhow::Context;
 use clap::Args;
-use load::{KeyMode, LoadResult};
-use procs::Process;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -22,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Flags of `idemproxy bench`.
+/// Flags of `idemproxy-bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Measured time per variant and round.
@@ -51,7 +48,7 @@ pub struct BenchArgs {
     pub nginx: String,
 }
 
-/// Flags of `idemproxy bench-load`.
+/// Flags of `idemproxy-bench load`.
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
     /// The address to load (a sidecar, nginx or the upstream).
@@ -68,7 +65,7 @@ pub struct LoadArgs {
     pub duration: Duration,
 }
 
-/// `idemproxy bench-load`: one measured run, printed.
+/// `idemproxy-bench load`: one measured run, printed.
 pub async fn run_load(args: LoadArgs) -> anyhow::Result<()> {
     let mode = match args.mode.as_str() {
         "none" => KeyMode::None,
@@ -169,7 +166,7 @@ impl Echo for EchoService {
     }
 }
 
-/// `idemproxy bench-upstream`: serves the echo service and logs its address.
+/// `idemproxy-bench upstream`: serves the echo service and logs its address.
 pub async fn serve_upstream(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!("bench upstream listening addr={}", listener.local_addr()?);
@@ -180,8 +177,20 @@ pub async fn serve_upstream(listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// This binary, for the processes it starts of itself (upstream, sled alone).
 fn exe() -> anyhow::Result<PathBuf> {
-    std::env::current_exe().context("cannot find the idemproxy binary")
+    std::env::current_exe().context("cannot find the idemproxy-bench binary")
+}
+
+/// The sidecar measured: the `idemproxy` binary of the same build, beside this one.
+fn sidecar() -> anyhow::Result<PathBuf> {
+    let path = exe()?.with_file_name("idemproxy");
+    anyhow::ensure!(
+        path.is_file(),
+        "no idemproxy binary at {}: build both binaries of the workspace first (cargo build --release --workspace)",
+        path.display()
+    );
+    Ok(path)
 }
 
 async fn start_sidecar(upstream: SocketAddr, dir: &Path, flush: &str) -> anyhow::Result<Process> {
@@ -205,7 +214,7 @@ async fn start_sidecar(upstream: SocketAddr, dir: &Path, flush: &str) -> anyhow:
     .iter()
     .map(|s| s.to_string())
     .collect();
-    procs::spawn_until(&exe()?, &args, "proxy listening on ").await
+    procs::spawn_until(&sidecar()?, &args, "proxy listening on ").await
 }
 
 /// nginx as the benchmark runs it, with what it takes to stop it.
@@ -272,7 +281,6 @@ async fn start_nginx(
     let process = Process {
         child,
         addr: listen,
-        ready_line: String::new(),
     };
     let nginx = Nginx {
         process,
@@ -371,17 +379,17 @@ struct StoreFigures {
     baseline_reopen_seconds: f64,
 }
 
-/// Runs `idemproxy bench-sled` on `dir`; what it printed.
+/// Runs `idemproxy-bench sled-alone` on `dir`; what it printed.
 async fn sled_alone(dir: &Path, records: u64) -> anyhow::Result<sled_alone::SledAloneFigures> {
     let output = tokio::process::Command::new(exe()?)
-        .args(["bench-sled", "--records", &records.to_string(), "--dir"])
+        .args(["sled-alone", "--records", &records.to_string(), "--dir"])
         .arg(dir)
         .output()
         .await?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     sled_alone::SledAloneFigures::parse(&stdout).with_context(|| {
         format!(
-            "bench-sled printed no figures: {stdout} {}",
+            "sled-alone printed no figures: {stdout} {}",
             String::from_utf8_lossy(&output.stderr)
         )
     })
@@ -392,8 +400,7 @@ async fn fill(addr: SocketAddr, total: u64, payload_bytes: usize) -> anyhow::Res
     let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let workers: Vec<_> = (0..64)
         .map(|_| {
-            let mut client =
-                crate::pb::idemproxy::bench::v1::echo_client::EchoClient::new(channel.clone());
+            let mut client = crate::pb::echo_client::EchoClient::new(channel.clone());
             let next = next.clone();
             tokio::spawn(async move {
                 loop {
@@ -437,7 +444,7 @@ async fn measure_store(
     let restart_to_ready = restarted_at.elapsed();
     restarted.stop().await;
     // What is stored, by the store's own count (a walk of every record).
-    let options = crate::store::sled::SledOptions {
+    let options = idemproxy::store::sled::SledOptions {
         dir: dir.path().to_owned(),
         cache_bytes: 32 << 20,
         bytes_max: u64::MAX,
@@ -445,9 +452,9 @@ async fn measure_store(
         flush_timeout: Duration::from_secs(30),
     };
     let counted = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let store = crate::store::sled::SledStore::open(&options)?;
+        let store = idemproxy::store::sled::SledStore::open(&options)?;
         let found = store.reconcile(&[0; 8])?;
-        Ok((found.records, crate::store::Store::usage(&store).bytes))
+        Ok((found.records, idemproxy::store::Store::usage(&store).bytes))
     })
     .await??;
     let baseline_dir = tempfile::tempdir()?;
@@ -504,11 +511,11 @@ async fn measure_rounds(
     Ok(figures)
 }
 
-/// `idemproxy bench`.
+/// `idemproxy-bench`: every variant, then the report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let upstream = procs::spawn_until(
         &exe()?,
-        &["bench-upstream".to_string()],
+        &["upstream".to_string()],
         "bench upstream listening addr=",
     )
     .await?;
@@ -585,7 +592,7 @@ fn report(
     let _ = writeln!(out, "# Benchmarks\n");
     let _ = writeln!(
         out,
-        "Written by `cargo run --release -- bench` (flags: {} per variant and round after {} warm-up, {} rounds interleaved, {}-byte payloads). \
+        "Written by `scripts/bench` (flags: {} per variant and round after {} warm-up, {} rounds interleaved, {}-byte payloads). \
          Machine: {}. Every figure below comes from that one run: compare ratios, not absolute numbers.\n",
         humantime::format_duration(args.duration),
         humantime::format_duration(args.warmup),

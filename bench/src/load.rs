@@ -1,8 +1,8 @@
 //! The load generator: a fixed number of calls in flight over one HTTP/2 connection, each
 //! timed, for a fixed duration. Knows nothing of what is behind the address.
 
-use crate::pb::idemproxy::bench::v1::echo_client::EchoClient;
-use crate::pb::idemproxy::bench::v1::EchoMessage;
+use crate::pb::echo_client::EchoClient;
+use crate::pb::EchoMessage;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

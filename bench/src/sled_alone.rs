@@ -5,7 +5,7 @@
 //! sidecar's own `Flusher` and `DataDirSync`, so both pay the same fsyncs), the sidecar's
 //! default 8 MiB cache. Its own process, so its RSS and CPU time are its own.
 
-use crate::store::flusher::Flusher;
+use idemproxy::store::flusher::Flusher;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ pub const LOGICAL_BYTES_PER_RECORD: u64 = 32 + OUTCOME_BYTES as u64;
 /// The sidecar's default `--sled-cache-bytes`.
 const CACHE_BYTES: u64 = 8 << 20;
 
-/// Flags of `idemproxy bench-sled`.
+/// Flags of `idemproxy-bench sled-alone`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SledAloneArgs {
     /// The sled directory.
@@ -32,16 +32,16 @@ pub struct SledAloneArgs {
     pub records: u64,
 }
 
-/// `idemproxy bench-sled`: opens (timed), adds the records, prints one line of figures.
+/// `idemproxy-bench sled-alone`: opens (timed), adds the records, prints one line of figures.
 pub async fn run(args: SledAloneArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let db = crate::store::sled::open_db(&args.dir, CACHE_BYTES)?;
+    let db = idemproxy::store::sled::open_db(&args.dir, CACHE_BYTES)?;
     let records = db.open_tree("records")?;
     // A first read, as the sidecar's first call would make.
     records.get([0u8; 32])?;
     let open_seconds = started.elapsed().as_secs_f64();
-    let flusher = Arc::new(crate::store::durable::start_flusher(&db, &args.dir)?);
-    let cpu_before = super::procs::cpu_seconds(std::process::id(), false);
+    let flusher = Arc::new(idemproxy::store::durable::start_flusher(&db, &args.dir)?);
+    let cpu_before = crate::procs::cpu_seconds(std::process::id(), false);
     let filled = std::time::Instant::now();
     let writers: Vec<_> = (0..WRITERS)
         .map(|writer| {
@@ -61,13 +61,13 @@ pub async fn run(args: SledAloneArgs) -> anyhow::Result<()> {
         writer.await??;
     }
     let fill_seconds = filled.elapsed().as_secs_f64();
-    let cpu_seconds = super::procs::cpu_seconds(std::process::id(), false) - cpu_before;
+    let cpu_seconds = crate::procs::cpu_seconds(std::process::id(), false) - cpu_before;
     let pid = std::process::id();
     println!(
         "sled alone: records={} open_seconds={open_seconds:.3} fill_seconds={fill_seconds:.3} cpu_seconds={cpu_seconds:.3} rss_bytes={} peak_rss_bytes={}",
         args.records,
-        super::procs::memory_bytes(pid, "VmRSS"),
-        super::procs::memory_bytes(pid, "VmHWM"),
+        crate::procs::memory_bytes(pid, "VmRSS"),
+        crate::procs::memory_bytes(pid, "VmHWM"),
     );
     Ok(())
 }
@@ -89,7 +89,7 @@ async fn add(records: &sled::Tree, flusher: &Flusher, n: u64) -> anyhow::Result<
     Ok(())
 }
 
-/// What one `bench-sled` run printed.
+/// What one `sled-alone` run printed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SledAloneFigures {
     /// Seconds from open to the first read answered.

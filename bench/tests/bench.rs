@@ -1,8 +1,6 @@
-//! `idemproxy bench` end to end, shortened: every variant runs against the real upstream, nginx
+//! `idemproxy-bench` end to end, shortened: every variant runs against the real upstream, nginx
 //! and sidecar processes, the report names every variant and target, the notes of an existing
 //! report are kept, and no process it started (nginx's workers among them) outlives it.
-
-mod support;
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -38,9 +36,10 @@ fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
     let notes = "<!-- Notes below this line are kept when the benchmark rewrites the file. -->\n\nhand-written notes\n";
     std::fs::write(&output, format!("old table\n\n{notes}")).expect("write the old report");
     let nginx_before = pids_named("nginx");
-    let run = Command::new(support::binary::path())
+    // The benchmark starts the `idemproxy` binary beside it: `cargo test --workspace` builds
+    // both (scripts/test).
+    let run = Command::new(env!("CARGO_BIN_EXE_idemproxy-bench"))
         .args([
-            "bench",
             "--rounds",
             "1",
             "--in-flight",

@@ -18,8 +18,6 @@ pub struct Process {
     pub child: Child,
     /// Its listening address.
     pub addr: SocketAddr,
-    /// The line it logged when ready, for what it reports at start.
-    pub ready_line: String,
 }
 
 impl Process {
@@ -46,12 +44,8 @@ pub async fn spawn_until(program: &Path, args: &[String], marker: &str) -> anyho
         .spawn()
         .with_context(|| format!("cannot start {}", program.display()))?;
     let stderr = child.stderr.take().context("stderr is piped")?;
-    let (addr, ready_line) = wait_for_address(stderr, marker).await?;
-    Ok(Process {
-        child,
-        addr,
-        ready_line,
-    })
+    let (addr, _) = wait_for_address(stderr, marker).await?;
+    Ok(Process { child, addr })
 }
 
 /// Reads a child's standard error (up to 60 s) until a line holds `marker` followed by an

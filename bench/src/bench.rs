@@ -9,6 +9,7 @@ use crate::load::{self, KeyMode, LoadResult};
 use crate::pb::echo_server::{Echo, EchoServer};
 use crate::pb::EchoMessage;
 use crate::procs::{self, Process};
+use crate::redis_server::{Fsync, Redis};
 use crate::sled_alone;
 use anyhow::Context;
 use clap::Args;
@@ -46,6 +47,14 @@ pub struct BenchArgs {
     /// The nginx binary; the nginx variant is skipped when it cannot be found.
     #[arg(long, default_value = "nginx")]
     pub nginx: String,
+    /// The redis-server binary (redis-cli beside it, for the cluster); the Redis variants are
+    /// skipped when it cannot be found.
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: String,
+    /// Runs only the variants whose name holds one of these (comma-separated; "direct" is
+    /// always run, as every ratio's reference).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 /// Flags of `idemproxy-bench load`.
@@ -106,16 +115,26 @@ enum Variant {
     Fresh,
     Duplicate,
     FreshPerWrite,
+    /// The sidecar on one redis-server.
+    RedisFresh(Fsync),
+    RedisDuplicate(Fsync),
+    /// The sidecar on three Redis Cluster masters.
+    RedisClusterFresh,
 }
 
 impl Variant {
-    const ALL: [Variant; 6] = [
+    const ALL: [Variant; 11] = [
         Variant::Direct,
         Variant::Nginx,
         Variant::Passthrough,
         Variant::Fresh,
         Variant::Duplicate,
         Variant::FreshPerWrite,
+        Variant::RedisFresh(Fsync::Always),
+        Variant::RedisDuplicate(Fsync::Always),
+        Variant::RedisFresh(Fsync::Everysec),
+        Variant::RedisDuplicate(Fsync::Everysec),
+        Variant::RedisClusterFresh,
     ];
 
     fn name(self) -> &'static str {
@@ -126,15 +145,34 @@ impl Variant {
             Variant::Fresh => "idemproxy fresh keys",
             Variant::Duplicate => "idemproxy duplicate hits",
             Variant::FreshPerWrite => "idemproxy fresh keys, flush per write",
+            Variant::RedisFresh(Fsync::Always) => "idemproxy on Redis, fresh keys",
+            Variant::RedisDuplicate(Fsync::Always) => "idemproxy on Redis, duplicate hits",
+            Variant::RedisFresh(Fsync::Everysec) => {
+                "idemproxy on Redis (fsync once a second), fresh keys"
+            }
+            Variant::RedisDuplicate(Fsync::Everysec) => {
+                "idemproxy on Redis (fsync once a second), duplicate hits"
+            }
+            Variant::RedisClusterFresh => "idemproxy on Redis Cluster (3 masters), fresh keys",
         }
     }
 
     fn key_mode(self) -> KeyMode {
         match self {
-            Variant::Fresh | Variant::FreshPerWrite => KeyMode::Fresh,
-            Variant::Duplicate => KeyMode::Duplicate,
-            _ => KeyMode::None,
+            Variant::Fresh
+            | Variant::FreshPerWrite
+            | Variant::RedisFresh(_)
+            | Variant::RedisClusterFresh => KeyMode::Fresh,
+            Variant::Duplicate | Variant::RedisDuplicate(_) => KeyMode::Duplicate,
+            Variant::Direct | Variant::Nginx | Variant::Passthrough => KeyMode::None,
         }
+    }
+
+    fn on_redis(self) -> bool {
+        matches!(
+            self,
+            Variant::RedisFresh(_) | Variant::RedisDuplicate(_) | Variant::RedisClusterFresh
+        )
     }
 }
 
@@ -143,14 +181,23 @@ impl Variant {
 struct Figures {
     load: LoadResult,
     cpu_seconds: f64,
+    /// The redis-servers' CPU, for the variants on Redis.
+    store_cpu_seconds: f64,
     peak_rss_bytes: u64,
 }
 
 impl Figures {
     fn cpu_us_per_call(&self) -> Option<f64> {
-        (self.cpu_seconds > 0.0 && self.load.ok > 0)
-            .then(|| self.cpu_seconds * 1e6 / self.load.ok as f64)
+        per_call(self.cpu_seconds, self.load.ok)
     }
+
+    fn store_cpu_us_per_call(&self) -> Option<f64> {
+        per_call(self.store_cpu_seconds, self.load.ok)
+    }
+}
+
+fn per_call(cpu_seconds: f64, calls: u64) -> Option<f64> {
+    (cpu_seconds > 0.0 && calls > 0).then(|| cpu_seconds * 1e6 / calls as f64)
 }
 
 /// The echo service.
@@ -193,8 +240,14 @@ fn sidecar() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-async fn start_sidecar(upstream: SocketAddr, dir: &Path, flush: &str) -> anyhow::Result<Process> {
-    let args: Vec<String> = [
+/// Starts the sidecar on the sled store in `dir`, with `extra` flags (another store).
+async fn start_sidecar(
+    upstream: SocketAddr,
+    dir: &Path,
+    flush: &str,
+    extra: &[String],
+) -> anyhow::Result<Process> {
+    let mut args: Vec<String> = [
         "run",
         "--listen",
         "127.0.0.1:0",
@@ -214,6 +267,7 @@ async fn start_sidecar(upstream: SocketAddr, dir: &Path, flush: &str) -> anyhow:
     .iter()
     .map(|s| s.to_string())
     .collect();
+    args.extend_from_slice(extra);
     procs::spawn_until(&sidecar()?, &args, "proxy listening on ").await
 }
 
@@ -318,13 +372,49 @@ async fn measure(
     args: &BenchArgs,
     upstream: SocketAddr,
     nginx: Option<&Process>,
+    redis_server: Option<&Path>,
     run_id: u64,
 ) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
-    let sidecar = match variant {
-        Variant::Direct | Variant::Nginx => None,
-        Variant::FreshPerWrite => Some(start_sidecar(upstream, dir.path(), "per-write").await?),
-        _ => Some(start_sidecar(upstream, dir.path(), "group").await?),
+    let redis = match (variant, redis_server) {
+        (Variant::RedisFresh(fsync) | Variant::RedisDuplicate(fsync), Some(program)) => {
+            Some(Redis::single(program, fsync).await?)
+        }
+        (Variant::RedisClusterFresh, Some(program)) => {
+            Some(Redis::cluster(program, Fsync::Always).await?)
+        }
+        (variant, None) if variant.on_redis() => anyhow::bail!("redis-server is not installed"),
+        _ => None,
+    };
+    let redis_flags = |store: &str, redis: &Redis| {
+        vec![
+            "--store".to_string(),
+            store.to_string(),
+            "--redis-url".to_string(),
+            redis.url(),
+        ]
+    };
+    let sidecar = match (variant, &redis) {
+        (Variant::Direct | Variant::Nginx, _) => None,
+        (Variant::FreshPerWrite, _) => {
+            Some(start_sidecar(upstream, dir.path(), "per-write", &[]).await?)
+        }
+        (Variant::RedisClusterFresh, Some(redis)) => {
+            let flags = redis_flags("redis-cluster", redis);
+            Some(start_sidecar(upstream, dir.path(), "group", &flags).await?)
+        }
+        (_, Some(redis)) => {
+            let flags = redis_flags("redis", redis);
+            Some(start_sidecar(upstream, dir.path(), "group", &flags).await?)
+        }
+        (_, None) => Some(start_sidecar(upstream, dir.path(), "group", &[]).await?),
+    };
+    let store_pids = redis.as_ref().map_or_else(Vec::new, Redis::pids);
+    let store_cpu = || -> f64 {
+        store_pids
+            .iter()
+            .map(|&pid| procs::cpu_seconds(pid, false))
+            .sum()
     };
     let (target, pid, with_children) = match (variant, &sidecar, nginx) {
         (Variant::Direct, _, _) => (upstream, None, false),
@@ -335,9 +425,12 @@ async fn measure(
     };
     let warm_cpu = async {
         tokio::time::sleep(args.warmup).await;
-        pid.map(|pid| procs::cpu_seconds(pid, with_children))
+        (
+            pid.map(|pid| procs::cpu_seconds(pid, with_children)),
+            store_cpu(),
+        )
     };
-    let (load, cpu_before) = tokio::join!(
+    let (load, (cpu_before, store_cpu_before)) = tokio::join!(
         load::run(
             target,
             variant.key_mode(),
@@ -351,13 +444,16 @@ async fn measure(
     );
     let load = load?;
     let cpu_after = pid.map(|pid| procs::cpu_seconds(pid, with_children));
+    let store_cpu_seconds = store_cpu() - store_cpu_before;
     let peak_rss_bytes = pid.map_or(0, |pid| procs::memory_bytes(pid, "VmHWM"));
     if let Some(sidecar) = sidecar {
         sidecar.stop().await;
     }
+    drop(redis);
     Ok(Figures {
         load,
         cpu_seconds: cpu_after.unwrap_or(0.0) - cpu_before.unwrap_or(0.0),
+        store_cpu_seconds,
         peak_rss_bytes,
     })
 }
@@ -431,7 +527,7 @@ async fn measure_store(
     upstream: SocketAddr,
 ) -> anyhow::Result<StoreFigures> {
     let dir = tempfile::tempdir()?;
-    let sidecar = start_sidecar(upstream, dir.path(), "group").await?;
+    let sidecar = start_sidecar(upstream, dir.path(), "group", &[]).await?;
     let started = Instant::now();
     fill(sidecar.addr, records, args.payload_bytes).await?;
     let fill_seconds = started.elapsed().as_secs_f64();
@@ -440,7 +536,7 @@ async fn measure_store(
     sidecar.stop().await;
     let disk_bytes = procs::disk_bytes(dir.path());
     let restarted_at = Instant::now();
-    let restarted = start_sidecar(upstream, dir.path(), "group").await?;
+    let restarted = start_sidecar(upstream, dir.path(), "group", &[]).await?;
     let restart_to_ready = restarted_at.elapsed();
     restarted.stop().await;
     // What is stored, by the store's own count (a walk of every record).
@@ -481,17 +577,36 @@ async fn measure_rounds(
     args: &BenchArgs,
     upstream: SocketAddr,
     nginx: Option<&Process>,
+    redis_server: Option<&Path>,
 ) -> anyhow::Result<BTreeMap<(usize, Variant), Figures>> {
     let mut figures: BTreeMap<(usize, Variant), Figures> = BTreeMap::new();
     let mut run_id = 0;
     for round in 1..=args.rounds {
         for &in_flight in &args.in_flight {
             for variant in Variant::ALL {
-                if variant == Variant::Nginx && nginx.is_none() {
+                let chosen = variant == Variant::Direct
+                    || args.only.is_empty()
+                    || args
+                        .only
+                        .iter()
+                        .any(|part| variant.name().contains(part.as_str()));
+                if !chosen
+                    || (variant == Variant::Nginx && nginx.is_none())
+                    || (variant.on_redis() && redis_server.is_none())
+                {
                     continue;
                 }
                 run_id += 1;
-                let measured = measure(variant, in_flight, args, upstream, nginx, run_id).await?;
+                let measured = measure(
+                    variant,
+                    in_flight,
+                    args,
+                    upstream,
+                    nginx,
+                    redis_server,
+                    run_id,
+                )
+                .await?;
                 eprintln!(
                     "round {round}/{} · {in_flight} in flight · {:<40} {:>9.0} calls/s",
                     args.rounds,
@@ -501,6 +616,7 @@ async fn measure_rounds(
                 let entry = figures.entry((in_flight, variant)).or_default();
                 entry.load.merge(measured.load);
                 entry.cpu_seconds += measured.cpu_seconds;
+                entry.store_cpu_seconds += measured.store_cpu_seconds;
                 entry.peak_rss_bytes = entry.peak_rss_bytes.max(measured.peak_rss_bytes);
             }
         }
@@ -524,7 +640,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if nginx.is_none() {
         eprintln!("nginx not found ({}): its variant is skipped", args.nginx);
     }
-    let figures = measure_rounds(&args, upstream.addr, nginx.as_ref().map(|n| &n.process)).await;
+    let redis_server = find_program(&args.redis_server);
+    if redis_server.is_none() {
+        eprintln!(
+            "redis-server not found ({}): the Redis variants are skipped",
+            args.redis_server
+        );
+    }
+    let figures = measure_rounds(
+        &args,
+        upstream.addr,
+        nginx.as_ref().map(|n| &n.process),
+        redis_server.as_deref(),
+    )
+    .await;
     if let Some(nginx) = nginx {
         nginx.stop().await;
     }
@@ -602,14 +731,17 @@ fn report(
     );
     for &in_flight in &args.in_flight {
         let _ = writeln!(out, "## {in_flight} in flight\n");
-        let _ = writeln!(out, "| variant | calls/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | proxy CPU µs/call | proxy peak RSS MiB |");
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "| variant | calls/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | proxy CPU µs/call | proxy peak RSS MiB | redis-server CPU µs/call |");
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for variant in Variant::ALL {
             let Some(f) = figures.get(&(in_flight, variant)) else {
                 continue;
             };
             let cpu = f
                 .cpu_us_per_call()
+                .map_or("—".into(), |c| format!("{c:.1}"));
+            let store_cpu = f
+                .store_cpu_us_per_call()
                 .map_or("—".into(), |c| format!("{c:.1}"));
             let rss = if f.peak_rss_bytes > 0 {
                 format!("{:.1}", mib(f.peak_rss_bytes))
@@ -618,7 +750,7 @@ fn report(
             };
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {cpu} | {rss} |",
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {cpu} | {rss} | {store_cpu} |",
                 variant.name(),
                 f.load.throughput(),
                 f.load.percentile_us(0.5),

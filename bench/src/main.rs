@@ -11,6 +11,7 @@ mod pb {
     include!(concat!(env!("OUT_DIR"), "/idemproxy.bench.v1.rs"));
 }
 mod procs;
+mod redis_server;
 mod sled_alone;
 
 use clap::{Parser, Subcommand};

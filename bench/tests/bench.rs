@@ -28,8 +28,16 @@ fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
     let nginx_found = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .iter()
         .any(|path| std::path::Path::new(path).exists());
+    let redis_found = std::process::Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
     if std::env::var_os("CI").is_some() {
         assert!(nginx_found, "scripts/test installs nginx for this test");
+        assert!(
+            redis_found,
+            "scripts/test installs redis-server for this test"
+        );
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let output = dir.path().join("BENCHMARKS.md");
@@ -77,6 +85,15 @@ fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
     if nginx_found {
         variants.push("nginx grpc_pass");
     }
+    if redis_found {
+        variants.extend([
+            "idemproxy on Redis, fresh keys",
+            "idemproxy on Redis, duplicate hits",
+            "idemproxy on Redis (fsync once a second), fresh keys",
+            "idemproxy on Redis (fsync once a second), duplicate hits",
+            "idemproxy on Redis Cluster (3 masters), fresh keys",
+        ]);
+    }
     for heading in ["## 1 in flight", "## 4 in flight"] {
         let section = report
             .split(heading)
@@ -100,6 +117,13 @@ fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
             );
             let errors = row.split('|').nth(7).expect("an errors cell").trim();
             assert_eq!(errors, "0", "{variant} under {heading} had errors: {row}");
+            if variant.contains("on Redis") {
+                let store_cpu = row.split('|').nth(10).expect("a redis-server CPU cell");
+                assert!(
+                    store_cpu.trim().parse::<f64>().is_ok_and(|cpu| cpu > 0.0),
+                    "{variant} under {heading} has no redis-server CPU: {row}"
+                );
+            }
         }
     }
     for target in ["| P1 |", "| P2 |", "| P3 |", "| P4 |", "| P5 |", "| P6 |"] {

@@ -5,9 +5,11 @@
 //! rounds so drift on a noisy machine hits every variant alike, and writes the figures and the
 //! targets to BENCHMARKS.md. It never asserts: a missed target is reported, not hidden.
 
+use crate::cures::Cure;
 use crate::load::{self, KeyMode, LoadResult};
 use crate::pb::echo_server::{Echo, EchoServer};
 use crate::pb::EchoMessage;
+use crate::postgres_server;
 use crate::procs::{self, Process};
 use crate::redis_server::{Fsync, Redis};
 use crate::sled_alone;
@@ -51,6 +53,10 @@ pub struct BenchArgs {
     /// skipped when it cannot be found.
     #[arg(long, default_value = "redis-server")]
     pub redis_server: String,
+    /// The directory of PostgreSQL's `initdb` and `postgres` [default: the newest of
+    /// /usr/lib/postgresql/*/bin]; the dedup-table variants are skipped when none is found.
+    #[arg(long)]
+    pub postgres: Option<PathBuf>,
     /// Runs only the variants whose name holds one of these (comma-separated; "direct" is
     /// always run, as every ratio's reference).
     #[arg(long, value_delimiter = ',')]
@@ -120,10 +126,35 @@ enum Variant {
     RedisDuplicate(Fsync),
     /// The sidecar on three Redis Cluster masters.
     RedisClusterFresh,
+    /// No sidecar: the service's own Redis flag (`cures.rs`).
+    RedisFlagFresh(Fsync),
+    RedisFlagDuplicate(Fsync),
+    /// No sidecar: the service's own PostgreSQL dedup table (`cures.rs`).
+    DedupTableFresh,
+    DedupTableDuplicate,
+}
+
+/// What a variant's calls go through, besides the echo service.
+enum Setup {
+    Direct,
+    Nginx,
+    /// The sidecar with this `--flush`, on the sled store or on the Redis the variant starts.
+    Sidecar(&'static str),
+    /// The service's own cure, on the store the variant starts.
+    Cure,
+}
+
+/// The store server a variant starts for itself.
+#[derive(Clone, Copy)]
+enum Backing {
+    None,
+    Redis(Fsync),
+    RedisCluster,
+    Postgres,
 }
 
 impl Variant {
-    const ALL: [Variant; 11] = [
+    const ALL: [Variant; 17] = [
         Variant::Direct,
         Variant::Nginx,
         Variant::Passthrough,
@@ -135,6 +166,12 @@ impl Variant {
         Variant::RedisFresh(Fsync::Everysec),
         Variant::RedisDuplicate(Fsync::Everysec),
         Variant::RedisClusterFresh,
+        Variant::RedisFlagFresh(Fsync::Always),
+        Variant::RedisFlagDuplicate(Fsync::Always),
+        Variant::RedisFlagFresh(Fsync::Everysec),
+        Variant::RedisFlagDuplicate(Fsync::Everysec),
+        Variant::DedupTableFresh,
+        Variant::DedupTableDuplicate,
     ];
 
     fn name(self) -> &'static str {
@@ -154,6 +191,16 @@ impl Variant {
                 "idemproxy on Redis (fsync once a second), duplicate hits"
             }
             Variant::RedisClusterFresh => "idemproxy on Redis Cluster (3 masters), fresh keys",
+            Variant::RedisFlagFresh(Fsync::Always) => "cure: Redis flag, fresh keys",
+            Variant::RedisFlagDuplicate(Fsync::Always) => "cure: Redis flag, duplicate hits",
+            Variant::RedisFlagFresh(Fsync::Everysec) => {
+                "cure: Redis flag (fsync once a second), fresh keys"
+            }
+            Variant::RedisFlagDuplicate(Fsync::Everysec) => {
+                "cure: Redis flag (fsync once a second), duplicate hits"
+            }
+            Variant::DedupTableFresh => "cure: PostgreSQL dedup table, fresh keys",
+            Variant::DedupTableDuplicate => "cure: PostgreSQL dedup table, duplicate hits",
         }
     }
 
@@ -162,17 +209,151 @@ impl Variant {
             Variant::Fresh
             | Variant::FreshPerWrite
             | Variant::RedisFresh(_)
-            | Variant::RedisClusterFresh => KeyMode::Fresh,
-            Variant::Duplicate | Variant::RedisDuplicate(_) => KeyMode::Duplicate,
+            | Variant::RedisClusterFresh
+            | Variant::RedisFlagFresh(_)
+            | Variant::DedupTableFresh => KeyMode::Fresh,
+            Variant::Duplicate
+            | Variant::RedisDuplicate(_)
+            | Variant::RedisFlagDuplicate(_)
+            | Variant::DedupTableDuplicate => KeyMode::Duplicate,
             Variant::Direct | Variant::Nginx | Variant::Passthrough => KeyMode::None,
         }
     }
 
-    fn on_redis(self) -> bool {
-        matches!(
-            self,
-            Variant::RedisFresh(_) | Variant::RedisDuplicate(_) | Variant::RedisClusterFresh
-        )
+    fn setup(self) -> Setup {
+        match self {
+            Variant::Direct => Setup::Direct,
+            Variant::Nginx => Setup::Nginx,
+            Variant::FreshPerWrite => Setup::Sidecar("per-write"),
+            Variant::Passthrough
+            | Variant::Fresh
+            | Variant::Duplicate
+            | Variant::RedisFresh(_)
+            | Variant::RedisDuplicate(_)
+            | Variant::RedisClusterFresh => Setup::Sidecar("group"),
+            Variant::RedisFlagFresh(_)
+            | Variant::RedisFlagDuplicate(_)
+            | Variant::DedupTableFresh
+            | Variant::DedupTableDuplicate => Setup::Cure,
+        }
+    }
+
+    fn backing(self) -> Backing {
+        match self {
+            Variant::RedisFresh(fsync)
+            | Variant::RedisDuplicate(fsync)
+            | Variant::RedisFlagFresh(fsync)
+            | Variant::RedisFlagDuplicate(fsync) => Backing::Redis(fsync),
+            Variant::RedisClusterFresh => Backing::RedisCluster,
+            Variant::DedupTableFresh | Variant::DedupTableDuplicate => Backing::Postgres,
+            _ => Backing::None,
+        }
+    }
+}
+
+/// The programs found for the variants that need them; a variant whose program is missing is
+/// skipped.
+struct Tools<'a> {
+    /// The echo service every variant calls (the cures start their own).
+    upstream: &'a Process,
+    nginx: Option<&'a Process>,
+    redis_server: Option<PathBuf>,
+    postgres: Option<PathBuf>,
+}
+
+impl Tools<'_> {
+    fn can_run(&self, variant: Variant) -> bool {
+        match (variant.setup(), variant.backing()) {
+            (Setup::Nginx, _) => self.nginx.is_some(),
+            (_, Backing::Redis(_) | Backing::RedisCluster) => self.redis_server.is_some(),
+            (_, Backing::Postgres) => self.postgres.is_some(),
+            _ => true,
+        }
+    }
+}
+
+/// A store server a variant started: its CPU is counted, and it is stopped after.
+enum StoreServer {
+    Redis(Redis),
+    Postgres(postgres_server::Postgres),
+}
+
+impl StoreServer {
+    async fn start(backing: Backing, tools: &Tools<'_>) -> anyhow::Result<Option<StoreServer>> {
+        let redis_server = || {
+            tools
+                .redis_server
+                .as_deref()
+                .context("redis-server is not installed")
+        };
+        Ok(match backing {
+            Backing::None => None,
+            Backing::Redis(fsync) => Some(StoreServer::Redis(
+                Redis::single(redis_server()?, fsync).await?,
+            )),
+            Backing::RedisCluster => Some(StoreServer::Redis(
+                Redis::cluster(redis_server()?, Fsync::Always).await?,
+            )),
+            Backing::Postgres => {
+                let bin_dir = tools
+                    .postgres
+                    .as_deref()
+                    .context("PostgreSQL is not installed")?;
+                Some(StoreServer::Postgres(
+                    postgres_server::Postgres::start(bin_dir).await?,
+                ))
+            }
+        })
+    }
+
+    /// CPU seconds of the server's processes (PostgreSQL's backends are its children).
+    fn cpu_seconds(&self) -> f64 {
+        match self {
+            StoreServer::Redis(redis) => redis
+                .pids()
+                .iter()
+                .map(|&pid| procs::cpu_seconds(pid, false))
+                .sum(),
+            StoreServer::Postgres(postgres) => procs::cpu_seconds(postgres.pid(), true),
+        }
+    }
+
+    /// The sidecar's flags for this store.
+    fn sidecar_flags(&self, backing: Backing) -> Vec<String> {
+        match (self, backing) {
+            (StoreServer::Redis(redis), Backing::RedisCluster) => {
+                vec![
+                    "--store".into(),
+                    "redis-cluster".into(),
+                    "--redis-url".into(),
+                    redis.url(),
+                ]
+            }
+            (StoreServer::Redis(redis), _) => {
+                vec![
+                    "--store".into(),
+                    "redis".into(),
+                    "--redis-url".into(),
+                    redis.url(),
+                ]
+            }
+            (StoreServer::Postgres(_), _) => Vec::new(),
+        }
+    }
+
+    /// The upstream's `--cure` for this store.
+    fn cure(&self) -> String {
+        match self {
+            StoreServer::Redis(redis) => format!("redis-flag={}", redis.url()),
+            StoreServer::Postgres(postgres) => format!("dedup-table={}", postgres.config()),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            StoreServer::Redis(redis) => drop(redis),
+            StoreServer::Postgres(postgres) => postgres.stop().await,
+        }
     }
 }
 
@@ -180,8 +361,11 @@ impl Variant {
 #[derive(Default)]
 struct Figures {
     load: LoadResult,
+    /// The proxy's CPU (the sidecar, or nginx with its workers).
     cpu_seconds: f64,
-    /// The redis-servers' CPU, for the variants on Redis.
+    /// The echo service's CPU (with its cure, for the cures).
+    service_cpu_seconds: f64,
+    /// The store server's CPU: redis-servers, or PostgreSQL with its backends.
     store_cpu_seconds: f64,
     peak_rss_bytes: u64,
 }
@@ -191,8 +375,28 @@ impl Figures {
         per_call(self.cpu_seconds, self.load.ok)
     }
 
+    fn service_cpu_us_per_call(&self) -> Option<f64> {
+        per_call(self.service_cpu_seconds, self.load.ok)
+    }
+
     fn store_cpu_us_per_call(&self) -> Option<f64> {
         per_call(self.store_cpu_seconds, self.load.ok)
+    }
+
+    /// Every process's CPU per call: proxy, service and store server.
+    fn total_cpu_us_per_call(&self) -> Option<f64> {
+        per_call(
+            self.cpu_seconds + self.service_cpu_seconds + self.store_cpu_seconds,
+            self.load.ok,
+        )
+    }
+
+    fn add(&mut self, measured: Figures) {
+        self.load.merge(measured.load);
+        self.cpu_seconds += measured.cpu_seconds;
+        self.service_cpu_seconds += measured.service_cpu_seconds;
+        self.store_cpu_seconds += measured.store_cpu_seconds;
+        self.peak_rss_bytes = self.peak_rss_bytes.max(measured.peak_rss_bytes);
     }
 }
 
@@ -200,8 +404,10 @@ fn per_call(cpu_seconds: f64, calls: u64) -> Option<f64> {
     (cpu_seconds > 0.0 && calls > 0).then(|| cpu_seconds * 1e6 / calls as f64)
 }
 
-/// The echo service.
-struct EchoService;
+/// The echo service, with the service's own cure around it when it has one.
+struct EchoService {
+    cure: Option<Cure>,
+}
 
 #[tonic::async_trait]
 impl Echo for EchoService {
@@ -209,16 +415,32 @@ impl Echo for EchoService {
         &self,
         request: tonic::Request<EchoMessage>,
     ) -> Result<tonic::Response<EchoMessage>, tonic::Status> {
-        Ok(tonic::Response::new(request.into_inner()))
+        let key = request
+            .metadata()
+            .get("idempotency-key")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let message = request.into_inner();
+        let (Some(cure), Some(key)) = (&self.cure, key) else {
+            return Ok(tonic::Response::new(message));
+        };
+        // The handler: the echo itself.
+        let payload = cure.once(&key, async { message.payload }).await?;
+        Ok(tonic::Response::new(EchoMessage { payload }))
     }
 }
 
-/// `idemproxy-bench upstream`: serves the echo service and logs its address.
-pub async fn serve_upstream(listen: SocketAddr) -> anyhow::Result<()> {
+/// `idemproxy-bench upstream`: serves the echo service (with `cure`, see `cures.rs`) and
+/// logs its address.
+pub async fn serve_upstream(listen: SocketAddr, cure: Option<String>) -> anyhow::Result<()> {
+    let cure = match cure {
+        Some(spec) => Some(Cure::connect(&spec).await?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!("bench upstream listening addr={}", listener.local_addr()?);
     tonic::transport::Server::builder()
-        .add_service(EchoServer::new(EchoService))
+        .add_service(EchoServer::new(EchoService { cure }))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
         .await?;
     Ok(())
@@ -370,67 +592,54 @@ async fn measure(
     variant: Variant,
     in_flight: usize,
     args: &BenchArgs,
-    upstream: SocketAddr,
-    nginx: Option<&Process>,
-    redis_server: Option<&Path>,
+    tools: &Tools<'_>,
     run_id: u64,
 ) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
-    let redis = match (variant, redis_server) {
-        (Variant::RedisFresh(fsync) | Variant::RedisDuplicate(fsync), Some(program)) => {
-            Some(Redis::single(program, fsync).await?)
+    let backing = variant.backing();
+    let store = StoreServer::start(backing, tools).await?;
+    let upstream_addr = tools.upstream.addr;
+    let (sidecar, cure_service) = match variant.setup() {
+        Setup::Direct | Setup::Nginx => (None, None),
+        Setup::Sidecar(flush) => {
+            let flags = store
+                .as_ref()
+                .map_or_else(Vec::new, |store| store.sidecar_flags(backing));
+            let sidecar = start_sidecar(upstream_addr, dir.path(), flush, &flags).await?;
+            (Some(sidecar), None)
         }
-        (Variant::RedisClusterFresh, Some(program)) => {
-            Some(Redis::cluster(program, Fsync::Always).await?)
+        Setup::Cure => {
+            let store = store.as_ref().context("a cure needs its store")?;
+            let service = procs::spawn_until(
+                &exe()?,
+                &["upstream".into(), "--cure".into(), store.cure()],
+                "bench upstream listening addr=",
+            )
+            .await?;
+            (None, Some(service))
         }
-        (variant, None) if variant.on_redis() => anyhow::bail!("redis-server is not installed"),
-        _ => None,
     };
-    let redis_flags = |store: &str, redis: &Redis| {
-        vec![
-            "--store".to_string(),
-            store.to_string(),
-            "--redis-url".to_string(),
-            redis.url(),
-        ]
+    let service = cure_service.as_ref().unwrap_or(tools.upstream);
+    let (target, proxy, with_children) = match (variant.setup(), &sidecar, tools.nginx) {
+        (Setup::Direct, _, _) => (upstream_addr, None, false),
+        (Setup::Cure, _, _) => (service.addr, None, false),
+        (Setup::Nginx, _, Some(nginx)) => (nginx.addr, Some(nginx.pid()), true),
+        (Setup::Nginx, _, None) => anyhow::bail!("nginx is not running"),
+        (Setup::Sidecar(_), Some(sidecar), _) => (sidecar.addr, Some(sidecar.pid()), false),
+        (Setup::Sidecar(_), None, _) => unreachable!("the sidecar was started above"),
     };
-    let sidecar = match (variant, &redis) {
-        (Variant::Direct | Variant::Nginx, _) => None,
-        (Variant::FreshPerWrite, _) => {
-            Some(start_sidecar(upstream, dir.path(), "per-write", &[]).await?)
-        }
-        (Variant::RedisClusterFresh, Some(redis)) => {
-            let flags = redis_flags("redis-cluster", redis);
-            Some(start_sidecar(upstream, dir.path(), "group", &flags).await?)
-        }
-        (_, Some(redis)) => {
-            let flags = redis_flags("redis", redis);
-            Some(start_sidecar(upstream, dir.path(), "group", &flags).await?)
-        }
-        (_, None) => Some(start_sidecar(upstream, dir.path(), "group", &[]).await?),
-    };
-    let store_pids = redis.as_ref().map_or_else(Vec::new, Redis::pids);
-    let store_cpu = || -> f64 {
-        store_pids
-            .iter()
-            .map(|&pid| procs::cpu_seconds(pid, false))
-            .sum()
-    };
-    let (target, pid, with_children) = match (variant, &sidecar, nginx) {
-        (Variant::Direct, _, _) => (upstream, None, false),
-        (Variant::Nginx, _, Some(nginx)) => (nginx.addr, Some(nginx.pid()), true),
-        (Variant::Nginx, _, None) => anyhow::bail!("nginx is not running"),
-        (_, Some(sidecar), _) => (sidecar.addr, Some(sidecar.pid()), false),
-        (_, None, _) => unreachable!("every idemproxy variant starts a sidecar"),
+    let cpu = || {
+        (
+            proxy.map_or(0.0, |pid| procs::cpu_seconds(pid, with_children)),
+            procs::cpu_seconds(service.pid(), false),
+            store.as_ref().map_or(0.0, StoreServer::cpu_seconds),
+        )
     };
     let warm_cpu = async {
         tokio::time::sleep(args.warmup).await;
-        (
-            pid.map(|pid| procs::cpu_seconds(pid, with_children)),
-            store_cpu(),
-        )
+        cpu()
     };
-    let (load, (cpu_before, store_cpu_before)) = tokio::join!(
+    let (load, before) = tokio::join!(
         load::run(
             target,
             variant.key_mode(),
@@ -443,17 +652,22 @@ async fn measure(
         warm_cpu
     );
     let load = load?;
-    let cpu_after = pid.map(|pid| procs::cpu_seconds(pid, with_children));
-    let store_cpu_seconds = store_cpu() - store_cpu_before;
-    let peak_rss_bytes = pid.map_or(0, |pid| procs::memory_bytes(pid, "VmHWM"));
+    let after = cpu();
+    let peak_rss_bytes = proxy.map_or(0, |pid| procs::memory_bytes(pid, "VmHWM"));
     if let Some(sidecar) = sidecar {
         sidecar.stop().await;
     }
-    drop(redis);
+    if let Some(service) = cure_service {
+        service.stop().await;
+    }
+    if let Some(store) = store {
+        store.stop().await;
+    }
     Ok(Figures {
         load,
-        cpu_seconds: cpu_after.unwrap_or(0.0) - cpu_before.unwrap_or(0.0),
-        store_cpu_seconds,
+        cpu_seconds: after.0 - before.0,
+        service_cpu_seconds: after.1 - before.1,
+        store_cpu_seconds: after.2 - before.2,
         peak_rss_bytes,
     })
 }
@@ -575,9 +789,7 @@ async fn measure_store(
 /// Every round of every variant at every concurrency, interleaved.
 async fn measure_rounds(
     args: &BenchArgs,
-    upstream: SocketAddr,
-    nginx: Option<&Process>,
-    redis_server: Option<&Path>,
+    tools: &Tools<'_>,
 ) -> anyhow::Result<BTreeMap<(usize, Variant), Figures>> {
     let mut figures: BTreeMap<(usize, Variant), Figures> = BTreeMap::new();
     let mut run_id = 0;
@@ -590,34 +802,21 @@ async fn measure_rounds(
                         .only
                         .iter()
                         .any(|part| variant.name().contains(part.as_str()));
-                if !chosen
-                    || (variant == Variant::Nginx && nginx.is_none())
-                    || (variant.on_redis() && redis_server.is_none())
-                {
+                if !chosen || !tools.can_run(variant) {
                     continue;
                 }
                 run_id += 1;
-                let measured = measure(
-                    variant,
-                    in_flight,
-                    args,
-                    upstream,
-                    nginx,
-                    redis_server,
-                    run_id,
-                )
-                .await?;
+                let measured = measure(variant, in_flight, args, tools, run_id).await?;
                 eprintln!(
-                    "round {round}/{} · {in_flight} in flight · {:<40} {:>9.0} calls/s",
+                    "round {round}/{} · {in_flight} in flight · {:<56} {:>9.0} calls/s",
                     args.rounds,
                     variant.name(),
                     measured.load.throughput()
                 );
-                let entry = figures.entry((in_flight, variant)).or_default();
-                entry.load.merge(measured.load);
-                entry.cpu_seconds += measured.cpu_seconds;
-                entry.store_cpu_seconds += measured.store_cpu_seconds;
-                entry.peak_rss_bytes = entry.peak_rss_bytes.max(measured.peak_rss_bytes);
+                figures
+                    .entry((in_flight, variant))
+                    .or_default()
+                    .add(measured);
             }
         }
     }
@@ -647,13 +846,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.redis_server
         );
     }
-    let figures = measure_rounds(
-        &args,
-        upstream.addr,
-        nginx.as_ref().map(|n| &n.process),
-        redis_server.as_deref(),
-    )
-    .await;
+    let postgres = postgres_server::find_bin_dir(args.postgres.as_deref());
+    if postgres.is_none() {
+        eprintln!("PostgreSQL not found: the dedup-table variants are skipped");
+    }
+    let tools = Tools {
+        upstream: &upstream,
+        nginx: nginx.as_ref().map(|n| &n.process),
+        redis_server,
+        postgres,
+    };
+    let figures = measure_rounds(&args, &tools).await;
     if let Some(nginx) = nginx {
         nginx.stop().await;
     }
@@ -731,8 +934,11 @@ fn report(
     );
     for &in_flight in &args.in_flight {
         let _ = writeln!(out, "## {in_flight} in flight\n");
-        let _ = writeln!(out, "| variant | calls/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | proxy CPU µs/call | proxy peak RSS MiB | redis-server CPU µs/call |");
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(out, "| variant | calls/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors | proxy CPU µs/call | proxy peak RSS MiB | service CPU µs/call | store server CPU µs/call | total CPU µs/call |");
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for variant in Variant::ALL {
             let Some(f) = figures.get(&(in_flight, variant)) else {
                 continue;
@@ -740,9 +946,12 @@ fn report(
             let cpu = f
                 .cpu_us_per_call()
                 .map_or("—".into(), |c| format!("{c:.1}"));
-            let store_cpu = f
-                .store_cpu_us_per_call()
-                .map_or("—".into(), |c| format!("{c:.1}"));
+            let shown = |cpu: Option<f64>| cpu.map_or("—".into(), |c| format!("{c:.1}"));
+            let (service_cpu, store_cpu, total_cpu) = (
+                shown(f.service_cpu_us_per_call()),
+                shown(f.store_cpu_us_per_call()),
+                shown(f.total_cpu_us_per_call()),
+            );
             let rss = if f.peak_rss_bytes > 0 {
                 format!("{:.1}", mib(f.peak_rss_bytes))
             } else {
@@ -750,7 +959,7 @@ fn report(
             };
             let _ = writeln!(
                 out,
-                "| {} | {:.0} | {} | {} | {} | {} | {} | {cpu} | {rss} | {store_cpu} |",
+                "| {} | {:.0} | {} | {} | {} | {} | {} | {cpu} | {rss} | {service_cpu} | {store_cpu} | {total_cpu} |",
                 variant.name(),
                 f.load.throughput(),
                 f.load.percentile_us(0.5),
@@ -860,6 +1069,56 @@ fn targets(
             ok,
         )
     });
+    // The cures at equal durability (appendfsync always, synchronous_commit on).
+    let total = |v| get(high, v).and_then(Figures::total_cpu_us_per_call);
+    for (id, keys, ours, flag, table) in [
+        (
+            "C1",
+            "fresh keys",
+            Variant::Fresh,
+            Variant::RedisFlagFresh(Fsync::Always),
+            Variant::DedupTableFresh,
+        ),
+        (
+            "C2",
+            "duplicate hits",
+            Variant::Duplicate,
+            Variant::RedisFlagDuplicate(Fsync::Always),
+            Variant::DedupTableDuplicate,
+        ),
+    ] {
+        let measured = (|| {
+            let (t, c) = (tput(high, ours)?, total(ours)?);
+            let (flag_t, flag_c) = (tput(high, flag)?, total(flag)?);
+            let (table_t, table_c) = (tput(high, table)?, total(table)?);
+            Some((
+                format!(
+                    "{:.2}× / {:.2}× the throughput; {:.2}× / {:.2}× the total CPU per call ({c:.0} against {flag_c:.0} / {table_c:.0} µs)",
+                    t / flag_t,
+                    t / table_t,
+                    c / flag_c,
+                    c / table_c
+                ),
+                t > flag_t && t > table_t && c < flag_c && c < table_c,
+            ))
+        })();
+        row(
+            id,
+            format!("idemproxy on sled against the Redis flag / the PostgreSQL dedup table in the service, {keys} at {high} in flight"),
+            "ahead of both in throughput and total CPU per call",
+            measured,
+        );
+    }
+    row(
+        "C3",
+        format!("idemproxy on Redis against the Redis flag: total CPU per call, fresh keys at {high} in flight"),
+        "≤ 1.2×",
+        ratio(
+            total(Variant::RedisFresh(Fsync::Always)),
+            total(Variant::RedisFlagFresh(Fsync::Always)),
+        )
+        .map(|r| (format!("{r:.2}×"), r <= 1.2)),
+    );
     let stored = store.map_or(args.records, |s| s.records);
     row(
         "P6",

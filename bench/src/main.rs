@@ -3,6 +3,7 @@
 //! binary built beside it; see `bench.rs`.
 
 mod bench;
+mod cures;
 mod load;
 
 /// The echo service of `proto/`, generated at build time.
@@ -10,6 +11,7 @@ mod load;
 mod pb {
     include!(concat!(env!("OUT_DIR"), "/idemproxy.bench.v1.rs"));
 }
+mod postgres_server;
 mod procs;
 mod redis_server;
 mod sled_alone;
@@ -36,6 +38,10 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
+        /// The service's own cure around the echo: `redis-flag=URL` or
+        /// `dedup-table=CONNECTION` (a PostgreSQL connection string).
+        #[arg(long)]
+        cure: Option<String>,
     },
     /// The benchmark's sled-alone baseline (started by the benchmark).
     SledAlone(sled_alone::SledAloneArgs),
@@ -55,7 +61,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             None => bench::run(cli.bench).await,
             Some(Command::Load(args)) => bench::run_load(args).await,
-            Some(Command::Upstream { listen }) => bench::serve_upstream(listen).await,
+            Some(Command::Upstream { listen, cure }) => bench::serve_upstream(listen, cure).await,
             Some(Command::SledAlone(args)) => sled_alone::run(args).await,
         }
     });

@@ -32,10 +32,75 @@ impl Process {
     }
 }
 
+/// The core kept for the proxy measured, once `pin` has pinned the benchmark elsewhere.
+static PROXY_CORE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Gives the measured proxy (the sidecar, nginx) a core of its own: pins this process, and so
+/// every process it starts after (load generator, echo service, store servers), to the other
+/// cores with `taskset`, and starts each proxy on the last core. On a 2-core machine the
+/// proxies would otherwise share their core with the load and the service, and their CPU
+/// per call would measure the contention as much as the proxy. Returns the proxy's core;
+/// `None` (nothing pinned) with fewer than 2 cores or without `taskset`.
+pub fn pin() -> anyhow::Result<Option<usize>> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    if cores < 2 {
+        return Ok(None);
+    }
+    let proxy = cores - 1;
+    let others = if proxy == 1 {
+        "0".to_string()
+    } else {
+        format!("0-{}", proxy - 1)
+    };
+    let pinned = std::process::Command::new("taskset")
+        .args(["--all-tasks", "--pid", "--cpu-list", &others])
+        .arg(std::process::id().to_string())
+        .stdout(Stdio::null())
+        .status();
+    match pinned {
+        Ok(status) if status.success() => {
+            let _ = PROXY_CORE.set(proxy);
+            Ok(Some(proxy))
+        }
+        Ok(status) => bail!("taskset failed ({status})"),
+        Err(_) => Ok(None),
+    }
+}
+
+/// A command for `program`, on the proxy's own core when `pin` reserved one.
+pub fn proxy_command(program: &Path) -> Command {
+    match PROXY_CORE.get() {
+        Some(core) => {
+            let mut command = Command::new("taskset");
+            command.args(["--cpu-list", &core.to_string()]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 /// Starts `program args`, waits (up to 60 s) for a stderr line containing `marker` followed
 /// by an address, and keeps draining its output.
 pub async fn spawn_until(program: &Path, args: &[String], marker: &str) -> anyhow::Result<Process> {
-    let mut child = Command::new(program)
+    spawn_command_until(Command::new(program), program, args, marker).await
+}
+
+/// `spawn_until` for a proxy: on its own core when pinned (see `pin`).
+pub async fn spawn_proxy_until(
+    program: &Path,
+    args: &[String],
+    marker: &str,
+) -> anyhow::Result<Process> {
+    spawn_command_until(proxy_command(program), program, args, marker).await
+}
+
+async fn spawn_command_until(
+    mut command: Command,
+    program: &Path,
+    args: &[String],
+    marker: &str,
+) -> anyhow::Result<Process> {
+    let mut child = command
         .args(args)
         .env("RUST_LOG", "warn,idemproxy=info")
         .stdout(Stdio::null())

@@ -6,6 +6,7 @@
 //! targets to BENCHMARKS.md. It never asserts: a missed target is reported, not hidden.
 
 use crate::cures::Cure;
+use crate::h2load;
 use crate::load::{self, KeyMode, LoadResult};
 use crate::pb::echo_server::{Echo, EchoServer};
 use crate::pb::EchoMessage;
@@ -57,6 +58,9 @@ pub struct BenchArgs {
     /// /usr/lib/postgresql/*/bin]; the dedup-table variants are skipped when none is found.
     #[arg(long)]
     pub postgres: Option<PathBuf>,
+    /// nghttp2's h2load, for P1 with a client that is not ours; skipped when not found.
+    #[arg(long, default_value = "h2load")]
+    pub h2load: String,
     /// Leaves every process on every core (by default the proxy measured gets a core of its
     /// own: see `procs::pin`).
     #[arg(long)]
@@ -263,6 +267,7 @@ struct Tools<'a> {
     nginx: Option<&'a Process>,
     redis_server: Option<PathBuf>,
     postgres: Option<PathBuf>,
+    h2load: Option<PathBuf>,
 }
 
 impl Tools<'_> {
@@ -797,14 +802,61 @@ async fn measure_store(
     })
 }
 
+/// The paths h2load measures, one stream at a time.
+const H2LOAD_PATHS: [&str; 3] = ["direct", "nginx grpc_pass", "idemproxy passthrough"];
+
+/// h2load's figures per path, one per round.
+type H2loadRuns = BTreeMap<&'static str, Vec<h2load::H2loadFigures>>;
+
+/// One h2load run of each path.
+async fn measure_h2load(
+    args: &BenchArgs,
+    tools: &Tools<'_>,
+    runs: &mut H2loadRuns,
+) -> anyhow::Result<()> {
+    let Some(program) = tools.h2load.as_deref() else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let request = h2load::write_request(dir.path(), args.payload_bytes)?;
+    for path in H2LOAD_PATHS {
+        let sidecar = match path {
+            "idemproxy passthrough" => {
+                Some(start_sidecar(tools.upstream.addr, dir.path(), "group", &[]).await?)
+            }
+            _ => None,
+        };
+        let target = match (path, &sidecar, tools.nginx) {
+            (_, Some(sidecar), _) => sidecar.addr,
+            ("nginx grpc_pass", _, Some(nginx)) => nginx.addr,
+            ("nginx grpc_pass", _, None) => continue,
+            _ => tools.upstream.addr,
+        };
+        let figures = h2load::run(program, target, &request, args.warmup, args.duration).await?;
+        eprintln!(
+            "h2load · {path:<40} mean {:>7.0} µs, {:>7.0} calls/s",
+            figures.mean_us, figures.requests_per_second
+        );
+        runs.entry(path).or_default().push(figures);
+        if let Some(sidecar) = sidecar {
+            sidecar.stop().await;
+        }
+    }
+    Ok(())
+}
+
 /// Every round of every variant at every concurrency, interleaved.
 async fn measure_rounds(
     args: &BenchArgs,
     tools: &Tools<'_>,
+    h2load_runs: &mut H2loadRuns,
 ) -> anyhow::Result<BTreeMap<(usize, Variant), Figures>> {
     let mut figures: BTreeMap<(usize, Variant), Figures> = BTreeMap::new();
     let mut run_id = 0;
     for round in 1..=args.rounds {
+        if args.only.is_empty() || args.only.iter().any(|part| part == "h2load") {
+            measure_h2load(args, tools, h2load_runs).await?;
+        }
         for &in_flight in &args.in_flight {
             for variant in Variant::ALL {
                 let chosen = variant == Variant::Direct
@@ -862,13 +914,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if postgres.is_none() {
         eprintln!("PostgreSQL not found: the dedup-table variants are skipped");
     }
+    let h2load = find_program(&args.h2load);
+    if h2load.is_none() {
+        eprintln!("h2load not found ({}): its runs are skipped", args.h2load);
+    }
     let tools = Tools {
         upstream: &upstream,
         nginx: nginx.as_ref().map(|n| &n.process),
         redis_server,
         postgres,
+        h2load,
     };
-    let figures = measure_rounds(&args, &tools).await;
+    let mut h2load_runs = H2loadRuns::new();
+    let figures = measure_rounds(&args, &tools, &mut h2load_runs).await;
     if let Some(nginx) = nginx {
         nginx.stop().await;
     }
@@ -880,7 +938,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         None
     };
     upstream.stop().await;
-    let report = report(&args, &figures, store.as_ref(), proxy_core);
+    let report = report(&args, &figures, &h2load_runs, store.as_ref(), proxy_core);
     print!("{report}");
     if args.output != "-" {
         write_report(Path::new(&args.output), &report)?;
@@ -931,6 +989,7 @@ fn verdict(ok: bool) -> &'static str {
 fn report(
     args: &BenchArgs,
     figures: &BTreeMap<(usize, Variant), Figures>,
+    h2load_runs: &H2loadRuns,
     store: Option<&StoreFigures>,
     proxy_core: Option<usize>,
 ) -> String {
@@ -989,13 +1048,55 @@ fn report(
         }
         out.push('\n');
     }
-    out.push_str(&targets(args, figures, store));
+    let h2load_means = h2load_section(&mut out, h2load_runs);
+    out.push_str(&targets(args, figures, &h2load_means, store));
     out
+}
+
+/// The h2load table; returns each path's median (over rounds) of its mean time per call.
+fn h2load_section(out: &mut String, runs: &H2loadRuns) -> BTreeMap<&'static str, f64> {
+    let mut medians = BTreeMap::new();
+    if runs.is_empty() {
+        return medians;
+    }
+    let _ = writeln!(
+        out,
+        "## 1 in flight, h2load (`h2load -c 1 -m 1`, one run per round)\n"
+    );
+    let _ = writeln!(out, "| path | calls/s (median) | mean µs per round | median of the means µs | min µs | max µs | failed |");
+    let _ = writeln!(out, "|---|---:|---|---:|---:|---:|---:|");
+    for path in H2LOAD_PATHS {
+        let Some(rounds) = runs.get(path) else {
+            continue;
+        };
+        let median = |mut values: Vec<f64>| {
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let mean = median(rounds.iter().map(|r| r.mean_us).collect());
+        let rate = median(rounds.iter().map(|r| r.requests_per_second).collect());
+        let means: Vec<String> = rounds.iter().map(|r| format!("{:.0}", r.mean_us)).collect();
+        let min = rounds
+            .iter()
+            .map(|r| r.min_us)
+            .fold(f64::INFINITY, f64::min);
+        let max = rounds.iter().map(|r| r.max_us).fold(0.0, f64::max);
+        let failed: u64 = rounds.iter().map(|r| r.failed).sum();
+        let _ = writeln!(
+            out,
+            "| {path} | {rate:.0} | {} | {mean:.0} | {min:.0} | {max:.0} | {failed} |",
+            means.join(", ")
+        );
+        medians.insert(path, mean);
+    }
+    out.push('\n');
+    medians
 }
 
 fn targets(
     args: &BenchArgs,
     figures: &BTreeMap<(usize, Variant), Figures>,
+    h2load_means: &BTreeMap<&'static str, f64>,
     store: Option<&StoreFigures>,
 ) -> String {
     let mut out = String::from(
@@ -1019,6 +1120,20 @@ fn targets(
         "≤ nginx's added p50",
         added(Variant::Passthrough)
             .zip(added(Variant::Nginx))
+            .map(|(ours, theirs)| {
+                (
+                    format!("{ours:.0} µs vs nginx {theirs:.0} µs"),
+                    ours <= theirs,
+                )
+            }),
+    );
+    let h2load_added = |path| Some(h2load_means.get(path)? - h2load_means.get("direct")?);
+    row(
+        "P1",
+        "passthrough added mean time per call with h2load, 1 in flight, vs direct".into(),
+        "≤ nginx's added mean",
+        h2load_added("idemproxy passthrough")
+            .zip(h2load_added("nginx grpc_pass"))
             .map(|(ours, theirs)| {
                 (
                     format!("{ours:.0} µs vs nginx {theirs:.0} µs"),

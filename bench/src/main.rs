@@ -4,6 +4,7 @@
 
 mod bench;
 mod cures;
+mod h2load;
 mod load;
 
 /// The echo service of `proto/`, generated at build time.

@@ -37,7 +37,12 @@ fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
             .flatten()
             .any(|version| version.path().join("bin/postgres").is_file())
     });
+    let h2load_found = std::process::Command::new("h2load")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success());
     if std::env::var_os("CI").is_some() {
+        assert!(h2load_found, "scripts/test installs h2load for this test");
         assert!(nginx_found, "scripts/test installs nginx for this test");
         assert!(
             redis_found,
@@ -155,6 +160,24 @@ fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
                 store_cpu_seen.insert(*variant);
             }
         }
+    }
+    if h2load_found {
+        let section = report
+            .split("## 1 in flight, h2load")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no h2load section:\n{report}"));
+        for path in ["direct", "idemproxy passthrough"] {
+            let row = section
+                .lines()
+                .find(|line| line.starts_with(&format!("| {path} |")))
+                .unwrap_or_else(|| panic!("no h2load row for {path}:\n{report}"));
+            let failed = row.split('|').nth(7).expect("a failed cell").trim();
+            assert_eq!(failed, "0", "h2load calls failed on {path}: {row}");
+        }
+        assert!(
+            report.contains("passthrough added mean time per call with h2load"),
+            "no P1 row for h2load:\n{report}"
+        );
     }
     // CPU time comes in 10 ms ticks: a short run of cheap calls may show none, but the
     // store server of every fresh-key variant on a server shows some in one section at least.

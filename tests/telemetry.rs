@@ -380,6 +380,98 @@ async fn a_dead_collector_neither_fails_nor_holds_up_calls() {
     assert_eq!(code.expect("exits within 30 s"), Some(0));
 }
 
+/// OTLP over HTTP with protobuf bodies (`OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`, the
+/// specification's default for SDKs), received by a receiver that is not ours: Python's
+/// http.server decoding with the OpenTelemetry project's own protobuf bindings
+/// (`tests/peers/otlp_http_receiver.py`; `scripts/test` installs opentelemetry-proto).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_and_metrics_reach_an_otlp_http_receiver() {
+    use tokio::io::AsyncBufReadExt;
+    let mut receiver = tokio::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/peers/otlp_http_receiver.py"
+        ))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs (scripts/test installs it)");
+    let mut lines = tokio::io::BufReader::new(receiver.stdout.take().expect("piped")).lines();
+    let first = lines
+        .next_line()
+        .await
+        .unwrap()
+        .expect("the receiver starts (scripts/test installs opentelemetry-proto for python3)");
+    let port = serde_json::from_str::<serde_json::Value>(&first).unwrap()["listening"]
+        .as_u64()
+        .expect("the receiver's port");
+    let exports = Arc::new(Mutex::new(Vec::<serde_json::Value>::new()));
+    let collected = exports.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let export = serde_json::from_str(&line).expect("the receiver prints JSON");
+            collected.lock().unwrap().push(export);
+        }
+    });
+
+    let ledger = ledger::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = binary::run_args(ledger.addr, dir.path(), &[]);
+    let env = [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://127.0.0.1:{port}"),
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "200".to_owned()),
+    ];
+    let sidecar = binary::start_with_env(&args, &env).await;
+    let mut client = client(sidecar.addr).await;
+    for _ in 0..2 {
+        let answer = apply_traced(&mut client, add("http-1", 1), Some("http-1"), None).await;
+        answer.expect("the call and its replay are answered");
+    }
+    let names = |field: &str| -> Vec<String> {
+        let exports = exports.lock().unwrap();
+        exports
+            .iter()
+            .filter_map(|export| export[field].as_array())
+            .flatten()
+            .filter_map(|name| name.as_str().map(str::to_owned))
+            .collect()
+    };
+    eventually(Duration::from_secs(20), "spans and metrics over OTLP/HTTP", || {
+        let (spans, metrics) = (names("spans"), names("metrics"));
+        async move {
+            !spans.is_empty() && metrics.iter().any(|name| name == "idemproxy.requests")
+        }
+    })
+    .await;
+    let exports = exports.lock().unwrap().clone();
+    for export in &exports {
+        assert!(
+            export.get("error").is_none(),
+            "undecodable export: {export}"
+        );
+        assert_eq!(
+            export["content_type"], "application/x-protobuf",
+            "OTLP/HTTP's protobuf content type: {export}"
+        );
+    }
+    let paths: std::collections::BTreeSet<_> =
+        exports.iter().filter_map(|e| e["path"].as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/v1/metrics", "/v1/traces"].into(),
+        "the signals' paths under the endpoint"
+    );
+    sidecar.terminate();
+    assert_eq!(sidecar.wait().await, Some(0));
+    receiver.kill().await.unwrap();
+}
+
 // Multi-threaded: dropping the exporters blocks this thread on a last export that the
 // runtime's other thread carries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,13 +498,18 @@ async fn otlp_settings_are_read_from_the_standard_variables() {
         .unwrap()
         .traces_enabled());
     let http = env_of(vec![
-        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint.clone()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
     ]);
-    let error = Telemetry::from_env(&http, "sled").err().expect("refused");
+    assert!(Telemetry::from_env(&http, "sled").unwrap().traces_enabled());
+    let json = env_of(vec![
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json".into()),
+    ]);
+    let error = Telemetry::from_env(&json, "sled").err().expect("refused");
     let message = error.to_string();
     assert!(
-        message.contains("OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf"),
+        message.contains("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/json"),
         "{message}"
     );
 }

@@ -1,7 +1,8 @@
 //! Telemetry: logs, traces and metrics (design §7, issue "OpenTelemetry").
 //!
-//! Configured by the standard `OTEL_*` variables and nothing else: an OTLP exporter (gRPC)
-//! starts for traces or metrics only when an endpoint is configured for it, and an exporter
+//! Configured by the standard `OTEL_*` variables and nothing else: an OTLP exporter (gRPC, or
+//! HTTP with protobuf bodies when `OTEL_EXPORTER_OTLP_PROTOCOL` says `http/protobuf`) starts
+//! for traces or metrics only when an endpoint is configured for it, and an exporter
 //! that fails never fails or slows a call (spans and metrics are queued, bounded, and sent
 //! from their own thread). Metrics are always kept for the ops listener's `/metrics`.
 //! Nothing recorded here may carry a raw serial, caller secret or message body: keys appear
@@ -12,10 +13,12 @@ pub mod trace;
 
 use metrics::Metrics;
 use opentelemetry::metrics::MeterProvider as _;
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use std::sync::Arc;
+use std::time::Duration;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::Layer as _;
@@ -32,7 +35,7 @@ pub fn process_env(name: &str) -> Option<String> {
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     /// A protocol this build does not export.
-    #[error("{variable}={value}: idemproxy exports OTLP over gRPC only; set it to grpc and point the endpoint at the collector's gRPC port (4317)")]
+    #[error("{variable}={value}: idemproxy exports OTLP as grpc (the collector's port 4317) or http/protobuf (port 4318); http/json is not supported")]
     Protocol {
         /// The variable.
         variable: &'static str,
@@ -81,20 +84,32 @@ impl Telemetry {
         let mut meters = SdkMeterProvider::builder()
             .with_resource(resource.clone())
             .with_reader(prometheus);
-        if METRICS.exported(env)? {
-            let exporter = opentelemetry_otlp::MetricExporter::builder()
-                .with_tonic()
-                .build()
-                .map_err(|e| METRICS.build_error(e))?;
+        if let Some(protocol) = METRICS.exported(env)? {
+            let builder = opentelemetry_otlp::MetricExporter::builder();
+            let exporter = match protocol {
+                Protocol::Grpc => builder.with_tonic().build(),
+                Protocol::HttpProtobuf => builder
+                    .with_http()
+                    .with_http_client(OnRuntime::new(env))
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .build(),
+            }
+            .map_err(|e| METRICS.build_error(e))?;
             meters = meters
                 .with_reader(opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build());
         }
         let meter_provider = meters.build();
-        let tracer_provider = if TRACES.exported(env)? {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build()
-                .map_err(|e| TRACES.build_error(e))?;
+        let tracer_provider = if let Some(protocol) = TRACES.exported(env)? {
+            let builder = opentelemetry_otlp::SpanExporter::builder();
+            let exporter = match protocol {
+                Protocol::Grpc => builder.with_tonic().build(),
+                Protocol::HttpProtobuf => builder
+                    .with_http()
+                    .with_http_client(OnRuntime::new(env))
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .build(),
+            }
+            .map_err(|e| TRACES.build_error(e))?;
             // The sampler comes from OTEL_TRACES_SAMPLER(_ARG), read by the SDK.
             Some(
                 SdkTracerProvider::builder()
@@ -197,24 +212,72 @@ const METRICS: Signal = Signal {
     protocol: "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
 };
 
+/// The OTLP/HTTP exporters' client: opentelemetry-http's hyper client, driven on the
+/// sidecar's runtime. The SDK exports from threads of its own, where hyper (which needs
+/// tokio) cannot run, so each request is handed to the runtime and awaited from there.
+#[derive(Debug, Clone)]
+struct OnRuntime {
+    runtime: tokio::runtime::Handle,
+    client: opentelemetry_http::hyper::HyperClient,
+}
+
+impl OnRuntime {
+    /// On the current runtime, with the request deadline of `OTEL_EXPORTER_OTLP_TIMEOUT`
+    /// (milliseconds, 10 s by default, as the SDK reads it).
+    fn new(env: Env<'_>) -> OnRuntime {
+        let timeout = env("OTEL_EXPORTER_OTLP_TIMEOUT")
+            .and_then(|ms| ms.parse().ok())
+            .map_or(Duration::from_secs(10), Duration::from_millis);
+        OnRuntime {
+            runtime: tokio::runtime::Handle::current(),
+            client: opentelemetry_http::hyper::HyperClient::with_default_connector(timeout, None),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for OnRuntime {
+    async fn send_bytes(
+        &self,
+        request: http::Request<bytes::Bytes>,
+    ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
+        let client = self.client.clone();
+        let sent = self
+            .runtime
+            .spawn(async move { client.send_bytes(request).await });
+        sent.await?
+    }
+}
+
+/// How a signal is exported.
+#[derive(Debug, Clone, Copy)]
+enum Protocol {
+    /// OTLP/gRPC, the default (the collector's port 4317).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318), POSTed to `/v1/traces` and `/v1/metrics`
+    /// under `OTEL_EXPORTER_OTLP_ENDPOINT`, or to the per-signal endpoint as it is.
+    HttpProtobuf,
+}
+
 impl Signal {
-    /// Whether this signal is exported: an endpoint is set for it and its exporter is not
-    /// `none`; its protocol must be gRPC.
-    fn exported(&self, env: Env<'_>) -> Result<bool, TelemetryError> {
+    /// How this signal is exported, if it is: an endpoint is set for it and its exporter is
+    /// not `none`. The protocol is gRPC unless the signal's or the general protocol variable
+    /// says `http/protobuf`.
+    fn exported(&self, env: Env<'_>) -> Result<Option<Protocol>, TelemetryError> {
         if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
             || env(self.exporter).is_some_and(|v| v == "none")
             || (env(self.endpoint).is_none() && env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none())
         {
-            return Ok(false);
+            return Ok(None);
         }
         let protocol = [self.protocol, "OTEL_EXPORTER_OTLP_PROTOCOL"]
             .into_iter()
             .find_map(|variable| env(variable).map(|value| (variable, value)));
         match protocol {
-            Some((variable, value)) if value != "grpc" => {
-                Err(TelemetryError::Protocol { variable, value })
-            }
-            _ => Ok(true),
+            None => Ok(Some(Protocol::Grpc)),
+            Some((_, value)) if value == "grpc" => Ok(Some(Protocol::Grpc)),
+            Some((_, value)) if value == "http/protobuf" => Ok(Some(Protocol::HttpProtobuf)),
+            Some((variable, value)) => Err(TelemetryError::Protocol { variable, value }),
         }
     }
 

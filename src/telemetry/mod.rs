@@ -85,31 +85,17 @@ impl Telemetry {
             .with_resource(resource.clone())
             .with_reader(prometheus);
         if let Some(protocol) = METRICS.exported(env)? {
-            let builder = opentelemetry_otlp::MetricExporter::builder();
-            let exporter = match protocol {
-                Protocol::Grpc => builder.with_tonic().build(),
-                Protocol::HttpProtobuf => builder
-                    .with_http()
-                    .with_http_client(OnRuntime::new(env))
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .build(),
-            }
-            .map_err(|e| METRICS.build_error(e))?;
+            let exporter =
+                otlp_exporter!(opentelemetry_otlp::MetricExporter::builder(), protocol, env)
+                    .map_err(|e| METRICS.build_error(e))?;
             meters = meters
                 .with_reader(opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build());
         }
         let meter_provider = meters.build();
         let tracer_provider = if let Some(protocol) = TRACES.exported(env)? {
-            let builder = opentelemetry_otlp::SpanExporter::builder();
-            let exporter = match protocol {
-                Protocol::Grpc => builder.with_tonic().build(),
-                Protocol::HttpProtobuf => builder
-                    .with_http()
-                    .with_http_client(OnRuntime::new(env))
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .build(),
-            }
-            .map_err(|e| TRACES.build_error(e))?;
+            let exporter =
+                otlp_exporter!(opentelemetry_otlp::SpanExporter::builder(), protocol, env)
+                    .map_err(|e| TRACES.build_error(e))?;
             // The sampler comes from OTEL_TRACES_SAMPLER(_ARG), read by the SDK.
             Some(
                 SdkTracerProvider::builder()
@@ -211,6 +197,22 @@ const METRICS: Signal = Signal {
     endpoint: "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
     protocol: "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
 };
+
+/// An OTLP exporter from `builder` (the metric or span exporter's: two types with the same
+/// methods) over `protocol`: gRPC, or HTTP with protobuf bodies through `OnRuntime`.
+macro_rules! otlp_exporter {
+    ($builder:expr, $protocol:expr, $env:expr) => {
+        match $protocol {
+            Protocol::Grpc => $builder.with_tonic().build(),
+            Protocol::HttpProtobuf => $builder
+                .with_http()
+                .with_http_client(OnRuntime::new($env))
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .build(),
+        }
+    };
+}
+use otlp_exporter;
 
 /// The OTLP/HTTP exporters' client: opentelemetry-http's hyper client, driven on the
 /// sidecar's runtime. The SDK exports from threads of its own, where hyper (which needs

@@ -95,8 +95,7 @@ pub struct Recovery {
     pub in_doubt: u64,
 }
 
-/// A sled error as the store reports it.
-pub(super) fn store_error(error: sled::Error) -> StoreError {
+fn store_error(error: sled::Error) -> StoreError {
     match error {
         sled::Error::Corruption { .. } => StoreError::Corrupt(error.to_string()),
         other => StoreError::Io(other.to_string()),
@@ -171,9 +170,9 @@ impl SledStore {
 
     /// Walks every record once, after start and beside live traffic: marks claims of earlier
     /// processes (any incarnation but `live`) IN_DOUBT, and counts records and bytes for the
-    /// size bound; then drops the expiry index of a data dir written by 0.1.0. Writes that land during the walk make the
-    /// counts approximate, which the bound tolerates. Blocking: run it off the async runtime's
-    /// threads.
+    /// size bound; then drops the expiry index of a data dir written by 0.1.0. Writes that
+    /// land during the walk make the counts approximate, which the bound tolerates. Blocking:
+    /// run it off the async runtime's threads.
     pub fn reconcile(&self, live: &[u8; 8]) -> Result<Recovery, StoreError> {
         let mut recovery = Recovery::default();
         let mut bytes = 0;

@@ -107,6 +107,10 @@ pub struct RunArgs {
     /// sled's page cache (its memory use is a multiple of this) [default: 8MiB].
     #[arg(long, env = "IDEMPROXY_SLED_CACHE_BYTES")]
     pub sled_cache_bytes: Option<String>,
+    /// Records sled keeps one key each; past this the sweeper packs the COMPLETED ones many to
+    /// a sled value [default: 65536].
+    #[arg(long, env = "IDEMPROXY_SLED_PACK_RECORDS")]
+    pub sled_pack_records: Option<String>,
     /// Longest wait for the store to confirm a write; past it the call fails closed
     /// [default: 5s].
     #[arg(long, env = "IDEMPROXY_STORE_TIMEOUT")]
@@ -221,6 +225,7 @@ pub struct FileSettings {
     max_response_bytes: Option<Scalar>,
     max_store_bytes: Option<Scalar>,
     sled_cache_bytes: Option<Scalar>,
+    sled_pack_records: Option<Scalar>,
     store_timeout: Option<String>,
     sweep_interval: Option<String>,
     worker_threads: Option<Scalar>,
@@ -360,6 +365,8 @@ pub struct Config {
     pub store_bytes_max: u64,
     /// sled's cache.
     pub sled_cache_bytes: u64,
+    /// Records in sled's `records` tree before the sweeper packs them.
+    pub sled_pack_records: u64,
     /// Longest wait for the store to confirm a write.
     pub store_timeout: Duration,
     /// Sweeper period.
@@ -747,6 +754,8 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         1 << 20,
         64 << 30,
     )?;
+    let pack_text = pick_bytes(args.sled_pack_records, file.sled_pack_records, "65536");
+    let sled_pack_records = count("sled-pack-records", &pack_text, 1, 1 << 40)?;
     let store_timeout = duration(
         "store-timeout",
         &pick(args.store_timeout, file.store_timeout, "5s"),
@@ -870,6 +879,7 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         response_bytes_max,
         store_bytes_max,
         sled_cache_bytes,
+        sled_pack_records,
         store_timeout,
         sweep_interval,
         worker_threads,

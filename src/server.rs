@@ -360,6 +360,7 @@ async fn open_sled(config: &Config) -> Result<SledStore, StartError> {
         bytes_max: config.store_bytes_max,
         flush_per_write: config.flush == FlushMode::PerWrite,
         flush_timeout: config.store_timeout,
+        pack_records: config.sled_pack_records,
     };
     let opened = tokio::task::spawn_blocking(move || SledStore::open(&options))
         .await

@@ -17,6 +17,7 @@ fn options(dir: &std::path::Path, bytes_max: u64) -> SledOptions {
         bytes_max,
         flush_per_write: false,
         flush_timeout: Duration::from_secs(5),
+        pack_records: 65_536,
     }
 }
 
@@ -347,4 +348,163 @@ async fn with_group_commit_off_each_write_waits_for_the_flush_of_the_one_before(
         0,
         "a write landed beside one not yet flushed"
     );
+}
+
+/// Opens `dir` packing COMPLETED records once `records` holds `pack_records`.
+fn packing(dir: &std::path::Path, pack_records: u64, bytes_max: u64) -> SledStore {
+    SledStore::open(&SledOptions {
+        pack_records,
+        ..options(dir, bytes_max)
+    })
+    .expect("opens")
+}
+
+/// Claims and completes `count` keys `done-N` (process 1), answered with 100-byte bodies.
+async fn fill(store: &SledStore, count: u8) {
+    for n in 0..count {
+        let serial = format!("done-{n}");
+        assert_eq!(
+            claim(store, &serial, 1, n, 0).await.unwrap(),
+            Claimed::Owned
+        );
+        complete(store, &serial, 1, n, 100).await;
+    }
+}
+
+/// How a duplicate of `serial` is answered now, by process 9.
+async fn duplicate(store: &SledStore, serial: &str) -> Claimed {
+    claim(store, serial, 9, 200, 10).await.unwrap()
+}
+
+#[tokio::test]
+async fn completed_records_are_packed_and_duplicates_are_still_answered_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = packing(dir.path(), 10, 1 << 30);
+        fill(&store, 250).await;
+        // One claim still running: never packed.
+        claim(&store, "flight", 1, 251, 0).await.unwrap();
+        store.maintain(0).unwrap();
+        assert_eq!(store.packed_records(), 250, "every COMPLETED record is packed");
+        assert_eq!(store.usage().records, 251, "and counted once");
+        assert!(matches!(duplicate(&store, "done-7").await, Claimed::Replay(_)));
+        assert!(matches!(
+            claim(&store, "flight", 1, 252, 10).await.unwrap(),
+            Claimed::InProgress { .. }
+        ));
+        assert_eq!(store.count_states().unwrap()[&State::Completed], 250);
+    }
+    let store = packing(dir.path(), 10, 1 << 30);
+    assert_eq!(store.packed_records(), 250, "the slice is found at open");
+    let found = store.reconcile(&[2; 8]).unwrap();
+    assert_eq!(found.records, 251);
+    for n in [0, 99, 249] {
+        let answer = duplicate(&store, &format!("done-{n}")).await;
+        assert!(matches!(answer, Claimed::Replay(_)), "done-{n}: {answer:?}");
+    }
+    assert_eq!(duplicate(&store, "never-seen").await, Claimed::Owned);
+}
+
+#[tokio::test]
+async fn a_purged_packed_record_runs_again_and_stays_purged_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = packing(dir.path(), 1, 1 << 30);
+        fill(&store, 20).await;
+        store.maintain(0).unwrap();
+        assert_eq!(store.packed_records(), 20);
+        let key = Key::derive("/s.S/M", "-", b"done-3");
+        let purged = store
+            .update(&key, |current| record::purge(current, 10))
+            .await
+            .unwrap();
+        assert!(matches!(purged, record::Resolved::Applied(_)));
+        assert_eq!(store.get(&key).unwrap(), None);
+    }
+    let store = packing(dir.path(), 1, 1 << 30);
+    store.reconcile(&[2; 8]).unwrap();
+    assert_eq!(duplicate(&store, "done-3").await, Claimed::Owned, "runs again");
+    assert!(matches!(duplicate(&store, "done-4").await, Claimed::Replay(_)));
+    // Its new outcome is packed into a newer slice, which the purge does not hide.
+    let key = Key::derive("/s.S/M", "-", b"done-3");
+    let response = Response {
+        http_status: 200,
+        ..Response::default()
+    };
+    store
+        .update(&key, |current| {
+            record::complete(current, &token(9, 200), Some(response.clone()), 20, 3_600_000)
+        })
+        .await
+        .unwrap();
+    store.maintain(30).unwrap();
+    assert_eq!(store.packed_records(), 21);
+    assert!(matches!(duplicate(&store, "done-3").await, Claimed::Replay(_)));
+}
+
+#[tokio::test]
+async fn a_slice_is_dropped_whole_once_its_last_record_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = packing(dir.path(), 1, 1 << 30);
+    fill(&store, 50).await;
+    store.maintain(0).unwrap();
+    assert_eq!(store.packed_records(), 50);
+    // done-N expires at 3,600,000 + N: the slice lasts until its last record expires.
+    let kept = store.maintain(3_600_010).unwrap();
+    assert_eq!(kept.expired, 0);
+    assert_eq!(store.packed_records(), 50);
+    let now = 3_600_050;
+    let dropped = store.maintain(now).unwrap();
+    assert_eq!(dropped.expired, 50);
+    assert_eq!(store.packed_records(), 0);
+    assert_eq!(store.usage().records, 0);
+    assert_eq!(store.usage().bytes, 0);
+    assert_eq!(store.get(&Key::derive("/s.S/M", "-", b"done-9")).unwrap(), None);
+}
+
+#[tokio::test]
+async fn over_the_size_bound_whole_slices_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = packing(dir.path(), 1, 1 << 30);
+    fill(&store, 40).await;
+    store.maintain(0).unwrap();
+    drop(store);
+    let store = packing(dir.path(), 1 << 16, 8 << 10);
+    store.reconcile(&[2; 8]).unwrap();
+    assert!(store.usage().bytes > 8 << 10);
+    let done = store.maintain(0).unwrap();
+    assert_eq!(done.evicted, 40, "the slice went whole");
+    assert_eq!(store.usage().records, 0);
+    assert_eq!(duplicate(&store, "done-1").await, Claimed::Owned);
+}
+
+#[tokio::test]
+async fn an_unfinished_slice_is_dropped_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = packing(dir.path(), 1, 1 << 30);
+        fill(&store, 5).await;
+    }
+    {
+        // What a crash during a build leaves: a slice tree with no catalog entry.
+        let db = idemproxy::store::sled::open_db(dir.path(), 1 << 20).unwrap();
+        let mut name = b"slice/".to_vec();
+        name.extend_from_slice(&7u64.to_be_bytes());
+        db.open_tree(&name).unwrap().insert(b"x", b"y").unwrap();
+        db.flush().unwrap();
+    }
+    let store = packing(dir.path(), 1, 1 << 30);
+    store.reconcile(&[2; 8]).unwrap();
+    assert_eq!(store.packed_records(), 0);
+    store.maintain(0).unwrap();
+    assert_eq!(store.packed_records(), 5);
+    assert!(matches!(duplicate(&store, "done-2").await, Claimed::Replay(_)));
+    drop(store);
+    let db = idemproxy::store::sled::open_db(dir.path(), 1 << 20).unwrap();
+    let slices: Vec<_> = db
+        .tree_names()
+        .into_iter()
+        .filter(|name| name.starts_with(b"slice/"))
+        .collect();
+    assert_eq!(slices.len(), 1, "only the finished slice is left");
 }

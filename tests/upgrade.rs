@@ -89,6 +89,7 @@ async fn the_records_of_release_0_1_0_still_expire_and_their_old_index_goes() {
         bytes_max: 1 << 30,
         flush_per_write: false,
         flush_timeout: std::time::Duration::from_secs(10),
+        pack_records: 65_536,
     };
     let trees = |dir: &std::path::Path| {
         let db = sled::open(dir).unwrap();

@@ -104,6 +104,36 @@ impl Flusher {
         }
     }
 
+    /// `flush` for a thread off the async runtime (the sweeper's).
+    pub fn flush_blocking(&self, timeout: std::time::Duration) -> Result<(), String> {
+        let (reply, mut answer) = oneshot::channel();
+        self.queue
+            .as_ref()
+            .expect("the queue is open until drop")
+            .send(reply)
+            .map_err(|_| "the flusher thread has stopped".to_string())?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match answer.try_recv() {
+                Ok(result) => return result,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err("the flusher thread has stopped".into())
+                }
+                Err(oneshot::error::TryRecvError::Empty)
+                    if std::time::Instant::now() >= deadline =>
+                {
+                    self.healthy.store(false, Ordering::Release);
+                    return Err(format!(
+                        "the disk did not confirm a flush within {timeout:?} (full or failing?)"
+                    ));
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
     /// True when the last flush failed or timed out and has not returned yet: a write now
     /// would only wait behind it.
     pub fn is_stuck(&self) -> bool {

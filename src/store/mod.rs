@@ -11,6 +11,7 @@ pub mod flusher;
 pub mod memory;
 pub mod redis;
 pub mod sled;
+mod slices;
 
 use crate::key::Key;
 use crate::record::{Change, Record};

@@ -16,6 +16,7 @@
 
 use super::durable::{self, DataDirSync, PROBE_FILE};
 use super::flusher::Flusher;
+use super::slices::{self, sled_error as store_error, Packed, Packer, Slices};
 use super::{Maintenance, Store, StoreError, Usage};
 use crate::key::Key;
 use crate::record::{self, Change, Record, State};
@@ -55,6 +56,18 @@ pub struct SledOptions {
     pub flush_per_write: bool,
     /// Longest wait for the disk to confirm a flush.
     pub flush_timeout: std::time::Duration,
+    /// Once `records` holds this many records, the sweeper's next walk packs its COMPLETED
+    /// ones into a slice (`slices.rs`).
+    pub pack_records: u64,
+}
+
+/// Where the sweeper's walk is, and the slice it is packing.
+#[derive(Default)]
+struct Walk {
+    /// It goes on after this key (`None`: from the first).
+    from: Option<sled::IVec>,
+    /// The slice this walk fills, when it packs.
+    packer: Option<Packer>,
 }
 
 /// The sled-backed store.
@@ -63,8 +76,13 @@ pub struct SledStore {
     /// The data directory, probed for writability by `check`.
     dir: PathBuf,
     records: sled::Tree,
-    /// Where the sweeper's walk goes on: after this key (`None`: from the first).
-    sweep_from: Mutex<Option<sled::IVec>>,
+    /// Where the sweeper's walk is.
+    walk: Mutex<Walk>,
+    /// COMPLETED records packed many to a sled value, out of `records`.
+    slices: Slices,
+    /// Records in `slices` (by their catalog entries).
+    packed_records: AtomicU64,
+    pack_records: u64,
     flusher: Flusher,
     /// Keys written but not yet flushed, with how many writers are waiting on each.
     pending: [Mutex<HashMap<Key, u32>>; PENDING_SHARDS],
@@ -95,13 +113,6 @@ pub struct Recovery {
     pub in_doubt: u64,
 }
 
-fn store_error(error: sled::Error) -> StoreError {
-    match error {
-        sled::Error::Corruption { .. } => StoreError::Corrupt(error.to_string()),
-        other => StoreError::Io(other.to_string()),
-    }
-}
-
 fn decode(key: &Key, bytes: &[u8]) -> Result<Record, StoreError> {
     Record::decode(bytes).map_err(|error| StoreError::Undecodable {
         key: *key,
@@ -112,7 +123,7 @@ fn decode(key: &Key, bytes: &[u8]) -> Result<Record, StoreError> {
 /// Why a store whose flush failed takes no more writes.
 const SUSPECT: &str = "a write to the data dir failed or timed out earlier; nothing more is acknowledged until the sidecar restarts";
 
-fn entry_bytes(value_len: usize) -> u64 {
+pub(super) fn entry_bytes(value_len: usize) -> u64 {
     (32 + value_len) as u64
 }
 
@@ -143,6 +154,8 @@ impl SledStore {
         })?;
         let db = open_db(&options.dir, options.cache_bytes).map_err(store_error)?;
         let records = db.open_tree("records").map_err(store_error)?;
+        let slices = Slices::open(&db)?;
+        let totals = slices.totals();
         let flusher = durable::start_flusher(&db, &options.dir).map_err(|error| {
             StoreError::Io(format!(
                 "cannot sync data dir {} or start its flusher: {error}",
@@ -153,13 +166,17 @@ impl SledStore {
             db,
             dir: options.dir.clone(),
             records,
-            sweep_from: Mutex::new(None),
+            walk: Mutex::new(Walk::default()),
+            slices,
+            packed_records: AtomicU64::new(totals.records),
+            pack_records: options.pack_records.max(1),
             flusher,
             pending: Default::default(),
-            records_count: AtomicU64::new(0),
-            callers: Mutex::new(HashMap::new()),
+            // The packed records until `reconcile` has counted the others.
+            records_count: AtomicU64::new(totals.records),
+            callers: Mutex::new(totals.callers),
             suspect: Mutex::new(std::collections::HashSet::new()),
-            bytes: AtomicU64::new(0),
+            bytes: AtomicU64::new(totals.bytes),
             bytes_max: options.bytes_max,
             flush_timeout: options.flush_timeout,
             one_at_a_time: options.flush_per_write.then(|| tokio::sync::Mutex::new(())),
@@ -208,6 +225,12 @@ impl SledStore {
             *callers.entry(caller).or_insert(0) += 1;
             recovery.records += 1;
             bytes += entry_bytes(len);
+        }
+        let packed = self.slices.totals();
+        recovery.records += packed.records;
+        bytes += packed.bytes;
+        for (caller, count) in packed.callers {
+            *callers.entry(caller).or_insert(0) += count;
         }
         self.records_count
             .store(recovery.records, Ordering::Relaxed);
@@ -270,7 +293,13 @@ impl SledStore {
     ) -> Result<T, StoreError> {
         loop {
             let old = self.records.get(key.as_bytes()).map_err(store_error)?;
-            let current = old.as_ref().map(|bytes| decode(key, bytes)).transpose()?;
+            // Only a record absent from `records` is looked for in the slices.
+            let packed = match old {
+                Some(_) => None,
+                None => self.slices.get(key)?,
+            };
+            let stored = old.as_deref().or(packed.as_ref().map(|(_, bytes)| &bytes[..]));
+            let current = stored.map(|bytes| decode(key, bytes)).transpose()?;
             let (change, value) = transition(current.as_ref());
             let new = match &change {
                 Change::Keep => return Ok(value),
@@ -297,6 +326,10 @@ impl SledStore {
                 *marked = true;
             }
             let new_len = new.as_ref().map(Vec::len);
+            if let (Some((slice_id, _)), Some(record), None) = (&packed, &current, &new) {
+                // A packed record is deleted by hiding it; `records` must still hold none.
+                self.slices.purge(key, record.expires_ms, *slice_id)?;
+            }
             let swapped = self
                 .records
                 .compare_and_swap(key.as_bytes(), old.as_ref(), new)
@@ -304,8 +337,11 @@ impl SledStore {
             if swapped.is_err() {
                 continue;
             }
-            self.account(old.as_ref().map(|v| v.len()), new_len);
-            match (&current, &change) {
+            // The counts follow `records`; a slice's records count from its install to its
+            // drop, including those a purge hid or a record in `records` shadows.
+            self.account(old.as_deref().map(<[u8]>::len), new_len);
+            let live = if old.is_some() { current.as_ref() } else { None };
+            match (live, &change) {
                 (None, Change::Put(record)) => self.count_caller(&record.caller, true),
                 (Some(record), Change::Delete) => self.count_caller(&record.caller, false),
                 _ => {}
@@ -376,6 +412,89 @@ impl SledStore {
         result
     }
 
+    /// Records in `records` (the others are packed).
+    fn live_records(&self) -> u64 {
+        self.records_count
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.packed_records.load(Ordering::Relaxed))
+    }
+
+    /// Finishes a slice and moves its records out of `records`: the chunks are made durable,
+    /// then the catalog entry, and only then are the records deleted from `records`, each by
+    /// compare-and-swap against the bytes packed. A record that changed meanwhile (an
+    /// operator's purge, eviction) keeps its packed copy hidden (`Slices::purge`). A crash at
+    /// any step loses nothing: an unfinished slice is dropped at open, and a record in both
+    /// places is read from `records`.
+    fn install_slice(&self, packer: Packer) -> Result<(), StoreError> {
+        let Some(packed) = packer.finish(&self.slices)? else {
+            return Ok(());
+        };
+        self.flusher
+            .flush_blocking(self.flush_timeout)
+            .map_err(StoreError::Io)?;
+        let slice = self.slices.install(packed)?;
+        self.flusher
+            .flush_blocking(self.flush_timeout)
+            .map_err(StoreError::Io)?;
+        // The packed records count twice now (in `records` and in the slice) until they
+        // leave `records` just below.
+        let meta = &slice.meta;
+        self.packed_records.fetch_add(meta.records, Ordering::Relaxed);
+        self.records_count.fetch_add(meta.records, Ordering::Relaxed);
+        self.bytes.fetch_add(meta.bytes, Ordering::Relaxed);
+        for (caller, count) in &meta.callers {
+            let mut callers = self.callers.lock().expect("callers lock is never poisoned");
+            *callers.entry(caller.clone()).or_insert(0) += count;
+        }
+        for chunk in Packed::entries(&slice) {
+            for entry in chunk? {
+                let key = Key::from_slice(&entry.key)
+                    .ok_or_else(|| StoreError::Corrupt("a packed key is not 32 bytes".into()))?;
+                let record = decode(&key, &entry.record)?;
+                let moved = self
+                    .records
+                    .compare_and_swap(&entry.key, Some(&entry.record[..]), None as Option<&[u8]>)
+                    .map_err(store_error)?;
+                if moved.is_ok() {
+                    self.account(Some(entry.record.len()), None);
+                    self.count_caller(&record.caller, false);
+                } else {
+                    self.slices.purge(&key, record.expires_ms, slice.id)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops a slice whole; returns how many records it held.
+    fn drop_slice(&self, id: u64) -> Result<u64, StoreError> {
+        let Some(meta) = self.slices.drop_slice(id)? else {
+            return Ok(0);
+        };
+        self.packed_records
+            .fetch_sub(meta.records, Ordering::Relaxed);
+        let _ = self
+            .records_count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(meta.records))
+            });
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(meta.bytes))
+            });
+        let mut callers = self.callers.lock().expect("callers lock is never poisoned");
+        for (caller, count) in meta.callers {
+            if let Some(held) = callers.get_mut(&caller) {
+                *held = held.saturating_sub(count);
+                if *held == 0 {
+                    callers.remove(&caller);
+                }
+            }
+        }
+        Ok(meta.records)
+    }
+
     /// Deletes COMPLETED records of `candidates` (expiry, key), closest to expiry first,
     /// until the store is back under its bound (with room to spare).
     fn evict(
@@ -427,24 +546,9 @@ impl Store for SledStore {
     }
 
     async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
-        use std::ops::Bound;
-        // A page is at most PAGE_RECORDS_MAX reads of sled's cache: short enough to run
-        // here rather than on a blocking thread.
-        let limit = limit.clamp(1, super::PAGE_RECORDS_MAX);
-        let start = cursor.map_or(Bound::Unbounded, Bound::Excluded);
-        let mut records = Vec::with_capacity(limit);
-        for entry in self
-            .records
-            .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            .take(limit)
-        {
-            let (raw_key, value) = entry.map_err(store_error)?;
-            let key = Key::from_slice(&raw_key)
-                .ok_or_else(|| StoreError::Corrupt("a record key is not 32 bytes".into()))?;
-            records.push((key, decode(&key, &value)?));
-        }
-        let next = (records.len() == limit).then(|| records[limit - 1].0.as_bytes().to_vec());
-        Ok(super::Page { records, next })
+        // A page is at most PAGE_RECORDS_MAX reads of sled's cache (and of the chunks that
+        // hold them): short enough to run here rather than on a blocking thread.
+        self.scan_page(cursor, limit)
     }
 
     async fn update<T, F>(&self, key: &Key, mut transition: F) -> Result<T, StoreError>
@@ -497,11 +601,19 @@ impl Store for SledStore {
     fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
         use std::ops::Bound;
         let mut outcome = Maintenance::default();
-        let mut sweep_from = self
-            .sweep_from
-            .lock()
-            .expect("sweep cursor lock is never poisoned");
-        let start = sweep_from.take().map_or(Bound::Unbounded, Bound::Excluded);
+        for id in self.slices.expired(now_ms) {
+            outcome.expired += self.drop_slice(id)?;
+        }
+        self.slices.forget_purged(now_ms, MAINTENANCE_RECORDS_MAX)?;
+        let mut walk = self.walk.lock().expect("walk lock is never poisoned");
+        if walk.from.is_none()
+            && walk.packer.is_none()
+            && self.flusher.is_healthy()
+            && self.live_records() >= self.pack_records
+        {
+            walk.packer = Some(self.slices.packer()?);
+        }
+        let start = walk.from.take().map_or(Bound::Unbounded, Bound::Excluded);
         let over_bound = self.bytes.load(Ordering::Relaxed) > self.bytes_max;
         let mut evictable = Vec::new();
         let mut looked_at = 0;
@@ -512,7 +624,7 @@ impl Store for SledStore {
         {
             let (raw_key, value) = entry.map_err(store_error)?;
             looked_at += 1;
-            *sweep_from = Some(raw_key.clone());
+            walk.from = Some(raw_key.clone());
             let key = Key::from_slice(&raw_key)
                 .ok_or_else(|| StoreError::Corrupt("a record key is not 32 bytes".into()))?;
             let record = decode(&key, &value)?;
@@ -523,15 +635,39 @@ impl Store for SledStore {
                     continue;
                 }
             }
-            if over_bound && record.state() == State::Completed {
+            if record.state() != State::Completed {
+                continue;
+            }
+            if over_bound {
                 evictable.push((record.expires_ms, key));
+            }
+            // Only what is durable: a record still waiting for its flush stays.
+            if let Some(packer) = walk.packer.as_mut().filter(|_| !self.is_pending(&key)) {
+                packer.add(&key, &value, record.expires_ms, &record.caller)?;
+                if packer.records() >= slices::SLICE_RECORDS_MAX {
+                    let full = walk.packer.take().expect("packing");
+                    self.install_slice(full)?;
+                }
             }
         }
         if looked_at < MAINTENANCE_RECORDS_MAX {
             // The walk reached the end: the next round starts again from the first key.
-            *sweep_from = None;
+            walk.from = None;
+            if let Some(packer) = walk.packer.take() {
+                self.install_slice(packer)?;
+            }
         }
-        drop(sweep_from);
+        drop(walk);
+        if over_bound {
+            // Whole slices first (COMPLETED records, the first to expire), then records.
+            let low_water = self.bytes_max / 100 * EVICTION_LOW_WATER_PERCENT;
+            while self.bytes.load(Ordering::Relaxed) > low_water {
+                let Some(id) = self.slices.first_to_expire() else {
+                    break;
+                };
+                outcome.evicted += self.drop_slice(id)?;
+            }
+        }
         self.evict(evictable, &mut outcome)?;
         let still_over = self.bytes.load(Ordering::Relaxed) > self.bytes_max;
         self.full.store(still_over, Ordering::Release);
@@ -551,21 +687,116 @@ impl Store for SledStore {
 }
 
 impl SledStore {
-    /// Reads one record as stored, for tests and operator tools.
+    /// Reads one record as stored (from `records`, else from a slice), for tests and operator
+    /// tools.
     pub fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
-        let value = self.records.get(key.as_bytes()).map_err(store_error)?;
+        let value = match self.records.get(key.as_bytes()).map_err(store_error)? {
+            Some(value) => Some(value.to_vec()),
+            None => self.slices.get(key)?.map(|(_, bytes)| bytes),
+        };
         value.map(|bytes| decode(key, &bytes)).transpose()
     }
 
     /// How many records are in each state, for tests and operator tools. Blocking: scans.
     pub fn count_states(&self) -> Result<HashMap<State, u64>, StoreError> {
         let mut counts = HashMap::new();
-        for entry in self.records.iter() {
-            let (raw_key, value) = entry.map_err(store_error)?;
-            let key = Key::from_slice(&raw_key)
-                .ok_or_else(|| StoreError::Corrupt("a record key is not 32 bytes".into()))?;
-            *counts.entry(decode(&key, &value)?.state()).or_insert(0) += 1;
+        let mut cursor = None;
+        loop {
+            let page = self.scan_page(cursor, super::PAGE_RECORDS_MAX)?;
+            for (_, record) in &page.records {
+                *counts.entry(record.state()).or_insert(0) += 1;
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(counts),
+            }
         }
-        Ok(counts)
+    }
+
+    /// Records packed into slices, now (for tests and the benchmark).
+    pub fn packed_records(&self) -> u64 {
+        self.packed_records.load(Ordering::Relaxed)
+    }
+
+    /// One page of `scan`: the records of `records` in key order, then those of each slice
+    /// (oldest first) in key order that `records` does not shadow and no purge hid. A cursor
+    /// is the last key given (32 bytes) or, within the slices, the slice's id and that key
+    /// (40 bytes).
+    fn scan_page(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
+        use std::ops::Bound;
+        let limit = limit.clamp(1, super::PAGE_RECORDS_MAX);
+        let mut records = Vec::with_capacity(limit);
+        let slice_cursor = cursor
+            .as_deref()
+            .filter(|cursor| cursor.len() == 40)
+            .map(|cursor| {
+                let id = u64::from_be_bytes(cursor[..8].try_into().expect("8 bytes"));
+                (id, cursor[8..].to_vec())
+            });
+        if slice_cursor.is_none() {
+            let start = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+            for entry in self
+                .records
+                .range::<Vec<u8>, _>((start, Bound::Unbounded))
+                .take(limit)
+            {
+                let (raw_key, value) = entry.map_err(store_error)?;
+                let key = Key::from_slice(&raw_key)
+                    .ok_or_else(|| StoreError::Corrupt("a record key is not 32 bytes".into()))?;
+                records.push((key, decode(&key, &value)?));
+            }
+            if records.len() == limit {
+                let next = records[limit - 1].0.as_bytes().to_vec();
+                return Ok(super::Page {
+                    records,
+                    next: Some(next),
+                });
+            }
+        }
+        let (first_id, mut after) = match slice_cursor {
+            Some((id, key)) => (id, Some(key)),
+            None => (0, None),
+        };
+        for slice in self.slices.all() {
+            if slice.id < first_id {
+                continue;
+            }
+            if slice.id > first_id {
+                after = None;
+            }
+            loop {
+                let want = limit - records.len();
+                let batch = slices::slice_records_after(&slice, after.as_deref(), want)?;
+                let exhausted = batch.len() < want;
+                for entry in batch {
+                    after = Some(entry.key.clone());
+                    let key = Key::from_slice(&entry.key)
+                        .ok_or_else(|| StoreError::Corrupt("a packed key is not 32 bytes".into()))?;
+                    if self.records.contains_key(&entry.key).map_err(store_error)?
+                        || self.slices.get(&key)?.map(|(_, bytes)| bytes).as_deref()
+                            != Some(&entry.record[..])
+                    {
+                        // Shadowed by `records`, purged, or an older copy of a newer slice's.
+                        continue;
+                    }
+                    records.push((key, decode(&key, &entry.record)?));
+                }
+                if records.len() == limit {
+                    let mut next = slice.id.to_be_bytes().to_vec();
+                    next.extend_from_slice(records[limit - 1].0.as_bytes());
+                    return Ok(super::Page {
+                        records,
+                        next: Some(next),
+                    });
+                }
+                if exhausted {
+                    break;
+                }
+            }
+        }
+        Ok(super::Page {
+            records,
+            next: None,
+        })
     }
 }

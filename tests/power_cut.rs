@@ -17,6 +17,9 @@ use support::{binary, ledger};
 /// which replays its cut times).
 const CUTS: usize = 20;
 
+/// The sweeper packs COMPLETED records into slices every 100 ms once 16 are in `records`.
+const PACKING: [&str; 4] = ["--sled-pack-records", "16", "--sweep-interval", "100ms"];
+
 fn env_number(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|text| text.parse().ok())
 }
@@ -34,7 +37,8 @@ async fn a_power_cut_under_load_never_executes_a_key_twice_nor_loses_an_answer()
             .expect("mounts the power-cut filesystem (run as root, with /dev/fuse)"),
     );
     // The sidecar creates its data dir itself: that directory entry must survive a cut too.
-    let args = binary::run_args(upstream.addr, &mountpoint.path().join("data"), &[]);
+    // Packing often, so cuts land in every step of moving records into slices.
+    let args = binary::run_args(upstream.addr, &mountpoint.path().join("data"), &PACKING);
     let mut cuts_loop = CrashLoop::new(upstream, args, "POWER_CUT_SEED", seed);
     for cut in 0..cuts {
         cuts_loop

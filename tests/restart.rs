@@ -10,6 +10,10 @@ use support::{binary, ledger};
 /// Cycles of load → SIGKILL → restart in one test run (`CRASH_CYCLES=N` for a soak; a run
 /// prints its `CRASH_SEED`, which replays its kill times).
 const CYCLES: usize = 30;
+
+/// The sweeper packs COMPLETED records into slices every 100 ms once 16 are in `records`.
+const PACKING: [&str; 4] = ["--sled-pack-records", "16", "--sweep-interval", "100ms"];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_never_executes_a_key_twice_nor_loses_an_answer() {
     let cycles: usize = std::env::var("CRASH_CYCLES")
@@ -23,7 +27,8 @@ async fn sigkill_under_load_never_executes_a_key_twice_nor_loses_an_answer() {
     eprintln!("crash loop: {cycles} cycles, CRASH_SEED={seed}");
     let upstream = ledger::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let args = binary::run_args(upstream.addr, dir.path(), &[]);
+    // Packing often, so kills land in every step of moving records into slices.
+    let args = binary::run_args(upstream.addr, dir.path(), &PACKING);
     let mut crashes = CrashLoop::new(upstream, args, "CRASH_SEED", seed);
     for cycle in 0..cycles {
         crashes

@@ -479,32 +479,36 @@ async fn over_the_size_bound_whole_slices_go_first() {
 }
 
 #[tokio::test]
-async fn an_unfinished_slice_is_dropped_at_open() {
+async fn an_unfinished_slice_is_removed_at_open_and_a_missing_one_refuses_the_store() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = packing(dir.path(), 1, 1 << 30);
         fill(&store, 5).await;
     }
-    {
-        // What a crash during a build leaves: a slice tree with no catalog entry.
-        let db = idemproxy::store::sled::open_db(dir.path(), 1 << 20).unwrap();
-        let mut name = b"slice/".to_vec();
-        name.extend_from_slice(&7u64.to_be_bytes());
-        db.open_tree(&name).unwrap().insert(b"x", b"y").unwrap();
-        db.flush().unwrap();
-    }
+    // What a crash during a build leaves: a slice file with no catalog entry.
+    let unfinished = dir.path().join("slices").join(format!("{:016x}.slice", 7));
+    std::fs::write(&unfinished, b"half a chunk").unwrap();
     let store = packing(dir.path(), 1, 1 << 30);
+    assert!(!unfinished.exists(), "removed at open");
     store.reconcile(&[2; 8]).unwrap();
     assert_eq!(store.packed_records(), 0);
     store.maintain(0).unwrap();
     assert_eq!(store.packed_records(), 5);
     assert!(matches!(duplicate(&store, "done-2").await, Claimed::Replay(_)));
     drop(store);
-    let db = idemproxy::store::sled::open_db(dir.path(), 1 << 20).unwrap();
-    let slices: Vec<_> = db
-        .tree_names()
-        .into_iter()
-        .filter(|name| name.starts_with(b"slice/"))
+    let files: Vec<_> = std::fs::read_dir(dir.path().join("slices"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
         .collect();
-    assert_eq!(slices.len(), 1, "only the finished slice is left");
+    assert_eq!(files.len(), 1, "the finished slice: {files:?}");
+    // Its records are nowhere else: without the file the store is not served.
+    std::fs::remove_file(&files[0]).unwrap();
+    let refused = SledStore::open(&SledOptions {
+        pack_records: 1,
+        ..options(dir.path(), 1 << 30)
+    })
+    .err()
+    .expect("refused");
+    assert!(matches!(refused, StoreError::Corrupt(_)), "{refused:?}");
+    assert!(refused.to_string().contains("cannot be opened"), "{refused}");
 }

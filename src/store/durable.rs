@@ -141,7 +141,7 @@ fn entries(dir: &Path) -> io::Result<Files> {
 
 /// `fdatasync` of a file that may have been removed since it was listed (sled removes old
 /// snapshots and blobs): a file that is gone needs no sync.
-fn sync_file(path: &Path) -> io::Result<()> {
+pub(super) fn sync_file(path: &Path) -> io::Result<()> {
     match File::open(path) {
         Ok(file) => file.sync_data(),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -150,6 +150,6 @@ fn sync_file(path: &Path) -> io::Result<()> {
 }
 
 /// `fsync` of a directory: makes its entries (creations, renames, removals) durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }

@@ -16,7 +16,7 @@
 
 use super::durable::{self, DataDirSync, PROBE_FILE};
 use super::flusher::Flusher;
-use super::slices::{self, sled_error as store_error, Packed, Packer, Slices};
+use super::slices::{self, sled_error as store_error, Packer, Slices};
 use super::{Maintenance, Store, StoreError, Usage};
 use crate::key::Key;
 use crate::record::{self, Change, Record, State};
@@ -154,7 +154,7 @@ impl SledStore {
         })?;
         let db = open_db(&options.dir, options.cache_bytes).map_err(store_error)?;
         let records = db.open_tree("records").map_err(store_error)?;
-        let slices = Slices::open(&db)?;
+        let slices = Slices::open(&db, &options.dir)?;
         let totals = slices.totals();
         let flusher = durable::start_flusher(&db, &options.dir).map_err(|error| {
             StoreError::Io(format!(
@@ -426,16 +426,21 @@ impl SledStore {
     /// any step loses nothing: an unfinished slice is dropped at open, and a record in both
     /// places is read from `records`.
     fn install_slice(&self, packer: Packer) -> Result<(), StoreError> {
-        let Some(packed) = packer.finish(&self.slices)? else {
+        if !self.flusher.is_healthy() {
+            // What it packed may rest on writes that were never acknowledged.
+            return Err(StoreError::Io(SUSPECT.into()));
+        }
+        let Some(slice) = self.slices.install(packer)? else {
             return Ok(());
         };
-        self.flusher
-            .flush_blocking(self.flush_timeout)
-            .map_err(StoreError::Io)?;
-        let slice = self.slices.install(packed)?;
-        self.flusher
-            .flush_blocking(self.flush_timeout)
-            .map_err(StoreError::Io)?;
+        // The catalog entry durable before any record leaves `records`. A flush that ends
+        // after another one failed vouches for nothing: the file is then removed at the next
+        // open, or read from its catalog entry if that reached the disk after all.
+        match self.flusher.flush_blocking(self.flush_timeout) {
+            Ok(()) if self.flusher.is_healthy() => {}
+            Ok(()) => return Err(StoreError::Io(SUSPECT.into())),
+            Err(error) => return Err(StoreError::Io(error)),
+        }
         // The packed records count twice now (in `records` and in the slice) until they
         // leave `records` just below.
         let meta = &slice.meta;
@@ -446,7 +451,7 @@ impl SledStore {
             let mut callers = self.callers.lock().expect("callers lock is never poisoned");
             *callers.entry(caller.clone()).or_insert(0) += count;
         }
-        for chunk in Packed::entries(&slice) {
+        for chunk in slice.entries() {
             for entry in chunk? {
                 let key = Key::from_slice(&entry.key)
                     .ok_or_else(|| StoreError::Corrupt("a packed key is not 32 bytes".into()))?;
@@ -463,14 +468,22 @@ impl SledStore {
                 }
             }
         }
+        tracing::info!(
+            slice = slice.id,
+            records = slice.meta.records,
+            filter_bytes = slice.meta.filter_fingerprints.len(),
+            "store packed a slice"
+        );
         Ok(())
     }
 
-    /// Drops a slice whole; returns how many records it held.
+    /// Drops a slice whole; returns how many records it held. Its catalog entry goes first,
+    /// made durable, and then its file: never a catalog entry without its file.
     fn drop_slice(&self, id: u64) -> Result<u64, StoreError> {
-        let Some(meta) = self.slices.drop_slice(id)? else {
+        let Some(slice) = self.slices.remove(id)? else {
             return Ok(0);
         };
+        let meta = &slice.meta;
         self.packed_records
             .fetch_sub(meta.records, Ordering::Relaxed);
         let _ = self
@@ -483,14 +496,22 @@ impl SledStore {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 Some(n.saturating_sub(meta.bytes))
             });
-        let mut callers = self.callers.lock().expect("callers lock is never poisoned");
-        for (caller, count) in meta.callers {
-            if let Some(held) = callers.get_mut(&caller) {
-                *held = held.saturating_sub(count);
-                if *held == 0 {
-                    callers.remove(&caller);
+        {
+            let mut callers = self.callers.lock().expect("callers lock is never poisoned");
+            for (caller, count) in &meta.callers {
+                if let Some(held) = callers.get_mut(caller) {
+                    *held = held.saturating_sub(*count);
+                    if *held == 0 {
+                        callers.remove(caller);
+                    }
                 }
             }
+        }
+        match self.flusher.flush_blocking(self.flush_timeout) {
+            Ok(()) if self.flusher.is_healthy() => self.slices.unlink(&slice)?,
+            // Not durable: the file stays, and the next open reads the slice again.
+            Ok(()) => return Err(StoreError::Io(SUSPECT.into())),
+            Err(error) => return Err(StoreError::Io(error)),
         }
         Ok(meta.records)
     }
@@ -766,7 +787,7 @@ impl SledStore {
             }
             loop {
                 let want = limit - records.len();
-                let batch = slices::slice_records_after(&slice, after.as_deref(), want)?;
+                let batch = slice.records_after(after.as_deref(), want)?;
                 let exhausted = batch.len() < want;
                 for entry in batch {
                     after = Some(entry.key.clone());

@@ -1,28 +1,36 @@
 //! Packed slices of the sled store: where COMPLETED records go once the `records` tree holds
-//! many, so that sled keeps a few keys per thousand records instead of one per record.
+//! many, so that sled keeps the recent records only, and memory, disk and the time to open
+//! stop growing with the records kept.
 //!
-//! A slice is a sled tree of chunks, each one sled value of consecutive records in key order
-//! (an encoded `SliceChunk`, about `CHUNK_BYTES`), keyed by its first record's key, plus one
-//! catalog entry (`SliceMeta`) with a binary fuse filter over the slice's keys. The sweeper
-//! builds a slice while it walks `records` (`Packer`), makes it durable, writes its catalog
-//! entry, makes that durable, and only then deletes the packed records from `records`
-//! (compare-and-swap against the bytes it packed). A slice is never written again; it is
-//! dropped whole when its last record expires, or first when the store is over its bound.
+//! A slice is a file in the data dir's `slices/`, written once, in key order, by the sweeper's
+//! walk (`Packer`): chunks of about `CHUNK_BYTES` of consecutive records (an encoded
+//! `SliceChunk` each, with its CRC-32), then never written again. Its catalog entry (sled tree
+//! `slices`: `SliceMeta`) holds where each chunk starts and a binary fuse filter over the
+//! slice's keys; both stay in memory. Finishing a slice: the file is fdatasynced and its
+//! directory fsynced, then the catalog entry is written and flushed, and only then does the
+//! store delete the packed records from `records` (compare-and-swap against the bytes
+//! packed). A slice goes whole: its catalog entry is removed and flushed, then its file is
+//! unlinked, when its last record expires, or first when the store is over its bound.
 //!
 //! A record is looked up in `records` first; only when absent there, in the slices whose
-//! filter says they may hold it, newest first, unless `purged` holds the key: the marker that
-//! an operator purged a packed record (or that it changed while being packed), kept until the
-//! packed copy expires.
+//! filter says they may hold it, newest first, unless `purged` hides that slice's copy: the
+//! marker that an operator purged a packed record (or that it changed while being packed),
+//! naming the newest slice it hides, kept until the packed copy expires.
 
+use super::durable;
 use super::StoreError;
 use crate::key::Key;
-use crate::pb::idemproxy::v1::{SliceChunk, SliceEntry, SliceMeta};
+use crate::pb::idemproxy::v1::{ChunkRef, SliceChunk, SliceEntry, SliceMeta};
 use prost::Message;
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use xorf::{BinaryFuse8, BinaryFuse8Ref, DmaSerializable, Filter, FilterRef};
 
-/// About how many bytes of records one chunk (one sled value) holds.
+/// About how many bytes of records one chunk holds (a lookup in a slice reads one chunk).
 const CHUNK_BYTES: usize = 16 * 1024;
 
 /// At most this many records go into one slice; the rest wait for the next walk.
@@ -30,15 +38,14 @@ pub const SLICE_RECORDS_MAX: u64 = 1 << 20;
 
 /// The catalog tree: slice id (8 bytes, big-endian) → `SliceMeta`.
 const CATALOG_TREE: &[u8] = b"slices";
-/// Keys of purged packed records → when the packed copy expires (8 bytes, big-endian).
+/// Keys of purged packed records → when the packed copy expires and the newest slice hidden
+/// (8 + 8 bytes, big-endian).
 const PURGED_TREE: &[u8] = b"purged";
-/// A slice's own tree is this prefix and its id.
-const SLICE_TREE_PREFIX: &[u8] = b"slice/";
+/// The directory of slice files, in the data dir.
+const SLICE_DIR: &str = "slices";
 
-fn tree_name(id: u64) -> Vec<u8> {
-    let mut name = SLICE_TREE_PREFIX.to_vec();
-    name.extend_from_slice(&id.to_be_bytes());
-    name
+fn file_name(id: u64) -> String {
+    format!("{id:016x}.slice")
 }
 
 /// The filter's hash of a key: keys are SHA-256 digests, so their first 8 bytes are uniform.
@@ -53,35 +60,105 @@ pub(super) fn sled_error(error: sled::Error) -> StoreError {
     }
 }
 
-fn corrupt(what: &str, error: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("{what}: {error}"))
+fn io_error(what: &str, path: &Path, error: std::io::Error) -> StoreError {
+    StoreError::Io(format!("{what} {}: {error}", path.display()))
 }
 
-/// One finished slice.
+/// One finished slice: its file and, in memory, its catalog entry less the chunk list, which
+/// is kept packed (`first_keys`, `chunks`).
 pub(super) struct Slice {
     pub id: u64,
-    tree: sled::Tree,
+    file: File,
+    path: PathBuf,
     pub meta: SliceMeta,
+    /// The first key of each chunk, in order.
+    first_keys: Vec<[u8; 32]>,
+    /// Offset, length and CRC-32 of each chunk.
+    chunks: Vec<(u64, u32, u32)>,
 }
 
 impl Slice {
+    fn open(dir: &Path, id: u64, mut meta: SliceMeta) -> Result<Slice, StoreError> {
+        let path = dir.join(file_name(id));
+        let file = File::open(&path).map_err(|error| {
+            StoreError::Corrupt(format!(
+                "slice file {} of the catalog cannot be opened ({error}): its records would be lost, so the store is not served; restore the file or the data dir",
+                path.display()
+            ))
+        })?;
+        let len = file
+            .metadata()
+            .map_err(|error| io_error("cannot read", &path, error))?
+            .len();
+        if len != meta.file_bytes {
+            return Err(StoreError::Corrupt(format!(
+                "slice file {} is {len} bytes, its catalog entry says {}",
+                path.display(),
+                meta.file_bytes
+            )));
+        }
+        let refs = std::mem::take(&mut meta.chunks);
+        let mut first_keys = Vec::with_capacity(refs.len());
+        let mut chunks = Vec::with_capacity(refs.len());
+        for chunk in refs {
+            let first_key = <[u8; 32]>::try_from(&chunk.first_key[..]).map_err(|_| {
+                StoreError::Corrupt(format!("a chunk key of {} is not 32 bytes", path.display()))
+            })?;
+            first_keys.push(first_key);
+            chunks.push((chunk.offset, chunk.len, chunk.crc32));
+        }
+        Ok(Slice {
+            id,
+            file,
+            path,
+            meta,
+            first_keys,
+            chunks,
+        })
+    }
+
     fn may_contain(&self, hash: u64) -> bool {
         BinaryFuse8Ref::from_dma(&self.meta.filter_descriptor, &self.meta.filter_fingerprints)
             .contains(&hash)
     }
 
+    /// Chunk `index`, read and checked.
+    fn chunk(&self, index: usize) -> Result<Vec<SliceEntry>, StoreError> {
+        let (offset, len, crc32) = self.chunks[index];
+        let mut bytes = vec![0; len as usize];
+        self.file
+            .read_exact_at(&mut bytes, offset)
+            .map_err(|error| io_error("cannot read", &self.path, error))?;
+        if crc32fast::hash(&bytes) != crc32 {
+            return Err(StoreError::Corrupt(format!(
+                "chunk at {offset} of {} fails its checksum",
+                self.path.display()
+            )));
+        }
+        SliceChunk::decode(&bytes[..])
+            .map(|chunk| chunk.entries)
+            .map_err(|error| {
+                StoreError::Corrupt(format!(
+                    "chunk at {offset} of {}: {error}",
+                    self.path.display()
+                ))
+            })
+    }
+
+    /// The chunk that would hold `key`, if any.
+    fn chunk_for(&self, key: &[u8]) -> Option<usize> {
+        self.first_keys
+            .partition_point(|first| first[..] <= *key)
+            .checked_sub(1)
+    }
+
     /// The encoded record of `key`, if this slice holds it.
     fn get(&self, key: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
-        let chunk = match self.tree.range(..=&key[..]).next_back() {
-            None => return Ok(None),
-            Some(Ok((_, chunk))) => chunk,
-            // Dropped under us: every record in it had expired or was evicted.
-            Some(Err(sled::Error::CollectionNotFound(_))) => return Ok(None),
-            Some(Err(error)) => return Err(sled_error(error)),
+        let Some(index) = self.chunk_for(key) else {
+            return Ok(None);
         };
-        let chunk = SliceChunk::decode(&chunk[..]).map_err(|e| corrupt("a slice chunk", e))?;
-        Ok(chunk
-            .entries
+        Ok(self
+            .chunk(index)?
             .into_iter()
             .find(|entry| entry.key == key[..])
             .map(|entry| entry.record))
@@ -89,23 +166,15 @@ impl Slice {
 
     /// The records of this slice after `after` (from the first when `None`), in key order,
     /// `limit` at most.
-    fn records_after(
+    pub fn records_after(
         &self,
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<SliceEntry>, StoreError> {
-        let from = match after {
-            None => Vec::new(),
-            Some(after) => match self.tree.range(..=after).next_back() {
-                Some(entry) => entry.map_err(sled_error)?.0.to_vec(),
-                None => Vec::new(),
-            },
-        };
+        let first = after.and_then(|after| self.chunk_for(after)).unwrap_or(0);
         let mut found = Vec::new();
-        for chunk in self.tree.range(from..) {
-            let (_, chunk) = chunk.map_err(sled_error)?;
-            let chunk = SliceChunk::decode(&chunk[..]).map_err(|e| corrupt("a slice chunk", e))?;
-            for entry in chunk.entries {
+        for index in first..self.chunks.len() {
+            for entry in self.chunk(index)? {
                 if after.is_some_and(|after| entry.key[..] <= *after) {
                     continue;
                 }
@@ -117,11 +186,16 @@ impl Slice {
         }
         Ok(found)
     }
+
+    /// Every record, a chunk at a time.
+    pub fn entries(&self) -> impl Iterator<Item = Result<Vec<SliceEntry>, StoreError>> + '_ {
+        (0..self.chunks.len()).map(|index| self.chunk(index))
+    }
 }
 
 /// The slices of one store.
 pub(super) struct Slices {
-    db: sled::Db,
+    dir: PathBuf,
     catalog: sled::Tree,
     purged: sled::Tree,
     /// Ascending by id (oldest first).
@@ -137,20 +211,17 @@ pub(super) struct Totals {
     pub callers: HashMap<String, u64>,
 }
 
-impl Totals {
-    fn add(&mut self, meta: &SliceMeta) {
-        self.records += meta.records;
-        self.bytes += meta.bytes;
-        for (caller, count) in &meta.callers {
-            *self.callers.entry(caller.clone()).or_insert(0) += count;
-        }
-    }
-}
-
 impl Slices {
-    /// Loads the catalog; drops slice trees that have no catalog entry (builds a crash or a
-    /// failed flush interrupted).
-    pub fn open(db: &sled::Db) -> Result<Slices, StoreError> {
+    /// Loads the catalog and opens its files; removes slice files that have no catalog entry
+    /// (builds that a crash or a failed flush interrupted). A catalog entry whose file is
+    /// missing is corruption: its records would be lost.
+    pub fn open(db: &sled::Db, data_dir: &Path) -> Result<Slices, StoreError> {
+        let dir = data_dir.join(SLICE_DIR);
+        if !dir.exists() {
+            std::fs::create_dir(&dir).map_err(|error| io_error("cannot create", &dir, error))?;
+            durable::sync_dir(data_dir)
+                .map_err(|error| io_error("cannot sync", data_dir, error))?;
+        }
         let catalog = db.open_tree(CATALOG_TREE).map_err(sled_error)?;
         let purged = db.open_tree(PURGED_TREE).map_err(sled_error)?;
         let mut sealed = Vec::new();
@@ -160,31 +231,41 @@ impl Slices {
             let id = <[u8; 8]>::try_from(&id[..])
                 .map(u64::from_be_bytes)
                 .map_err(|_| StoreError::Corrupt("a slice id is not 8 bytes".into()))?;
-            let meta = SliceMeta::decode(&meta[..]).map_err(|e| corrupt("a slice's catalog entry", e))?;
+            let meta = SliceMeta::decode(&meta[..]).map_err(|error| {
+                StoreError::Corrupt(format!("the catalog entry of slice {id}: {error}"))
+            })?;
             if meta.version != 1 {
                 return Err(StoreError::Corrupt(format!(
                     "slice {id} is format version {}, which this release does not read",
                     meta.version
                 )));
             }
-            let tree = db.open_tree(tree_name(id)).map_err(sled_error)?;
             next_id = next_id.max(id + 1);
-            sealed.push(Arc::new(Slice { id, tree, meta }));
+            sealed.push(Arc::new(Slice::open(&dir, id, meta)?));
         }
-        for name in db.tree_names() {
-            let Some(id) = name.strip_prefix(SLICE_TREE_PREFIX) else {
-                continue;
-            };
-            let Ok(id) = <[u8; 8]>::try_from(id).map(u64::from_be_bytes) else {
-                continue;
-            };
-            next_id = next_id.max(id + 1);
-            if !sealed.iter().any(|slice| slice.id == id) {
-                db.drop_tree(&name).map_err(sled_error)?;
+        let mut removed = false;
+        for entry in std::fs::read_dir(&dir).map_err(|error| io_error("cannot list", &dir, error))? {
+            let entry = entry.map_err(|error| io_error("cannot list", &dir, error))?;
+            let name = entry.file_name();
+            let id = name
+                .to_str()
+                .and_then(|name| name.strip_suffix(".slice"))
+                .and_then(|id| u64::from_str_radix(id, 16).ok());
+            if let Some(id) = id {
+                next_id = next_id.max(id + 1);
+                if sealed.iter().any(|slice| slice.id == id) {
+                    continue;
+                }
             }
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|error| io_error("cannot remove", &path, error))?;
+            removed = true;
+        }
+        if removed {
+            durable::sync_dir(&dir).map_err(|error| io_error("cannot sync", &dir, error))?;
         }
         Ok(Slices {
-            db: db.clone(),
+            dir,
             catalog,
             purged,
             sealed: RwLock::new(sealed),
@@ -200,7 +281,11 @@ impl Slices {
     pub fn totals(&self) -> Totals {
         let mut totals = Totals::default();
         for slice in self.sealed().iter() {
-            totals.add(&slice.meta);
+            totals.records += slice.meta.records;
+            totals.bytes += slice.meta.bytes;
+            for (caller, count) in &slice.meta.callers {
+                *totals.callers.entry(caller.clone()).or_insert(0) += count;
+            }
         }
         totals
     }
@@ -269,9 +354,9 @@ impl Slices {
         Ok(())
     }
 
-    /// Removes the slice from lookups and from the catalog, then drops its tree. Returns
-    /// what it held.
-    pub fn drop_slice(&self, id: u64) -> Result<Option<SliceMeta>, StoreError> {
+    /// Removes the slice from lookups and from the catalog; its file stays until `unlink`,
+    /// which may run only once the catalog's change is durable.
+    pub fn remove(&self, id: u64) -> Result<Option<Arc<Slice>>, StoreError> {
         let removed = {
             let mut sealed = self.sealed.write().expect("slices lock is never poisoned");
             let Some(at) = sealed.iter().position(|slice| slice.id == id) else {
@@ -282,11 +367,19 @@ impl Slices {
         self.catalog
             .remove(id.to_be_bytes())
             .map_err(sled_error)?;
-        self.db.drop_tree(tree_name(id)).map_err(sled_error)?;
-        Ok(Some(removed.meta.clone()))
+        Ok(Some(removed))
     }
 
-    /// Ids and catalog entries of the slices whose every record has expired at `now_ms`.
+    /// Deletes the file of a removed slice.
+    pub fn unlink(&self, slice: &Slice) -> Result<(), StoreError> {
+        match std::fs::remove_file(&slice.path) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(io_error("cannot remove", &slice.path, error)),
+        }
+    }
+
+    /// Ids of the slices whose every record has expired at `now_ms`.
     pub fn expired(&self, now_ms: u64) -> Vec<u64> {
         self.sealed()
             .iter()
@@ -308,15 +401,22 @@ impl Slices {
         self.sealed().clone()
     }
 
-    /// Starts a new slice.
+    /// Starts a new slice file.
     pub fn packer(&self) -> Result<Packer, StoreError> {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tree = self.db.open_tree(tree_name(id)).map_err(sled_error)?;
+        let path = self.dir.join(file_name(id));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|error| io_error("cannot create", &path, error))?;
         Ok(Packer {
             id,
-            tree,
+            path,
+            out: std::io::BufWriter::with_capacity(CHUNK_BYTES * 2, file),
+            written: 0,
             chunk: SliceChunk::default(),
             chunk_bytes: 0,
             hashes: Vec::new(),
@@ -327,46 +427,33 @@ impl Slices {
         })
     }
 
-    /// Abandons a build: its tree goes, nothing else knew of it.
-    pub fn abandon(&self, packer: Packer) -> Result<(), StoreError> {
-        self.db
-            .drop_tree(tree_name(packer.id))
-            .map_err(sled_error)?;
-        Ok(())
-    }
-
-    /// The second step of finishing a slice, once its chunks are durable: its catalog entry
-    /// (make it durable before relying on it), and lookups see it from now on.
-    pub fn install(&self, packed: Packed) -> Result<Arc<Slice>, StoreError> {
+    /// Makes a finished slice durable and adds it to the catalog (flush the catalog before
+    /// relying on it); lookups see it from now on.
+    pub fn install(&self, packer: Packer) -> Result<Option<Arc<Slice>>, StoreError> {
+        let Some((id, meta)) = packer.finish()? else {
+            return Ok(None);
+        };
+        durable::sync_dir(&self.dir).map_err(|error| io_error("cannot sync", &self.dir, error))?;
         self.catalog
-            .insert(packed.id.to_be_bytes(), packed.meta.encode_to_vec())
+            .insert(id.to_be_bytes(), meta.encode_to_vec())
             .map_err(sled_error)?;
-        let slice = Arc::new(Slice {
-            id: packed.id,
-            tree: packed.tree,
-            meta: packed.meta,
-        });
+        let slice = Arc::new(Slice::open(&self.dir, id, meta)?);
         let mut sealed = self.sealed.write().expect("slices lock is never poisoned");
         sealed.push(slice.clone());
         sealed.sort_by_key(|slice| slice.id);
-        Ok(slice)
+        Ok(Some(slice))
     }
 }
 
-/// A slice being built by the sweeper's walk, in key order.
+/// A slice file being written by the sweeper's walk, in key order.
 pub(super) struct Packer {
     id: u64,
-    tree: sled::Tree,
+    path: PathBuf,
+    out: std::io::BufWriter<File>,
+    written: u64,
     chunk: SliceChunk,
     chunk_bytes: usize,
     hashes: Vec<u64>,
-    meta: SliceMeta,
-}
-
-/// A slice whose chunks are all written (not yet durable, not yet in the catalog).
-pub(super) struct Packed {
-    id: u64,
-    tree: sled::Tree,
     meta: SliceMeta,
 }
 
@@ -404,23 +491,40 @@ impl Packer {
         let Some(first) = self.chunk.entries.first() else {
             return Ok(());
         };
-        let key = first.key.clone();
-        self.tree
-            .insert(key, self.chunk.encode_to_vec())
-            .map_err(sled_error)?;
+        let first_key = first.key.clone();
+        let bytes = self.chunk.encode_to_vec();
+        self.out
+            .write_all(&bytes)
+            .map_err(|error| io_error("cannot write", &self.path, error))?;
+        self.meta.chunks.push(ChunkRef {
+            first_key,
+            offset: self.written,
+            len: bytes.len() as u32,
+            crc32: crc32fast::hash(&bytes),
+        });
+        self.written += bytes.len() as u64;
         self.chunk.entries.clear();
         self.chunk_bytes = 0;
         Ok(())
     }
 
-    /// Writes the last chunk and the filter. `None` when nothing was packed (the tree is
-    /// dropped).
-    pub fn finish(mut self, slices: &Slices) -> Result<Option<Packed>, StoreError> {
+    /// Writes the last chunk, fdatasyncs the file and builds the filter. `None` when nothing
+    /// was packed (the file is removed).
+    fn finish(mut self) -> Result<Option<(u64, SliceMeta)>, StoreError> {
         if self.meta.records == 0 {
-            slices.abandon(self)?;
+            drop(self.out);
+            std::fs::remove_file(&self.path)
+                .map_err(|error| io_error("cannot remove", &self.path, error))?;
             return Ok(None);
         }
         self.write_chunk()?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|error| io_error("cannot write", &self.path, error.into_error()))?;
+        file.sync_data()
+            .map_err(|error| io_error("cannot sync", &self.path, error))?;
+        self.meta.file_bytes = self.written;
         let mut hashes = std::mem::take(&mut self.hashes);
         hashes.sort_unstable();
         hashes.dedup();
@@ -432,31 +536,6 @@ impl Packer {
         filter.dma_copy_descriptor_to(&mut descriptor);
         self.meta.filter_descriptor = descriptor;
         self.meta.filter_fingerprints = filter.dma_fingerprints().to_vec();
-        Ok(Some(Packed {
-            id: self.id,
-            tree: self.tree,
-            meta: self.meta,
-        }))
+        Ok(Some((self.id, self.meta)))
     }
-}
-
-impl Packed {
-    /// Every packed record, in key order, a chunk at a time.
-    pub fn entries(slice: &Slice) -> impl Iterator<Item = Result<Vec<SliceEntry>, StoreError>> + '_ {
-        slice.tree.iter().map(|chunk| {
-            let (_, chunk) = chunk.map_err(sled_error)?;
-            SliceChunk::decode(&chunk[..])
-                .map(|chunk| chunk.entries)
-                .map_err(|e| corrupt("a slice chunk", e))
-        })
-    }
-}
-
-/// Where a scan goes on within the slices: after this key of this slice.
-pub(super) fn slice_records_after(
-    slice: &Slice,
-    after: Option<&[u8]>,
-    limit: usize,
-) -> Result<Vec<SliceEntry>, StoreError> {
-    slice.records_after(after, limit)
 }

@@ -107,7 +107,7 @@ fn stores(c: &mut Criterion) {
                 bytes_max: u64::MAX,
                 flush_per_write: per_write,
                 flush_timeout: Duration::from_secs(30),
-                pack_records: 65_536,
+                pack_records: 16_384,
             })
             .unwrap(),
         );

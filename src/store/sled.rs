@@ -31,6 +31,11 @@ use std::sync::Mutex;
 /// sweep interval of 1 s, a walk over 1 M records takes 100 s.
 const MAINTENANCE_RECORDS_MAX: usize = 10_000;
 
+/// How many records a round looks at while it packs: packing writes one file in order and
+/// costs little per record, and a walk that falls behind a busy sidecar lets `records` (and
+/// sled's log) grow.
+const PACKING_RECORDS_MAX: usize = 4 * MAINTENANCE_RECORDS_MAX;
+
 /// Eviction stops when the store is this fraction of its bound, so it does not run again at
 /// the very next write.
 const EVICTION_LOW_WATER_PERCENT: u64 = 90;
@@ -195,10 +200,13 @@ impl SledStore {
         let mut bytes = 0;
         let mut callers: HashMap<String, u64> = HashMap::new();
         for entry in self.records.iter() {
-            let (raw_key, _) = entry.map_err(store_error)?;
+            let (raw_key, value) = entry.map_err(store_error)?;
             let key = Key::from_slice(&raw_key).ok_or_else(|| {
                 StoreError::Corrupt(format!("a record key is {} bytes, not 32", raw_key.len()))
             })?;
+            if self.finish_move(&key, &value)? {
+                continue;
+            }
             let mut marked = false;
             let mut seen = None;
             let result = self.apply(
@@ -240,6 +248,19 @@ impl SledStore {
         self.db.drop_tree(LEGACY_EXPIRY_TREE).map_err(store_error)?;
         self.db.flush().map_err(store_error)?;
         Ok(recovery)
+    }
+
+    /// Deletes `value`, the record of `key` in `records`, when a slice holds the very same
+    /// bytes: a move that a stop or a crash interrupted after the slice was installed.
+    fn finish_move(&self, key: &Key, value: &[u8]) -> Result<bool, StoreError> {
+        match self.slices.get(key)? {
+            Some((_, packed)) if packed == value => Ok(self
+                .records
+                .compare_and_swap(key.as_bytes(), Some(value), None as Option<&[u8]>)
+                .map_err(store_error)?
+                .is_ok()),
+            _ => Ok(false),
+        }
     }
 
     fn shard(&self, key: &Key) -> &Mutex<HashMap<Key, u32>> {
@@ -635,13 +656,18 @@ impl Store for SledStore {
             walk.packer = Some(self.slices.packer()?);
         }
         let start = walk.from.take().map_or(Bound::Unbounded, Bound::Excluded);
+        let round = if walk.packer.is_some() {
+            PACKING_RECORDS_MAX
+        } else {
+            MAINTENANCE_RECORDS_MAX
+        };
         let over_bound = self.bytes.load(Ordering::Relaxed) > self.bytes_max;
         let mut evictable = Vec::new();
         let mut looked_at = 0;
         for entry in self
             .records
             .range::<sled::IVec, _>((start, Bound::Unbounded))
-            .take(MAINTENANCE_RECORDS_MAX)
+            .take(round)
         {
             let (raw_key, value) = entry.map_err(store_error)?;
             looked_at += 1;
@@ -671,7 +697,7 @@ impl Store for SledStore {
                 }
             }
         }
-        if looked_at < MAINTENANCE_RECORDS_MAX {
+        if looked_at < round {
             // The walk reached the end: the next round starts again from the first key.
             walk.from = None;
             if let Some(packer) = walk.packer.take() {

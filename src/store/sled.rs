@@ -196,6 +196,9 @@ impl SledStore {
     /// land during the walk make the counts approximate, which the bound tolerates. Blocking:
     /// run it off the async runtime's threads.
     pub fn reconcile(&self, live: &[u8; 8]) -> Result<Recovery, StoreError> {
+        // No packing meanwhile: a move finished here and one of the sweeper's on the same
+        // record would each see the other's delete as a purge (`install_slice`).
+        let _walk = self.walk.lock().expect("walk lock is never poisoned");
         let mut recovery = Recovery::default();
         let mut bytes = 0;
         let mut callers: HashMap<String, u64> = HashMap::new();
@@ -351,6 +354,13 @@ impl SledStore {
                 // A packed record is deleted by hiding it; `records` must still hold none.
                 self.slices.purge(key, record.expires_ms, *slice_id)?;
             }
+            if let (Some(_), None) = (&old, &new) {
+                // A copy a slice may hold too (a move a crash interrupted) must not come back.
+                if let Some((slice_id, bytes)) = self.slices.get(key)? {
+                    let expires_ms = decode(key, &bytes)?.expires_ms;
+                    self.slices.purge(key, expires_ms, slice_id)?;
+                }
+            }
             let swapped = self
                 .records
                 .compare_and_swap(key.as_bytes(), old.as_ref(), new)
@@ -442,8 +452,9 @@ impl SledStore {
 
     /// Finishes a slice and moves its records out of `records`: the chunks are made durable,
     /// then the catalog entry, and only then are the records deleted from `records`, each by
-    /// compare-and-swap against the bytes packed. A record that changed meanwhile (an
-    /// operator's purge, eviction) keeps its packed copy hidden (`Slices::purge`). A crash at
+    /// compare-and-swap against the bytes packed. A record that changed or went meanwhile (an
+    /// operator's purge, eviction; no other move runs meanwhile, `reconcile` holds the walk)
+    /// keeps its packed copy hidden (`Slices::purge`). A crash at
     /// any step loses nothing: an unfinished slice is dropped at open, and a record in both
     /// places is read from `records`.
     fn install_slice(&self, packer: Packer) -> Result<(), StoreError> {

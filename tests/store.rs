@@ -366,7 +366,10 @@ fn packing(dir: &std::path::Path, pack_records: u64, bytes_max: u64) -> SledStor
             Err(error) => panic!("sled does not reopen: {error}"),
         }
     }
-    panic!("sled's lock on {} was not released within 2 s", dir.display())
+    panic!(
+        "sled's lock on {} was not released within 2 s",
+        dir.display()
+    )
 }
 
 /// sled itself on `dir`, retried as `packing` is.
@@ -380,7 +383,10 @@ fn raw_sled(dir: &std::path::Path) -> sled::Db {
             Err(error) => panic!("sled does not open: {error}"),
         }
     }
-    panic!("sled's lock on {} was not released within 2 s", dir.display())
+    panic!(
+        "sled's lock on {} was not released within 2 s",
+        dir.display()
+    )
 }
 
 /// Claims and completes `count` keys `done-N` (process 1), answered with 100-byte bodies.
@@ -388,7 +394,7 @@ async fn fill(store: &SledStore, count: u8) {
     for n in 0..count {
         let serial = format!("done-{n}");
         assert_eq!(
-            claim(store, &serial, 1, n, 0).await.unwrap(),
+            claim(store, &serial, 1, n, 0).await.expect("the store writes"),
             Claimed::Owned
         );
         complete(store, &serial, 1, n, 100).await;
@@ -397,7 +403,7 @@ async fn fill(store: &SledStore, count: u8) {
 
 /// How a duplicate of `serial` is answered now, by process 9.
 async fn duplicate(store: &SledStore, serial: &str) -> Claimed {
-    claim(store, serial, 9, 200, 10).await.unwrap()
+    claim(store, serial, 9, 200, 10).await.expect("the store answers")
 }
 
 #[tokio::test]
@@ -409,9 +415,16 @@ async fn completed_records_are_packed_and_duplicates_are_still_answered_after_a_
         // One claim still running: never packed.
         claim(&store, "flight", 1, 251, 0).await.unwrap();
         store.maintain(0).unwrap();
-        assert_eq!(store.packed_records(), 250, "every COMPLETED record is packed");
+        assert_eq!(
+            store.packed_records(),
+            250,
+            "every COMPLETED record is packed"
+        );
         assert_eq!(store.usage().records, 251, "and counted once");
-        assert!(matches!(duplicate(&store, "done-7").await, Claimed::Replay(_)));
+        assert!(matches!(
+            duplicate(&store, "done-7").await,
+            Claimed::Replay(_)
+        ));
         assert!(matches!(
             claim(&store, "flight", 1, 252, 10).await.unwrap(),
             Claimed::InProgress { .. }
@@ -447,8 +460,15 @@ async fn a_purged_packed_record_runs_again_and_stays_purged_across_a_restart() {
     }
     let store = packing(dir.path(), 1, 1 << 30);
     store.reconcile(&[2; 8]).unwrap();
-    assert_eq!(duplicate(&store, "done-3").await, Claimed::Owned, "runs again");
-    assert!(matches!(duplicate(&store, "done-4").await, Claimed::Replay(_)));
+    assert_eq!(
+        duplicate(&store, "done-3").await,
+        Claimed::Owned,
+        "runs again"
+    );
+    assert!(matches!(
+        duplicate(&store, "done-4").await,
+        Claimed::Replay(_)
+    ));
     // Its new outcome is packed into a newer slice, which the purge does not hide.
     let key = Key::derive("/s.S/M", "-", b"done-3");
     let response = Response {
@@ -457,13 +477,22 @@ async fn a_purged_packed_record_runs_again_and_stays_purged_across_a_restart() {
     };
     store
         .update(&key, |current| {
-            record::complete(current, &token(9, 200), Some(response.clone()), 20, 3_600_000)
+            record::complete(
+                current,
+                &token(9, 200),
+                Some(response.clone()),
+                20,
+                3_600_000,
+            )
         })
         .await
         .unwrap();
     store.maintain(30).unwrap();
     assert_eq!(store.packed_records(), 21);
-    assert!(matches!(duplicate(&store, "done-3").await, Claimed::Replay(_)));
+    assert!(matches!(
+        duplicate(&store, "done-3").await,
+        Claimed::Replay(_)
+    ));
 }
 
 #[tokio::test]
@@ -483,7 +512,10 @@ async fn a_slice_is_dropped_whole_once_its_last_record_expires() {
     assert_eq!(store.packed_records(), 0);
     assert_eq!(store.usage().records, 0);
     assert_eq!(store.usage().bytes, 0);
-    assert_eq!(store.get(&Key::derive("/s.S/M", "-", b"done-9")).unwrap(), None);
+    assert_eq!(
+        store.get(&Key::derive("/s.S/M", "-", b"done-9")).unwrap(),
+        None
+    );
 }
 
 #[tokio::test]
@@ -518,7 +550,10 @@ async fn an_unfinished_slice_is_removed_at_open_and_a_missing_one_refuses_the_st
     assert_eq!(store.packed_records(), 0);
     store.maintain(0).unwrap();
     assert_eq!(store.packed_records(), 5);
-    assert!(matches!(duplicate(&store, "done-2").await, Claimed::Replay(_)));
+    assert!(matches!(
+        duplicate(&store, "done-2").await,
+        Claimed::Replay(_)
+    ));
     drop(store);
     let files: Vec<_> = std::fs::read_dir(dir.path().join("slices"))
         .unwrap()
@@ -544,7 +579,10 @@ async fn an_unfinished_slice_is_removed_at_open_and_a_missing_one_refuses_the_st
         })
         .expect("sled's lock released within 2 s");
     assert!(matches!(refused, StoreError::Corrupt(_)), "{refused:?}");
-    assert!(refused.to_string().contains("cannot be opened"), "{refused}");
+    assert!(
+        refused.to_string().contains("cannot be opened"),
+        "{refused}"
+    );
 }
 
 #[tokio::test]
@@ -572,8 +610,14 @@ async fn a_move_into_a_slice_that_a_stop_interrupted_is_finished_at_reconcile() 
         let store = packing(dir.path(), 1 << 16, 1 << 30);
         let found = store.reconcile(&[2; 8]).unwrap();
         assert_eq!(found.records, 20, "counted once");
-        assert!(matches!(duplicate(&store, "done-4").await, Claimed::Replay(_)));
+        assert!(matches!(
+            duplicate(&store, "done-4").await,
+            Claimed::Replay(_)
+        ));
     }
     let db = raw_sled(dir.path());
-    assert!(db.open_tree("records").unwrap().is_empty(), "the move was finished");
+    assert!(
+        db.open_tree("records").unwrap().is_empty(),
+        "the move was finished"
+    );
 }

@@ -1,18 +1,20 @@
 //! The embedded store on sled 0.34 (design §5): one process owns the data dir.
 //!
-//! Records live in the `records` tree, one protobuf `Record` per 32-byte key, changed only by
-//! compare-and-swap, and nothing else: sled holds one key per record. No expiry index: the
-//! sweeper walks the records in key order, `MAINTENANCE_RECORDS_MAX` a round, deleting those
-//! whose retention ended and, over the size bound, the COMPLETED ones closest to expiry
-//! among those it looks at. A record past its retention is already treated as absent by
-//! every transition (`record::is_expired`), so a walk that reaches it later only frees its
-//! space later; it never changes an answer. Opening does not scan: one process owns the
-//! data dir, so a claim that meets an IN_FLIGHT record of another process incarnation knows
-//! it is orphaned (`record::claim`). `reconcile` then walks the records in the background:
-//! counts them and marks orphaned claims IN_DOUBT for operators.
-//! Every acknowledged change is flushed by the group-commit flusher, and fsynced
-//! (`durable.rs`), before `update` returns, and so is any record a reader sees while its writer
-//! still waits for that flush.
+//! Recent records live in the `records` tree, one protobuf `Record` per 32-byte key, changed
+//! only by compare-and-swap. Once it holds `pack_records`, the sweeper's walk packs the
+//! COMPLETED ones into a slice file written once (`slices.rs`), so sled holds the recent
+//! records only. No expiry index: the sweeper walks `records` in key order,
+//! `MAINTENANCE_RECORDS_MAX` a round, deleting those whose retention ended and, over the size
+//! bound, the COMPLETED ones closest to expiry among those it looks at (after whole slices). A
+//! record past its retention is already treated as absent by every transition
+//! (`record::is_expired`), so a walk that reaches it later only frees its space later; it
+//! never changes an answer. Opening does not scan: one process owns the data dir, so a claim
+//! that meets an IN_FLIGHT record of another process incarnation knows it is orphaned
+//! (`record::claim`). `reconcile` then walks `records` in the background: counts, marks
+//! orphaned claims IN_DOUBT for operators, and finishes a move into a slice that a stop
+//! interrupted. Every acknowledged change is flushed by the group-commit flusher, and fsynced
+//! (`durable.rs`), before `update` returns, and so is any record a reader sees while its
+//! writer still waits for that flush.
 
 use super::durable::{self, DataDirSync, PROBE_FILE};
 use super::flusher::Flusher;
@@ -322,7 +324,9 @@ impl SledStore {
                 Some(_) => None,
                 None => self.slices.get(key)?,
             };
-            let stored = old.as_deref().or(packed.as_ref().map(|(_, bytes)| &bytes[..]));
+            let stored = old
+                .as_deref()
+                .or(packed.as_ref().map(|(_, bytes)| &bytes[..]));
             let current = stored.map(|bytes| decode(key, bytes)).transpose()?;
             let (change, value) = transition(current.as_ref());
             let new = match &change {
@@ -371,7 +375,11 @@ impl SledStore {
             // The counts follow `records`; a slice's records count from its install to its
             // drop, including those a purge hid or a record in `records` shadows.
             self.account(old.as_deref().map(<[u8]>::len), new_len);
-            let live = if old.is_some() { current.as_ref() } else { None };
+            let live = if old.is_some() {
+                current.as_ref()
+            } else {
+                None
+            };
             match (live, &change) {
                 (None, Change::Put(record)) => self.count_caller(&record.caller, true),
                 (Some(record), Change::Delete) => self.count_caller(&record.caller, false),
@@ -476,8 +484,10 @@ impl SledStore {
         // The packed records count twice now (in `records` and in the slice) until they
         // leave `records` just below.
         let meta = &slice.meta;
-        self.packed_records.fetch_add(meta.records, Ordering::Relaxed);
-        self.records_count.fetch_add(meta.records, Ordering::Relaxed);
+        self.packed_records
+            .fetch_add(meta.records, Ordering::Relaxed);
+        self.records_count
+            .fetch_add(meta.records, Ordering::Relaxed);
         self.bytes.fetch_add(meta.bytes, Ordering::Relaxed);
         for (caller, count) in &meta.callers {
             let mut callers = self.callers.lock().expect("callers lock is never poisoned");
@@ -828,8 +838,9 @@ impl SledStore {
                 let exhausted = batch.len() < want;
                 for entry in batch {
                     after = Some(entry.key.clone());
-                    let key = Key::from_slice(&entry.key)
-                        .ok_or_else(|| StoreError::Corrupt("a packed key is not 32 bytes".into()))?;
+                    let key = Key::from_slice(&entry.key).ok_or_else(|| {
+                        StoreError::Corrupt("a packed key is not 32 bytes".into())
+                    })?;
                     if self.records.contains_key(&entry.key).map_err(store_error)?
                         || self.slices.get(&key)?.map(|(_, bytes)| bytes).as_deref()
                             != Some(&entry.record[..])

@@ -244,7 +244,9 @@ impl Slices {
             sealed.push(Arc::new(Slice::open(&dir, id, meta)?));
         }
         let mut removed = false;
-        for entry in std::fs::read_dir(&dir).map_err(|error| io_error("cannot list", &dir, error))? {
+        for entry in
+            std::fs::read_dir(&dir).map_err(|error| io_error("cannot list", &dir, error))?
+        {
             let entry = entry.map_err(|error| io_error("cannot list", &dir, error))?;
             let name = entry.file_name();
             let id = name
@@ -364,9 +366,7 @@ impl Slices {
             };
             sealed.remove(at)
         };
-        self.catalog
-            .remove(id.to_be_bytes())
-            .map_err(sled_error)?;
+        self.catalog.remove(id.to_be_bytes()).map_err(sled_error)?;
         Ok(Some(removed))
     }
 

@@ -394,7 +394,9 @@ async fn fill(store: &SledStore, count: u8) {
     for n in 0..count {
         let serial = format!("done-{n}");
         assert_eq!(
-            claim(store, &serial, 1, n, 0).await.expect("the store writes"),
+            claim(store, &serial, 1, n, 0)
+                .await
+                .expect("the store writes"),
             Claimed::Owned
         );
         complete(store, &serial, 1, n, 100).await;
@@ -403,7 +405,9 @@ async fn fill(store: &SledStore, count: u8) {
 
 /// How a duplicate of `serial` is answered now, by process 9.
 async fn duplicate(store: &SledStore, serial: &str) -> Claimed {
-    claim(store, serial, 9, 200, 10).await.expect("the store answers")
+    claim(store, serial, 9, 200, 10)
+        .await
+        .expect("the store answers")
 }
 
 #[tokio::test]

@@ -489,25 +489,23 @@ impl SledStore {
         self.records_count
             .fetch_add(meta.records, Ordering::Relaxed);
         self.bytes.fetch_add(meta.bytes, Ordering::Relaxed);
-        for (caller, count) in &meta.callers {
-            let mut callers = self.callers.lock().expect("callers lock is never poisoned");
-            *callers.entry(caller.clone()).or_insert(0) += count;
-        }
+        // Per caller, a moved record counts once already (from `records` to the slice); only
+        // one that stays in `records` as well counts twice.
         for chunk in slice.entries() {
             for entry in chunk? {
-                let key = Key::from_slice(&entry.key)
-                    .ok_or_else(|| StoreError::Corrupt("a packed key is not 32 bytes".into()))?;
-                let record = decode(&key, &entry.record)?;
                 let moved = self
                     .records
                     .compare_and_swap(&entry.key, Some(&entry.record[..]), None as Option<&[u8]>)
                     .map_err(store_error)?;
                 if moved.is_ok() {
                     self.account(Some(entry.record.len()), None);
-                    self.count_caller(&record.caller, false);
-                } else {
-                    self.slices.purge(&key, record.expires_ms, slice.id)?;
+                    continue;
                 }
+                let key = Key::from_slice(&entry.key)
+                    .ok_or_else(|| StoreError::Corrupt("a packed key is not 32 bytes".into()))?;
+                let record = decode(&key, &entry.record)?;
+                self.slices.purge(&key, record.expires_ms, slice.id)?;
+                self.count_caller(&record.caller, true);
             }
         }
         tracing::info!(

@@ -351,42 +351,18 @@ async fn with_group_commit_off_each_write_waits_for_the_flush_of_the_one_before(
 }
 
 /// Opens `dir` packing COMPLETED records once `records` holds `pack_records`.
-/// sled's background work may hold the directory's lock for a moment after the last handle is
-/// dropped (a new process never meets this), so a lock error is retried for up to 2 s.
 fn packing(dir: &std::path::Path, pack_records: u64, bytes_max: u64) -> SledStore {
-    for _ in 0..100 {
-        match SledStore::open(&SledOptions {
-            pack_records,
-            ..options(dir, bytes_max)
-        }) {
-            Ok(store) => return store,
-            Err(error) if error.to_string().contains("could not acquire lock") => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(error) => panic!("sled does not reopen: {error}"),
-        }
-    }
-    panic!(
-        "sled's lock on {} was not released within 2 s",
-        dir.display()
-    )
+    let options = SledOptions {
+        pack_records,
+        ..options(dir, bytes_max)
+    };
+    support::retry_sled_lock(dir, || SledStore::open(&options)).expect("sled reopens")
 }
 
-/// sled itself on `dir`, retried as `packing` is.
+/// sled itself on `dir`.
 fn raw_sled(dir: &std::path::Path) -> sled::Db {
-    for _ in 0..100 {
-        match idemproxy::store::sled::open_db(dir, 1 << 20) {
-            Ok(db) => return db,
-            Err(error) if error.to_string().contains("could not acquire lock") => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(error) => panic!("sled does not open: {error}"),
-        }
-    }
-    panic!(
-        "sled's lock on {} was not released within 2 s",
-        dir.display()
-    )
+    support::retry_sled_lock(dir, || idemproxy::store::sled::open_db(dir, 1 << 20))
+        .expect("sled opens")
 }
 
 /// Claims and completes `count` keys `done-N` (process 1), answered with 100-byte bodies.
@@ -566,22 +542,13 @@ async fn an_unfinished_slice_is_removed_at_open_and_a_missing_one_refuses_the_st
     assert_eq!(files.len(), 1, "the finished slice: {files:?}");
     // Its records are nowhere else: without the file the store is not served.
     std::fs::remove_file(&files[0]).unwrap();
-    let refused = (0..100)
-        .find_map(|_| {
-            let opened = SledStore::open(&SledOptions {
-                pack_records: 1,
-                ..options(dir.path(), 1 << 30)
-            });
-            match opened {
-                Err(error) if error.to_string().contains("could not acquire lock") => {
-                    std::thread::sleep(Duration::from_millis(20));
-                    None
-                }
-                Err(error) => Some(error),
-                Ok(_) => panic!("opened without the records of its slice"),
-            }
-        })
-        .expect("sled's lock released within 2 s");
+    let options = SledOptions {
+        pack_records: 1,
+        ..options(dir.path(), 1 << 30)
+    };
+    let refused = support::retry_sled_lock(dir.path(), || SledStore::open(&options))
+        .err()
+        .expect("not opened without the records of its slice");
     assert!(matches!(refused, StoreError::Corrupt(_)), "{refused:?}");
     assert!(
         refused.to_string().contains("cannot be opened"),

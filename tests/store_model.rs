@@ -70,23 +70,10 @@ fn options(dir: &std::path::Path, pack_records: u64) -> SledOptions {
     }
 }
 
-/// Opens sled again on `dir`. sled's own background work may hold the directory's lock for a
-/// moment after the last handle is dropped (a new process never meets this), so a lock error
-/// is retried for up to 2 s.
+/// Opens sled again on `dir`.
 fn reopen(dir: &std::path::Path, pack_records: u64) -> SledStore {
-    for _ in 0..100 {
-        match SledStore::open(&options(dir, pack_records)) {
-            Ok(store) => return store,
-            Err(error) if error.to_string().contains("could not acquire lock") => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(error) => panic!("sled does not reopen: {error}"),
-        }
-    }
-    panic!(
-        "sled's lock on {} was not released within 2 s",
-        dir.display()
-    )
+    support::retry_sled_lock(dir, || SledStore::open(&options(dir, pack_records)))
+        .expect("sled reopens")
 }
 
 /// The durable store under test (one per case: the size difference costs nothing).

@@ -189,3 +189,24 @@ impl Sidecar {
         .await;
     }
 }
+
+/// Runs `open` (of a sled directory) again while it fails on sled's lock of the directory, for
+/// up to 2 s: sled's background work may hold it for a moment after the last handle is dropped
+/// (a new process never meets this). Returns the first other outcome.
+pub fn retry_sled_lock<T, E: std::fmt::Display>(
+    what: &std::path::Path,
+    mut open: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    for _ in 0..100 {
+        match open() {
+            Err(error) if error.to_string().contains("could not acquire lock") => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+    panic!(
+        "sled's lock on {} was not released within 2 s",
+        what.display()
+    )
+}

@@ -629,7 +629,11 @@ async fn a_scan_pages_through_records_and_every_slice_once() {
         .map(|n| Key::derive("/s.S/M", "-", format!("done-{n}").as_bytes()))
         .chain([Key::derive("/s.S/M", "-", b"flight")])
         .collect();
-    assert_eq!(seen.len(), expected.len(), "each record once, the purged one not");
+    assert_eq!(
+        seen.len(),
+        expected.len(),
+        "each record once, the purged one not"
+    );
     seen.sort();
     expected.sort();
     assert_eq!(seen, expected);

@@ -35,6 +35,9 @@ pub struct GroupCommitCounts {
     pub writes: AtomicU64,
 }
 
+/// Why a flush got no answer.
+const STOPPED: &str = "the flusher thread has stopped";
+
 impl Flusher {
     /// Starts the flusher thread. (With group commit off, the store lets one writer wait at a
     /// time, so each flush serves one write.)
@@ -87,51 +90,48 @@ impl Flusher {
     /// Waits until everything written before this call is on disk, or `timeout` passes
     /// (then the write is not durable, and the store is marked unhealthy).
     pub async fn flush(&self, timeout: std::time::Duration) -> Result<(), String> {
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .as_ref()
-            .expect("the queue is open until drop")
-            .send(reply)
-            .map_err(|_| "the flusher thread has stopped".to_string())?;
+        let answer = self.request()?;
         match tokio::time::timeout(timeout, answer).await {
-            Ok(answer) => answer.map_err(|_| "the flusher thread has stopped".to_string())?,
-            Err(_) => {
-                self.healthy.store(false, Ordering::Release);
-                Err(format!(
-                    "the disk did not confirm a flush within {timeout:?} (full or failing?)"
-                ))
-            }
+            Ok(answer) => answer.map_err(|_| STOPPED.to_string())?,
+            Err(_) => Err(self.timed_out(timeout)),
         }
     }
 
     /// `flush` for a thread off the async runtime (the sweeper's).
     pub fn flush_blocking(&self, timeout: std::time::Duration) -> Result<(), String> {
-        let (reply, mut answer) = oneshot::channel();
-        self.queue
-            .as_ref()
-            .expect("the queue is open until drop")
-            .send(reply)
-            .map_err(|_| "the flusher thread has stopped".to_string())?;
+        let mut answer = self.request()?;
         let deadline = std::time::Instant::now() + timeout;
         loop {
             match answer.try_recv() {
                 Ok(result) => return result,
-                Err(oneshot::error::TryRecvError::Closed) => {
-                    return Err("the flusher thread has stopped".into())
-                }
+                Err(oneshot::error::TryRecvError::Closed) => return Err(STOPPED.into()),
                 Err(oneshot::error::TryRecvError::Empty)
                     if std::time::Instant::now() >= deadline =>
                 {
-                    self.healthy.store(false, Ordering::Release);
-                    return Err(format!(
-                        "the disk did not confirm a flush within {timeout:?} (full or failing?)"
-                    ));
+                    return Err(self.timed_out(timeout))
                 }
                 Err(oneshot::error::TryRecvError::Empty) => {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }
         }
+    }
+
+    /// Asks the thread for a flush of everything written so far.
+    fn request(&self) -> Result<oneshot::Receiver<Result<(), String>>, String> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .as_ref()
+            .expect("the queue is open until drop")
+            .send(reply)
+            .map_err(|_| STOPPED.to_string())?;
+        Ok(answer)
+    }
+
+    /// A flush the disk did not confirm in time: nothing after it is acknowledged.
+    fn timed_out(&self, timeout: std::time::Duration) -> String {
+        self.healthy.store(false, Ordering::Release);
+        format!("the disk did not confirm a flush within {timeout:?} (full or failing?)")
     }
 
     /// True when the last flush failed or timed out and has not returned yet: a write now

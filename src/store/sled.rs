@@ -381,28 +381,38 @@ impl SledStore {
                 None
             };
             match (live, &change) {
-                (None, Change::Put(record)) => self.count_caller(&record.caller, true),
-                (Some(record), Change::Delete) => self.count_caller(&record.caller, false),
+                (None, Change::Put(record)) => self.count_caller(&record.caller, 1),
+                (Some(record), Change::Delete) => self.count_caller(&record.caller, -1),
                 _ => {}
             }
             return Ok(value);
         }
     }
 
-    fn count_caller(&self, caller: &str, created: bool) {
+    /// Adds `change` to the records `caller` holds (a caller at 0 is forgotten).
+    fn count_caller(&self, caller: &str, change: i64) {
         let mut callers = self.callers.lock().expect("callers lock is never poisoned");
         match callers.get_mut(caller) {
-            Some(count) if created => *count += 1,
-            Some(count) => {
-                *count = count.saturating_sub(1);
-                if *count == 0 {
+            Some(held) => {
+                *held = held.saturating_add_signed(change);
+                if *held == 0 {
                     callers.remove(caller);
                 }
             }
-            None if created => {
-                callers.insert(caller.to_owned(), 1);
+            None if change > 0 => {
+                callers.insert(caller.to_owned(), change.unsigned_abs());
             }
             None => {}
+        }
+    }
+
+    /// `Flusher::flush_blocking` as the store reports it: a flush that ends after another one
+    /// failed vouches for nothing.
+    fn flush_blocking(&self) -> Result<(), StoreError> {
+        match self.flusher.flush_blocking(self.flush_timeout) {
+            Ok(()) if self.flusher.is_healthy() => Ok(()),
+            Ok(()) => Err(StoreError::Io(SUSPECT.into())),
+            Err(error) => Err(StoreError::Io(error)),
         }
     }
 
@@ -476,11 +486,7 @@ impl SledStore {
         // The catalog entry durable before any record leaves `records`. A flush that ends
         // after another one failed vouches for nothing: the file is then removed at the next
         // open, or read from its catalog entry if that reached the disk after all.
-        match self.flusher.flush_blocking(self.flush_timeout) {
-            Ok(()) if self.flusher.is_healthy() => {}
-            Ok(()) => return Err(StoreError::Io(SUSPECT.into())),
-            Err(error) => return Err(StoreError::Io(error)),
-        }
+        self.flush_blocking()?;
         // The packed records count twice now (in `records` and in the slice) until they
         // leave `records` just below.
         let meta = &slice.meta;
@@ -505,7 +511,7 @@ impl SledStore {
                     .ok_or_else(|| StoreError::Corrupt("a packed key is not 32 bytes".into()))?;
                 let record = decode(&key, &entry.record)?;
                 self.slices.purge(&key, record.expires_ms, slice.id)?;
-                self.count_caller(&record.caller, true);
+                self.count_caller(&record.caller, 1);
             }
         }
         tracing::info!(
@@ -536,23 +542,12 @@ impl SledStore {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 Some(n.saturating_sub(meta.bytes))
             });
-        {
-            let mut callers = self.callers.lock().expect("callers lock is never poisoned");
-            for (caller, count) in &meta.callers {
-                if let Some(held) = callers.get_mut(caller) {
-                    *held = held.saturating_sub(*count);
-                    if *held == 0 {
-                        callers.remove(caller);
-                    }
-                }
-            }
+        for (caller, count) in &meta.callers {
+            self.count_caller(caller, -(*count as i64));
         }
-        match self.flusher.flush_blocking(self.flush_timeout) {
-            Ok(()) if self.flusher.is_healthy() => self.slices.unlink(&slice)?,
-            // Not durable: the file stays, and the next open reads the slice again.
-            Ok(()) => return Err(StoreError::Io(SUSPECT.into())),
-            Err(error) => return Err(StoreError::Io(error)),
-        }
+        // Not durable: the file stays, and the next open reads the slice again.
+        self.flush_blocking()?;
+        self.slices.unlink(&slice)?;
         Ok(meta.records)
     }
 
@@ -840,8 +835,7 @@ impl SledStore {
                         StoreError::Corrupt("a packed key is not 32 bytes".into())
                     })?;
                     if self.records.contains_key(&entry.key).map_err(store_error)?
-                        || self.slices.get(&key)?.map(|(_, bytes)| bytes).as_deref()
-                            != Some(&entry.record[..])
+                        || !self.slices.shows(&key, slice.id)?
                     {
                         // Shadowed by `records`, purged, or an older copy of a newer slice's.
                         continue;

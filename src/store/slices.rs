@@ -199,7 +199,7 @@ pub(super) struct Slices {
     catalog: sled::Tree,
     purged: sled::Tree,
     /// Ascending by id (oldest first).
-    sealed: RwLock<Vec<Arc<Slice>>>,
+    installed: RwLock<Vec<Arc<Slice>>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -224,7 +224,7 @@ impl Slices {
         }
         let catalog = db.open_tree(CATALOG_TREE).map_err(sled_error)?;
         let purged = db.open_tree(PURGED_TREE).map_err(sled_error)?;
-        let mut sealed = Vec::new();
+        let mut installed = Vec::new();
         let mut next_id = 1;
         for entry in catalog.iter() {
             let (id, meta) = entry.map_err(sled_error)?;
@@ -241,7 +241,7 @@ impl Slices {
                 )));
             }
             next_id = next_id.max(id + 1);
-            sealed.push(Arc::new(Slice::open(&dir, id, meta)?));
+            installed.push(Arc::new(Slice::open(&dir, id, meta)?));
         }
         let mut removed = false;
         for entry in
@@ -255,7 +255,7 @@ impl Slices {
                 .and_then(|id| u64::from_str_radix(id, 16).ok());
             if let Some(id) = id {
                 next_id = next_id.max(id + 1);
-                if sealed.iter().any(|slice| slice.id == id) {
+                if installed.iter().any(|slice| slice.id == id) {
                     continue;
                 }
             }
@@ -270,19 +270,21 @@ impl Slices {
             dir,
             catalog,
             purged,
-            sealed: RwLock::new(sealed),
+            installed: RwLock::new(installed),
             next_id: next_id.into(),
         })
     }
 
-    fn sealed(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Slice>>> {
-        self.sealed.read().expect("slices lock is never poisoned")
+    fn installed(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Slice>>> {
+        self.installed
+            .read()
+            .expect("slices lock is never poisoned")
     }
 
     /// What every slice holds, by their catalog entries.
     pub fn totals(&self) -> Totals {
         let mut totals = Totals::default();
-        for slice in self.sealed().iter() {
+        for slice in self.installed().iter() {
             totals.records += slice.meta.records;
             totals.bytes += slice.meta.bytes;
             for (caller, count) in &slice.meta.callers {
@@ -297,8 +299,8 @@ impl Slices {
     pub fn get(&self, key: &Key) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let hash = filter_hash(key.as_bytes());
         let candidates: Vec<Arc<Slice>> = {
-            let sealed = self.sealed();
-            sealed
+            let installed = self.installed();
+            installed
                 .iter()
                 .rev()
                 .filter(|slice| slice.may_contain(hash))
@@ -314,6 +316,28 @@ impl Slices {
             }
         }
         Ok(None)
+    }
+
+    /// Whether a lookup of `key` absent from `records` would find slice `slice_id`'s copy:
+    /// no purge hides it and no newer slice holds the key (for scans, which read the copy
+    /// already).
+    pub fn shows(&self, key: &Key, slice_id: u64) -> Result<bool, StoreError> {
+        if self.hidden_up_to(key)? >= slice_id {
+            return Ok(false);
+        }
+        let hash = filter_hash(key.as_bytes());
+        let newer: Vec<Arc<Slice>> = self
+            .installed()
+            .iter()
+            .filter(|slice| slice.id > slice_id && slice.may_contain(hash))
+            .cloned()
+            .collect();
+        for slice in newer {
+            if slice.get(key.as_bytes())?.is_some() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The newest slice whose copy of `key` a purge hid (0: none).
@@ -360,11 +384,14 @@ impl Slices {
     /// which may run only once the catalog's change is durable.
     pub fn remove(&self, id: u64) -> Result<Option<Arc<Slice>>, StoreError> {
         let removed = {
-            let mut sealed = self.sealed.write().expect("slices lock is never poisoned");
-            let Some(at) = sealed.iter().position(|slice| slice.id == id) else {
+            let mut installed = self
+                .installed
+                .write()
+                .expect("slices lock is never poisoned");
+            let Some(at) = installed.iter().position(|slice| slice.id == id) else {
                 return Ok(None);
             };
-            sealed.remove(at)
+            installed.remove(at)
         };
         self.catalog.remove(id.to_be_bytes()).map_err(sled_error)?;
         Ok(Some(removed))
@@ -381,7 +408,7 @@ impl Slices {
 
     /// Ids of the slices whose every record has expired at `now_ms`.
     pub fn expired(&self, now_ms: u64) -> Vec<u64> {
-        self.sealed()
+        self.installed()
             .iter()
             .filter(|slice| slice.meta.expires_max_ms <= now_ms)
             .map(|slice| slice.id)
@@ -390,7 +417,7 @@ impl Slices {
 
     /// The slice whose last record expires first, for eviction.
     pub fn first_to_expire(&self) -> Option<u64> {
-        self.sealed()
+        self.installed()
             .iter()
             .min_by_key(|slice| (slice.meta.expires_max_ms, slice.id))
             .map(|slice| slice.id)
@@ -398,7 +425,7 @@ impl Slices {
 
     /// Every slice, oldest first (for scans).
     pub fn all(&self) -> Vec<Arc<Slice>> {
-        self.sealed().clone()
+        self.installed().clone()
     }
 
     /// Starts a new slice file.
@@ -438,9 +465,12 @@ impl Slices {
             .insert(id.to_be_bytes(), meta.encode_to_vec())
             .map_err(sled_error)?;
         let slice = Arc::new(Slice::open(&self.dir, id, meta)?);
-        let mut sealed = self.sealed.write().expect("slices lock is never poisoned");
-        sealed.push(slice.clone());
-        sealed.sort_by_key(|slice| slice.id);
+        let mut installed = self
+            .installed
+            .write()
+            .expect("slices lock is never poisoned");
+        installed.push(slice.clone());
+        installed.sort_by_key(|slice| slice.id);
         Ok(Some(slice))
     }
 }

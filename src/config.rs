@@ -108,7 +108,7 @@ pub struct RunArgs {
     #[arg(long, env = "IDEMPROXY_SLED_CACHE_BYTES")]
     pub sled_cache_bytes: Option<String>,
     /// Records sled keeps one key each; past this the sweeper packs the COMPLETED ones many to
-    /// a slice file [default: 16384].
+    /// a slice file [default: 8192].
     #[arg(long, env = "IDEMPROXY_SLED_PACK_RECORDS")]
     pub sled_pack_records: Option<String>,
     /// Longest wait for the store to confirm a write; past it the call fails closed
@@ -754,7 +754,7 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
         1 << 20,
         64 << 30,
     )?;
-    let pack_text = pick_bytes(args.sled_pack_records, file.sled_pack_records, "16384");
+    let pack_text = pick_bytes(args.sled_pack_records, file.sled_pack_records, "8192");
     let sled_pack_records = count("sled-pack-records", &pack_text, 1, 1 << 40)?;
     let store_timeout = duration(
         "store-timeout",

@@ -162,7 +162,7 @@ pub async fn run() -> anyhow::Result<()> {
         response_bytes_max: 4 << 20,
         store_bytes_max: 64 << 20,
         sled_cache_bytes: 8 << 20,
-        sled_pack_records: 16_384,
+        sled_pack_records: 8_192,
         store_timeout: Duration::from_secs(5),
         sweep_interval: Duration::from_secs(1),
         worker_threads: 1,

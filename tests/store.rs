@@ -105,6 +105,31 @@ async fn records_expire_after_the_retention_and_the_key_runs_again() {
     assert_eq!(upstream.state.executions(), 2);
 }
 
+/// The sweeper skips its walk while no record in `records` can have expired: a record written
+/// after a walk, expiring before everything that walk saw, still expires on time.
+#[tokio::test]
+async fn a_record_written_after_a_walk_still_expires_on_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&options(dir.path(), u64::MAX)).unwrap();
+    store.reconcile(&[9; 8]).unwrap();
+    // An empty store: the walk finds nothing, so nothing in it can expire.
+    assert_eq!(store.maintain(0).unwrap().expired, 0);
+    // Completed, it expires at 3,600,001 ms; the next walk sees it.
+    claim(&store, "late", 1, 1, 0).await.unwrap();
+    complete(&store, "late", 1, 1, 10).await;
+    assert_eq!(store.maintain(1).unwrap().expired, 0);
+    // Claimed after that walk, expiring at 3,600,000 ms (its lease ends at 60,000 ms).
+    claim(&store, "early", 1, 0, 0).await.unwrap();
+    assert_eq!(store.maintain(2).unwrap().expired, 0);
+    let expired = store.maintain(3_600_000).unwrap().expired;
+    assert_eq!(
+        expired, 1,
+        "the record written after the walk went at its time"
+    );
+    assert_eq!(store.maintain(3_600_001).unwrap().expired, 1);
+    assert_eq!(store.usage().records, 0);
+}
+
 #[tokio::test]
 async fn the_size_bound_evicts_completed_records_closest_to_expiry_first() {
     let dir = tempfile::tempdir().unwrap();

@@ -783,7 +783,7 @@ async fn measure_store(
         bytes_max: u64::MAX,
         flush_per_write: false,
         flush_timeout: Duration::from_secs(30),
-        pack_records: 16_384,
+        pack_records: 8_192,
     };
     let counted = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let store = idemproxy::store::sled::SledStore::open(&options)?;

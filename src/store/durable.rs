@@ -6,7 +6,9 @@
 //! entry. After a power cut, a claim or an outcome acknowledged on sled's word alone can be
 //! gone. `DataDirSync::sync` runs after each of sled's flushes, on the flusher thread (one call
 //! per group commit): `fdatasync` of the log, `fdatasync` of each blob file not yet synced,
-//! and an `fsync` of a directory whose entries changed since its last sync. Opening syncs
+//! and an `fsync` of a directory whose entries changed since its last sync. Which files and
+//! directories changed the kernel tells (inotify): a flush after which sled touched nothing
+//! but its log lists no directory. Opening syncs
 //! everything once, and the directory entries that lead to the data dir, so nothing written
 //! before this process (an older release, a crash during a first start) is left unsynced.
 //! It never writes a byte of its own into the data dir.
@@ -16,6 +18,9 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// sled's log file inside the data dir.
@@ -34,6 +39,83 @@ pub struct DataDirSync {
     dir_entries: Files,
     /// Entries of the blob dir at its last sync, with the size each file had then.
     blob_entries: Files,
+    /// What changed in the data dir and the blob dir since the last sync.
+    changes: Changes,
+    /// A listing that failed: the next sync lists again, whatever the queue says.
+    relist: bool,
+}
+
+/// An inotify watch of the data dir and its blob dir. An event is queued by the very call
+/// that changes an entry or writes a file, so whatever a write to be acknowledged depends
+/// on is in the queue before its flush begins.
+struct Changes {
+    inotify: OwnedFd,
+    /// The blob dir's watch (the data dir has the other).
+    blob_watch: i32,
+    buffer: Box<[MaybeUninit<u8>]>,
+}
+
+/// What the queue said since it was last read.
+#[derive(Debug, Default)]
+struct Changed {
+    /// A file other than the log or the probe was written, or an entry came or went (or the
+    /// queue overflowed): list the directories and sync what is new or grew.
+    any: bool,
+    /// Files written, by directory (`true`: the blob dir): synced even when their size
+    /// stayed the same.
+    written: Vec<(bool, OsString)>,
+}
+
+impl Changes {
+    fn watch(dir: &Path) -> io::Result<Changes> {
+        use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+        let inotify = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?;
+        let flags = WatchFlags::CREATE
+            | WatchFlags::DELETE
+            | WatchFlags::MOVED_FROM
+            | WatchFlags::MOVED_TO
+            | WatchFlags::MODIFY
+            | WatchFlags::DELETE_SELF
+            | WatchFlags::MOVE_SELF;
+        inotify::add_watch(&inotify, dir, flags)?;
+        let blob_watch = inotify::add_watch(&inotify, dir.join(BLOB_DIR), flags)?;
+        Ok(Changes {
+            inotify,
+            blob_watch,
+            buffer: vec![MaybeUninit::uninit(); 16 << 10].into_boxed_slice(),
+        })
+    }
+
+    /// Empties the queue. A read that fails counts as "anything may have changed".
+    fn read(&mut self) -> Changed {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        let mut changed = Changed::default();
+        let mut reader = Reader::new(&self.inotify, &mut self.buffer);
+        loop {
+            let event = match reader.next() {
+                Ok(event) => event,
+                Err(rustix::io::Errno::AGAIN) => return changed,
+                Err(_) => {
+                    changed.any = true;
+                    return changed;
+                }
+            };
+            let in_blobs = event.wd() == self.blob_watch;
+            let name = event
+                .file_name()
+                .map(|name| OsString::from(std::ffi::OsStr::from_bytes(name.to_bytes())));
+            let ours = name
+                .as_deref()
+                .is_some_and(|name| !in_blobs && (name == LOG_FILE || name == PROBE_FILE));
+            if ours && !event.events().intersects(ReadFlags::QUEUE_OVERFLOW) {
+                continue;
+            }
+            changed.any = true;
+            if let (Some(name), true) = (name, event.events().contains(ReadFlags::MODIFY)) {
+                changed.written.push((in_blobs, name));
+            }
+        }
+    }
 }
 
 /// A directory's entries by name, each with its size when it was last synced: a file that
@@ -67,19 +149,48 @@ impl DataDirSync {
     /// log open for the syncs that follow each flush.
     pub fn open(dir: &Path) -> io::Result<DataDirSync> {
         let log = File::open(dir.join(LOG_FILE))?;
+        // Watched before the first listing, so nothing changed after it goes unseen.
+        let changes = Changes::watch(dir)?;
         let mut sync = DataDirSync {
             dir: dir.to_owned(),
             log,
             dir_entries: Files::new(),
             blob_entries: Files::new(),
+            changes,
+            relist: false,
         };
-        sync.sync()?;
+        sync.log.sync_data()?;
+        sync.sync_listed()?;
         Ok(sync)
     }
 
     /// Makes everything sled wrote before this call durable: call right after `Db::flush`.
     pub fn sync(&mut self) -> io::Result<()> {
         self.log.sync_data()?;
+        let changed = self.changes.read();
+        if !changed.any && !self.relist {
+            return Ok(());
+        }
+        for (in_blobs, name) in changed.written {
+            let entries = if in_blobs {
+                &mut self.blob_entries
+            } else {
+                &mut self.dir_entries
+            };
+            // Written since it was synced: its size no longer vouches for it.
+            if let Some(size) = entries.get_mut(&name) {
+                *size = u64::MAX;
+            }
+        }
+        self.relist = true;
+        self.sync_listed()?;
+        self.relist = false;
+        Ok(())
+    }
+
+    /// Syncs every file of the data dir and the blob dir that is new or grew, and each
+    /// directory whose entries changed.
+    fn sync_listed(&mut self) -> io::Result<()> {
         sync_entries(&self.dir.join(BLOB_DIR), &mut self.blob_entries)?;
         // Beside the log: sled's `conf` (written unsynced) and its snapshots.
         sync_entries(&self.dir, &mut self.dir_entries)

@@ -109,6 +109,13 @@ pub struct SledStore {
     /// Set when the last maintenance round found the store over its bound with nothing to
     /// evict: new claims are refused until it clears.
     full: AtomicBool,
+    /// No record in `records` expires before this (0 until a walk has seen them all): while
+    /// it is ahead of the clock and nothing is to be packed or evicted, the sweeper has no
+    /// reason to walk. Set at the end of each whole walk from `pass_floor`.
+    expires_floor: AtomicU64,
+    /// The earliest expiry the walk in progress left in `records`, and of every record
+    /// written since the last whole walk ended.
+    pass_floor: AtomicU64,
 }
 
 /// What reconciling a store found.
@@ -125,6 +132,16 @@ fn decode(key: &Key, bytes: &[u8]) -> Result<Record, StoreError> {
         key: *key,
         reason: error.to_string(),
     })
+}
+
+/// What `SledStore::claim_unread` did.
+enum Unread<T> {
+    /// The new record is in `records`.
+    Claimed(T),
+    /// `records` holds this; decide on it.
+    Found(Option<sled::IVec>),
+    /// Nothing written: read `records` and decide.
+    Read,
 }
 
 /// Why a store whose flush failed takes no more writes.
@@ -188,6 +205,8 @@ impl SledStore {
             flush_timeout: options.flush_timeout,
             one_at_a_time: options.flush_per_write.then(|| tokio::sync::Mutex::new(())),
             full: AtomicBool::new(false),
+            expires_floor: AtomicU64::new(0),
+            pass_floor: AtomicU64::new(u64::MAX),
         };
         Ok(store)
     }
@@ -317,8 +336,19 @@ impl SledStore {
         transition: &mut impl FnMut(Option<&Record>) -> (Change, T),
         marked: &mut bool,
     ) -> Result<T, StoreError> {
+        // A fresh key is claimed without reading `records` first: when no slice holds the key
+        // and the transition would write a record where none is, the compare-and-swap from
+        // "absent" is tried at once, and on failure it hands back what `records` holds.
+        let mut seen: Option<Option<sled::IVec>> = None;
         loop {
-            let old = self.records.get(key.as_bytes()).map_err(store_error)?;
+            let old = match seen.take() {
+                Some(old) => old,
+                None => match self.claim_unread(key, transition, marked)? {
+                    Unread::Claimed(value) => return Ok(value),
+                    Unread::Found(old) => old,
+                    Unread::Read => self.records.get(key.as_bytes()).map_err(store_error)?,
+                },
+            };
             // Only a record absent from `records` is looked for in the slices.
             let packed = match old {
                 Some(_) => None,
@@ -369,7 +399,8 @@ impl SledStore {
                 .records
                 .compare_and_swap(key.as_bytes(), old.as_ref(), new)
                 .map_err(store_error)?;
-            if swapped.is_err() {
+            if let Err(lost) = swapped {
+                seen = Some(lost.current);
                 continue;
             }
             // The counts follow `records`; a slice's records count from its install to its
@@ -385,8 +416,58 @@ impl SledStore {
                 (Some(record), Change::Delete) => self.count_caller(&record.caller, -1),
                 _ => {}
             }
+            if let Change::Put(record) = &change {
+                self.lower_floor(record.expires_ms);
+            }
             return Ok(value);
         }
+    }
+
+    /// The first step of `apply` for a key no slice holds: the transition is asked what to
+    /// write where no record is, and when that is a record, it is swapped in for "absent"
+    /// without reading `records` first. Anything else, or a full store, is decided on what
+    /// `records` holds (`Unread::Read`).
+    fn claim_unread<T>(
+        &self,
+        key: &Key,
+        transition: &mut impl FnMut(Option<&Record>) -> (Change, T),
+        marked: &mut bool,
+    ) -> Result<Unread<T>, StoreError> {
+        if self.full.load(Ordering::Acquire) || !self.flusher.is_healthy() {
+            return Ok(Unread::Read);
+        }
+        let tried = self.slices.unless_held(key, || {
+            let (Change::Put(record), value) = transition(None) else {
+                return Ok(Unread::Read);
+            };
+            let new = record.encode_to_vec();
+            if !*marked {
+                self.mark_pending(key);
+                *marked = true;
+            }
+            let new_len = new.len();
+            match self
+                .records
+                .compare_and_swap(key.as_bytes(), None as Option<&[u8]>, Some(new))
+                .map_err(store_error)?
+            {
+                Ok(()) => {
+                    self.account(None, Some(new_len));
+                    self.count_caller(&record.caller, 1);
+                    self.lower_floor(record.expires_ms);
+                    Ok(Unread::Claimed(value))
+                }
+                Err(lost) => Ok(Unread::Found(lost.current)),
+            }
+        });
+        tried.unwrap_or(Ok(Unread::Read))
+    }
+
+    /// Counts a record written to `records` that expires at `expires_ms` in both floors: the
+    /// walk's first, so that a walk ending meanwhile cannot set a floor above it.
+    fn lower_floor(&self, expires_ms: u64) {
+        self.pass_floor.fetch_min(expires_ms, Ordering::AcqRel);
+        self.expires_floor.fetch_min(expires_ms, Ordering::AcqRel);
     }
 
     /// Adds `change` to the records `caller` holds (a caller at 0 is forgotten).
@@ -669,13 +750,19 @@ impl Store for SledStore {
         {
             walk.packer = Some(self.slices.packer()?);
         }
+        let over_bound = self.bytes.load(Ordering::Relaxed) > self.bytes_max;
+        let idle = walk.from.is_none()
+            && walk.packer.is_none()
+            && !over_bound
+            && now_ms < self.expires_floor.load(Ordering::Acquire);
         let start = walk.from.take().map_or(Bound::Unbounded, Bound::Excluded);
-        let round = if walk.packer.is_some() {
+        let round = if idle {
+            0
+        } else if walk.packer.is_some() {
             PACKING_RECORDS_MAX
         } else {
             MAINTENANCE_RECORDS_MAX
         };
-        let over_bound = self.bytes.load(Ordering::Relaxed) > self.bytes_max;
         let mut evictable = Vec::new();
         let mut looked_at = 0;
         for entry in self
@@ -696,6 +783,8 @@ impl Store for SledStore {
                     continue;
                 }
             }
+            self.pass_floor
+                .fetch_min(record.expires_ms, Ordering::AcqRel);
             if record.state() != State::Completed {
                 continue;
             }
@@ -714,6 +803,8 @@ impl Store for SledStore {
         if looked_at < round {
             // The walk reached the end: the next round starts again from the first key.
             walk.from = None;
+            let floor = self.pass_floor.swap(u64::MAX, Ordering::AcqRel);
+            self.expires_floor.store(floor, Ordering::Release);
             if let Some(packer) = walk.packer.take() {
                 self.install_slice(packer)?;
             }

@@ -294,6 +294,20 @@ impl Slices {
         totals
     }
 
+    /// Runs `write` unless a slice may hold `key` (its filter says so), with no slice
+    /// installed meanwhile: a move that installs its slice after `write` finds what `write`
+    /// left in `records`, and one installed before is seen here.
+    pub fn unless_held<T>(&self, key: &Key, write: impl FnOnce() -> T) -> Option<T> {
+        let hash = filter_hash(key.as_bytes());
+        let installed = self.installed();
+        if installed.iter().any(|slice| slice.may_contain(hash)) {
+            return None;
+        }
+        let written = write();
+        drop(installed);
+        Some(written)
+    }
+
     /// The packed record of `key` (encoded) and the id of the slice it is in, unless a purge
     /// hid it.
     pub fn get(&self, key: &Key) -> Result<Option<(u64, Vec<u8>)>, StoreError> {

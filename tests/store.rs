@@ -105,6 +105,25 @@ async fn records_expire_after_the_retention_and_the_key_runs_again() {
     assert_eq!(upstream.state.executions(), 2);
 }
 
+/// A duplicate of a durable record is answered from it without waiting for a flush (the
+/// claim it would have been, tried first, wrote nothing).
+#[tokio::test]
+async fn a_duplicate_of_a_durable_record_waits_for_no_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&options(dir.path(), u64::MAX)).unwrap();
+    store.reconcile(&[9; 8]).unwrap();
+    claim(&store, "done", 1, 1, 0).await.unwrap();
+    complete(&store, "done", 1, 1, 10).await;
+    let counts = store.group_commit_counts();
+    let flushes = counts.flushes.load(std::sync::atomic::Ordering::Relaxed);
+    for n in 2..5 {
+        let answer = claim(&store, "done", 2, n, 0).await.unwrap();
+        assert!(matches!(answer, Claimed::Replay(_)), "{answer:?}");
+    }
+    let after = counts.flushes.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(after, flushes, "duplicates waited for flushes");
+}
+
 /// The sweeper skips its walk while no record in `records` can have expired: a record written
 /// after a walk, expiring before everything that walk saw, still expires on time.
 #[tokio::test]

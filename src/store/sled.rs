@@ -457,7 +457,12 @@ impl SledStore {
                     self.lower_floor(record.expires_ms);
                     Ok(Unread::Claimed(value))
                 }
-                Err(lost) => Ok(Unread::Found(lost.current)),
+                Err(lost) => {
+                    // Nothing written: a reader need not wait for a flush on this key's account.
+                    self.unmark_pending(key);
+                    *marked = false;
+                    Ok(Unread::Found(lost.current))
+                }
             }
         });
         tried.unwrap_or(Ok(Unread::Read))

@@ -405,21 +405,33 @@ impl SledStore {
             }
             // The counts follow `records`; a slice's records count from its install to its
             // drop, including those a purge hid or a record in `records` shadows.
-            self.account(old.as_deref().map(<[u8]>::len), new_len);
             let live = if old.is_some() {
                 current.as_ref()
             } else {
                 None
             };
-            match (live, &change) {
-                (None, Change::Put(record)) => self.count_caller(&record.caller, 1),
-                (Some(record), Change::Delete) => self.count_caller(&record.caller, -1),
-                _ => {}
-            }
-            if let Change::Put(record) = &change {
-                self.lower_floor(record.expires_ms);
-            }
+            self.landed(old.as_deref().map(<[u8]>::len), live, &change, new_len);
             return Ok(value);
+        }
+    }
+
+    /// Counts a change that landed in `records`: bytes, the caller's records (`live`: the
+    /// record `records` held before, decoded) and the expiry bound.
+    fn landed(
+        &self,
+        old_len: Option<usize>,
+        live: Option<&Record>,
+        change: &Change,
+        new_len: Option<usize>,
+    ) {
+        self.account(old_len, new_len);
+        match (live, change) {
+            (None, Change::Put(record)) => self.count_caller(&record.caller, 1),
+            (Some(record), Change::Delete) => self.count_caller(&record.caller, -1),
+            _ => {}
+        }
+        if let Change::Put(record) = change {
+            self.lower_floor(record.expires_ms);
         }
     }
 
@@ -437,14 +449,14 @@ impl SledStore {
             return Ok(Unread::Read);
         }
         let tried = self.slices.unless_held(key, || {
-            let (Change::Put(record), value) = transition(None) else {
+            let (change, value) = transition(None);
+            let Change::Put(record) = &change else {
                 return Ok(Unread::Read);
             };
             let new = record.encode_to_vec();
-            if !*marked {
-                self.mark_pending(key);
-                *marked = true;
-            }
+            // The first write of this update: nothing is marked yet.
+            self.mark_pending(key);
+            *marked = true;
             let new_len = new.len();
             match self
                 .records
@@ -452,9 +464,7 @@ impl SledStore {
                 .map_err(store_error)?
             {
                 Ok(()) => {
-                    self.account(None, Some(new_len));
-                    self.count_caller(&record.caller, 1);
-                    self.lower_floor(record.expires_ms);
+                    self.landed(None, None, &change, Some(new_len));
                     Ok(Unread::Claimed(value))
                 }
                 Err(lost) => {

@@ -1,46 +1,64 @@
 //! Settings: flags, `IDEMPROXY_*` environment variables and an optional TOML file, resolved
 //! into one validated `Config` (design §7: flag > env > file > default).
 //!
-//! clap reads flags and the environment into `RunArgs` (every field optional, so "not given"
-//! is visible); `resolve` lays them over the file and the defaults. Nothing here starts
-//! anything; a bad setting is an error that names it, never a panic.
+//! Each setting is declared once, as a field of `Settings`: its flag (the field's name in
+//! kebab case), its variable, its type, default, allowed range (the value parser) and its
+//! help. clap resolves the layers: a config file's values become the settings' defaults, so
+//! the environment and the flags win over them by clap's own rules (`parse_args`). `resolve`
+//! then checks what several settings say together (TLS, caller source, Redis) and builds the
+//! `Config`. Nothing here starts anything; a bad setting is an error that names it, never a
+//! panic.
 
 use crate::caller::{CallerSource, Callers};
 use crate::engine::Limits;
-use clap::Args;
+use clap::builder::RangedU64ValueParser;
+use clap::{ArgAction, Args, CommandFactory, FromArgMatches};
 use http::HeaderName;
 use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Flags of `idemproxy run` (each also an `IDEMPROXY_<FLAG>` variable).
-#[derive(Debug, Default, Clone, Args)]
+/// The command line of `idemproxy run` and `idemproxy check`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "run")]
 pub struct RunArgs {
-    /// TOML file with any of these settings (keys as the flags, without the dashes in front).
+    /// TOML file with any of these settings (keys as the flags, without the dashes in front);
+    /// the environment and the flags win over it.
     #[arg(long, env = "IDEMPROXY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address the gRPC proxy listens on [default: 0.0.0.0:16000].
-    #[arg(long, env = "IDEMPROXY_LISTEN")]
-    pub listen: Option<String>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Every setting of `run`, each declared once: flag, `IDEMPROXY_*` variable, file key, type,
+/// default, range and help. A default written in the help text (`[default: …]`) is one that
+/// `resolve` works out when the setting is not given.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Address the gRPC proxy listens on.
+    #[arg(long, env = "IDEMPROXY_LISTEN", default_value = "0.0.0.0:16000")]
+    pub listen: SocketAddr,
     /// The service behind the sidecar, as http://host:port (required).
-    #[arg(long, env = "IDEMPROXY_UPSTREAM")]
+    #[arg(long, env = "IDEMPROXY_UPSTREAM", value_parser = upstream_url)]
     pub upstream: Option<String>,
-    /// Directory of the embedded store [default: /var/lib/idemproxy].
-    #[arg(long, env = "IDEMPROXY_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Header carrying the request serial number [default: idempotency-key].
-    #[arg(long, env = "IDEMPROXY_KEY_HEADER")]
-    pub key_header: Option<String>,
+    /// Directory of the embedded store.
+    #[arg(long, env = "IDEMPROXY_DATA_DIR", default_value = "/var/lib/idemproxy")]
+    pub data_dir: PathBuf,
+    /// Header carrying the request serial number.
+    #[arg(long, env = "IDEMPROXY_KEY_HEADER", default_value = "idempotency-key", value_parser = header_name)]
+    pub key_header: HeaderName,
     /// Header naming the caller, set by a trusted mesh or gateway [default: x-caller-id];
     /// short for `--caller-source header:<name>`.
-    #[arg(long, env = "IDEMPROXY_CALLER_HEADER")]
-    pub caller_header: Option<String>,
+    #[arg(long, env = "IDEMPROXY_CALLER_HEADER", value_parser = header_name)]
+    pub caller_header: Option<HeaderName>,
     /// Where the caller identity comes from: `header:<name>`, `xfcc` (Envoy/Istio's
     /// x-forwarded-client-cert, from a loopback peer), `mtls` (the client certificate of
     /// this listener's TLS) or `none` (one tenant) [default: header:x-caller-id].
-    #[arg(long, env = "IDEMPROXY_CALLER_SOURCE")]
-    pub caller_source: Option<String>,
+    #[arg(long, env = "IDEMPROXY_CALLER_SOURCE", value_parser = caller_source)]
+    pub caller_source: Option<CallerSource>,
     /// Refuse a deduplicated call that names no caller (UNAUTHENTICATED) instead of filing it
     /// under the anonymous caller.
     #[arg(long, env = "IDEMPROXY_REQUIRE_CALLER")]
@@ -60,83 +78,88 @@ pub struct RunArgs {
     #[arg(long, env = "IDEMPROXY_CALLER_SUBJECT_FALLBACK")]
     pub caller_subject_fallback: bool,
     /// File of record encryption keys, one `<id> <base64 of 32 bytes>` per line: the first
-    /// seals new records, every one opens old ones [default: records in the clear].
+    /// seals new records, every one opens old ones (without it, records are kept in the clear).
     #[arg(long, env = "IDEMPROXY_ENCRYPTION_KEY_FILE")]
     pub encryption_key_file: Option<PathBuf>,
     /// Live records one caller may hold; past it, its new keys are refused with
-    /// RESOURCE_EXHAUSTED and other callers are unaffected [default: no cap].
-    #[arg(long, env = "IDEMPROXY_MAX_RECORDS_PER_CALLER")]
-    pub max_records_per_caller: Option<String>,
-    /// Most concurrent HTTP/2 streams per client connection [default: 1024].
-    #[arg(long, env = "IDEMPROXY_HTTP2_MAX_CONCURRENT_STREAMS")]
-    pub http2_max_concurrent_streams: Option<String>,
-    /// Largest header list a client may send, in bytes [default: 16KiB].
-    #[arg(long, env = "IDEMPROXY_HTTP2_MAX_HEADER_LIST_SIZE")]
-    pub http2_max_header_list_size: Option<String>,
-    /// How often an idle client connection is pinged (0s: never) [default: 60s].
-    #[arg(long, env = "IDEMPROXY_HTTP2_KEEPALIVE_INTERVAL")]
-    pub http2_keepalive_interval: Option<String>,
-    /// How long a ping may go unanswered before the connection is closed [default: 20s].
-    #[arg(long, env = "IDEMPROXY_HTTP2_KEEPALIVE_TIMEOUT")]
-    pub http2_keepalive_timeout: Option<String>,
-    /// A client connection that starts no call for this long is closed gracefully (GOAWAY)
-    /// [default: 15m].
-    #[arg(long, env = "IDEMPROXY_HTTP2_IDLE_TIMEOUT")]
-    pub http2_idle_timeout: Option<String>,
-    /// How long an outcome is kept and replayed [default: 24h].
-    #[arg(long, env = "IDEMPROXY_RETENTION")]
-    pub retention: Option<String>,
-    /// Longest wait of a duplicate for an in-flight first attempt [default: 10s].
-    #[arg(long, env = "IDEMPROXY_MAX_IN_FLIGHT_WAIT")]
-    pub max_in_flight_wait: Option<String>,
-    /// Lease of a call that sends no grpc-timeout [default: 30s].
-    #[arg(long, env = "IDEMPROXY_DEFAULT_LEASE")]
-    pub default_lease: Option<String>,
-    /// Added to every call's deadline to form its lease [default: 5s].
-    #[arg(long, env = "IDEMPROXY_LEASE_MARGIN")]
-    pub lease_margin: Option<String>,
-    /// Largest request body that is deduplicated [default: 4MiB].
-    #[arg(long, env = "IDEMPROXY_MAX_REQUEST_BYTES")]
-    pub max_request_bytes: Option<String>,
-    /// Largest response that is recorded [default: 4MiB].
-    #[arg(long, env = "IDEMPROXY_MAX_RESPONSE_BYTES")]
-    pub max_response_bytes: Option<String>,
-    /// Size bound of the store; the COMPLETED records closest to expiry go first [default: 1GiB].
-    #[arg(long, env = "IDEMPROXY_MAX_STORE_BYTES")]
-    pub max_store_bytes: Option<String>,
-    /// sled's page cache (its memory use is a multiple of this) [default: 8MiB].
-    #[arg(long, env = "IDEMPROXY_SLED_CACHE_BYTES")]
-    pub sled_cache_bytes: Option<String>,
+    /// RESOURCE_EXHAUSTED and other callers are unaffected (without it, no cap).
+    #[arg(long, env = "IDEMPROXY_MAX_RECORDS_PER_CALLER", value_parser = count(1, u64::MAX))]
+    pub max_records_per_caller: Option<u64>,
+    /// Most concurrent HTTP/2 streams per client connection.
+    #[arg(long, env = "IDEMPROXY_HTTP2_MAX_CONCURRENT_STREAMS", default_value = "1024", value_parser = count(1, 1 << 20))]
+    pub http2_max_concurrent_streams: u64,
+    /// Largest header list a client may send, in bytes.
+    #[arg(long, env = "IDEMPROXY_HTTP2_MAX_HEADER_LIST_SIZE", default_value = "16KiB", value_parser = size(1 << 10, 16 << 20))]
+    pub http2_max_header_list_size: u64,
+    /// How often an idle client connection is pinged (0s: never).
+    #[arg(long, env = "IDEMPROXY_HTTP2_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = span(ZERO, DAY))]
+    pub http2_keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "IDEMPROXY_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = span(ms(100), HOUR))]
+    pub http2_keepalive_timeout: Duration,
+    /// A client connection that starts no call for this long is closed gracefully (GOAWAY).
+    #[arg(long, env = "IDEMPROXY_HTTP2_IDLE_TIMEOUT", default_value = "15m", value_parser = span(ms(100), 7 * DAY))]
+    pub http2_idle_timeout: Duration,
+    /// How long an outcome is kept and replayed.
+    #[arg(long, env = "IDEMPROXY_RETENTION", default_value = "24h", value_parser = span(ms(1), RETENTION_MAX))]
+    pub retention: Duration,
+    /// Longest wait of a duplicate for an in-flight first attempt.
+    #[arg(long, env = "IDEMPROXY_MAX_IN_FLIGHT_WAIT", default_value = "10s", value_parser = span(ZERO, HOUR))]
+    pub max_in_flight_wait: Duration,
+    /// Lease of a call that sends no grpc-timeout.
+    #[arg(long, env = "IDEMPROXY_DEFAULT_LEASE", default_value = "30s", value_parser = span(ms(1), DAY))]
+    pub default_lease: Duration,
+    /// Added to every call's deadline to form its lease.
+    #[arg(long, env = "IDEMPROXY_LEASE_MARGIN", default_value = "5s", value_parser = span(ZERO, HOUR))]
+    pub lease_margin: Duration,
+    /// Largest request body that is deduplicated.
+    #[arg(long, env = "IDEMPROXY_MAX_REQUEST_BYTES", default_value = "4MiB", value_parser = size(5, MESSAGE_BYTES_LIMIT))]
+    pub max_request_bytes: u64,
+    /// Largest response that is recorded.
+    #[arg(long, env = "IDEMPROXY_MAX_RESPONSE_BYTES", default_value = "4MiB", value_parser = size(0, MESSAGE_BYTES_LIMIT))]
+    pub max_response_bytes: u64,
+    /// Size bound of the store; the COMPLETED records closest to expiry go first.
+    #[arg(long, env = "IDEMPROXY_MAX_STORE_BYTES", default_value = "1GiB", value_parser = size(1 << 10, u64::MAX))]
+    pub max_store_bytes: u64,
+    /// sled's page cache (its memory use is a multiple of this).
+    #[arg(long, env = "IDEMPROXY_SLED_CACHE_BYTES", default_value = "8MiB", value_parser = size(1 << 20, 64 << 30))]
+    pub sled_cache_bytes: u64,
     /// Records sled keeps one key each; past this the sweeper packs the COMPLETED ones many to
-    /// a slice file [default: 8192].
-    #[arg(long, env = "IDEMPROXY_SLED_PACK_RECORDS")]
-    pub sled_pack_records: Option<String>,
-    /// Longest wait for the store to confirm a write; past it the call fails closed
-    /// [default: 5s].
-    #[arg(long, env = "IDEMPROXY_STORE_TIMEOUT")]
-    pub store_timeout: Option<String>,
-    /// How often expired records are swept [default: 1s].
-    #[arg(long, env = "IDEMPROXY_SWEEP_INTERVAL")]
-    pub sweep_interval: Option<String>,
+    /// a slice file.
+    #[arg(long, env = "IDEMPROXY_SLED_PACK_RECORDS", default_value = "8192", value_parser = count(1, 1 << 40))]
+    pub sled_pack_records: u64,
+    /// Longest wait for the store to confirm a write; past it the call fails closed.
+    #[arg(long, env = "IDEMPROXY_STORE_TIMEOUT", default_value = "5s", value_parser = span(ms(10), 600 * SECOND))]
+    pub store_timeout: Duration,
+    /// How often expired records are swept.
+    #[arg(long, env = "IDEMPROXY_SWEEP_INTERVAL", default_value = "1s", value_parser = span(ms(10), HOUR))]
+    pub sweep_interval: Duration,
     /// Threads serving calls. One suits a sidecar sharing its pod's cores with the service
-    /// (flushing has a thread of its own) [default: 1].
-    #[arg(long, env = "IDEMPROXY_WORKER_THREADS")]
-    pub worker_threads: Option<String>,
-    /// `group` (one flush serves every waiting write) or `per-write` (benchmark baseline)
-    /// [default: group].
-    #[arg(long, env = "IDEMPROXY_FLUSH")]
-    pub flush: Option<String>,
-    /// Address of health (`grpc.health.v1`, `/livez`, `/readyz`) [default: 0.0.0.0:16090].
-    #[arg(long, env = "IDEMPROXY_OPS_LISTEN")]
-    pub ops_listen: Option<String>,
-    /// On SIGTERM, how long running calls get to finish and record their outcome
-    /// [default: 25s].
-    #[arg(long, env = "IDEMPROXY_DRAIN_TIMEOUT")]
-    pub drain_timeout: Option<String>,
-    /// Address of the admin API (`idemproxy keys`); a non-loopback address needs a token
-    /// [default: 127.0.0.1:16091].
-    #[arg(long, env = "IDEMPROXY_ADMIN_LISTEN")]
-    pub admin_listen: Option<String>,
+    /// (flushing has a thread of its own).
+    #[arg(long, env = "IDEMPROXY_WORKER_THREADS", default_value = "1", value_parser = count(1, 256))]
+    pub worker_threads: u64,
+    /// `group` (one flush serves every waiting write) or `per-write` (benchmark baseline).
+    #[arg(
+        long,
+        env = "IDEMPROXY_FLUSH",
+        default_value = "group",
+        value_enum,
+        hide_possible_values = true
+    )]
+    pub flush: FlushMode,
+    /// Address of health (`grpc.health.v1`, `/livez`, `/readyz`).
+    #[arg(long, env = "IDEMPROXY_OPS_LISTEN", default_value = "0.0.0.0:16090")]
+    pub ops_listen: SocketAddr,
+    /// On SIGTERM, how long running calls get to finish and record their outcome.
+    #[arg(long, env = "IDEMPROXY_DRAIN_TIMEOUT", default_value = "25s", value_parser = span(ZERO, HOUR))]
+    pub drain_timeout: Duration,
+    /// Address of the admin API (`idemproxy keys`); a non-loopback address needs a token.
+    #[arg(
+        long,
+        env = "IDEMPROXY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:16091"
+    )]
+    pub admin_listen: SocketAddr,
     /// File holding the admin API's bearer token (or set IDEMPROXY_ADMIN_TOKEN).
     #[arg(long, env = "IDEMPROXY_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
@@ -145,108 +168,78 @@ pub struct RunArgs {
     pub admin_token: Option<String>,
     /// FileDescriptorSet of the service, with its idemproxy annotations (repeatable; from
     /// `protoc --include_imports --descriptor_set_out` or `buf build`).
-    #[arg(
-        long = "descriptor-set",
-        env = "IDEMPROXY_DESCRIPTOR_SET",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "IDEMPROXY_DESCRIPTOR_SET", value_delimiter = ',')]
     pub descriptor_set: Vec<PathBuf>,
     /// A .proto file of the service, compiled at start (repeatable).
-    #[arg(long = "proto", env = "IDEMPROXY_PROTO", value_delimiter = ',')]
+    #[arg(long, env = "IDEMPROXY_PROTO", value_delimiter = ',')]
     pub proto: Vec<PathBuf>,
     /// An include directory for --proto (repeatable); idemproxy/v1/annotations.proto is
     /// built in.
-    #[arg(
-        long = "proto-path",
-        env = "IDEMPROXY_PROTO_PATH",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "IDEMPROXY_PROTO_PATH", value_delimiter = ',')]
     pub proto_path: Vec<PathBuf>,
     /// Also learn the service's descriptors from its gRPC server reflection (v1, then
     /// v1alpha), waiting for it at start.
     #[arg(long, env = "IDEMPROXY_REFLECTION")]
     pub reflection: bool,
-    /// How long to wait for the service's reflection at start [default: 60s].
-    #[arg(long, env = "IDEMPROXY_REFLECTION_TIMEOUT")]
-    pub reflection_timeout: Option<String>,
+    /// How long to wait for the service's reflection at start.
+    #[arg(long, env = "IDEMPROXY_REFLECTION_TIMEOUT", default_value = "60s", value_parser = span(ms(100), HOUR))]
+    pub reflection_timeout: Duration,
     /// Where records live: `sled` (embedded, one pod), `redis` (one Redis server shared by
-    /// every replica) or `redis-cluster` [default: sled].
-    #[arg(long, env = "IDEMPROXY_STORE")]
-    pub store: Option<String>,
+    /// every replica) or `redis-cluster`.
+    #[arg(
+        long,
+        env = "IDEMPROXY_STORE",
+        default_value = "sled",
+        value_enum,
+        hide_possible_values = true
+    )]
+    pub store: StoreKind,
     /// `redis://[user@]host:port[/db]`; for `redis-cluster`, seed nodes separated by commas.
     #[arg(long, env = "IDEMPROXY_REDIS_URL")]
     pub redis_url: Option<String>,
     /// File holding the Redis password (kept out of the URL and the process list).
     #[arg(long, env = "IDEMPROXY_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,
-    /// PEM file of the CA that `rediss://` servers are verified against [default: the
-    /// system's roots].
+    /// PEM file of the CA that `rediss://` servers are verified against (without it, the
+    /// system's roots).
     #[arg(long, env = "IDEMPROXY_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
     /// The Redis password, from the environment only.
     #[arg(skip)]
     pub redis_password: Option<String>,
-    /// Prefix of every Redis key this sidecar writes [default: idemproxy].
-    #[arg(long, env = "IDEMPROXY_REDIS_KEY_PREFIX")]
-    pub redis_key_prefix: Option<String>,
-    /// How often a waiting duplicate re-reads a Redis record when no change message came
-    /// [default: 100ms].
-    #[arg(long, env = "IDEMPROXY_REDIS_POLL_INTERVAL")]
-    pub redis_poll_interval: Option<String>,
+    /// Prefix of every Redis key this sidecar writes.
+    #[arg(long, env = "IDEMPROXY_REDIS_KEY_PREFIX", default_value = "idemproxy", value_parser = key_prefix)]
+    pub redis_key_prefix: String,
+    /// How often a waiting duplicate re-reads a Redis record when no change message came.
+    #[arg(long, env = "IDEMPROXY_REDIS_POLL_INTERVAL", default_value = "100ms", value_parser = span(ms(1), 10 * SECOND))]
+    pub redis_poll_interval: Duration,
+    /// Per-method rules, from the config file only: `[methods."/pkg.Svc/Method"]`.
+    #[arg(skip)]
+    pub methods: BTreeMap<String, MethodSettings>,
 }
 
-/// The same settings in a TOML file.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct FileSettings {
-    listen: Option<String>,
-    upstream: Option<String>,
-    data_dir: Option<PathBuf>,
-    key_header: Option<String>,
-    caller_header: Option<String>,
-    caller_source: Option<String>,
-    require_caller: Option<bool>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    client_ca: Option<PathBuf>,
-    caller_subject_fallback: Option<bool>,
-    encryption_key_file: Option<PathBuf>,
-    max_records_per_caller: Option<Scalar>,
-    http2_max_concurrent_streams: Option<Scalar>,
-    http2_max_header_list_size: Option<Scalar>,
-    http2_keepalive_interval: Option<String>,
-    http2_keepalive_timeout: Option<String>,
-    http2_idle_timeout: Option<String>,
-    retention: Option<String>,
-    max_in_flight_wait: Option<String>,
-    default_lease: Option<String>,
-    lease_margin: Option<String>,
-    max_request_bytes: Option<Scalar>,
-    max_response_bytes: Option<Scalar>,
-    max_store_bytes: Option<Scalar>,
-    sled_cache_bytes: Option<Scalar>,
-    sled_pack_records: Option<Scalar>,
-    store_timeout: Option<String>,
-    sweep_interval: Option<String>,
-    worker_threads: Option<Scalar>,
-    flush: Option<String>,
-    store: Option<String>,
-    redis_url: Option<String>,
-    redis_password_file: Option<PathBuf>,
-    redis_ca_file: Option<PathBuf>,
-    redis_key_prefix: Option<String>,
-    redis_poll_interval: Option<String>,
-    descriptor_set: Option<Vec<PathBuf>>,
-    proto: Option<Vec<PathBuf>>,
-    proto_path: Option<Vec<PathBuf>>,
-    reflection: Option<bool>,
-    reflection_timeout: Option<String>,
-    admin_listen: Option<String>,
-    admin_token_file: Option<PathBuf>,
-    ops_listen: Option<String>,
-    drain_timeout: Option<String>,
-    /// Per-method rules, for protos that cannot be annotated: `[methods."/pkg.Svc/Method"]`.
-    methods: Option<std::collections::BTreeMap<String, MethodSettings>>,
+impl Default for Settings {
+    /// Every setting at its declared default: no flag, no variable, no file.
+    fn default() -> Self {
+        let command = Settings::augment_args(clap::Command::new("run"))
+            .no_binary_name(true)
+            .mut_args(|arg| arg.env(None));
+        let matches = command
+            .try_get_matches_from(std::iter::empty::<OsString>())
+            .expect("the declared defaults parse");
+        Settings::from_arg_matches(&matches).expect("the declared defaults fit their fields")
+    }
+}
+
+/// Which store records live in, as the setting names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// The embedded sled store.
+    Sled,
+    /// One Redis server.
+    Redis,
+    /// A Redis Cluster.
+    RedisCluster,
 }
 
 /// One method's rule in the config file; it wins over the method's annotations.
@@ -265,23 +258,6 @@ pub struct MethodSettings {
     fail_open: Option<bool>,
 }
 
-/// A TOML value that may be written as a number or a string (`4194304` or `"4MiB"`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum Scalar {
-    Number(u64),
-    Text(String),
-}
-
-impl Scalar {
-    fn into_text(self) -> String {
-        match self {
-            Scalar::Number(n) => n.to_string(),
-            Scalar::Text(text) => text,
-        }
-    }
-}
-
 /// A setting that cannot be used, by name.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -298,6 +274,10 @@ pub enum ConfigError {
     /// A required setting that was not given.
     #[error("--{0} is required (or IDEMPROXY_{1}, or `{0}` in the config file)")]
     Missing(&'static str, &'static str),
+    /// A flag or variable that does not parse or is out of range, as clap words it (it names
+    /// the flag).
+    #[error("{0}")]
+    Flag(String),
     /// A per-method rule of the config file that cannot be used.
     #[error("config file: {rule} = {value:?}: {reason}")]
     MethodRule {
@@ -319,7 +299,7 @@ pub enum ConfigError {
 }
 
 /// How writes reach the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FlushMode {
     /// One flush serves every write waiting at that moment.
     Group,
@@ -419,22 +399,18 @@ pub struct Http2Limits {
     pub idle_timeout: Duration,
 }
 
-impl Default for Http2Limits {
-    fn default() -> Self {
-        Http2Limits {
-            max_concurrent_streams: 1024,
-            max_header_list_size: 16 << 10,
-            keepalive_interval: Some(Duration::from_secs(60)),
-            keepalive_timeout: Duration::from_secs(20),
-            idle_timeout: Duration::from_secs(15 * 60),
-        }
-    }
-}
-
 /// The longest retention accepted: a year.
 const RETENTION_MAX: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Request and response limits stay below what one record can hold comfortably.
 const MESSAGE_BYTES_LIMIT: u64 = 64 << 20;
+const ZERO: Duration = Duration::ZERO;
+const SECOND: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+const fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
 
 fn invalid(setting: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -444,42 +420,39 @@ fn invalid(setting: &'static str, value: &str, reason: impl Into<String>) -> Con
     }
 }
 
-fn duration(
-    setting: &'static str,
-    value: &str,
+/// A duration from `min` to `max`, written `500ms`, `10s`, `24h`.
+fn span(
     min: Duration,
     max: Duration,
-) -> Result<Duration, ConfigError> {
-    let parsed = humantime::parse_duration(value).map_err(|error| {
-        invalid(
-            setting,
-            value,
-            format!("{error} (write e.g. 500ms, 10s, 24h)"),
-        )
-    })?;
-    if parsed < min || parsed > max {
-        return Err(invalid(
-            setting,
-            value,
-            format!(
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |value| {
+        let parsed = humantime::parse_duration(value)
+            .map_err(|error| format!("{error} (write e.g. 500ms, 10s, 24h)"))?;
+        if parsed < min || parsed > max {
+            return Err(format!(
                 "must be between {} and {}",
                 humantime::format_duration(min),
                 humantime::format_duration(max)
-            ),
-        ));
+            ));
+        }
+        Ok(parsed)
     }
-    Ok(parsed)
 }
 
 /// A whole number from `min` to `max`.
-fn count(setting: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
-    match value.parse::<u64>() {
-        Ok(number) if (min..=max).contains(&number) => Ok(number),
-        _ => Err(invalid(
-            setting,
-            value,
-            format!("must be a whole number from {min} to {max}"),
-        )),
+fn count(min: u64, max: u64) -> RangedU64ValueParser<u64> {
+    RangedU64ValueParser::new().range(min..=max)
+}
+
+/// A size from `min` to `max` bytes, written `4194304`, `512KiB`, `4MiB`, `1GiB`.
+fn size(min: u64, max: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync {
+    move |value| {
+        let parsed = parse_bytes(value)
+            .ok_or("not a size (write e.g. 4194304, 512KiB, 4MiB, 1GiB)".to_owned())?;
+        if parsed < min || parsed > max {
+            return Err(format!("must be between {min} and {max} bytes"));
+        }
+        Ok(parsed)
     }
 }
 
@@ -504,39 +477,93 @@ pub fn parse_bytes(value: &str) -> Option<u64> {
     number.checked_mul(scale)
 }
 
-fn bytes(setting: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
-    let parsed = parse_bytes(value).ok_or_else(|| {
-        invalid(
-            setting,
-            value,
-            "not a size (write e.g. 4194304, 512KiB, 4MiB, 1GiB)",
-        )
-    })?;
-    if parsed < min || parsed > max {
-        return Err(invalid(
-            setting,
-            value,
-            format!("must be between {min} and {max} bytes"),
-        ));
-    }
-    Ok(parsed)
-}
-
-fn header(setting: &'static str, value: &str) -> Result<HeaderName, ConfigError> {
+/// A header name that a caller may set: lowercase, not reserved by HTTP/2 or gRPC.
+fn header_name(value: &str) -> Result<HeaderName, String> {
     let name = HeaderName::from_bytes(value.as_bytes())
-        .map_err(|_| invalid(setting, value, "not a valid HTTP header name"))?;
+        .map_err(|_| "not a valid HTTP header name".to_owned())?;
     if name.as_str() != value || value.starts_with(':') || value.starts_with("grpc-") {
-        return Err(invalid(
-            setting,
-            value,
-            "must be a lowercase header name that is not reserved by HTTP/2 or gRPC",
-        ));
+        return Err(
+            "must be a lowercase header name that is not reserved by HTTP/2 or gRPC".into(),
+        );
     }
     Ok(name)
 }
 
-/// Reads a config file.
-pub fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
+fn caller_source(value: &str) -> Result<CallerSource, String> {
+    let source = CallerSource::parse(value)?;
+    if let CallerSource::Header(name) = &source {
+        header_name(name.as_str())?;
+    }
+    Ok(source)
+}
+
+/// `http://host:port`, as the proxy's upstream client takes it.
+fn upstream_url(value: &str) -> Result<String, String> {
+    crate::proxy::upstream::HttpUpstream::new(value, 0).map_err(|error| error.to_string())?;
+    Ok(value.to_owned())
+}
+
+fn key_prefix(value: &str) -> Result<String, String> {
+    let visible = value
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
+    if value.is_empty() || value.len() > 64 || !visible {
+        return Err("must be 1-64 visible ASCII characters without braces".into());
+    }
+    Ok(value.to_owned())
+}
+
+/// Parses the arguments after `run` (or `check`) with the environment, and the config file
+/// they name: its values become the settings' defaults, so a variable or a flag wins over
+/// them and the file wins over the declared default. A bad file value is refused as a bad
+/// flag is, by the same parser, with the file named.
+pub fn parse_args<I, T>(argv: I) -> Result<Settings, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+    let command = RunArgs::command().no_binary_name(true);
+    let given = command
+        .clone()
+        .try_get_matches_from(&argv)
+        .map_err(|error| ConfigError::Flag(clap_message(&error)))?;
+    let mut settings = match given.get_one::<PathBuf>("config") {
+        None => {
+            RunArgs::from_arg_matches(&given)
+                .map_err(|error| ConfigError::Flag(clap_message(&error)))?
+                .settings
+        }
+        Some(path) => {
+            let file_error = |reason: String| ConfigError::File {
+                path: path.clone(),
+                reason,
+            };
+            let (values, methods) = read_file(path)?;
+            let command = file_defaults(command, values).map_err(file_error)?;
+            let mut settings = command
+                .try_get_matches_from(&argv)
+                .and_then(|matches| RunArgs::from_arg_matches(&matches))
+                .map_err(|error| file_error(clap_message(&error)))?
+                .settings;
+            settings.methods = methods;
+            settings
+        }
+    };
+    // Only from the environment: a password flag would show in the process list.
+    settings.redis_password = std::env::var("IDEMPROXY_REDIS_PASSWORD").ok();
+    settings.admin_token = std::env::var("IDEMPROXY_ADMIN_TOKEN").ok();
+    Ok(settings)
+}
+
+/// A config file's settings as the text a flag would carry, and its per-method rules.
+type FileValues = BTreeMap<String, Vec<String>>;
+
+/// Reads a config file: every key a setting's flag without its dashes, `methods` the
+/// per-method rules.
+pub fn read_file(
+    path: &Path,
+) -> Result<(FileValues, BTreeMap<String, MethodSettings>), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::File {
         path: path.to_owned(),
         reason: error.to_string(),
@@ -547,80 +574,110 @@ pub fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
     })
 }
 
-/// Parses a config file's text; the error says what is wrong and where.
-pub fn parse_file(text: &str) -> Result<FileSettings, String> {
-    toml::from_str(text).map_err(|error| error.to_string())
+/// Parses a config file's text; the error says what is wrong and where. Whether each value
+/// suits its setting is checked when it is laid under the flags.
+pub fn parse_file(text: &str) -> Result<(FileValues, BTreeMap<String, MethodSettings>), String> {
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|error: toml::de::Error| error.to_string())?;
+    let methods = match table.remove("methods") {
+        None => BTreeMap::new(),
+        Some(methods) => methods
+            .try_into()
+            .map_err(|error: toml::de::Error| format!("methods: {error}"))?,
+    };
+    let mut values = BTreeMap::new();
+    for (key, value) in table {
+        let scalar = |value: toml::Value| match value {
+            toml::Value::String(text) => Ok(text),
+            toml::Value::Integer(number) => Ok(number.to_string()),
+            toml::Value::Boolean(flag) => Ok(flag.to_string()),
+            other => Err(format!(
+                "{key}: a {} here; write a string, a whole number or true/false",
+                other.type_str()
+            )),
+        };
+        let texts = match value {
+            toml::Value::Array(items) => items.into_iter().map(scalar).collect::<Result<_, _>>()?,
+            value => vec![scalar(value)?],
+        };
+        values.insert(key, texts);
+    }
+    Ok((values, methods))
 }
 
-/// Lays flags and environment (`args`) over the file over the defaults, and validates.
-pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError> {
-    let pick = |flag: Option<String>, file: Option<String>, default: &str| {
-        flag.or(file).unwrap_or_else(|| default.to_owned())
-    };
-    let pick_bytes = |flag: Option<String>, file: Option<Scalar>, default: &str| {
-        flag.or(file.map(Scalar::into_text))
-            .unwrap_or_else(|| default.to_owned())
-    };
-    let listen_text = pick(args.listen, file.listen, "0.0.0.0:16000");
-    let listen = listen_text.parse().map_err(|_| {
-        invalid(
-            "listen",
-            &listen_text,
-            "not an address (write e.g. 0.0.0.0:16000)",
-        )
-    })?;
-    let upstream = args
-        .upstream
-        .or(file.upstream)
-        .ok_or(ConfigError::Missing("upstream", "UPSTREAM"))?;
-    crate::proxy::upstream::HttpUpstream::new(&upstream, 0)
-        .map_err(|error| invalid("upstream", &upstream, error.to_string()))?;
-    let data_dir = args
-        .data_dir
-        .or(file.data_dir)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/idemproxy"));
-    let key_header = header(
-        "key-header",
-        &pick(args.key_header, file.key_header, "idempotency-key"),
-    )?;
-    let caller_header = args.caller_header.or(file.caller_header);
-    let source = match (args.caller_source.or(file.caller_source), caller_header) {
-        (Some(source), None) => {
-            let parsed = CallerSource::parse(&source)
-                .map_err(|reason| invalid("caller-source", &source, reason))?;
-            if let CallerSource::Header(name) = &parsed {
-                header("caller-source", name.as_str())?;
-            }
-            parsed
+/// `command` with the file's values as the defaults of their settings.
+fn file_defaults(command: clap::Command, mut values: FileValues) -> Result<clap::Command, String> {
+    for key in values.keys() {
+        let known = command.get_arguments().find(|arg| {
+            arg.get_long() == Some(key.as_str())
+                && arg.get_id() != "config"
+                && matches!(
+                    arg.get_action(),
+                    ArgAction::Set | ArgAction::Append | ArgAction::SetTrue
+                )
+        });
+        let Some(arg) = known else {
+            return Err(format!("unknown setting `{key}`"));
+        };
+        let repeatable = matches!(arg.get_action(), ArgAction::Append);
+        if values[key].len() != 1 && !repeatable {
+            return Err(format!("{key}: give one value, not a list"));
         }
-        (None, header_name) => CallerSource::Header(header(
-            "caller-header",
-            header_name.as_deref().unwrap_or("x-caller-id"),
-        )?),
+    }
+    Ok(command.mut_args(
+        |arg| match arg.get_long().and_then(|long| values.remove(long)) {
+            Some(texts) => arg.default_values(texts),
+            None => arg,
+        },
+    ))
+}
+
+/// What clap says of a bad value, on one line, without its usage hint.
+fn clap_message(error: &clap::Error) -> String {
+    let text = error.render().to_string();
+    let line = text.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
+}
+
+/// Checks what several settings say together and builds the `Config`.
+pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
+    let mut store = store_choice(&settings, settings.store_timeout)?;
+    if let StoreChoice::Redis(options) = &mut store {
+        options.track_callers = settings.max_records_per_caller.is_some();
+    }
+    let upstream = settings
+        .upstream
+        .ok_or(ConfigError::Missing("upstream", "UPSTREAM"))?;
+    let source = match (settings.caller_source, settings.caller_header) {
+        (Some(source), None) => source,
+        (None, header) => {
+            CallerSource::Header(header.unwrap_or_else(|| HeaderName::from_static("x-caller-id")))
+        }
         (Some(source), Some(_)) => {
             return Err(invalid(
                 "caller-source",
-                &source,
+                &source.describe(),
                 "give either --caller-source or --caller-header, not both",
             ))
         }
     };
-    if source == CallerSource::Header(key_header.clone()) {
+    if source == CallerSource::Header(settings.key_header.clone()) {
         return Err(invalid(
             "caller-header",
-            key_header.as_str(),
+            settings.key_header.as_str(),
             "must differ from --key-header",
         ));
     }
     let callers = Callers {
         source,
-        require: args.require_caller || file.require_caller == Some(true),
+        require: settings.require_caller,
     };
     let tls = tls_files(
-        args.tls_cert.or(file.tls_cert),
-        args.tls_key.or(file.tls_key),
-        args.client_ca.or(file.client_ca),
-        args.caller_subject_fallback || file.caller_subject_fallback == Some(true),
+        settings.tls_cert,
+        settings.tls_key,
+        settings.client_ca,
+        settings.caller_subject_fallback,
     )?;
     if callers.source == CallerSource::Mtls
         && tls.as_ref().is_none_or(|tls| tls.client_ca.is_none())
@@ -631,196 +688,23 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
             "needs --tls-cert, --tls-key and --client-ca: the caller comes from a client certificate this listener verifies",
         ));
     }
-    let encryption_key_file = args.encryption_key_file.or(file.encryption_key_file);
-    let http2 = {
-        let defaults = Http2Limits::default();
-        let streams = args
-            .http2_max_concurrent_streams
-            .or(file.http2_max_concurrent_streams.map(Scalar::into_text));
-        let header_list = args
-            .http2_max_header_list_size
-            .or(file.http2_max_header_list_size.map(Scalar::into_text));
-        let interval = pick(
-            args.http2_keepalive_interval,
-            file.http2_keepalive_interval,
-            "60s",
-        );
-        Http2Limits {
-            max_concurrent_streams: match streams {
-                None => defaults.max_concurrent_streams,
-                Some(text) => count("http2-max-concurrent-streams", &text, 1, 1 << 20)? as u32,
-            },
-            max_header_list_size: match header_list {
-                None => defaults.max_header_list_size,
-                Some(text) => {
-                    let bytes = parse_bytes(&text).ok_or_else(|| {
-                        invalid(
-                            "http2-max-header-list-size",
-                            &text,
-                            "not a size (write e.g. 16KiB)",
-                        )
-                    })?;
-                    if !(1024..=16 << 20).contains(&bytes) {
-                        return Err(invalid(
-                            "http2-max-header-list-size",
-                            &text,
-                            "must be between 1KiB and 16MiB",
-                        ));
-                    }
-                    bytes as u32
-                }
-            },
-            keepalive_interval: Some(duration(
-                "http2-keepalive-interval",
-                &interval,
-                Duration::ZERO,
-                Duration::from_secs(24 * 3600),
-            )?)
+    let http2 = Http2Limits {
+        // Both within u32 by their declared ranges.
+        max_concurrent_streams: settings.http2_max_concurrent_streams as u32,
+        max_header_list_size: settings.http2_max_header_list_size as u32,
+        keepalive_interval: Some(settings.http2_keepalive_interval)
             .filter(|interval| !interval.is_zero()),
-            keepalive_timeout: duration(
-                "http2-keepalive-timeout",
-                &pick(
-                    args.http2_keepalive_timeout,
-                    file.http2_keepalive_timeout,
-                    "20s",
-                ),
-                Duration::from_millis(100),
-                Duration::from_secs(3600),
-            )?,
-            idle_timeout: duration(
-                "http2-idle-timeout",
-                &pick(args.http2_idle_timeout, file.http2_idle_timeout, "15m"),
-                Duration::from_millis(100),
-                Duration::from_secs(7 * 24 * 3600),
-            )?,
-        }
+        keepalive_timeout: settings.http2_keepalive_timeout,
+        idle_timeout: settings.http2_idle_timeout,
     };
-    let records_per_caller_max = match args
-        .max_records_per_caller
-        .or(file.max_records_per_caller.map(Scalar::into_text))
-    {
-        None => None,
-        Some(text) => Some(count("max-records-per-caller", &text, 1, u64::MAX)?),
-    };
-    let ms = Duration::from_millis;
     let limits = Limits {
-        retention: duration(
-            "retention",
-            &pick(args.retention, file.retention, "24h"),
-            ms(1),
-            RETENTION_MAX,
-        )?,
-        in_flight_wait_max: duration(
-            "max-in-flight-wait",
-            &pick(args.max_in_flight_wait, file.max_in_flight_wait, "10s"),
-            ms(0),
-            Duration::from_secs(3600),
-        )?,
-        lease_default: duration(
-            "default-lease",
-            &pick(args.default_lease, file.default_lease, "30s"),
-            ms(1),
-            Duration::from_secs(24 * 3600),
-        )?,
-        lease_margin: duration(
-            "lease-margin",
-            &pick(args.lease_margin, file.lease_margin, "5s"),
-            ms(0),
-            Duration::from_secs(3600),
-        )?,
-        records_per_caller_max,
+        retention: settings.retention,
+        in_flight_wait_max: settings.max_in_flight_wait,
+        lease_default: settings.default_lease,
+        lease_margin: settings.lease_margin,
+        records_per_caller_max: settings.max_records_per_caller,
     };
-    let request_bytes_max = bytes(
-        "max-request-bytes",
-        &pick_bytes(args.max_request_bytes, file.max_request_bytes, "4MiB"),
-        5,
-        MESSAGE_BYTES_LIMIT,
-    )? as usize;
-    let response_bytes_max = bytes(
-        "max-response-bytes",
-        &pick_bytes(args.max_response_bytes, file.max_response_bytes, "4MiB"),
-        0,
-        MESSAGE_BYTES_LIMIT,
-    )? as usize;
-    let store_bytes_max = bytes(
-        "max-store-bytes",
-        &pick_bytes(args.max_store_bytes, file.max_store_bytes, "1GiB"),
-        1 << 10,
-        u64::MAX,
-    )?;
-    let sled_cache_bytes = bytes(
-        "sled-cache-bytes",
-        &pick_bytes(args.sled_cache_bytes, file.sled_cache_bytes, "8MiB"),
-        1 << 20,
-        64 << 30,
-    )?;
-    let pack_text = pick_bytes(args.sled_pack_records, file.sled_pack_records, "8192");
-    let sled_pack_records = count("sled-pack-records", &pack_text, 1, 1 << 40)?;
-    let store_timeout = duration(
-        "store-timeout",
-        &pick(args.store_timeout, file.store_timeout, "5s"),
-        ms(10),
-        Duration::from_secs(600),
-    )?;
-    let sweep_interval = duration(
-        "sweep-interval",
-        &pick(args.sweep_interval, file.sweep_interval, "1s"),
-        ms(10),
-        Duration::from_secs(3600),
-    )?;
-    let threads_text = pick_bytes(args.worker_threads, file.worker_threads, "1");
-    let worker_threads = count("worker-threads", &threads_text, 1, 256)? as usize;
-    let flush_text = pick(args.flush, file.flush, "group");
-    let flush = match flush_text.as_str() {
-        "group" => FlushMode::Group,
-        "per-write" => FlushMode::PerWrite,
-        _ => {
-            return Err(invalid(
-                "flush",
-                &flush_text,
-                "must be `group` or `per-write`",
-            ))
-        }
-    };
-    let store_settings = StoreSettings {
-        store: args.store.or(file.store),
-        redis_url: args.redis_url.or(file.redis_url),
-        redis_password_file: args.redis_password_file.or(file.redis_password_file),
-        redis_password: args.redis_password,
-        redis_ca_file: args.redis_ca_file.or(file.redis_ca_file),
-        redis_key_prefix: args.redis_key_prefix.or(file.redis_key_prefix),
-        redis_poll_interval: args.redis_poll_interval.or(file.redis_poll_interval),
-    };
-    let mut store = store_choice(store_settings, store_timeout)?;
-    if let StoreChoice::Redis(options) = &mut store {
-        options.track_callers = limits.records_per_caller_max.is_some();
-    }
-    let ops_text = pick(args.ops_listen, file.ops_listen, "0.0.0.0:16090");
-    let ops_listen: SocketAddr = ops_text.parse().map_err(|_| {
-        invalid(
-            "ops-listen",
-            &ops_text,
-            "not an address (write e.g. 0.0.0.0:16090)",
-        )
-    })?;
-    let drain_timeout = duration(
-        "drain-timeout",
-        &pick(args.drain_timeout, file.drain_timeout, "25s"),
-        ms(0),
-        Duration::from_secs(3600),
-    )?;
-    let admin_text = pick(args.admin_listen, file.admin_listen, "127.0.0.1:16091");
-    let admin_listen: SocketAddr = admin_text.parse().map_err(|_| {
-        invalid(
-            "admin-listen",
-            &admin_text,
-            "not an address (write e.g. 127.0.0.1:16091)",
-        )
-    })?;
-    let admin_token = match (
-        args.admin_token,
-        args.admin_token_file.or(file.admin_token_file),
-    ) {
+    let admin_token = match (settings.admin_token, settings.admin_token_file) {
         (Some(token), _) => Some(token),
         (None, Some(path)) => Some(
             std::fs::read_to_string(&path)
@@ -839,57 +723,47 @@ pub fn resolve(args: RunArgs, file: FileSettings) -> Result<Config, ConfigError>
     if admin_token.as_deref() == Some("") {
         return Err(invalid("admin-token-file", "", "the admin token is empty"));
     }
-    if !admin_listen.ip().is_loopback() && admin_token.is_none() {
+    if !settings.admin_listen.ip().is_loopback() && admin_token.is_none() {
         return Err(invalid(
             "admin-listen",
-            &admin_text,
+            &settings.admin_listen.to_string(),
             "a non-loopback admin address needs a token (--admin-token-file or IDEMPROXY_ADMIN_TOKEN): the admin API can forget and purge records",
         ));
     }
-    let listed = |flag: Vec<PathBuf>, file: Option<Vec<PathBuf>>| {
-        if flag.is_empty() {
-            file.unwrap_or_default()
-        } else {
-            flag
-        }
-    };
     let descriptors = crate::policy::descriptors::Sources {
-        descriptor_sets: listed(args.descriptor_set, file.descriptor_set),
-        protos: listed(args.proto, file.proto),
-        proto_paths: listed(args.proto_path, file.proto_path),
-        reflection: args.reflection || file.reflection == Some(true),
-        reflection_timeout: duration(
-            "reflection-timeout",
-            &pick(args.reflection_timeout, file.reflection_timeout, "60s"),
-            ms(100),
-            Duration::from_secs(3600),
-        )?,
+        descriptor_sets: settings.descriptor_set,
+        protos: settings.proto,
+        proto_paths: settings.proto_path,
+        reflection: settings.reflection,
+        reflection_timeout: settings.reflection_timeout,
     };
     Ok(Config {
-        listen,
+        listen: settings.listen,
         upstream,
-        data_dir,
-        key_header,
+        data_dir: settings.data_dir,
+        key_header: settings.key_header,
         callers,
         tls,
-        encryption_key_file,
+        encryption_key_file: settings.encryption_key_file,
         http2,
         limits,
-        request_bytes_max,
-        response_bytes_max,
-        store_bytes_max,
-        sled_cache_bytes,
-        sled_pack_records,
-        store_timeout,
-        sweep_interval,
-        worker_threads,
-        flush,
+        // Both at most 64 MiB by their declared ranges.
+        request_bytes_max: settings.max_request_bytes as usize,
+        response_bytes_max: settings.max_response_bytes as usize,
+        store_bytes_max: settings.max_store_bytes,
+        sled_cache_bytes: settings.sled_cache_bytes,
+        sled_pack_records: settings.sled_pack_records,
+        store_timeout: settings.store_timeout,
+        sweep_interval: settings.sweep_interval,
+        // At most 256 by its declared range.
+        worker_threads: settings.worker_threads as usize,
+        flush: settings.flush,
         store,
         descriptors,
-        method_rules: method_rules(file.methods.unwrap_or_default())?,
-        ops_listen,
-        drain_timeout,
-        admin_listen,
+        method_rules: method_rules(settings.methods)?,
+        ops_listen: settings.ops_listen,
+        drain_timeout: settings.drain_timeout,
+        admin_listen: settings.admin_listen,
         admin_token,
     })
 }
@@ -1027,36 +901,15 @@ fn method_rules(
     Ok(rules)
 }
 
-/// The store settings of the flags (over the file), before validation.
-struct StoreSettings {
-    store: Option<String>,
-    redis_url: Option<String>,
-    redis_password_file: Option<PathBuf>,
-    redis_password: Option<String>,
-    redis_ca_file: Option<PathBuf>,
-    redis_key_prefix: Option<String>,
-    redis_poll_interval: Option<String>,
-}
-
-fn store_choice(
-    settings: StoreSettings,
-    store_timeout: Duration,
-) -> Result<StoreChoice, ConfigError> {
-    let kind = settings.store.unwrap_or_else(|| "sled".to_owned());
-    let cluster = match kind.as_str() {
-        "sled" => return Ok(StoreChoice::Sled),
-        "redis" => false,
-        "redis-cluster" => true,
-        _ => {
-            return Err(invalid(
-                "store",
-                &kind,
-                "must be `sled`, `redis` or `redis-cluster`",
-            ))
-        }
+fn store_choice(settings: &Settings, store_timeout: Duration) -> Result<StoreChoice, ConfigError> {
+    let cluster = match settings.store {
+        StoreKind::Sled => return Ok(StoreChoice::Sled),
+        StoreKind::Redis => false,
+        StoreKind::RedisCluster => true,
     };
     let url_text = settings
         .redis_url
+        .as_deref()
         .ok_or(ConfigError::Missing("redis-url", "REDIS_URL"))?;
     let urls: Vec<String> = url_text
         .split(',')
@@ -1066,14 +919,14 @@ fn store_choice(
     if urls.is_empty() || (!cluster && urls.len() > 1) {
         return Err(invalid(
             "redis-url",
-            &url_text,
+            url_text,
             "give one URL for `redis`, one or more seed nodes separated by commas for `redis-cluster`",
         ));
     }
-    let password = match (settings.redis_password, settings.redis_password_file) {
-        (Some(password), _) => Some(password),
+    let password = match (&settings.redis_password, &settings.redis_password_file) {
+        (Some(password), _) => Some(password.clone()),
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(&path).map_err(|error| {
+            let text = std::fs::read_to_string(path).map_err(|error| {
                 invalid(
                     "redis-password-file",
                     &path.display().to_string(),
@@ -1084,8 +937,8 @@ fn store_choice(
         }
         (None, None) => None,
     };
-    let ca_pem = match settings.redis_ca_file {
-        Some(path) => Some(std::fs::read(&path).map_err(|error| {
+    let ca_pem = match &settings.redis_ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|error| {
             invalid(
                 "redis-ca-file",
                 &path.display().to_string(),
@@ -1094,35 +947,14 @@ fn store_choice(
         })?),
         None => None,
     };
-    let key_prefix = settings
-        .redis_key_prefix
-        .unwrap_or_else(|| "idemproxy".to_owned());
-    if key_prefix.is_empty()
-        || key_prefix.len() > 64
-        || !key_prefix
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
-    {
-        return Err(invalid(
-            "redis-key-prefix",
-            &key_prefix,
-            "must be 1-64 visible ASCII characters without braces",
-        ));
-    }
-    let poll_interval = duration(
-        "redis-poll-interval",
-        settings.redis_poll_interval.as_deref().unwrap_or("100ms"),
-        Duration::from_millis(1),
-        Duration::from_secs(10),
-    )?;
     let options = crate::store::redis::RedisOptions {
         urls,
         cluster,
         password,
         ca_pem,
-        key_prefix,
+        key_prefix: settings.redis_key_prefix.clone(),
         command_timeout: store_timeout,
-        poll_interval,
+        poll_interval: settings.redis_poll_interval,
         track_callers: false,
     };
     // Parse the URLs now, so a typo stops the start with the setting's name.
@@ -1133,41 +965,27 @@ fn store_choice(
     Ok(StoreChoice::Redis(options))
 }
 
-/// Reads the file named by `args.config` (if any) and resolves.
-pub fn load(args: RunArgs) -> Result<Config, ConfigError> {
-    let (args, file) = gather(args)?;
-    resolve(args, file)
-}
-
-/// The flags with the secrets that come only from the environment, and the config file.
-fn gather(mut args: RunArgs) -> Result<(RunArgs, FileSettings), ConfigError> {
-    // Only from the environment: a password flag would show in the process list.
-    if args.redis_password.is_none() {
-        args.redis_password = std::env::var("IDEMPROXY_REDIS_PASSWORD").ok();
-    }
-    if args.admin_token.is_none() {
-        args.admin_token = std::env::var("IDEMPROXY_ADMIN_TOKEN").ok();
-    }
-    let file = match &args.config {
-        Some(path) => read_file(path)?,
-        None => FileSettings::default(),
-    };
-    Ok((args, file))
+/// Parses the arguments after `run` with the environment and the config file, and resolves.
+pub fn load<I, T>(argv: I) -> Result<Config, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    resolve(parse_args(argv)?)
 }
 
 /// The upstream `check` resolves with when none is given: `check` never calls the service
 /// unless `--reflection` asks it to, and then an upstream is required.
 const CHECK_WITHOUT_UPSTREAM: &str = "http://127.0.0.1:16000";
 
-/// `idemproxy check`'s settings: as `load`, but only `--reflection` needs `--upstream`, so a CI
-/// job that lints annotated protos needs no service address.
-pub fn load_for_check(args: RunArgs) -> Result<Config, ConfigError> {
-    let (mut args, file) = gather(args)?;
-    let no_upstream = args.upstream.is_none() && file.upstream.is_none();
+/// `idemproxy check`'s settings: as `resolve`, but only `--reflection` needs `--upstream`, so
+/// a CI job that lints annotated protos needs no service address.
+pub fn resolve_for_check(mut settings: Settings) -> Result<Config, ConfigError> {
+    let no_upstream = settings.upstream.is_none();
     if no_upstream {
-        args.upstream = Some(CHECK_WITHOUT_UPSTREAM.to_owned());
+        settings.upstream = Some(CHECK_WITHOUT_UPSTREAM.to_owned());
     }
-    let config = resolve(args, file)?;
+    let config = resolve(settings)?;
     if no_upstream && config.descriptors.reflection {
         return Err(ConfigError::Invalid {
             setting: "reflection",
@@ -1178,24 +996,95 @@ pub fn load_for_check(args: RunArgs) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
+/// One setting as it is declared: what README's table, the example file and `run --help`
+/// must show of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declared {
+    /// `--flag`.
+    pub flag: String,
+    /// `IDEMPROXY_*`.
+    pub env: String,
+    /// The declared default, or one the help text names (`[default: …]`); `None`: no default.
+    /// A switch's is `false`.
+    pub default: Option<String>,
+    /// A switch: given without a value, `false` unless given.
+    pub switch: bool,
+    /// A config file may set it (all but `--config`).
+    pub in_file: bool,
+}
+
+/// Every setting of `run`, as declared.
+pub fn declared() -> Vec<Declared> {
+    let mut command = RunArgs::command();
+    // Built, so that a switch shows its implicit `false`.
+    command.build();
+    command
+        .get_arguments()
+        .filter_map(|arg| {
+            let long = arg.get_long()?;
+            let env = arg.get_env()?.to_string_lossy().into_owned();
+            let shown: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|value| value.to_string_lossy().into_owned())
+                .collect();
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let in_help = help
+                .split_once("[default: ")
+                .and_then(|(_, rest)| rest.split_once(']'))
+                .map(|(value, _)| value.to_owned());
+            let switch = matches!(arg.get_action(), ArgAction::SetTrue);
+            let default = if shown.is_empty() {
+                in_help
+            } else {
+                Some(shown.join(","))
+            };
+            Some(Declared {
+                flag: format!("--{long}"),
+                env,
+                default,
+                switch,
+                in_file: long != "config",
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn args() -> RunArgs {
-        RunArgs {
-            upstream: Some("http://127.0.0.1:50051".into()),
-            ..RunArgs::default()
-        }
+    /// The settings of `run` with these flags (and this process's environment, which sets no
+    /// `IDEMPROXY_*` setting in the unit tests).
+    fn flags(extra: &[&str]) -> Result<Settings, ConfigError> {
+        let mut argv = vec!["--upstream", "http://127.0.0.1:50051"];
+        argv.extend_from_slice(extra);
+        parse_args(argv)
+    }
+
+    fn resolved(extra: &[&str]) -> Result<Config, ConfigError> {
+        resolve(flags(extra)?)
     }
 
     fn error_text(result: Result<Config, ConfigError>) -> String {
         result.expect_err("the setting must be refused").to_string()
     }
 
+    /// A config file with `text`, and the flags that name it.
+    fn with_file(text: &str, extra: &[&str]) -> (tempfile::TempDir, Result<Config, ConfigError>) {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).expect("written");
+        let path = path.to_str().expect("UTF-8").to_owned();
+        let mut argv = vec!["--config", path.as_str()];
+        argv.extend_from_slice(extra);
+        let config = parse_args(argv).and_then(resolve);
+        (dir, config)
+    }
+
     #[test]
     fn defaults_follow_the_design() {
-        let config = resolve(args(), FileSettings::default()).expect("defaults are valid");
+        let config = resolved(&[]).expect("defaults are valid");
         assert_eq!(config.listen.to_string(), "0.0.0.0:16000");
         assert_eq!(config.key_header.as_str(), "idempotency-key");
         assert_eq!(
@@ -1203,55 +1092,59 @@ mod tests {
             CallerSource::Header(HeaderName::from_static("x-caller-id"))
         );
         assert!(!config.callers.require);
-        assert_eq!(config.http2, Http2Limits::default());
+        assert_eq!(
+            config.http2,
+            Http2Limits {
+                max_concurrent_streams: 1024,
+                max_header_list_size: 16 << 10,
+                keepalive_interval: Some(Duration::from_secs(60)),
+                keepalive_timeout: Duration::from_secs(20),
+                idle_timeout: Duration::from_secs(15 * 60),
+            }
+        );
         assert_eq!(config.limits.retention, Duration::from_secs(86_400));
         assert_eq!(config.request_bytes_max, 4 << 20);
         assert_eq!(config.flush, FlushMode::Group);
+        assert_eq!(config.sled_pack_records, 8192);
+        assert!(matches!(config.store, StoreChoice::Sled));
+    }
+
+    #[test]
+    fn the_declared_defaults_are_the_parsed_ones() {
+        let parsed = flags(&[]).expect("valid");
+        let declared = Settings {
+            upstream: parsed.upstream.clone(),
+            ..Settings::default()
+        };
+        assert_eq!(format!("{parsed:?}"), format!("{declared:?}"));
     }
 
     #[test]
     fn security_settings_are_checked_together() {
-        let mut both = args();
-        both.caller_source = Some("xfcc".into());
-        both.caller_header = Some("x-caller".into());
-        assert!(error_text(resolve(both, FileSettings::default())).contains("not both"));
-        let mut mtls = args();
-        mtls.caller_source = Some("mtls".into());
-        assert!(error_text(resolve(mtls, FileSettings::default())).contains("--client-ca"));
-        let mut clash = args();
-        clash.caller_source = Some("header:idempotency-key".into());
-        assert!(error_text(resolve(clash, FileSettings::default())).contains("--key-header"));
-        let mut half = args();
-        half.tls_cert = Some("/tls.crt".into());
-        assert!(error_text(resolve(half, FileSettings::default())).contains("--tls-key"));
-        let mut ca_only = args();
-        ca_only.client_ca = Some("/ca.crt".into());
-        assert!(error_text(resolve(ca_only, FileSettings::default())).contains("--client-ca"));
+        let refused = |extra: &[&str]| error_text(resolved(extra));
+        assert!(
+            refused(&["--caller-source", "xfcc", "--caller-header", "x-caller"])
+                .contains("not both")
+        );
+        assert!(refused(&["--caller-source", "mtls"]).contains("--client-ca"));
+        assert!(refused(&["--caller-source", "header:idempotency-key"]).contains("--key-header"));
+        assert!(refused(&["--tls-cert", "/tls.crt"]).contains("--tls-key"));
+        assert!(refused(&["--client-ca", "/ca.crt"]).contains("--client-ca"));
         for (setting, value) in [
             ("--http2-max-concurrent-streams", "0"),
             ("--http2-max-header-list-size", "10"),
             ("--http2-idle-timeout", "1ms"),
             ("--max-records-per-caller", "-1"),
+            ("--caller-source", "header:Bad Name"),
         ] {
-            let mut bad = args();
-            match setting {
-                "--http2-max-concurrent-streams" => {
-                    bad.http2_max_concurrent_streams = Some(value.into())
-                }
-                "--http2-max-header-list-size" => {
-                    bad.http2_max_header_list_size = Some(value.into())
-                }
-                "--http2-idle-timeout" => bad.http2_idle_timeout = Some(value.into()),
-                _ => bad.max_records_per_caller = Some(value.into()),
-            }
-            let text = error_text(resolve(bad, FileSettings::default()));
+            let text = refused(&[&format!("{setting}={value}")]);
             assert!(text.contains(setting), "{setting}: {text}");
         }
-        let file = parse_file(
-            "caller-source = \"xfcc\"\nrequire-caller = true\nmax-records-per-caller = 10\nhttp2-keepalive-interval = \"0s\"",
-        )
-        .expect("valid TOML");
-        let config = resolve(args(), file).expect("valid");
+        let (_dir, config) = with_file(
+            "upstream = \"http://127.0.0.1:1\"\ncaller-source = \"xfcc\"\nrequire-caller = true\nmax-records-per-caller = 10\nhttp2-keepalive-interval = \"0s\"",
+            &[],
+        );
+        let config = config.expect("valid");
         assert_eq!(config.callers.source, CallerSource::Xfcc);
         assert!(config.callers.require);
         assert_eq!(config.limits.records_per_caller_max, Some(10));
@@ -1260,68 +1153,76 @@ mod tests {
 
     #[test]
     fn flags_win_over_file() {
-        let file: FileSettings = toml::from_str(
-            "retention = \"1h\"\nmax-request-bytes = 1024\nkey-header = \"x-request-id\"",
-        )
-        .expect("valid TOML");
-        let mut flags = args();
-        flags.retention = Some("2h".into());
-        let config = resolve(flags, file).expect("valid");
+        let (_dir, config) = with_file(
+            "upstream = \"http://127.0.0.1:1\"\nretention = \"1h\"\nmax-request-bytes = 1024\nkey-header = \"x-request-id\"\nproto-path = [\"/a\", \"/b\"]",
+            &["--retention", "2h", "--proto-path", "/c"],
+        );
+        let config = config.expect("valid");
         assert_eq!(config.limits.retention, Duration::from_secs(7_200));
         assert_eq!(config.request_bytes_max, 1024);
         assert_eq!(config.key_header.as_str(), "x-request-id");
+        assert_eq!(config.descriptors.proto_paths, [PathBuf::from("/c")]);
     }
 
     #[test]
     fn bad_settings_are_named() {
-        let mut bad = args();
-        bad.retention = Some("soon".into());
-        assert!(error_text(resolve(bad, FileSettings::default())).contains("--retention"));
-        let mut bad = args();
-        bad.key_header = Some("Bad Header".into());
-        assert!(error_text(resolve(bad, FileSettings::default())).contains("--key-header"));
-        let mut bad = args();
-        bad.upstream = Some("https://svc:443".into());
-        assert!(error_text(resolve(bad, FileSettings::default())).contains("--upstream"));
-        let mut bad = args();
-        bad.max_request_bytes = Some("4 parsecs".into());
-        assert!(error_text(resolve(bad, FileSettings::default())).contains("--max-request-bytes"));
+        let refused = |extra: &[&str]| error_text(resolved(extra));
+        assert!(refused(&["--retention", "soon"]).contains("--retention"));
+        assert!(refused(&["--key-header", "Bad Header"]).contains("--key-header"));
+        assert!(refused(&["--upstream", "https://svc:443"]).contains("--upstream"));
+        assert!(refused(&["--max-request-bytes", "4 parsecs"]).contains("--max-request-bytes"));
+        assert!(refused(&["--flush", "sometimes"]).contains("--flush"));
         assert!(
-            error_text(resolve(RunArgs::default(), FileSettings::default()))
+            error_text(parse_args(Vec::<String>::new()).and_then(resolve))
                 .contains("--upstream is required")
         );
-        let unknown = toml::from_str::<FileSettings>("retension = \"1h\"");
-        assert!(unknown
-            .expect_err("unknown keys are refused")
-            .to_string()
-            .contains("retension"));
+        for (text, named) in [
+            ("retension = \"1h\"", "retension"),
+            ("retention = \"soon\"", "--retention"),
+            ("retention = 1.5", "retention"),
+            ("key-header = [\"a\", \"b\"]", "key-header"),
+            ("config = \"/other.toml\"", "config"),
+            ("help = true", "help"),
+            ("[methods.\"/a.B/C\"]\nmode = \"twice\"", "mode"),
+        ] {
+            let (dir, config) = with_file(text, &["--upstream", "http://127.0.0.1:1"]);
+            let error = error_text(config);
+            assert!(error.contains(named), "{text}: {error}");
+            let path = dir.path().join("config.toml");
+            assert!(
+                error.contains(&path.display().to_string()) || named == "mode",
+                "{text}: {error}"
+            );
+        }
     }
 
     #[test]
     fn redis_settings_are_checked_before_start() {
-        let redis = |store: &str, url: Option<&str>| {
-            let mut flags = args();
-            flags.store = Some(store.into());
-            flags.redis_url = url.map(str::to_owned);
-            flags
-        };
-        let refused = |flags: RunArgs| error_text(resolve(flags, FileSettings::default()));
-        assert!(refused(redis("redis", None)).contains("--redis-url is required"));
-        assert!(refused(redis("memcached", None)).contains("--store"));
-        assert!(refused(redis("redis", Some("redis://a:1,redis://b:2"))).contains("--redis-url"));
-        assert!(refused(redis("redis", Some("http://a:1"))).contains("--redis-url"));
-        let mut flags = redis("redis", Some("redis://127.0.0.1:6379"));
-        flags.redis_key_prefix = Some("{tag}".into());
-        assert!(refused(flags).contains("--redis-key-prefix"));
-        let mut flags = redis("redis", Some("redis://127.0.0.1:6379"));
-        flags.redis_password_file = Some("/nonexistent/password".into());
-        assert!(refused(flags).contains("--redis-password-file"));
+        let refused = |extra: &[&str]| error_text(resolved(extra));
+        assert!(refused(&["--store", "redis"]).contains("--redis-url is required"));
+        assert!(refused(&["--store", "memcached"]).contains("--store"));
+        let redis = ["--store", "redis", "--redis-url"];
+        let with = |more: &[&'static str]| [&redis[..], more].concat();
+        assert!(refused(&with(&["redis://a:1,redis://b:2"])).contains("--redis-url"));
+        assert!(refused(&with(&["http://a:1"])).contains("--redis-url"));
+        assert!(refused(&with(&[
+            "redis://127.0.0.1:6379",
+            "--redis-key-prefix",
+            "{tag}"
+        ]))
+        .contains("--redis-key-prefix"));
+        assert!(refused(&with(&[
+            "redis://127.0.0.1:6379",
+            "--redis-password-file",
+            "/nonexistent/password"
+        ]))
+        .contains("--redis-password-file"));
 
-        let file: FileSettings = toml::from_str(
+        let (_dir, config) = with_file(
             "store = \"redis-cluster\"\nredis-url = \"redis://a:7000, redis://b:7001\"",
-        )
-        .expect("valid TOML");
-        match resolve(args(), file).expect("valid").store {
+            &["--upstream", "http://127.0.0.1:1"],
+        );
+        match config.expect("valid").store {
             StoreChoice::Redis(options) => {
                 assert!(options.cluster);
                 assert_eq!(options.urls, ["redis://a:7000", "redis://b:7001"]);

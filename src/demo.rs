@@ -6,8 +6,7 @@
 //! service, and once through idemproxy on a temporary sled store. The demo runs the real
 //! sidecar (`server::start`), the real proxy and a real tonic service over loopback.
 
-use crate::config::{Config, FlushMode};
-use crate::engine::Limits;
+use crate::config::Settings;
 use crate::pb::idemproxy::demo::v1::subscriptions_client::SubscriptionsClient;
 use crate::pb::idemproxy::demo::v1::subscriptions_server::{Subscriptions, SubscriptionsServer};
 use crate::pb::idemproxy::demo::v1::{ExtendRequest, Subscription};
@@ -143,41 +142,17 @@ pub async fn run() -> anyhow::Result<()> {
     // The service's annotated descriptors: they name `message_id` as the key field.
     let descriptors = data_dir.path().join("subscriptions.binpb");
     std::fs::write(&descriptors, crate::pb::DEMO_DESCRIPTOR_SET)?;
-    let config = Config {
+    let config = crate::config::resolve(Settings {
         listen: "127.0.0.1:0".parse()?,
-        upstream: format!("http://{service_addr}"),
+        upstream: Some(format!("http://{service_addr}")),
         data_dir: data_dir.path().to_owned(),
-        key_header: http::HeaderName::from_static("idempotency-key"),
-        callers: crate::caller::Callers {
-            source: crate::caller::CallerSource::Header(http::HeaderName::from_static(
-                "x-caller-id",
-            )),
-            require: false,
-        },
-        tls: None,
-        encryption_key_file: None,
-        http2: crate::config::Http2Limits::default(),
-        limits: Limits::default(),
-        request_bytes_max: 4 << 20,
-        response_bytes_max: 4 << 20,
-        store_bytes_max: 64 << 20,
-        sled_cache_bytes: 8 << 20,
-        sled_pack_records: 8_192,
-        store_timeout: Duration::from_secs(5),
-        sweep_interval: Duration::from_secs(1),
-        worker_threads: 1,
-        flush: FlushMode::Group,
-        store: crate::config::StoreChoice::Sled,
-        descriptors: crate::policy::descriptors::Sources {
-            descriptor_sets: vec![descriptors],
-            ..Default::default()
-        },
-        method_rules: Default::default(),
+        max_store_bytes: 64 << 20,
+        descriptor_set: vec![descriptors],
         ops_listen: "127.0.0.1:0".parse()?,
         drain_timeout: Duration::from_secs(5),
         admin_listen: "127.0.0.1:0".parse()?,
-        admin_token: None,
-    };
+        ..Settings::default()
+    })?;
     // OTEL_EXPORTER_OTLP_ENDPOINT set: the demo's calls show up in the collector's traces.
     let telemetry = crate::telemetry::Telemetry::from_env(&crate::telemetry::process_env, "sled")?;
     // The demo prints a story: its sidecar's start-up warnings (records in the clear, no

@@ -141,13 +141,15 @@ pub struct Limits {
 }
 
 impl Default for Limits {
+    /// The declared defaults of the settings (`crate::config::Settings`).
     fn default() -> Self {
+        let settings = crate::config::Settings::default();
         Limits {
-            retention: Duration::from_secs(24 * 3600),
-            lease_default: Duration::from_secs(30),
-            lease_margin: Duration::from_secs(5),
-            in_flight_wait_max: Duration::from_secs(10),
-            records_per_caller_max: None,
+            retention: settings.retention,
+            lease_default: settings.default_lease,
+            lease_margin: settings.lease_margin,
+            in_flight_wait_max: settings.max_in_flight_wait,
+            records_per_caller_max: settings.max_records_per_caller,
         }
     }
 }

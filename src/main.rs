@@ -88,8 +88,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run(args) => {
-            let config = idemproxy::config::load(args)?;
+        // clap has checked the flags and variables; they are read again with the config file
+        // laid under them (the arguments after `run`).
+        Command::Run(_) => {
+            let config = idemproxy::config::load(std::env::args_os().skip(2))?;
             // The sidecar shares its pod's cores with the service: its threads are a setting.
             let threads = Some(config.worker_threads);
             block_on(threads, async {
@@ -101,8 +103,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 idemproxy::server::run(config, std::sync::Arc::new(telemetry)).await
             })??;
         }
-        Command::Check(args) => {
-            let config = idemproxy::config::load_for_check(args)?;
+        Command::Check(_) => {
+            let settings = idemproxy::config::parse_args(std::env::args_os().skip(2))?;
+            let config = idemproxy::config::resolve_for_check(settings)?;
             return block_on(None, idemproxy::server::check(&config));
         }
         Command::Keys(args) => return block_on(None, idemproxy::admin::cli::run(args)),

@@ -72,7 +72,10 @@ fn environment_and_file_settings_are_read_and_named_when_bad() {
         ],
     );
     assert_ne!(code, 0);
-    assert!(stderr.contains("--retention \"bogus\""), "{stderr}");
+    assert!(
+        stderr.contains("--retention") && stderr.contains("bogus"),
+        "{stderr}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("config.toml");
@@ -171,11 +174,8 @@ async fn worker_threads_sizes_the_runtime() {
 #[test]
 fn the_example_config_file_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/config.example.toml");
-    let config = idemproxy::config::load(idemproxy::config::RunArgs {
-        config: Some(path.into()),
-        ..Default::default()
-    })
-    .expect("the shipped example parses and validates");
+    let config = idemproxy::config::load(["--config", path])
+        .expect("the shipped example parses and validates");
     assert_eq!(config.listen.to_string(), "0.0.0.0:16000");
 }
 
@@ -186,11 +186,9 @@ fn the_kubernetes_config_files_are_valid() {
         ("base/config.toml", false),
         ("overlays/redis/config.toml", true),
     ] {
-        let config = idemproxy::config::load(idemproxy::config::RunArgs {
-            config: Some(std::path::Path::new(dir).join(file)),
-            ..Default::default()
-        })
-        .unwrap_or_else(|error| panic!("{file}: {error}"));
+        let path = std::path::Path::new(dir).join(file);
+        let config = idemproxy::config::load(["--config".as_ref(), path.as_os_str()])
+            .unwrap_or_else(|error| panic!("{file}: {error}"));
         let on_redis = matches!(config.store, idemproxy::config::StoreChoice::Redis(_));
         assert_eq!(on_redis, redis, "{file} chooses its store");
     }

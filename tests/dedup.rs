@@ -167,10 +167,7 @@ async fn malformed_keys_are_refused_before_anything_runs() {
 #[tokio::test]
 async fn a_request_over_the_limit_is_refused_and_never_forwarded() {
     let upstream = ledger::start().await;
-    let sidecar = start_sidecar(upstream.addr, |args| {
-        args.max_request_bytes = Some("1KiB".into())
-    })
-    .await;
+    let sidecar = start_sidecar(upstream.addr, |args| args.max_request_bytes = 1 << 10).await;
     let mut client = client(sidecar.addr).await;
     let big = add(&"x".repeat(2000), 1);
     let refused = apply(&mut client, big, Some("big"), None)
@@ -216,10 +213,7 @@ async fn malformed_framing_is_refused_and_never_forwarded() {
 #[tokio::test]
 async fn a_response_too_large_to_keep_reaches_the_caller_and_is_never_rerun() {
     let upstream = ledger::start().await;
-    let sidecar = start_sidecar(upstream.addr, |args| {
-        args.max_response_bytes = Some("4KiB".into())
-    })
-    .await;
+    let sidecar = start_sidecar(upstream.addr, |args| args.max_response_bytes = 4 << 10).await;
     let mut client = client(sidecar.addr).await;
     let mut big = add("big-answer", 1);
     big.reply_padding_bytes = 64 << 10;

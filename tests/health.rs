@@ -37,7 +37,7 @@ async fn probes_report_live_and_ready_and_follow_the_store() {
     let upstream = ledger::start().await;
     let tmpfs = support::tmpfs::Tmpfs::mount("16m");
     let data = tmpfs.path.join("data");
-    let sidecar = start_sidecar(upstream.addr, |args| args.data_dir = Some(data)).await;
+    let sidecar = start_sidecar(upstream.addr, |args| args.data_dir = data).await;
     let ops = sidecar.running.ops_addr;
     support::eventually(Duration::from_secs(5), "readiness", || async move {
         get(ops, "/readyz").await.0 == 200

@@ -39,7 +39,7 @@ async fn a_duplicate_waits_for_the_first_attempt_and_gets_its_answer() {
 async fn a_duplicate_that_waits_too_long_is_told_to_retry_later() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |args| {
-        args.max_in_flight_wait = Some("100ms".into())
+        args.max_in_flight_wait = Duration::from_millis(100)
     })
     .await;
     let mut first_client = client(sidecar.addr).await;
@@ -137,9 +137,9 @@ async fn a_cancelled_client_does_not_cancel_the_call_and_its_retry_gets_the_outc
 async fn a_lease_that_runs_out_leaves_the_key_in_doubt() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |args| {
-        args.default_lease = Some("200ms".into());
-        args.lease_margin = Some("0s".into());
-        args.max_in_flight_wait = Some("50ms".into());
+        args.default_lease = Duration::from_millis(200);
+        args.lease_margin = Duration::from_secs(0);
+        args.max_in_flight_wait = Duration::from_millis(50);
     })
     .await;
     let mut first_client = client(sidecar.addr).await;

@@ -16,7 +16,7 @@ use idemproxy::pb::idemproxy::example::v1::{
 };
 use prost::Message;
 use std::net::SocketAddr;
-use support::{payments, raw, reason, start_sidecar, Sidecar};
+use support::{payments, raw, reason, start_sidecar, start_sidecar_with, Sidecar};
 use tonic::transport::Channel;
 
 const CHARGE: &str = "/idemproxy.example.v1.Payments/Charge";
@@ -242,29 +242,23 @@ async fn a_no_side_effects_method_passes_through_even_with_a_key() {
 
 #[test]
 fn a_descriptor_set_and_proto_sources_give_the_same_policy() {
-    use idemproxy::config::{self, RunArgs};
+    use idemproxy::config::{self, Settings};
     let files = tempfile::tempdir().unwrap();
-    let base = RunArgs {
+    let base = Settings {
         upstream: Some("http://127.0.0.1:1".into()),
-        ..RunArgs::default()
+        ..Settings::default()
     };
-    let from_set = config::resolve(
-        RunArgs {
-            descriptor_set: vec![descriptor_set(files.path())],
-            ..base.clone()
-        },
-        Default::default(),
-    )
+    let from_set = config::resolve(Settings {
+        descriptor_set: vec![descriptor_set(files.path())],
+        ..base.clone()
+    })
     .unwrap();
     let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
-    let from_sources = config::resolve(
-        RunArgs {
-            proto: vec![proto_dir.join("idemproxy/example/v1/payments.proto")],
-            proto_path: vec![proto_dir],
-            ..base
-        },
-        Default::default(),
-    )
+    let from_sources = config::resolve(Settings {
+        proto: vec![proto_dir.join("idemproxy/example/v1/payments.proto")],
+        proto_path: vec![proto_dir],
+        ..base
+    })
     .unwrap();
     let table = |config| {
         idemproxy::server::load_policy(&config, None)
@@ -322,7 +316,12 @@ async fn a_config_file_rule_lets_an_unknown_outcome_run_again() {
         files.path(),
         "[methods.\"/idemproxy.testing.v1.Ledger/Apply\"]\nin-doubt = \"retry\"\n",
     );
-    let sidecar = start_sidecar(upstream.addr, |args| args.config = Some(config)).await;
+    let sidecar = start_sidecar_with(
+        upstream.addr,
+        &["--config".as_ref(), config.as_ref()],
+        |_| {},
+    )
+    .await;
     let mut client = client(sidecar.addr).await;
     let mut failing = add("retry-me", 1);
     failing.fail_code = 13; // INTERNAL after acting: the outcome is unknown.
@@ -364,10 +363,13 @@ async fn a_config_file_rule_overrides_an_annotation() {
         files.path(),
         "[methods.\"/idemproxy.example.v1.Payments/Refund\"]\nmode = \"replay\"\n",
     );
-    let sidecar = start_sidecar(service.addr, |args| {
-        args.descriptor_set = vec![set];
-        args.config = Some(config);
-    })
+    let sidecar = start_sidecar_with(
+        service.addr,
+        &["--config".as_ref(), config.as_ref()],
+        |args| {
+            args.descriptor_set = vec![set];
+        },
+    )
     .await;
     let mut client = payments_client(sidecar.addr).await;
     let refund = || RefundRequest {
@@ -385,7 +387,7 @@ async fn a_config_file_rule_overrides_an_annotation() {
 
 #[test]
 fn broken_policies_are_named_and_stop_the_start() {
-    use idemproxy::config::{self, RunArgs};
+    use idemproxy::config;
     let files = tempfile::tempdir().unwrap();
     std::fs::write(
         files.path().join("broken.proto"),
@@ -411,13 +413,17 @@ message Wrapped { repeated string ids = 1 [(idemproxy.v1.field).key = true]; }
         files.path(),
         "[methods.\"/broken.v1.Broken/Missing\"]\nenabled = true\n",
     );
-    let resolved = config::load(RunArgs {
-        upstream: Some("http://127.0.0.1:1".into()),
-        config: Some(config),
-        proto: vec![files.path().join("broken.proto")],
-        proto_path: vec![files.path().to_owned()],
-        ..RunArgs::default()
-    })
+    let proto = files.path().join("broken.proto");
+    let resolved = config::load([
+        "--upstream".as_ref(),
+        "http://127.0.0.1:1".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--proto".as_ref(),
+        proto.as_os_str(),
+        "--proto-path".as_ref(),
+        files.path().as_os_str(),
+    ] as [&std::ffi::OsStr; 8])
     .unwrap();
     let error = idemproxy::server::load_policy(&resolved, None)
         .expect_err("the policy is broken")
@@ -435,7 +441,7 @@ message Wrapped { repeated string ids = 1 [(idemproxy.v1.field).key = true]; }
 
 #[test]
 fn bad_config_file_rules_are_named() {
-    use idemproxy::config::{self, RunArgs};
+    use idemproxy::config;
     let files = tempfile::tempdir().unwrap();
     for (rule, named) in [
         (
@@ -450,11 +456,13 @@ fn bad_config_file_rules_are_named() {
         ("[methods.\"/a.B/C\"]\nretension = \"1h\"\n", "retension"),
         ("[methods.\"/a.B/C\"]\nrecord-codes = [\"NOPE\"]\n", "NOPE"),
     ] {
-        let error = config::load(RunArgs {
-            upstream: Some("http://127.0.0.1:1".into()),
-            config: Some(config_file(files.path(), rule)),
-            ..RunArgs::default()
-        })
+        let path = config_file(files.path(), rule);
+        let error = config::load([
+            "--upstream".as_ref(),
+            "http://127.0.0.1:1".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+        ] as [&std::ffi::OsStr; 4])
         .expect_err("refused")
         .to_string();
         assert!(error.contains(named), "{rule}: {error}");
@@ -472,18 +480,18 @@ async fn reflected_table(version: payments::Reflection) {
     assert!(replayed(&again));
     assert_eq!(service.executions.charges(), 1);
     // And the table is the one the descriptor set gives.
-    let resolve = |args: idemproxy::config::RunArgs| {
-        idemproxy::config::load(idemproxy::config::RunArgs {
+    let resolve = |args: idemproxy::config::Settings| {
+        idemproxy::config::resolve(idemproxy::config::Settings {
             upstream: Some(format!("http://{}", service.addr)),
             ..args
         })
         .unwrap()
     };
-    let from_reflection = resolve(idemproxy::config::RunArgs {
+    let from_reflection = resolve(idemproxy::config::Settings {
         reflection: true,
         ..Default::default()
     });
-    let from_set = resolve(idemproxy::config::RunArgs {
+    let from_set = resolve(idemproxy::config::Settings {
         descriptor_set: vec![descriptor_set(files.path())],
         ..Default::default()
     });
@@ -507,10 +515,10 @@ async fn reflection_falls_back_to_v1alpha() {
 #[tokio::test]
 async fn a_service_without_reflection_stops_the_start_with_a_clear_error() {
     let service = payments::start().await;
-    let config = idemproxy::config::load(idemproxy::config::RunArgs {
+    let config = idemproxy::config::resolve(idemproxy::config::Settings {
         upstream: Some(format!("http://{}", service.addr)),
         reflection: true,
-        reflection_timeout: Some("1s".into()),
+        reflection_timeout: std::time::Duration::from_secs(1),
         ..Default::default()
     })
     .unwrap();
@@ -533,7 +541,12 @@ async fn internal_twice(rule: &str) -> (u64, bool) {
     let files = tempfile::tempdir().unwrap();
     let text = format!("[methods.\"/idemproxy.testing.v1.Ledger/Apply\"]\n{rule}\n");
     let config = config_file(files.path(), &text);
-    let sidecar = start_sidecar(upstream.addr, |args| args.config = Some(config)).await;
+    let sidecar = start_sidecar_with(
+        upstream.addr,
+        &["--config".as_ref(), config.as_ref()],
+        |_| {},
+    )
+    .await;
     let mut client = client(sidecar.addr).await;
     let mut failing = add("codes", 1);
     failing.fail_code = 13;
@@ -565,7 +578,7 @@ async fn release_codes_make_a_status_run_again() {
 
 #[test]
 fn a_service_annotation_sets_defaults_that_a_method_annotation_overrides() {
-    use idemproxy::config::{self, RunArgs};
+    use idemproxy::config::{self, Settings};
     let files = tempfile::tempdir().unwrap();
     std::fs::write(
         files.path().join("orders.proto"),
@@ -581,11 +594,11 @@ message Req { string id = 1; }
 "#,
     )
     .unwrap();
-    let resolved = config::load(RunArgs {
+    let resolved = config::resolve(Settings {
         upstream: Some("http://127.0.0.1:1".into()),
         proto: vec![files.path().join("orders.proto")],
         proto_path: vec![files.path().to_owned()],
-        ..RunArgs::default()
+        ..Settings::default()
     })
     .unwrap();
     let table = idemproxy::server::load_policy(&resolved, None).unwrap();

@@ -8,6 +8,7 @@
 
 mod support;
 
+use idemproxy::config::StoreKind;
 use idemproxy::key::Key;
 use idemproxy::record::{self, ClaimRequest, Claimed, Fenced, Record, State};
 use idemproxy::store::redis::{RedisOptions, RedisStore};
@@ -16,7 +17,9 @@ use prost::Message;
 use std::net::SocketAddr;
 use std::time::Duration;
 use support::redis::{RedisCluster, RedisServer};
-use support::{add, apply, binary, client, ledger, reason, start_sidecar, was_replayed};
+use support::{
+    add, apply, binary, client, ledger, reason, start_sidecar, start_sidecar_with, was_replayed,
+};
 
 fn replica_args(upstream: SocketAddr, store: &str, redis_url: &str) -> Vec<String> {
     let dir = std::env::temp_dir().join("idemproxy-redis-replica-unused");
@@ -102,12 +105,11 @@ async fn concurrent_duplicates_split_across_replicas_execute_once() {
 }
 
 /// Settings of an in-process sidecar on the Redis at `url`, failing closed after `timeout`.
-fn on_redis(url: String, timeout: &str) -> impl FnOnce(&mut idemproxy::config::RunArgs) {
-    let timeout = timeout.to_owned();
+fn on_redis(url: String, timeout: Duration) -> impl FnOnce(&mut idemproxy::config::Settings) {
     move |args| {
-        args.store = Some("redis".into());
+        args.store = StoreKind::Redis;
         args.redis_url = Some(url);
-        args.store_timeout = Some(timeout);
+        args.store_timeout = timeout;
     }
 }
 
@@ -204,7 +206,7 @@ async fn while_redis_is_down_nothing_is_forwarded_and_calls_resume_when_it_retur
     let upstream = ledger::start().await;
     let mut redis = RedisServer::start();
     let url = redis.url();
-    let sidecar = start_sidecar(upstream.addr, on_redis(url, "1s")).await;
+    let sidecar = start_sidecar(upstream.addr, on_redis(url, Duration::from_secs(1))).await;
     let mut client = client(sidecar.addr).await;
     let first = apply(&mut client, add("before", 1), Some("before"), None)
         .await
@@ -248,15 +250,14 @@ async fn while_redis_is_down_nothing_is_forwarded_and_calls_resume_when_it_retur
 
 /// A duplicate on another replica waits for the first attempt (0.5 s): with polling and
 /// waits slowed to 10 s, only the change message can bring it the answer within 5 s.
-async fn a_waiting_duplicate_is_woken_by_the_change_message(store: &str, redis_url: String) {
+async fn a_waiting_duplicate_is_woken_by_the_change_message(store: StoreKind, redis_url: String) {
     let upstream = ledger::start().await;
     let replica = |url: String| {
-        let store = store.to_owned();
-        move |args: &mut idemproxy::config::RunArgs| {
-            args.store = Some(store);
+        move |args: &mut idemproxy::config::Settings| {
+            args.store = store;
             args.redis_url = Some(url);
-            args.redis_poll_interval = Some("10s".into());
-            args.max_in_flight_wait = Some("10s".into());
+            args.redis_poll_interval = Duration::from_secs(10);
+            args.max_in_flight_wait = Duration::from_secs(10);
         }
     };
     let a = start_sidecar(upstream.addr, replica(redis_url.clone())).await;
@@ -289,13 +290,14 @@ async fn a_waiting_duplicate_is_woken_by_the_change_message(store: &str, redis_u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_duplicate_is_woken_by_the_change_message_on_redis() {
     let redis = RedisServer::start();
-    a_waiting_duplicate_is_woken_by_the_change_message("redis", redis.url()).await;
+    a_waiting_duplicate_is_woken_by_the_change_message(StoreKind::Redis, redis.url()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_duplicate_is_woken_by_the_change_message_on_a_cluster() {
     let cluster = RedisCluster::start();
-    a_waiting_duplicate_is_woken_by_the_change_message("redis-cluster", cluster.urls()).await;
+    a_waiting_duplicate_is_woken_by_the_change_message(StoreKind::RedisCluster, cluster.urls())
+        .await;
 }
 
 /// A CA and a server certificate for 127.0.0.1, as PEM files in `dir`: (ca, cert, key).
@@ -347,8 +349,8 @@ async fn rediss_with_a_private_ca_and_a_password_from_a_file() {
     let url = format!("rediss://127.0.0.1:{}", redis.port);
     let secure = |password_file: std::path::PathBuf| {
         let (url, ca) = (url.clone(), ca.clone());
-        move |args: &mut idemproxy::config::RunArgs| {
-            on_redis(url, "1s")(args);
+        move |args: &mut idemproxy::config::Settings| {
+            on_redis(url, Duration::from_secs(1))(args);
             args.redis_ca_file = Some(ca);
             args.redis_password_file = Some(password_file);
         }
@@ -389,10 +391,11 @@ async fn a_fail_open_method_is_forwarded_unprotected_while_redis_is_down() {
         "[methods.\"/idemproxy.testing.v1.Ledger/Apply\"]\nfail-open = true\n",
     )
     .unwrap();
-    let sidecar = start_sidecar(upstream.addr, |args| {
-        on_redis(url, "1s")(args);
-        args.config = Some(config);
-    })
+    let sidecar = start_sidecar_with(
+        upstream.addr,
+        &["--config".as_ref(), config.as_ref()],
+        on_redis(url, Duration::from_secs(1)),
+    )
     .await;
     let mut client = client(sidecar.addr).await;
     redis.kill();
@@ -451,7 +454,7 @@ async fn readiness_follows_redis() {
     let upstream = ledger::start().await;
     let mut redis = RedisServer::start();
     let url = redis.url();
-    let sidecar = start_sidecar(upstream.addr, on_redis(url, "500ms")).await;
+    let sidecar = start_sidecar(upstream.addr, on_redis(url, Duration::from_millis(500))).await;
     let health = sidecar.running.health.clone();
     let ready = |want: bool| {
         let health = health.clone();
@@ -495,11 +498,11 @@ async fn redis_killed_under_load(appendfsync: &str) {
     let fsync = appendfsync.to_owned();
     let mut redis = RedisServer::start_with(|_, _| vec!["--appendfsync".into(), fsync]);
     let sidecar = start_sidecar(upstream.addr, |args| {
-        on_redis(redis.url(), "1s")(args);
+        on_redis(redis.url(), Duration::from_secs(1))(args);
         // Claims stranded by the crash settle quickly as IN_DOUBT.
-        args.default_lease = Some("1s".into());
-        args.lease_margin = Some("0s".into());
-        args.max_in_flight_wait = Some("0s".into());
+        args.default_lease = Duration::from_secs(1);
+        args.lease_margin = Duration::from_secs(0);
+        args.max_in_flight_wait = Duration::from_secs(0);
     })
     .await;
     let answers = Arc::new(Mutex::new(HashMap::new()));

@@ -7,6 +7,7 @@
 
 mod support;
 
+use idemproxy::caller::CallerSource;
 use idemproxy::pb::idemproxy::testing::v1::ledger_client::LedgerClient;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -68,7 +69,7 @@ async fn under_the_caller_header_two_callers_with_one_serial_stay_apart() {
 async fn under_xfcc_the_nearest_uri_names_the_caller_and_the_caller_header_is_ignored() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |args| {
-        args.caller_source = Some("xfcc".into());
+        args.caller_source = Some(CallerSource::parse("xfcc").unwrap());
         args.require_caller = true;
     })
     .await;
@@ -138,8 +139,8 @@ fn outside_address() -> IpAddr {
 async fn xfcc_from_a_peer_outside_the_pod_is_refused_however_well_formed() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |args| {
-        args.caller_source = Some("xfcc".into());
-        args.listen = Some("0.0.0.0:0".into());
+        args.caller_source = Some(CallerSource::parse("xfcc").unwrap());
+        args.listen = "0.0.0.0:0".parse().unwrap();
     })
     .await;
     let outside = SocketAddr::new(outside_address(), sidecar.addr.port());
@@ -175,7 +176,7 @@ async fn xfcc_from_a_peer_outside_the_pod_is_refused_however_well_formed() {
 async fn caller_source_none_files_every_call_under_one_caller() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |args| {
-        args.caller_source = Some("none".into())
+        args.caller_source = Some(CallerSource::parse("none").unwrap())
     })
     .await;
     let mut client = client(sidecar.addr).await;
@@ -286,7 +287,7 @@ async fn mtls_sidecar(
         clients.ca_path(),
     );
     start_sidecar(upstream, move |args| {
-        args.caller_source = Some("mtls".into());
+        args.caller_source = Some(CallerSource::parse("mtls").unwrap());
         args.tls_cert = Some(cert);
         args.tls_key = Some(key);
         args.client_ca = Some(ca);
@@ -434,9 +435,9 @@ async fn a_rotated_server_certificate_is_served_without_dropping_a_call() {
 async fn the_listener_enforces_its_http2_limits() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |args| {
-        args.http2_max_concurrent_streams = Some("7".into());
-        args.http2_max_header_list_size = Some("4KiB".into());
-        args.http2_idle_timeout = Some("300ms".into());
+        args.http2_max_concurrent_streams = 7;
+        args.http2_max_header_list_size = 4 << 10;
+        args.http2_idle_timeout = Duration::from_millis(300);
     })
     .await;
     // The stream limit is what the server's SETTINGS say.
@@ -469,8 +470,8 @@ async fn the_listener_enforces_its_http2_limits() {
 async fn the_per_caller_cap_refuses_only_that_callers_new_keys() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |args| {
-        args.max_records_per_caller = Some("3".into());
-        args.retention = Some("2s".into());
+        args.max_records_per_caller = Some(3);
+        args.retention = Duration::from_secs(2);
     })
     .await;
     let mut client = client(sidecar.addr).await;

@@ -129,57 +129,81 @@ fn from_example() -> BTreeMap<String, Option<String>> {
     keys
 }
 
+/// `--flag` → its declaration, from `idemproxy::config::Settings`.
+fn declared() -> BTreeMap<String, idemproxy::config::Declared> {
+    idemproxy::config::declared()
+        .into_iter()
+        .map(|setting| (setting.flag.clone(), setting))
+        .collect()
+}
+
 #[test]
-fn readme_example_file_and_help_name_the_same_settings_with_the_same_defaults() {
+fn readme_example_file_and_help_show_each_declared_setting_with_its_default() {
+    let declared = declared();
     let help = from_help();
     let readme = from_readme();
     let example = from_example();
-    assert!(help.len() > 30, "run --help was read: {help:?}");
+    assert!(
+        declared.len() > 30,
+        "the declarations were read: {declared:?}"
+    );
 
+    let declared_flags: BTreeSet<&String> = declared.keys().collect();
     let help_flags: BTreeSet<&String> = help.keys().collect();
     let readme_flags: BTreeSet<&String> = readme.keys().collect();
     assert_eq!(
-        help_flags, readme_flags,
-        "README's settings table and `run --help` name different settings"
+        declared_flags, help_flags,
+        "`run --help` and the declarations name different settings"
     );
-    for (flag, (env, default)) in &readme {
+    assert_eq!(
+        declared_flags, readme_flags,
+        "README's settings table and the declarations name different settings"
+    );
+    for (flag, setting) in &declared {
         let shown = &help[flag];
+        let (env, default) = &readme[flag];
         assert_eq!(
             shown.env.as_deref(),
-            Some(env.as_str()),
-            "{flag}: README's variable differs from --help's"
+            Some(setting.env.as_str()),
+            "{flag}: --help's variable"
         );
-        // A default README shows as a value (in backticks) is the one --help shows.
-        if let Some(value) = default.strip_prefix('`').and_then(|d| d.strip_suffix('`')) {
-            assert_eq!(
-                shown.default.as_deref(),
-                Some(value),
-                "{flag}: README's default differs from --help's"
-            );
+        assert_eq!(env, &setting.env, "{flag}: README's variable");
+        if setting.switch {
+            // A switch: off unless given, as README says.
+            assert_eq!(setting.default.as_deref(), Some("false"), "{flag}");
+            assert_eq!(default, "off", "{flag}: README's default");
+            continue;
         }
+        assert_eq!(shown.default, setting.default, "{flag}: --help's default");
+        // README shows a default in backticks exactly when there is one, and it is the one.
+        let value = default.strip_prefix('`').and_then(|d| d.strip_suffix('`'));
+        assert_eq!(
+            value,
+            setting.default.as_deref(),
+            "{flag}: README's default {default}"
+        );
     }
 
-    // Every setting but the file itself can be written in the file.
-    let file_keys: BTreeSet<String> = help
-        .keys()
-        .filter(|flag| *flag != "--config")
-        .map(|flag| flag.trim_start_matches("--").to_owned())
+    // Every setting a file may hold is in the example, set to its default or commented out.
+    let file_keys: BTreeSet<String> = declared
+        .values()
+        .filter(|setting| setting.in_file)
+        .map(|setting| setting.flag.trim_start_matches("--").to_owned())
         .collect();
     let example_keys: BTreeSet<String> = example.keys().cloned().collect();
     assert_eq!(
         file_keys, example_keys,
-        "deploy/config.example.toml and `run --help` name different settings"
+        "deploy/config.example.toml and the declarations name different settings"
     );
     for (key, value) in &example {
-        let (Some(value), Some(default)) = (value, &help[&format!("--{key}")].default) else {
-            continue;
-        };
+        let Some(value) = value else { continue };
         if key == "upstream" {
             continue; // required: the example names one, there is no default
         }
         assert_eq!(
-            value, default,
-            "{key}: the example file's value is not --help's default"
+            Some(value),
+            declared[&format!("--{key}")].default.as_ref(),
+            "{key}: the example file's value is not the declared default"
         );
     }
 }

@@ -85,7 +85,10 @@ async fn complete(store: &SledStore, serial: &str, process: u8, n: u8, body_byte
 #[tokio::test]
 async fn records_expire_after_the_retention_and_the_key_runs_again() {
     let upstream = ledger::start().await;
-    let sidecar = start_sidecar(upstream.addr, |args| args.retention = Some("300ms".into())).await;
+    let sidecar = start_sidecar(upstream.addr, |args| {
+        args.retention = Duration::from_millis(300)
+    })
+    .await;
     let mut client = client(sidecar.addr).await;
     apply(&mut client, add("r", 1), Some("r"), None)
         .await
@@ -320,8 +323,8 @@ async fn reconciling_marks_every_orphaned_claim_in_doubt() {
 async fn the_sidecar_refuses_when_its_store_is_full() {
     let upstream = ledger::start().await;
     let sidecar = start_sidecar(upstream.addr, |args| {
-        args.max_store_bytes = Some("1KiB".into());
-        args.max_in_flight_wait = Some("0s".into());
+        args.max_store_bytes = 1 << 10;
+        args.max_in_flight_wait = Duration::from_secs(0);
     })
     .await;
     let mut client = client(sidecar.addr).await;

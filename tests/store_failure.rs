@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::time::Duration;
 use support::tmpfs::Tmpfs;
 use support::{add, apply, client, ledger, reason, was_replayed};
 
@@ -16,9 +17,9 @@ async fn on_a_tmpfs(size: &str) -> (Tmpfs, ledger::LedgerHandle, support::Sideca
     let upstream = ledger::start().await;
     let data_dir = tmpfs.path.join("data");
     let sidecar = support::start_sidecar(upstream.addr, |args| {
-        args.data_dir = Some(data_dir.clone());
-        args.sled_cache_bytes = Some("1MiB".into());
-        args.store_timeout = Some("500ms".into());
+        args.data_dir = data_dir.clone();
+        args.sled_cache_bytes = 1 << 20;
+        args.store_timeout = Duration::from_millis(500);
     })
     .await;
     (tmpfs, upstream, sidecar)

@@ -1,7 +1,6 @@
-//! A config file's text: parsed, then resolved into settings as `run` would.
+//! A config file's text: parsed, then laid under the flags and resolved as `run` would.
 #![no_main]
 
-use idemproxy::config::{self, RunArgs};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,12 +12,21 @@ fuzz_target!(|data: &[u8]| {
     if text.contains("-file") {
         return;
     }
-    let Ok(file) = config::parse_file(text) else {
+    if idemproxy::config::parse_file(text).is_err() {
+        return;
+    }
+    let Ok(dir) = tempfile::tempdir() else {
         return;
     };
-    let args = RunArgs {
-        upstream: Some("http://127.0.0.1:50051".into()),
-        ..RunArgs::default()
-    };
-    let _ = config::resolve(args, file);
+    let path = dir.path().join("config.toml");
+    if std::fs::write(&path, text).is_err() {
+        return;
+    }
+    let argv = [
+        "--upstream".as_ref(),
+        "http://127.0.0.1:50051".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ];
+    let _ = idemproxy::config::load(argv);
 });

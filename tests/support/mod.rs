@@ -13,12 +13,13 @@ pub mod raw;
 pub mod redis;
 pub mod tmpfs;
 
-use idemproxy::config::{self, RunArgs};
+use idemproxy::config::{self, Settings, StoreKind};
 use idemproxy::pb::google::rpc::{ErrorInfo, Status as RpcStatus};
 use idemproxy::pb::idemproxy::testing::v1::ledger_client::LedgerClient;
 use idemproxy::pb::idemproxy::testing::v1::{ApplyReply, ApplyRequest};
 use idemproxy::server::Running;
 use prost::Message;
+use std::ffi::OsStr;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -40,46 +41,72 @@ pub fn test_store() -> String {
 }
 
 /// Starts the Redis the current backend needs, and points `args` at it.
-pub fn use_test_store(args: &mut RunArgs) -> Option<redis::TestRedis> {
+pub fn use_test_store(args: &mut Settings) -> Option<redis::TestRedis> {
     let store = test_store();
     let redis = match store.as_str() {
         "sled" => return None,
         "redis" => {
+            args.store = StoreKind::Redis;
             let server = redis::RedisServer::start();
             args.redis_url = Some(server.url());
             redis::TestRedis::Single(server)
         }
         "redis-cluster" => {
+            args.store = StoreKind::RedisCluster;
             let cluster = redis::RedisCluster::start();
             args.redis_url = Some(cluster.urls());
             redis::TestRedis::Cluster(cluster)
         }
         other => panic!("IDEMPROXY_TEST_STORE={other}: use sled, redis or redis-cluster"),
     };
-    args.store = Some(store);
     Some(redis)
 }
 
-/// Settings every test sidecar starts from: loopback, a fresh dir, fast sweeps.
-pub fn test_args(upstream: SocketAddr, dir: &std::path::Path) -> RunArgs {
-    RunArgs {
-        listen: Some("127.0.0.1:0".into()),
-        upstream: Some(format!("http://{upstream}")),
-        data_dir: Some(dir.to_owned()),
-        sweep_interval: Some("50ms".into()),
-        admin_listen: Some("127.0.0.1:0".into()),
-        ops_listen: Some("127.0.0.1:0".into()),
-        ..RunArgs::default()
-    }
+/// Settings every test sidecar starts from: loopback, a fresh dir, fast sweeps; `extra` are
+/// more flags of `run` (a `--config` file, say), parsed as the binary parses them.
+pub fn test_args_with(upstream: SocketAddr, dir: &std::path::Path, extra: &[&OsStr]) -> Settings {
+    let upstream = format!("http://{upstream}");
+    let flags = [
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--sweep-interval",
+        "50ms",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--ops-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ];
+    let mut argv: Vec<&OsStr> = flags.iter().map(OsStr::new).collect();
+    argv.push(dir.as_os_str());
+    argv.extend_from_slice(extra);
+    config::parse_args(argv).expect("test settings parse")
+}
+
+/// `test_args_with` and no more flags.
+pub fn test_args(upstream: SocketAddr, dir: &std::path::Path) -> Settings {
+    test_args_with(upstream, dir, &[])
 }
 
 /// Starts a sidecar in front of `upstream`; `tweak` adjusts the settings.
-pub async fn start_sidecar(upstream: SocketAddr, tweak: impl FnOnce(&mut RunArgs)) -> Sidecar {
+pub async fn start_sidecar(upstream: SocketAddr, tweak: impl FnOnce(&mut Settings)) -> Sidecar {
+    start_sidecar_with(upstream, &[], tweak).await
+}
+
+/// Starts a sidecar in front of `upstream` with more flags of `run` (`extra`); `tweak`
+/// adjusts the settings after them.
+pub async fn start_sidecar_with(
+    upstream: SocketAddr,
+    extra: &[&OsStr],
+    tweak: impl FnOnce(&mut Settings),
+) -> Sidecar {
     let dir = tempfile::tempdir().expect("a temp dir");
-    let mut args = test_args(upstream, dir.path());
+    let mut args = test_args_with(upstream, dir.path(), extra);
     let redis = use_test_store(&mut args);
     tweak(&mut args);
-    let config = config::load(args).expect("test settings are valid");
+    let config = config::resolve(args).expect("test settings are valid");
     let running = idemproxy::server::start(&config)
         .await
         .expect("the sidecar starts");

@@ -783,7 +783,8 @@ async fn measure_store(
         bytes_max: u64::MAX,
         flush_per_write: false,
         flush_timeout: Duration::from_secs(30),
-        pack_records: 8_192,
+        // As the sidecar packed them.
+        pack_records: idemproxy::config::Settings::default().sled_pack_records,
     };
     let counted = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let store = idemproxy::store::sled::SledStore::open(&options)?;

@@ -410,6 +410,65 @@ async fn a_fail_open_method_is_forwarded_unprotected_while_redis_is_down() {
     );
 }
 
+/// How many times Redis ran `command` (its own count, scripts' calls included).
+fn command_calls(port: u16, command: &str) -> u64 {
+    let info = support::redis::command(port, &["INFO", "commandstats"]).expect("INFO answers");
+    let info: String = redis::from_redis_value(info).expect("INFO is text");
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |rest| {
+            rest.split(',')
+                .next()
+                .unwrap_or_default()
+                .parse()
+                .expect("a count")
+        })
+}
+
+/// `GET`s sent by the sidecar itself: every compare-and-swap script runs one `GET` of its own.
+fn direct_gets(port: u16) -> u64 {
+    command_calls(port, "get") - command_calls(port, "evalsha")
+}
+
+/// A fresh key is claimed in one round trip (the swap from "absent", no `GET` first), and a
+/// duplicate is answered from what the refused swap hands back: one `GET` a fresh call (its
+/// completion's) where there were two, none a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_key_is_claimed_and_a_duplicate_answered_without_a_get() {
+    let upstream = ledger::start().await;
+    let redis = RedisServer::start();
+    let sidecar = start_sidecar(upstream.addr, on_redis(redis.url(), Duration::from_secs(1))).await;
+    let mut client = client(sidecar.addr).await;
+    // The script is loaded by the first call.
+    apply(&mut client, add("warm", 1), Some("warm"), None)
+        .await
+        .expect("answered");
+    const CALLS: u64 = 20;
+    let before = direct_gets(redis.port);
+    for n in 0..CALLS {
+        let key = format!("fresh-{n}");
+        apply(&mut client, add(&key, 1), Some(&key), None)
+            .await
+            .expect("answered");
+    }
+    assert_eq!(
+        direct_gets(redis.port) - before,
+        CALLS,
+        "one GET a fresh call"
+    );
+    let before = direct_gets(redis.port);
+    for n in 0..CALLS {
+        let key = format!("fresh-{n}");
+        let replay = apply(&mut client, add(&key, 1), Some(&key), None)
+            .await
+            .expect("answered");
+        assert!(was_replayed(&replay));
+    }
+    assert_eq!(direct_gets(redis.port) - before, 0, "no GET a duplicate");
+    assert_eq!(upstream.state.executions(), CALLS + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_list_and_purge_records_on_redis() {
     let redis = RedisServer::start();

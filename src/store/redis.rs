@@ -4,12 +4,15 @@
 //! `Record`; the braces are a Redis Cluster hash tag, so everything about one record lives in
 //! one slot. A transition reads the record (`GET`), lets `record.rs` decide, then applies the
 //! change with one script that compares the record against what was read (its SHA-1) and
-//! only then writes: a compare-and-swap, never a blind read-then-write. The claim token is
-//! part of the compared bytes, so a late completion from an owner whose record was replaced
-//! fails the compare, re-reads, and is refused by `record::complete` (fencing).
+//! only then writes: a compare-and-swap, never a blind read-then-write. A refused swap
+//! returns the record as it is now, for the next round. A key is first tried as fresh: a
+//! transition that would create a record where none is swaps from "absent" without a `GET`,
+//! so a fresh key's claim is one round trip. The claim token is part of the compared bytes,
+//! so a late completion from an owner whose record was replaced fails the compare and is
+//! refused by `record::complete` on what the refusal handed back (fencing).
 //!
-//! Expiry is Redis' own TTL (`PXAT` of the record's expiry). A change publishes on the
-//! record's own channel; waiting duplicates subscribe to it through one subscriber
+//! Expiry is Redis' own TTL (`PXAT` of the record's expiry). A change to a record that was
+//! there publishes on the record's own channel; waiting duplicates subscribe to it through one subscriber
 //! connection per process, and poll as the fallback when a message is missed. Redis being
 //! unreachable or slow is an error bounded by the command timeout, never a hang: the engine
 //! then fails closed. This module never decides a state and never retries a write whose
@@ -40,22 +43,31 @@ const RESUBSCRIBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
 ///
 /// KEYS[1] the record; ARGV[1] SHA-1 hex of the record read, "" when there was none;
 /// ARGV[2] "put" or "delete"; ARGV[3] the new record; ARGV[4] its expiry, Unix ms.
-/// Returns 1 when applied, 0 when the record changed since it was read.
+/// Returns {1} when applied, {0, the record now} when it changed since it was read (so the
+/// next attempt needs no GET). A change publishes on the record's channel only when it
+/// replaces or deletes a record: nobody waits on a key that has none.
 const COMPARE_AND_SWAP: &str = r"
 local current = redis.call('GET', KEYS[1])
 if current then
-  if redis.sha1hex(current) ~= ARGV[1] then return 0 end
+  if ARGV[1] == '' or redis.sha1hex(current) ~= ARGV[1] then return {0, current} end
 elseif ARGV[1] ~= '' then
-  return 0
+  return {0, false}
 end
 if ARGV[2] == 'put' then
   redis.call('SET', KEYS[1], ARGV[3], 'PXAT', ARGV[4])
 else
   redis.call('DEL', KEYS[1])
 end
-redis.call('PUBLISH', KEYS[1], '')
-return 1
+if current then redis.call('PUBLISH', KEYS[1], '') end
+return {1, false}
 ";
+
+/// What a compare-and-swap did.
+enum Swap {
+    Applied,
+    /// The record changed since it was read: what it holds now.
+    Refused(Option<Vec<u8>>),
+}
 
 /// Files a record under its caller's sorted set (score: when it expires), or takes it out;
 /// the set expires with its last record.
@@ -354,7 +366,7 @@ impl RedisStore {
         name: &str,
         read: Option<&[u8]>,
         change: &Change,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Swap, StoreError> {
         let expected = read
             .map(|bytes| sha1_smol::Sha1::from(bytes).digest().to_string())
             .unwrap_or_default();
@@ -374,10 +386,27 @@ impl RedisStore {
             }
             Change::Keep => unreachable!("a kept record is not written"),
         }
-        let applied: i64 = self
+        let (applied, now): (i64, Option<Vec<u8>>) = self
             .bounded("compare-and-swap failed", connection.invoke(&invocation))
             .await?;
-        Ok(applied == 1)
+        Ok(if applied == 1 {
+            Swap::Applied
+        } else {
+            Swap::Refused(now)
+        })
+    }
+
+    /// Counts a written record under its caller; a failure only lets the cap lag.
+    async fn count_after_swap(
+        &self,
+        connection: &mut Connection,
+        key: &Key,
+        current: Option<&Record>,
+        change: &Change,
+    ) {
+        if let Err(error) = self.count_caller(connection, key, current, change).await {
+            tracing::warn!(key = %key, %error, "could not count a record under its caller");
+        }
     }
 
     async fn count_records(&self) -> Result<u64, StoreError> {
@@ -396,8 +425,34 @@ impl Store for RedisStore {
     {
         let name = self.record_key(key);
         let mut connection = self.connection().await?;
+        // The record as last seen; `None`: not looked at yet. A key is first tried as fresh,
+        // with no GET: when the transition would create a record, the swap from "absent" goes
+        // at once, and a refused swap hands back what is there for the next round.
+        let mut seen: Option<Option<Vec<u8>>> = None;
         for _ in 0..CAS_ROUNDS_MAX {
-            let read = self.read(&mut connection, &name).await?;
+            let read = match seen.take() {
+                Some(read) => read,
+                None => {
+                    let (change, value) = transition(None);
+                    if matches!(change, Change::Put(_)) {
+                        match self
+                            .compare_and_swap(&mut connection, &name, None, &change)
+                            .await?
+                        {
+                            Swap::Applied => {
+                                self.count_after_swap(&mut connection, key, None, &change)
+                                    .await;
+                                return Ok(value);
+                            }
+                            Swap::Refused(now) => {
+                                seen = Some(now);
+                                continue;
+                            }
+                        }
+                    }
+                    self.read(&mut connection, &name).await?
+                }
+            };
             let current =
                 match &read {
                     Some(bytes) => Some(Record::decode(&bytes[..]).map_err(|error| {
@@ -412,18 +467,16 @@ impl Store for RedisStore {
             if change == Change::Keep {
                 return Ok(value);
             }
-            if self
+            match self
                 .compare_and_swap(&mut connection, &name, read.as_deref(), &change)
                 .await?
             {
-                // The record is written; a failure to count it only lets the cap lag.
-                if let Err(error) = self
-                    .count_caller(&mut connection, key, current.as_ref(), &change)
-                    .await
-                {
-                    tracing::warn!(key = %key, %error, "could not count a record under its caller");
+                Swap::Applied => {
+                    self.count_after_swap(&mut connection, key, current.as_ref(), &change)
+                        .await;
+                    return Ok(value);
                 }
-                return Ok(value);
+                Swap::Refused(now) => seen = Some(now),
             }
         }
         Err(StoreError::Io(format!(

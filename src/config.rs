@@ -642,7 +642,7 @@ fn clap_message(error: &clap::Error) -> String {
 
 /// Checks what several settings say together and builds the `Config`.
 pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
-    let mut store = store_choice(&settings, settings.store_timeout)?;
+    let mut store = store_choice(&settings)?;
     if let StoreChoice::Redis(options) = &mut store {
         options.track_callers = settings.max_records_per_caller.is_some();
     }
@@ -901,7 +901,7 @@ fn method_rules(
     Ok(rules)
 }
 
-fn store_choice(settings: &Settings, store_timeout: Duration) -> Result<StoreChoice, ConfigError> {
+fn store_choice(settings: &Settings) -> Result<StoreChoice, ConfigError> {
     let cluster = match settings.store {
         StoreKind::Sled => return Ok(StoreChoice::Sled),
         StoreKind::Redis => false,
@@ -953,7 +953,7 @@ fn store_choice(settings: &Settings, store_timeout: Duration) -> Result<StoreCho
         password,
         ca_pem,
         key_prefix: settings.redis_key_prefix.clone(),
-        command_timeout: store_timeout,
+        command_timeout: settings.store_timeout,
         poll_interval: settings.redis_poll_interval,
         track_callers: false,
     };

@@ -430,43 +430,36 @@ impl Store for RedisStore {
         // at once, and a refused swap hands back what is there for the next round.
         let mut seen: Option<Option<Vec<u8>>> = None;
         for _ in 0..CAS_ROUNDS_MAX {
-            let read = match seen.take() {
-                Some(read) => read,
+            // A fresh try that would create a record is swapped at once; anything else is
+            // decided on the record as read (or as a refused swap handed it back).
+            let fresh = if seen.is_none() {
+                Some(transition(None)).filter(|(change, _)| matches!(change, Change::Put(_)))
+            } else {
+                None
+            };
+            let (read, current, change, value) = match fresh {
+                Some((change, value)) => (None, None, change, value),
                 None => {
-                    let (change, value) = transition(None);
-                    if matches!(change, Change::Put(_)) {
-                        match self
-                            .compare_and_swap(&mut connection, &name, None, &change)
-                            .await?
-                        {
-                            Swap::Applied => {
-                                self.count_after_swap(&mut connection, key, None, &change)
-                                    .await;
-                                return Ok(value);
+                    let read = match seen.take() {
+                        Some(read) => read,
+                        None => self.read(&mut connection, &name).await?,
+                    };
+                    let current = match &read {
+                        Some(bytes) => Some(Record::decode(&bytes[..]).map_err(|error| {
+                            StoreError::Undecodable {
+                                key: *key,
+                                reason: error.to_string(),
                             }
-                            Swap::Refused(now) => {
-                                seen = Some(now);
-                                continue;
-                            }
-                        }
+                        })?),
+                        None => None,
+                    };
+                    let (change, value) = transition(current.as_ref());
+                    if change == Change::Keep {
+                        return Ok(value);
                     }
-                    self.read(&mut connection, &name).await?
+                    (read, current, change, value)
                 }
             };
-            let current =
-                match &read {
-                    Some(bytes) => Some(Record::decode(&bytes[..]).map_err(|error| {
-                        StoreError::Undecodable {
-                            key: *key,
-                            reason: error.to_string(),
-                        }
-                    })?),
-                    None => None,
-                };
-            let (change, value) = transition(current.as_ref());
-            if change == Change::Keep {
-                return Ok(value);
-            }
             match self
                 .compare_and_swap(&mut connection, &name, read.as_deref(), &change)
                 .await?

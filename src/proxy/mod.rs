@@ -469,7 +469,8 @@ impl<S: Store, C: Clock> Connection<S, C> {
             io,
             hyper::service::service_fn(move |request| {
                 counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                proxy.clone().serve(request, peer.clone())
+                // Boxed, as hyper moves the call's future (kilobytes) into a task of its own.
+                Box::pin(proxy.clone().serve(request, peer.clone()))
             }),
         );
         tokio::pin!(connection);

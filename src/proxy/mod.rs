@@ -7,6 +7,7 @@
 //! it has none. This module speaks HTTP; the engine does not.
 
 pub mod body;
+mod gather;
 pub mod grpc;
 pub mod upstream;
 
@@ -465,24 +466,23 @@ impl<S: Store, C: Clock> Connection<S, C> {
         let started = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = started.clone();
         let proxy = self.proxy.clone();
-        let connection = self.builder.serve_connection(
+        let mut connection = gather::Gathered::new(self.builder.serve_connection(
             io,
             hyper::service::service_fn(move |request| {
                 counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Boxed, as hyper moves the call's future (kilobytes) into a task of its own.
                 Box::pin(proxy.clone().serve(request, peer.clone()))
             }),
-        );
-        tokio::pin!(connection);
+        ));
         let tick = self.idle_timeout / 4;
         let mut seen = 0;
         let mut quiet_since = Instant::now();
         let result = loop {
             tokio::select! {
-                result = connection.as_mut() => break result,
+                result = &mut connection => break result,
                 () = async { let _ = self.drain.wait_for(|draining| *draining).await; } => {
-                    connection.as_mut().graceful_shutdown();
-                    break connection.await;
+                    connection.inner().graceful_shutdown();
+                    break (&mut connection).await;
                 }
                 () = tokio::time::sleep(tick) => {
                     let now = started.load(std::sync::atomic::Ordering::Relaxed);
@@ -491,8 +491,8 @@ impl<S: Store, C: Clock> Connection<S, C> {
                         quiet_since = Instant::now();
                     } else if quiet_since.elapsed() >= self.idle_timeout {
                         tracing::debug!(?addr, "closing an idle connection");
-                        connection.as_mut().graceful_shutdown();
-                        break connection.await;
+                        connection.inner().graceful_shutdown();
+                        break (&mut connection).await;
                     }
                 }
             }

@@ -206,7 +206,7 @@ impl Connection {
             .map_err(|error| failed(error.to_string()))?;
         let authority = self.authority.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            if let Err(error) = super::gather::Gathered::new(connection).await {
                 tracing::debug!(%authority, %error, "the connection to the service ended");
             }
         });

@@ -115,17 +115,17 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert_eq!(polls.load(Ordering::SeqCst), 1);
 
-        // Ten calls' tasks, ready together, each queue an answer and wake the connection.
+        // Ten calls' tasks, ready together on the runtime's worker, each queue an answer and
+        // wake the connection.
         let wake = || waker.lock().unwrap().clone().expect("polled once");
-        let calls: Vec<_> = (0..10)
-            .map(|_| {
-                let connection = wake();
-                tokio::spawn(async move { connection.wake() })
-            })
-            .collect();
-        for call in calls {
-            call.await.unwrap();
-        }
+        let wakers: Vec<Waker> = (0..10).map(|_| wake()).collect();
+        tokio::spawn(async move {
+            for connection in wakers {
+                tokio::spawn(async move { connection.wake() });
+            }
+        })
+        .await
+        .unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert_eq!(
             polls.load(Ordering::SeqCst),

@@ -900,7 +900,12 @@ async fn measure_rounds(
 
 /// `idemproxy-bench`: every variant, then the report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let proxy_core = if args.no_pin { None } else { procs::pin()? };
+    // `main` pinned this process before it built the runtime.
+    let proxy_core = procs::proxy_core();
+    let load_runtime = LoadRuntime {
+        workers: tokio::runtime::Handle::current().metrics().num_workers(),
+        cores: std::thread::available_parallelism().map_or(1, usize::from),
+    };
     let upstream = procs::spawn_until(
         &exe()?,
         &["upstream".to_string()],
@@ -947,12 +952,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         None
     };
     upstream.stop().await;
-    let report = report(&args, &figures, &h2load_runs, store.as_ref(), proxy_core);
+    let report = report(
+        &args,
+        &figures,
+        &h2load_runs,
+        store.as_ref(),
+        proxy_core,
+        load_runtime,
+    );
     print!("{report}");
     if args.output != "-" {
         write_report(Path::new(&args.output), &report)?;
     }
     Ok(())
+}
+
+/// The benchmark's own runtime, which runs the load generator: more workers than cores would
+/// measure their contention for the core as much as the target.
+#[derive(Debug, Clone, Copy)]
+struct LoadRuntime {
+    workers: usize,
+    cores: usize,
 }
 
 /// Marks the end of the generated part of BENCHMARKS.md; what follows is kept.
@@ -1001,13 +1021,14 @@ fn report(
     h2load_runs: &H2loadRuns,
     store: Option<&StoreFigures>,
     proxy_core: Option<usize>,
+    load_runtime: LoadRuntime,
 ) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Benchmarks\n");
     let _ = writeln!(
         out,
         "Written by `scripts/bench` (flags: {} per variant and round after {} warm-up, {} rounds interleaved, {}-byte payloads). \
-         Machine: {}; {}. Every figure below comes from that one run: compare ratios, not absolute numbers.\n",
+         Machine: {}; {}; the load generator runs on {} runtime worker(s) on {} core(s). Every figure below comes from that one run: compare ratios, not absolute numbers.\n",
         humantime::format_duration(args.duration),
         humantime::format_duration(args.warmup),
         args.rounds,
@@ -1016,7 +1037,9 @@ fn report(
         proxy_core.map_or_else(
             || "nothing pinned".to_string(),
             |core| format!("the proxy measured (sidecar, nginx) pinned to core {core}, the load generator, echo service and store servers to the others")
-        )
+        ),
+        load_runtime.workers,
+        load_runtime.cores,
     );
     for &in_flight in &args.in_flight {
         let _ = writeln!(out, "## {in_flight} in flight\n");

@@ -39,7 +39,8 @@ static PROXY_CORE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 /// every process it starts after (load generator, echo service, store servers), to the other
 /// cores with `taskset`, and starts each proxy on the last core. On a 2-core machine the
 /// proxies would otherwise share their core with the load and the service, and their CPU
-/// per call would measure the contention as much as the proxy. Returns the proxy's core;
+/// per call would measure the contention as much as the proxy. Call it before the runtime is
+/// built, so that its worker count follows the cores left to it. Returns the proxy's core;
 /// `None` (nothing pinned) with fewer than 2 cores or without `taskset`.
 pub fn pin() -> anyhow::Result<Option<usize>> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -65,6 +66,11 @@ pub fn pin() -> anyhow::Result<Option<usize>> {
         Ok(status) => bail!("taskset failed ({status})"),
         Err(_) => Ok(None),
     }
+}
+
+/// The proxy's core, once `pin` has reserved one.
+pub fn proxy_core() -> Option<usize> {
+    PROXY_CORE.get().copied()
 }
 
 /// A command for `program`, on the proxy's own core when `pin` reserved one.

@@ -89,6 +89,22 @@ fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
         "the generated part is replaced"
     );
     assert!(report.ends_with(notes), "the notes are kept:\n{report}");
+    // The load generator's runtime has no more workers than the cores it was pinned to:
+    // two workers sharing one core cost it two fifths of its calls.
+    let (workers, cores) = report
+        .split("the load generator runs on ")
+        .nth(1)
+        .and_then(|rest| {
+            let mut words = rest.split_whitespace();
+            let workers: usize = words.next()?.parse().ok()?;
+            let cores: usize = words.nth(3)?.parse().ok()?;
+            Some((workers, cores))
+        })
+        .unwrap_or_else(|| panic!("the report names the load generator's workers:\n{report}"));
+    assert!(
+        workers <= cores,
+        "the load generator runs {workers} workers on {cores} cores"
+    );
     let mut variants = vec![
         "direct",
         "idemproxy passthrough",

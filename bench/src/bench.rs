@@ -450,9 +450,16 @@ pub async fn serve_upstream(listen: SocketAddr, cure: Option<String>) -> anyhow:
     eprintln!("bench upstream listening addr={}", listener.local_addr()?);
     tonic::transport::Server::builder()
         .add_service(EchoServer::new(EchoService { cure }))
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .serve_with_incoming(incoming(listener))
         .await?;
     Ok(())
+}
+
+/// The echo service's connections, with Nagle's algorithm off as tonic's own `serve` sets it
+/// (`serve_with_incoming` leaves the socket as it is given): with it on, an answer written
+/// while the last one is unacknowledged waits for the client's delayed ACK, 40 ms.
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// This binary, for the processes it starts of itself (upstream, sled alone).
@@ -1312,4 +1319,23 @@ fn targets(
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_core::Stream;
+
+    #[tokio::test]
+    async fn the_echo_service_accepts_with_nagle_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = std::future::poll_fn(|cx| std::pin::Pin::new(&mut incoming).poll_next(cx))
+            .await
+            .expect("a connection")
+            .unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY is set");
+    }
 }

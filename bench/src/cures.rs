@@ -81,7 +81,11 @@ impl Cure {
     pub async fn connect(spec: &str) -> anyhow::Result<Cure> {
         match spec.split_once('=') {
             Some(("redis-flag", url)) => {
-                let client = redis::Client::open(url).context("the Redis URL")?;
+                // Nagle's algorithm off, as a careful team sets it (the library leaves it on).
+                let info = redis::IntoConnectionInfo::into_connection_info(url)
+                    .context("the Redis URL")?
+                    .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+                let client = redis::Client::open(info).context("the Redis URL")?;
                 let connection = client
                     .get_connection_manager()
                     .await

@@ -174,7 +174,9 @@ fn client_for(url: &str, options: &RedisOptions) -> Result<redis::Client, RedisU
         url: url.to_owned(),
         reason: error.to_string(),
     };
-    let mut info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+    let mut info = redis::IntoConnectionInfo::into_connection_info(url)
+        .map_err(invalid)?
+        .set_tcp_settings(tcp_settings());
     if let Some(password) = &options.password {
         let settings = info.redis_settings().clone().set_password(password);
         info = info.set_redis_settings(settings);
@@ -185,6 +187,13 @@ fn client_for(url: &str, options: &RedisOptions) -> Result<redis::Client, RedisU
         }
         _ => redis::Client::open(info).map_err(invalid),
     }
+}
+
+/// Nagle's algorithm off, as redis-server sets it on its side: with it on, a command written
+/// while the last one is unacknowledged waits for Redis's delayed ACK (the client library
+/// leaves it on by default).
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
 fn certificates(ca_pem: &[u8]) -> redis::TlsCertificates {
@@ -220,7 +229,8 @@ impl RedisStore {
             let mut builder = redis::cluster::ClusterClient::builder(options.urls.clone())
                 .connection_timeout(options.command_timeout)
                 .response_timeout(options.command_timeout)
-                .retries(2);
+                .retries(2)
+                .tcp_settings(tcp_settings());
             if let Some(password) = &options.password {
                 builder = builder.password(password);
             }
@@ -725,5 +735,26 @@ async fn subscribe(
             }
         }
         tracing::warn!("Redis change subscription lost; waiting duplicates poll until it is back");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_to_redis_turn_nagle_off() {
+        let options = RedisOptions {
+            urls: vec!["redis://127.0.0.1:6379".into()],
+            cluster: false,
+            password: None,
+            ca_pem: None,
+            key_prefix: "idem".into(),
+            command_timeout: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(1),
+            track_callers: false,
+        };
+        let client = client_for(&options.urls[0], &options).unwrap();
+        assert!(client.get_connection_info().tcp_settings().nodelay());
     }
 }

@@ -75,7 +75,7 @@ pub fn proxy_core() -> Option<usize> {
 
 /// A command for `program`, on the proxy's own core when `pin` reserved one.
 pub fn proxy_command(program: &Path) -> Command {
-    match PROXY_CORE.get() {
+    match proxy_core() {
         Some(core) => {
             let mut command = Command::new("taskset");
             command.args(["--cpu-list", &core.to_string()]).arg(program);

@@ -6,11 +6,30 @@
 //! `tests/fixtures/data-dir-0.1.0.tar.gz` was written by idemproxy 0.1.0 (`1b96a16`, the release
 //! before the power-cut fsyncs): 20 keys `upgrade-0` … `upgrade-19` completed, each adding
 //! `i + 1` to its own account, then `upgrade-in-doubt` (amount 7, `delay_ms` 10,000) claimed and
-//! forwarded when the process was killed.
+//! forwarded when the process was killed, on 2026-12-03 at about 05:00 UTC with the default
+//! retention of 24 h. The sidecars here run with their wall clock set to a few hours after that
+//! (`binary::clock_at`): the records are inside their retention, as on the day after an upgrade,
+//! whatever today's date is (issue 29: the test failed for good once a day had passed).
 
 mod support;
 
 use support::{add, apply, binary, client, ledger, reason, was_replayed};
+
+/// A few hours after the fixture was written: its records are inside their 24 h retention, and
+/// the lease of the call the kill caught is long over.
+const FIXTURE_DAY: &str = "2026-12-03 08:00:00";
+
+/// `idemproxy run ARGS` on `dir` with its clock at `FIXTURE_DAY`.
+async fn start_on_fixture_day(
+    upstream: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> binary::BinarySidecar {
+    binary::start_with_env(
+        &binary::run_args(upstream, dir, &[]),
+        &binary::clock_at(FIXTURE_DAY),
+    )
+    .await
+}
 
 fn unpack(fixture: &str, into: &std::path::Path) -> std::path::PathBuf {
     let archive = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,7 +51,7 @@ async fn a_data_dir_of_release_0_1_0_keeps_protecting_its_keys() {
     let upstream = ledger::start().await;
     let unpacked = tempfile::tempdir().unwrap();
     let dir = unpack("data-dir-0.1.0.tar.gz", unpacked.path());
-    let sidecar = binary::start(&binary::run_args(upstream.addr, &dir, &[])).await;
+    let sidecar = start_on_fixture_day(upstream.addr, &dir).await;
     let mut caller = client(sidecar.addr).await;
     for i in 0..20i64 {
         let key = format!("upgrade-{i}");
@@ -65,7 +84,7 @@ async fn a_data_dir_of_release_0_1_0_keeps_protecting_its_keys() {
     .await
     .expect("a new key runs");
     sidecar.kill().await;
-    let sidecar = binary::start(&binary::run_args(upstream.addr, &dir, &[])).await;
+    let sidecar = start_on_fixture_day(upstream.addr, &dir).await;
     let mut again = client(sidecar.addr).await;
     let reply = apply(&mut again, add("upgrade-3", 4), Some("upgrade-3"), None)
         .await

@@ -63,6 +63,24 @@ pub async fn start_with_env(args: &[String], env: &[(&str, String)]) -> BinarySi
     }
 }
 
+/// The environment that runs a child with its wall clock set to `at` (`YYYY-MM-DD hh:mm:ss`,
+/// UTC) and going on from there, through libfaketime (Debian's `libfaketime`, installed by
+/// `scripts/test`): for a test whose verdict rests on records written at a known time, so it
+/// gives the same verdict on any day. The monotonic clock stays real (tokio's timers use it).
+pub fn clock_at(at: &str) -> Vec<(&'static str, String)> {
+    let library = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+        .iter()
+        .map(|arch| format!("/usr/lib/{arch}/faketime/libfaketimeMT.so.1"))
+        .find(|path| std::path::Path::new(path).exists())
+        .expect("libfaketime is installed (scripts/test installs Debian's libfaketime)");
+    vec![
+        ("LD_PRELOAD", library),
+        ("FAKETIME", format!("@{at}")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+        ("TZ", "UTC".to_owned()),
+    ]
+}
+
 impl BinarySidecar {
     /// SIGTERM, as Kubernetes sends before it stops a container.
     pub fn terminate(&self) {

@@ -85,7 +85,7 @@ impl Callers {
     pub fn caller_of(&self, headers: &HeaderMap, peer: &Peer) -> Result<String, Refusal> {
         let found = match &self.source {
             CallerSource::None => return Ok(ANONYMOUS_CALLER.to_owned()),
-            CallerSource::Header(name) => match headers.get(name) {
+            CallerSource::Header(name) => match only_value(headers, name)? {
                 None => None,
                 Some(value) => Some(
                     value
@@ -144,6 +144,20 @@ impl Callers {
             )),
             None => Ok(ANONYMOUS_CALLER.to_owned()),
         }
+    }
+}
+
+/// The one value of header `name`, or none. Two values are refused, never one picked: a
+/// client's `x-caller-id: alice` followed by the gateway's `x-caller-id: mallory` would
+/// otherwise be keyed as alice and could be answered with alice's recorded outcome.
+fn only_value<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<&'a http::HeaderValue>, Refusal> {
+    let mut values = headers.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (first, None) => Ok(first),
+        _ => Err(invalid(format!("more than one {name} header"))),
     }
 }
 

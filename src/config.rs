@@ -477,14 +477,39 @@ pub fn parse_bytes(value: &str) -> Option<u64> {
     number.checked_mul(scale)
 }
 
+/// Headers that HTTP/2, gRPC or its client libraries set on every call, or that idemproxy
+/// writes itself: as a key header, every call of a caller to a method would share one key
+/// (`--key-header content-type` answered a second, new payment with the first one's outcome).
+const RESERVED_HEADERS: [&str; 13] = [
+    "content-type",
+    "te",
+    "user-agent",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "accept-encoding",
+    "content-encoding",
+    crate::proxy::REPLAYED_HEADER,
+];
+
 /// A header name that a caller may set: lowercase, not reserved by HTTP/2 or gRPC.
 fn header_name(value: &str) -> Result<HeaderName, String> {
     let name = HeaderName::from_bytes(value.as_bytes())
         .map_err(|_| "not a valid HTTP header name".to_owned())?;
-    if name.as_str() != value || value.starts_with(':') || value.starts_with("grpc-") {
-        return Err(
-            "must be a lowercase header name that is not reserved by HTTP/2 or gRPC".into(),
-        );
+    if name.as_str() != value
+        || value.starts_with(':')
+        || value.starts_with("grpc-")
+        || RESERVED_HEADERS.contains(&value)
+    {
+        return Err(format!(
+            "must be a lowercase header name that is not reserved by HTTP/2 or gRPC \
+             (not grpc-*, {})",
+            RESERVED_HEADERS.join(", ")
+        ));
     }
     Ok(name)
 }
@@ -564,9 +589,11 @@ type FileValues = BTreeMap<String, Vec<String>>;
 pub fn read_file(
     path: &Path,
 ) -> Result<(FileValues, BTreeMap<String, MethodSettings>), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::File {
-        path: path.to_owned(),
-        reason: error.to_string(),
+    let text = crate::files::read_text(path, crate::files::TEXT_BYTES_MAX).map_err(|error| {
+        ConfigError::File {
+            path: path.to_owned(),
+            reason: error.to_string(),
+        }
     })?;
     parse_file(&text).map_err(|reason| ConfigError::File {
         path: path.to_owned(),
@@ -707,7 +734,7 @@ pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
     let admin_token = match (settings.admin_token, settings.admin_token_file) {
         (Some(token), _) => Some(token),
         (None, Some(path)) => Some(
-            std::fs::read_to_string(&path)
+            crate::files::read_text(&path, crate::files::SECRET_BYTES_MAX)
                 .map_err(|error| {
                     invalid(
                         "admin-token-file",
@@ -926,25 +953,28 @@ fn store_choice(settings: &Settings) -> Result<StoreChoice, ConfigError> {
     let password = match (&settings.redis_password, &settings.redis_password_file) {
         (Some(password), _) => Some(password.clone()),
         (None, Some(path)) => {
-            let text = std::fs::read_to_string(path).map_err(|error| {
-                invalid(
-                    "redis-password-file",
-                    &path.display().to_string(),
-                    error.to_string(),
-                )
-            })?;
+            let text =
+                crate::files::read_text(path, crate::files::SECRET_BYTES_MAX).map_err(|error| {
+                    invalid(
+                        "redis-password-file",
+                        &path.display().to_string(),
+                        error.to_string(),
+                    )
+                })?;
             Some(text.trim_end_matches(['\r', '\n']).to_owned())
         }
         (None, None) => None,
     };
     let ca_pem = match &settings.redis_ca_file {
-        Some(path) => Some(std::fs::read(path).map_err(|error| {
-            invalid(
-                "redis-ca-file",
-                &path.display().to_string(),
-                error.to_string(),
-            )
-        })?),
+        Some(path) => Some(
+            crate::files::read(path, crate::files::TEXT_BYTES_MAX).map_err(|error| {
+                invalid(
+                    "redis-ca-file",
+                    &path.display().to_string(),
+                    error.to_string(),
+                )
+            })?,
+        ),
         None => None,
     };
     let options = crate::store::redis::RedisOptions {
@@ -1162,6 +1192,45 @@ mod tests {
         assert_eq!(config.request_bytes_max, 1024);
         assert_eq!(config.key_header.as_str(), "x-request-id");
         assert_eq!(config.descriptors.proto_paths, [PathBuf::from("/c")]);
+    }
+
+    #[test]
+    /// Issue 31, item 7: each of these started before, and each could make calls share a key,
+    /// go to the wrong port or read a file forever.
+    fn settings_that_would_share_keys_or_read_forever_are_refused() {
+        let refused = |extra: &[&str]| error_text(resolved(extra));
+        for upstream in [
+            "http://127.0.0.1:70000",
+            "http://127.0.0.1:0",
+            "http://[::1]:65536",
+        ] {
+            let error = error_text(parse_args(["--upstream", upstream]).and_then(resolve));
+            assert!(
+                error.contains("--upstream") && error.contains("65535"),
+                "{error}"
+            );
+        }
+        for upstream in ["http://[::1]:50051", "http://svc", "http://svc:65535"] {
+            parse_args(["--upstream", upstream])
+                .and_then(resolve)
+                .expect(upstream);
+        }
+        for header in ["content-type", "te", "user-agent", "grpc-timeout", "host"] {
+            let error = refused(&["--key-header", header]);
+            assert!(error.contains("--key-header"), "{header}: {error}");
+            let error = refused(&["--caller-source", &format!("header:{header}")]);
+            assert!(error.contains("--caller-source"), "{header}: {error}");
+        }
+        let error = refused(&["--admin-token-file", "/dev/zero"]);
+        assert!(
+            error.contains("--admin-token-file") && error.contains("more than"),
+            "{error}"
+        );
+        let error = error_text(parse_args(["--config", "/dev/zero"]).and_then(resolve));
+        assert!(
+            error.contains("/dev/zero") && error.contains("more than"),
+            "{error}"
+        );
     }
 
     #[test]

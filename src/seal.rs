@@ -51,7 +51,8 @@ impl Sealer {
             path: path.display().to_string(),
             reason,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let text = crate::files::read_text(path, crate::files::SECRET_BYTES_MAX)
+            .map_err(|e| fail(e.to_string()))?;
         Sealer::parse(&text).map_err(fail)
     }
 

@@ -53,8 +53,10 @@ fn certificates(
     setting: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let chain = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+    let pem = crate::files::read(path, crate::files::TEXT_BYTES_MAX)
+        .map_err(|e| error(setting, path, e))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| error(setting, path, e))?;
     if chain.is_empty() {
         return Err(error(setting, path, "holds no certificate"));
@@ -65,8 +67,9 @@ fn certificates(
 /// Reads the files into a server configuration.
 pub fn server_config(files: &Files) -> Result<ServerConfig, TlsError> {
     let chain = certificates("tls-cert", &files.cert)?;
-    let key =
-        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| error("tls-key", &files.key, e))?;
+    let key = crate::files::read(&files.key, crate::files::TEXT_BYTES_MAX)
+        .map_err(|e| error("tls-key", &files.key, e))?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| error("tls-key", &files.key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

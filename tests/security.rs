@@ -598,3 +598,33 @@ async fn logs_carry_no_serial_caller_or_body() {
         assert!(!logs.contains(secret), "{secret} is in the logs:\n{logs}");
     }
 }
+
+/// Issue 31, item 4: `x-caller-id: alice` sent by the client and `x-caller-id: mallory`
+/// appended by a gateway were keyed as alice, so mallory could be answered with alice's
+/// recorded outcome. Two caller headers, or two key headers, are refused; nothing runs.
+#[tokio::test]
+async fn a_second_caller_or_key_header_is_refused_not_one_picked() {
+    let upstream = ledger::start().await;
+    let sidecar = start_sidecar(upstream.addr, |_| {}).await;
+    let mut client = client(sidecar.addr).await;
+    apply(&mut client, add("alice", 5), Some("pay-1"), Some("alice"))
+        .await
+        .unwrap();
+    let mut twice = tonic::Request::new(add("alice", 5));
+    let metadata = twice.metadata_mut();
+    metadata.insert("idempotency-key", "pay-1".parse().unwrap());
+    metadata.append("x-caller-id", "alice".parse().unwrap());
+    metadata.append("x-caller-id", "mallory".parse().unwrap());
+    let refused = client.apply(twice).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert_eq!(reason(&refused), "IDEMPOTENCY_CALLER_INVALID");
+    let mut two_keys = tonic::Request::new(add("alice", 5));
+    let metadata = two_keys.metadata_mut();
+    metadata.append("idempotency-key", "pay-1".parse().unwrap());
+    metadata.append("idempotency-key", "pay-2".parse().unwrap());
+    metadata.insert("x-caller-id", "alice".parse().unwrap());
+    let refused = client.apply(two_keys).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(reason(&refused), "IDEMPOTENCY_KEY_INVALID");
+    assert_eq!(upstream.state.executions(), 1, "only the first call ran");
+}

@@ -214,7 +214,7 @@ async fn connect(args: &KeysArgs) -> Result<(AdminClient<Channel>, Option<String
     };
     let token = match &args.token_file {
         Some(path) => Some(
-            std::fs::read_to_string(path)
+            crate::files::read_text(path, crate::files::SECRET_BYTES_MAX)
                 .map_err(|error| format!("--token-file {}: {error}", path.display()))?
                 .trim()
                 .to_owned(),

@@ -54,7 +54,8 @@ pub fn load(sources: &Sources, reflected: Option<&[u8]>) -> Result<DescriptorPoo
             })?;
     }
     for path in &sources.descriptor_sets {
-        let bytes = std::fs::read(path).map_err(|error| failed(path, error))?;
+        let bytes = crate::files::read(path, crate::files::DESCRIPTORS_BYTES_MAX)
+            .map_err(|error| failed(path, error))?;
         pool.decode_file_descriptor_set(&bytes[..])
             .map_err(|error| failed(path, format!("not a usable FileDescriptorSet: {error}")))?;
     }

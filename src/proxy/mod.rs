@@ -219,10 +219,10 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         span: &tracing::Span,
     ) -> Routed {
         let (parts, incoming) = request.into_parts();
-        let header_serial = parts
-            .headers
-            .get(&self.settings.key_header)
-            .map(|value| Bytes::copy_from_slice(value.as_bytes()));
+        let header_serial = match self.header_serial(&parts.headers) {
+            Ok(serial) => serial,
+            Err(refusal) => return Routed::refused(&refusal),
+        };
         let caller = match self.settings.callers.caller_of(&parts.headers, peer) {
             Ok(caller) => caller,
             Err(refusal) => return Routed::refused(&refusal),
@@ -312,6 +312,21 @@ impl<S: Store, C: Clock> Proxy<S, C> {
 }
 
 impl<S, C> Proxy<S, C> {
+    /// The key header's one value. Two are refused, never one picked: which one a gateway or
+    /// client library would have meant cannot be known, and two calls that differ only there
+    /// must not share an outcome.
+    fn header_serial(&self, headers: &http::HeaderMap) -> Result<Option<Bytes>, Refusal> {
+        let name = &self.settings.key_header;
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (first, None) => Ok(first.map(|value| Bytes::copy_from_slice(value.as_bytes()))),
+            _ => Err(Refusal::new(
+                Reason::KeyInvalid,
+                format!("more than one {name} header: send one key per call"),
+            )),
+        }
+    }
+
     /// The serial (header first, then the key field) and, for a method with descriptors, the
     /// canonical fingerprint.
     fn inspect(

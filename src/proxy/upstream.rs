@@ -245,7 +245,10 @@ impl HttpUpstream {
         if scheme != Scheme::HTTP || uri.path() != "/" && !uri.path().is_empty() {
             return Err(UpstreamUrlError::Unsupported(url.to_owned()));
         }
-        let port = authority.port_u16().unwrap_or(80);
+        let port = upstream_port(&authority).ok_or_else(|| UpstreamUrlError::Invalid {
+            url: url.to_owned(),
+            reason: "the port must be a number from 1 to 65535".to_owned(),
+        })?;
         let host = authority.host();
         let address = format!(
             "{}:{port}",
@@ -365,6 +368,19 @@ const EAGER_FRAMES: usize = 4;
 /// Sends `first` and what has already arrived after it, holding each DATA back one step so
 /// that the END_STREAM flag rides on it: a unary call goes out as HEADERS and one DATA, in
 /// one write. A body that has not ended is pumped on in its own task.
+/// The authority's port (80 when it names none), or `None` when the port it names is not one
+/// of 1-65535: the `http` crate reads `:70000` as no port at all, which would quietly have sent
+/// every call to port 80.
+fn upstream_port(authority: &http::uri::Authority) -> Option<u16> {
+    // Past an IPv6 literal's `]`, a `:` can only start the port.
+    let text = authority.as_str();
+    let after_host = text.rsplit_once(']').map_or(text, |(_, rest)| rest);
+    if !after_host.contains(':') {
+        return Some(80);
+    }
+    authority.port_u16().filter(|port| *port != 0)
+}
+
 fn send_ready_frames(
     first: Frame<Bytes>,
     mut body: Incoming,

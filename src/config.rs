@@ -97,6 +97,11 @@ pub struct Settings {
     /// How long a ping may go unanswered before the connection is closed.
     #[arg(long, env = "IDEMPROXY_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = span(ms(100), HOUR))]
     pub http2_keepalive_timeout: Duration,
+    /// Client connections the proxy port holds at once; past it, new ones wait to be accepted.
+    /// 0: as many as the open-files limit leaves after the 256 kept for the store and the
+    /// other listeners; a number must fit under that limit with them.
+    #[arg(long, env = "IDEMPROXY_MAX_CONNECTIONS", default_value = "0", value_parser = count(0, 1 << 20))]
+    pub max_connections: u64,
     /// A client connection that starts no call for this long is closed gracefully (GOAWAY).
     #[arg(long, env = "IDEMPROXY_HTTP2_IDLE_TIMEOUT", default_value = "15m", value_parser = span(ms(100), 7 * DAY))]
     pub http2_idle_timeout: Duration,
@@ -397,6 +402,8 @@ pub struct Http2Limits {
     pub keepalive_timeout: Duration,
     /// A connection starting no call for this long is closed gracefully.
     pub idle_timeout: Duration,
+    /// Client connections held at once; 0 until the open-files limit is known at start.
+    pub connections_max: usize,
 }
 
 /// The longest retention accepted: a year.
@@ -723,6 +730,7 @@ pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
             .filter(|interval| !interval.is_zero()),
         keepalive_timeout: settings.http2_keepalive_timeout,
         idle_timeout: settings.http2_idle_timeout,
+        connections_max: usize::try_from(settings.max_connections).unwrap_or(usize::MAX),
     };
     let limits = Limits {
         retention: settings.retention,
@@ -1130,6 +1138,7 @@ mod tests {
                 keepalive_interval: Some(Duration::from_secs(60)),
                 keepalive_timeout: Duration::from_secs(20),
                 idle_timeout: Duration::from_secs(15 * 60),
+                connections_max: 0,
             }
         );
         assert_eq!(config.limits.retention, Duration::from_secs(86_400));

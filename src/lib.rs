@@ -5,6 +5,7 @@ pub mod caller;
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod fds;
 pub mod files;
 pub mod inject;
 pub mod injector;

@@ -43,6 +43,8 @@ pub enum Readiness {
 #[derive(Clone)]
 pub struct Health {
     readiness: watch::Sender<Readiness>,
+    /// What failed for good (`Store::failed_for_good`): liveness fails from then on.
+    failed: watch::Sender<Option<String>>,
     reporter: HealthReporter,
     grpc: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
 }
@@ -56,6 +58,7 @@ impl Health {
         );
         Health {
             readiness: watch::Sender::new(Readiness::NotReady("starting".into())),
+            failed: watch::Sender::new(None),
             reporter,
             grpc,
         }
@@ -86,9 +89,31 @@ impl Health {
         };
         self.reporter.set_service_status("", status).await;
         self.reporter.set_service_status("readiness", status).await;
+        let live = if self.failed.borrow().is_none() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("liveness", live).await;
+    }
+
+    /// Fails liveness for good: only a restart clears what `why` says.
+    pub async fn fail_liveness(&self, why: String) {
+        if self.failed.borrow().is_none() {
+            tracing::error!(
+                why,
+                "not alive: the store takes no more writes until a restart"
+            );
+            self.failed.send_replace(Some(why));
+        }
         self.reporter
-            .set_service_status("liveness", ServingStatus::Serving)
+            .set_service_status("liveness", ServingStatus::NotServing)
             .await;
+    }
+
+    /// What failed for good, if anything.
+    pub fn failed_for_good(&self) -> Option<String> {
+        self.failed.borrow().clone()
     }
 
     /// What readiness is now.
@@ -105,6 +130,9 @@ impl Health {
                 Ok(Err(error)) => Readiness::NotReady(error.to_string()),
                 Err(_) => Readiness::NotReady("the store did not answer its check".into()),
             };
+            if let Some(why) = store.failed_for_good() {
+                self.fail_liveness(why).await;
+            }
             self.set(readiness).await;
             tokio::select! {
                 () = &mut stopped => return,
@@ -149,7 +177,13 @@ async fn answer(
     }
     if request.method() == http::Method::GET && (path == "/livez" || path == "/readyz") {
         if path == "/livez" {
-            return Ok(text(StatusCode::OK, "alive\n".into()));
+            return Ok(match health.failed_for_good() {
+                None => text(StatusCode::OK, "alive\n".into()),
+                Some(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not alive: {why}\n"),
+                ),
+            });
         }
         return Ok(match health.readiness() {
             Readiness::Ready => text(StatusCode::OK, "ready\n".into()),

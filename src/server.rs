@@ -60,6 +60,9 @@ pub enum StartError {
     /// The OpenTelemetry settings cannot work.
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    /// The open-files limit cannot hold the connections allowed and the store's files.
+    #[error("{0}")]
+    OpenFiles(String),
 }
 
 fn list(errors: &[crate::policy::PolicyError]) -> String {
@@ -281,7 +284,15 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
         callers: config.callers.clone(),
         request_bytes_max: config.request_bytes_max,
     };
-    let listening = listening(config)?;
+    let mut listening = listening(config)?;
+    // Client sockets must never take the descriptors the store needs (a failed store write
+    // is sticky until a restart).
+    let open_files = crate::fds::raise_limit();
+    let connections_max =
+        crate::fds::connections_max(config.http2.connections_max as u64, open_files)
+            .map_err(StartError::OpenFiles)?;
+    listening.http2.connections_max = usize::try_from(connections_max).unwrap_or(usize::MAX);
+    tracing::info!(open_files, connections_max, "file descriptors");
     // Bound before anything serves, so a taken port stops the start with its name.
     let (ops_listener, ops_addr) = bind(config.ops_listen).await?;
     let (admin_listener, admin_addr) = bind(config.admin_listen).await?;

@@ -38,6 +38,7 @@ async fn injected_write_and_fsync_errors_fail_closed_and_lose_no_answer() {
     let data = dir.path().join("data");
     let log_path = dir.path().join("stderr.log");
     let addr = support::http::free_addr();
+    let ops = support::http::free_addr();
     let run = |program: &str, prefix: &[&str]| {
         let mut command = tokio::process::Command::new(program);
         command
@@ -49,7 +50,7 @@ async fn injected_write_and_fsync_errors_fail_closed_and_lose_no_answer() {
             .arg(&data)
             .args(["--store-timeout", "1s"])
             .env("IDEMPROXY_ADMIN_LISTEN", "127.0.0.1:0")
-            .env("IDEMPROXY_OPS_LISTEN", "127.0.0.1:0")
+            .env("IDEMPROXY_OPS_LISTEN", ops.to_string())
             .stdout(Stdio::null())
             .kill_on_drop(true);
         command
@@ -133,6 +134,22 @@ async fn injected_write_and_fsync_errors_fail_closed_and_lose_no_answer() {
         faulty.try_wait().unwrap().is_none(),
         "the sidecar is still running under I/O errors"
     );
+    // One flush surely fails (every fdatasync does, for one call): the store takes no more
+    // writes until a restart, so liveness fails and the kubelet restarts the container
+    // (issue 31, item 2: /livez stayed 200 and the pod refused every new key for good).
+    fiu_ctrl(pid, "enable name=posix/io/sync/fdatasync");
+    let mut doomed = client(addr).await;
+    let failed = apply(&mut doomed, add("doomed", 1), Some("doomed"), None).await;
+    assert!(
+        failed.is_err(),
+        "a call whose flush failed is not acknowledged"
+    );
+    support::eventually(Duration::from_secs(10), "/livez to fail", || async move {
+        support::http::get(ops, "/livez").await.0 == 503
+    })
+    .await;
+    let (_, why) = support::http::get(ops, "/livez").await;
+    assert!(why.contains("restart"), "/livez says why: {why}");
     // The faults stop: does the store take writes again without a restart?
     for name in FAILPOINTS {
         fiu_ctrl(pid, &format!("disable name={name}"));

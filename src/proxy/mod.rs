@@ -397,16 +397,25 @@ pub async fn serve<S: Store, C: Clock>(
         .keep_alive_timeout(limits.keepalive_timeout);
     let (draining, drain) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
+    // A slot per connection held: past `connections_max`, new connections wait in the
+    // listen backlog, so client sockets never take the file descriptors the store needs.
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
+    let mut accept_backoff = ACCEPT_BACKOFF_MIN;
     tokio::pin!(shutdown);
     loop {
-        let (stream, addr) = tokio::select! {
+        let (stream, addr, slot) = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+            accepted = accept(&listener, &slots) => match accepted {
+                Ok(accepted) => {
+                    accept_backoff = ACCEPT_BACKOFF_MIN;
+                    accepted
+                }
                 Err(error) => {
-                    // Out of file descriptors and the like: keep serving the open connections.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    // Out of file descriptors and the like: keep serving the open connections,
+                    // and try again later, waiting longer while it lasts.
+                    tracing::warn!(%error, retry_ms = accept_backoff.as_millis() as u64, "accept failed");
+                    tokio::time::sleep(accept_backoff).await;
+                    accept_backoff = (accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
@@ -423,6 +432,8 @@ pub async fn serve<S: Store, C: Clock>(
         let tls = listening.tls.as_ref().map(|tls| tls.acceptor());
         let subject_fallback = listening.subject_fallback;
         connections.spawn(async move {
+            // Given back when the connection ends, however it ends.
+            let _slot = slot;
             let Some(acceptor) = tls else {
                 let peer = Peer {
                     addr: Some(addr),
@@ -459,6 +470,28 @@ pub async fn serve<S: Store, C: Clock>(
         "draining the open connections"
     );
     while connections.join_next().await.is_some() {}
+}
+
+/// The first wait after a failed accept, doubled while accepts fail, up to the longest.
+const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The next connection, once a slot for it is free.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> std::io::Result<(
+    tokio::net::TcpStream,
+    std::net::SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the connection slots are never closed");
+    let (stream, addr) = listener.accept().await?;
+    Ok((stream, addr, slot))
 }
 
 /// One client connection's share of the listener.

@@ -105,6 +105,13 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the store can take writes now (readiness): `Err` names what is wrong.
     fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// What failed, when the store can take no more writes until the process restarts (a
+    /// failed flush on sled): liveness fails, so the kubelet restarts the container instead
+    /// of leaving a pod that refuses every new key.
+    fn failed_for_good(&self) -> Option<String> {
+        None
+    }
+
     /// Up to `limit` (at most `PAGE_RECORDS_MAX`) records after `cursor` (a page's `next`;
     /// `None` from the start), for operators. Reads only.
     fn scan(
@@ -195,6 +202,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.check().await,
             AnyStore::Redis(store) => store.check().await,
+        }
+    }
+
+    fn failed_for_good(&self) -> Option<String> {
+        match self {
+            AnyStore::Sled(store) => store.failed_for_good(),
+            AnyStore::Redis(store) => store.failed_for_good(),
         }
     }
 

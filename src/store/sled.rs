@@ -675,6 +675,10 @@ impl Store for SledStore {
         Ok(callers.get(caller).copied().unwrap_or(0))
     }
 
+    fn failed_for_good(&self) -> Option<String> {
+        (!self.flusher.is_healthy()).then(|| SUSPECT.to_owned())
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         if !self.flusher.is_healthy() {
             return Err(StoreError::Io(SUSPECT.into()));

@@ -41,7 +41,25 @@ pub async fn start(args: &[String]) -> BinarySidecar {
 
 /// `start` with extra environment variables (OTEL_* settings and the like).
 pub async fn start_with_env(args: &[String], env: &[(&str, String)]) -> BinarySidecar {
-    let mut child = Command::new(path())
+    start_under(&[], args, env).await
+}
+
+/// `start_with_env` run by the command `wrapper` (`prlimit --nofile=…`, …) when it is not
+/// empty.
+pub async fn start_under(
+    wrapper: &[&str],
+    args: &[String],
+    env: &[(&str, String)],
+) -> BinarySidecar {
+    let mut command = match wrapper.split_first() {
+        None => Command::new(path()),
+        Some((program, wrapper_args)) => {
+            let mut command = Command::new(program);
+            command.args(wrapper_args).arg(path());
+            command
+        }
+    };
+    let mut child = command
         .arg("run")
         .args(args)
         .envs(env.iter().map(|(name, value)| (*name, value.as_str())))

@@ -122,6 +122,16 @@ pub fn state_name(state: State) -> &'static str {
     }
 }
 
+/// The states an operator may name, as `state_name` writes them.
+pub const STATE_NAMES: [&str; 3] = ["IN_FLIGHT", "COMPLETED", "IN_DOUBT"];
+
+/// The state named `name` exactly as `state_name` writes it; `None` for anything else.
+pub fn state_named(name: &str) -> Option<State> {
+    [State::InFlight, State::Completed, State::InDoubt]
+        .into_iter()
+        .find(|state| state_name(*state) == name)
+}
+
 /// A first attempt or a duplicate arrives: claim the key, or learn its standing.
 pub fn claim(current: Option<&Record>, request: &ClaimRequest<'_>) -> (Change, Claimed) {
     let record = match current {

@@ -193,6 +193,14 @@ impl Admin for AdminService {
         request: Request<pb::ListRecordsRequest>,
     ) -> Result<Reply<pb::ListRecordsResponse>, Status> {
         let filter = request.into_inner();
+        // A typo must not read as "no record is in that state": refuse what is no state.
+        if !filter.state.is_empty() && record::state_named(&filter.state).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "state {:?} is not a record state; use one of {}",
+                filter.state,
+                record::STATE_NAMES.join(", ")
+            )));
+        }
         let page_size = match filter.page_size {
             0 => 100,
             size => (size as usize).min(PAGE_RECORDS_MAX),

@@ -116,6 +116,42 @@ async fn required_headers_reach_the_service_on_both_paths() {
     );
 }
 
+// Regression (issue 33): hyper's server added `date` to every answer and `content-length` to
+// keyed ones, and a replay carried a fresh `date`.
+#[tokio::test]
+async fn answers_carry_only_what_the_service_sent_on_both_paths() {
+    let (upstream, seen) = bare_upstream().await;
+    let sidecar = support::start_sidecar(upstream, |_| {}).await;
+    let direct = support::raw::call(upstream, "/pkg.Svc/Echo", &[], message()).await;
+    assert_eq!(
+        direct.headers.len(),
+        1,
+        "the service sends content-type only"
+    );
+    let passthrough = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &[], message()).await;
+    let key = [("idempotency-key", "exact-1")];
+    let first = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &key, message()).await;
+    let replay = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &key, message()).await;
+    for (path, answer) in [("passthrough", &passthrough), ("first keyed", &first)] {
+        assert_eq!(answer.headers, direct.headers, "{path}: head");
+        assert_eq!(answer.body, direct.body, "{path}: messages");
+        assert_eq!(answer.trailers, direct.trailers, "{path}: trailers");
+    }
+    let mut expected = direct.headers.clone();
+    expected.insert("idempotency-replayed", "true".parse().unwrap());
+    assert_eq!(
+        replay.headers, expected,
+        "the recorded head plus the marker"
+    );
+    assert_eq!(replay.body, direct.body);
+    assert_eq!(replay.trailers, direct.trailers);
+    assert_eq!(
+        seen.processed.load(Ordering::SeqCst),
+        3,
+        "direct, passthrough, first"
+    );
+}
+
 #[tokio::test]
 async fn a_refused_stream_releases_the_key() {
     let (upstream, seen) = bare_upstream().await;

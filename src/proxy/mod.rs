@@ -376,6 +376,9 @@ pub async fn serve<S: Store, C: Clock>(
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(hyper_util::rt::TokioTimer::new())
+        // A proxy adds nothing the service did not send: hyper would stamp every answer with
+        // its own `date`, and a replay with a fresh one (design §3, replay fidelity).
+        .auto_date_header(false)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_list_size)
         .keep_alive_interval(limits.keepalive_interval)

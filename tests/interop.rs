@@ -241,6 +241,72 @@ async fn goaway_upstream() -> SocketAddr {
     addr
 }
 
+/// A service that records the type and flags of every frame of stream 1 until one ends the
+/// stream, then hangs up: the frames exactly as the sidecar wrote them. Read frame by frame,
+/// as `h2` merges an empty END_STREAM DATA frame into the end of the stream it hands over.
+async fn frame_recorder() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Receiver<Vec<(u8, u8, u32)>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sender, frames) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let _ = socket.write_all(&[0u8, 0, 0, 4, 0, 0, 0, 0, 0]).await; // SETTINGS
+        let mut preface = [0u8; 24];
+        socket.read_exact(&mut preface).await.unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            socket.read_exact(&mut head).await.unwrap();
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; length as usize];
+            socket.read_exact(&mut payload).await.unwrap();
+            if stream == 1 {
+                seen.push((head[3], head[4], length));
+                if head[4] & 0x1 != 0 {
+                    let _ = sender.send(seen);
+                    return;
+                }
+            }
+        }
+    });
+    (addr, frames)
+}
+
+const HEADERS: u8 = 1;
+const DATA: u8 = 0;
+const END_STREAM: u8 = 0x1;
+
+// Regression (issue 33): a keyed call with an empty body went out as HEADERS with END_STREAM;
+// gRPC clients send HEADERS, then a DATA frame with END_STREAM, and grpc-go's server ends
+// the input only on the latter, so the call hung for its whole lease.
+#[tokio::test]
+async fn a_keyed_empty_request_ends_with_an_empty_data_frame_as_grpc_clients_send() {
+    let (upstream, frames) = frame_recorder().await;
+    let sidecar = support::start_sidecar(upstream, |_| {}).await;
+    const KEY: [(&str, &str); 1] = [("idempotency-key", "empty-1")];
+    let call = support::raw::call(sidecar.addr, "/pkg.Svc/Count", &KEY, Bytes::new());
+    let answer = tokio::spawn(call);
+    let frames = frames.await.unwrap();
+    assert_eq!(frames.len(), 2, "HEADERS then DATA: {frames:?}");
+    let (kind, flags, _) = frames[0];
+    assert_eq!(
+        (kind, flags & END_STREAM),
+        (HEADERS, 0),
+        "HEADERS leave the stream open"
+    );
+    assert_eq!(
+        frames[1],
+        (DATA, END_STREAM, 0),
+        "an empty DATA frame ends it"
+    );
+    answer.abort();
+}
+
 #[tokio::test]
 async fn a_call_refused_by_goaway_releases_the_key() {
     let upstream = goaway_upstream().await;

@@ -110,11 +110,14 @@ pub enum Reason {
     CallerInvalid,
     /// The caller holds as many live records as it may.
     CallerQuota,
+    /// A keyed call of a shape that cannot be deduplicated (a bidirectional stream, or a
+    /// request body that did not end in time): refused at once rather than held.
+    CallShapeUnsupported,
 }
 
 impl Reason {
     /// Every reason, for tests and documentation checks that must cover them all.
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::KeyReused,
         Reason::InProgress,
         Reason::OutcomeUnknown,
@@ -130,6 +133,7 @@ impl Reason {
         Reason::CallerMissing,
         Reason::CallerInvalid,
         Reason::CallerQuota,
+        Reason::CallShapeUnsupported,
     ];
 
     /// The stable reason string.
@@ -150,15 +154,17 @@ impl Reason {
             Reason::CallerMissing => "IDEMPOTENCY_CALLER_MISSING",
             Reason::CallerInvalid => "IDEMPOTENCY_CALLER_INVALID",
             Reason::CallerQuota => "IDEMPOTENCY_CALLER_QUOTA",
+            Reason::CallShapeUnsupported => "IDEMPOTENCY_CALL_SHAPE_UNSUPPORTED",
         }
     }
 
     /// The status code this reason is answered with.
     pub fn code(self) -> Code {
         match self {
-            Reason::KeyReused | Reason::OutcomeUnknown | Reason::ResponseNotKept => {
-                Code::FailedPrecondition
-            }
+            Reason::KeyReused
+            | Reason::OutcomeUnknown
+            | Reason::ResponseNotKept
+            | Reason::CallShapeUnsupported => Code::FailedPrecondition,
             Reason::InProgress => Code::Aborted,
             Reason::Duplicate => Code::AlreadyExists,
             Reason::KeyInvalid | Reason::KeyMissing => Code::InvalidArgument,

@@ -345,7 +345,7 @@ async fn refusals_about_a_key() -> Vec<idemproxy::status::Refusal> {
             })
             .await,
     ); // DUPLICATE
-    running.await.unwrap();
+    running.await.expect("the first attempt ran");
     let in_doubt = scripted(MemoryStore::new(1 << 30), Duration::ZERO, || {
         Reply::Unknown("lost".into())
     });
@@ -372,7 +372,7 @@ async fn refusals_about_a_key() -> Vec<idemproxy::status::Refusal> {
     let running = in_background_scripted(&unrecorded, call("n", None));
     tokio::task::yield_now().await;
     unrecorded.store().arm_faults(true);
-    keep(running.await.unwrap()); // OUTCOME_NOT_RECORDED
+    keep(running.await.expect("the call ran")); // OUTCOME_NOT_RECORDED
     refusals
 }
 

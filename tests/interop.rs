@@ -325,3 +325,68 @@ async fn a_call_refused_by_goaway_releases_the_key() {
         );
     }
 }
+
+// Regression (issue 33): a keyed call whose client streams while it waits for answers (a
+// bidirectional ping-pong) was read whole before anything else, so it hung forever.
+#[tokio::test]
+async fn a_keyed_request_that_does_not_end_is_refused_in_time_and_nothing_is_forwarded() {
+    let (upstream, seen) = bare_upstream().await;
+    let sidecar = support::start_sidecar(upstream, |_| {}).await;
+    let socket = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(socket).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{}/pkg.Svc/Chat", sidecar.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("idempotency-key", "ping-pong-1")
+        .body(())
+        .unwrap();
+    let (response, mut stream) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    // One message, then the client waits for an answer before it sends more.
+    stream.send_data(message(), false).unwrap();
+    let bound = idemproxy::proxy::REQUEST_END_WAIT + std::time::Duration::from_secs(5);
+    let response = tokio::time::timeout(bound, response)
+        .await
+        .expect("refused in time")
+        .unwrap();
+    let status = response.headers()["grpc-status"].to_str().unwrap();
+    assert_eq!(status, "9", "FAILED_PRECONDITION");
+    let details = response.headers()["grpc-status-details-bin"].as_bytes();
+    use base64::Engine as _;
+    let details = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(details)
+        .unwrap();
+    let info = support::error_info_of(&details).unwrap();
+    assert_eq!(info.reason, "IDEMPOTENCY_CALL_SHAPE_UNSUPPORTED");
+    assert!(seen.headers.lock().unwrap().is_empty(), "nothing forwarded");
+}
+
+// Regression (issue 33): grpcurl's -H puts the key on its reflection stream too, which hung.
+#[tokio::test]
+async fn keyed_calls_to_reflection_and_health_pass_through() {
+    let (upstream, seen) = bare_upstream().await;
+    let sidecar = support::start_sidecar(upstream, |_| {}).await;
+    let key = [("idempotency-key", "tools-1")];
+    for path in [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    ] {
+        let answer = support::raw::call(sidecar.addr, path, &key, message()).await;
+        assert_eq!(answer.grpc_status(), Some(0), "{path}");
+        assert!(
+            !answer.headers.contains_key("idempotency-replayed"),
+            "{path}: not replayed"
+        );
+    }
+    assert_eq!(
+        seen.processed.load(Ordering::SeqCst),
+        3,
+        "each reached the service"
+    );
+}

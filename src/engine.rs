@@ -286,7 +286,7 @@ fn store_refusal(key: Key, error: &StoreError) -> Refusal {
         Reason::StoreUnavailable,
         format!("the idempotency store is unavailable: {error}"),
     )
-    .with_key(key)
+    .about(key, crate::status::STATE_UNKNOWN)
 }
 
 impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
@@ -403,8 +403,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             Err(_) => {
                 tracing::error!(key = %key, "the call's task ended without an answer");
                 let refusal = Refusal::new(Reason::OutcomeUnknown, "the call's outcome is unknown")
-                    .with_key(key)
-                    .with_state("IN_DOUBT");
+                    .about(key, "IN_DOUBT");
                 (Answer::Refused(refusal), Decision::Miss)
             }
         }
@@ -456,7 +455,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 tracing::warn!(key = %key, method = %call.method, "store unavailable; forwarding without deduplication (fail_open)");
                 drop(refusal);
                 let answer = self
-                    .forward_unprotected(lease, call.request, call.body)
+                    .forward_unprotected(key, lease, call.request, call.body)
                     .await;
                 return (answer, Decision::StoreError);
             }
@@ -586,8 +585,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                         Reason::InProgress,
                         "an earlier attempt with this key is still running",
                     )
-                    .with_key(key)
-                    .with_state("IN_FLIGHT")
+                    .about(key, "IN_FLIGHT")
                     .with_retry_after(retry_after),
                 )));
             }
@@ -601,7 +599,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                     return Err(Unclaimed::Answered(Answer::Refused(Refusal::new(
                         Reason::InProgress,
                         "the caller went away while an earlier attempt was running",
-                    ))));
+                    ).about(key, "IN_FLIGHT"))));
                 }
             }
         }
@@ -613,42 +611,43 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 Reason::Duplicate,
                 "a call with this idempotency key was already made",
             )
-            .with_key(key)
-            .with_state(state),
+            .about(key, state),
         )
     }
 
     fn answer_duplicate(key: Key, claimed: Claimed) -> Answer<U::Stream> {
-        let refusal = match claimed {
+        let (reason, message, state) = match claimed {
             Claimed::Replay(response) => return Answer::Replay(response),
-            Claimed::KeyReused => Refusal::new(
+            Claimed::KeyReused { state } => (
                 Reason::KeyReused,
                 "this idempotency key was already used with another request",
+                record::state_name(state),
             ),
-            Claimed::InDoubt => Refusal::new(
+            Claimed::InDoubt => (
                 Reason::OutcomeUnknown,
                 "an earlier attempt with this key may have taken effect and its outcome is unknown",
-            )
-            .with_state("IN_DOUBT"),
-            Claimed::QuotaExceeded => Refusal::new(
+                "IN_DOUBT",
+            ),
+            Claimed::QuotaExceeded => (
                 Reason::CallerQuota,
                 "this caller holds as many recorded keys as it may; retry once some expire",
+                crate::status::STATE_ABSENT,
             ),
-            Claimed::Unreadable => Refusal::new(
+            Claimed::Unreadable => (
                 Reason::OutcomeUnknown,
                 "an earlier attempt with this key completed, but its recorded outcome cannot be decrypted (its key is no longer in the key file, or the record was altered)",
-            )
-            .with_state("IN_DOUBT"),
-            Claimed::ResponseNotKept => Refusal::new(
+                "IN_DOUBT",
+            ),
+            Claimed::ResponseNotKept => (
                 Reason::ResponseNotKept,
                 "an earlier attempt with this key completed, but its response was too large to keep",
-            )
-            .with_state("COMPLETED"),
+                "COMPLETED",
+            ),
             Claimed::Owned | Claimed::InProgress { .. } => {
                 unreachable!("claim() handles Owned and InProgress itself")
             }
         };
-        Answer::Refused(refusal.with_key(key))
+        Answer::Refused(Refusal::new(reason, message).about(key, state))
     }
 
     /// Forwards a claimed call within its lease and records what happened.
@@ -704,7 +703,8 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                         Reason::UpstreamUnavailable,
                         format!("the service is unavailable: {why}"),
                     )
-                    .with_key(key),
+                    // Released: no record holds the key, so a retry runs.
+                    .about(key, crate::status::STATE_ABSENT),
                 )
             }
             Reply::Unknown(why) => {
@@ -718,8 +718,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                         Reason::OutcomeUnknown,
                         format!("the call may have taken effect and its outcome is unknown: {why}"),
                     )
-                    .with_key(key)
-                    .with_state("IN_DOUBT"),
+                    .about(key, "IN_DOUBT"),
                 )
             }
         }
@@ -763,8 +762,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                                 Reason::OutcomeNotRecorded,
                                 format!("the service acted, but its outcome could not be stored, so it is unknown here: {error}"),
                             )
-                            .with_key(key)
-                            .with_state("IN_FLIGHT"),
+                            .about(key, "IN_FLIGHT"),
                         )
                     }
                 }
@@ -791,6 +789,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     /// store is failing.
     async fn forward_unprotected(
         &self,
+        key: Key,
         lease: Duration,
         request: U::Request,
         body: Bytes,
@@ -801,14 +800,21 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         match reply {
             Reply::Complete(response) => Answer::Fresh(response),
             Reply::Oversized(stream) => Answer::Stream(stream),
-            Reply::NotProcessed(why) => Answer::Refused(Refusal::new(
-                Reason::UpstreamUnavailable,
-                format!("the service is unavailable: {why}"),
-            )),
-            Reply::Unknown(why) => Answer::Refused(Refusal::new(
-                Reason::OutcomeUnknown,
-                format!("the call may have taken effect and its outcome is unknown: {why}"),
-            )),
+            // The store failed before the claim: what it holds for the key is unknown.
+            Reply::NotProcessed(why) => Answer::Refused(
+                Refusal::new(
+                    Reason::UpstreamUnavailable,
+                    format!("the service is unavailable: {why}"),
+                )
+                .about(key, crate::status::STATE_UNKNOWN),
+            ),
+            Reply::Unknown(why) => Answer::Refused(
+                Refusal::new(
+                    Reason::OutcomeUnknown,
+                    format!("the call may have taken effect and its outcome is unknown: {why}"),
+                )
+                .about(key, crate::status::STATE_UNKNOWN),
+            ),
         }
     }
 

@@ -3,8 +3,9 @@
 //! one port that speaks HTTP/1.1 and HTTP/2. Read-only: nothing here can change a record.
 //!
 //! Ready means the proxy is bound, the policy loaded (both true once `server::start`
-//! returned), the store can take writes (`Store::check`, every `READINESS_INTERVAL`), and the
-//! sidecar is not draining. Live means the process answers.
+//! returned), the store can take writes (`Store::check`, every `READINESS_INTERVAL`; only
+//! `FAILED_CHECKS_MAX` failures in a row make it not ready, so a slow check never flaps it),
+//! and the sidecar is not draining. Live means the process answers.
 
 use crate::store::Store;
 use crate::telemetry::Telemetry;
@@ -25,8 +26,14 @@ use tonic_health::ServingStatus;
 /// How often readiness re-checks the store.
 pub const READINESS_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Longest wait for one store check; past it the store counts as not ready.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for one store check; past it the check counts as failed. Long, because a
+/// check that queues behind a group commit on a busy machine is slow, not failing.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Failed checks in a row that make the sidecar not ready. One failure is not enough: a pod
+/// whose readiness flaps drops out of its Service and back, and only a store that is really
+/// failing should take it out.
+pub const FAILED_CHECKS_MAX: u32 = 3;
 
 /// Whether the sidecar should get traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,18 +129,55 @@ impl Health {
     }
 
     /// Checks `store` every `READINESS_INTERVAL` until `stopped`, reporting what it finds.
+    /// A store that takes no more writes until a restart fails liveness at once.
     pub async fn watch_store<S: Store>(self, store: Arc<S>, stopped: impl Future<Output = ()>) {
-        tokio::pin!(stopped);
-        loop {
-            let readiness = match tokio::time::timeout(CHECK_TIMEOUT, store.check()).await {
-                Ok(Ok(())) => Readiness::Ready,
-                Ok(Err(error)) => Readiness::NotReady(error.to_string()),
-                Err(_) => Readiness::NotReady("the store did not answer its check".into()),
-            };
-            if let Some(why) = store.failed_for_good() {
-                self.fail_liveness(why).await;
+        let health = self.clone();
+        let check = || {
+            let (store, health) = (store.clone(), health.clone());
+            async move {
+                if let Some(why) = store.failed_for_good() {
+                    health.fail_liveness(why).await;
+                }
+                store.check().await
             }
-            self.set(readiness).await;
+        };
+        self.watch_checks(check, stopped).await;
+    }
+
+    /// Runs `check` every `READINESS_INTERVAL` until `stopped`: one that answers, however
+    /// slowly within `CHECK_TIMEOUT`, makes the sidecar ready; `FAILED_CHECKS_MAX` failures
+    /// in a row (an error, or no answer within `CHECK_TIMEOUT`) make it not ready.
+    pub async fn watch_checks<F, E>(
+        self,
+        mut check: impl FnMut() -> F,
+        stopped: impl Future<Output = ()>,
+    ) where
+        F: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        tokio::pin!(stopped);
+        let mut failed_in_a_row = 0;
+        loop {
+            let failure = match tokio::time::timeout(CHECK_TIMEOUT, check()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(error.to_string()),
+                Err(_) => Some(format!(
+                    "the store did not answer its check within {CHECK_TIMEOUT:?}"
+                )),
+            };
+            match failure {
+                None => {
+                    failed_in_a_row = 0;
+                    self.set(Readiness::Ready).await;
+                }
+                Some(why) => {
+                    failed_in_a_row += 1;
+                    tracing::debug!(why, failed_in_a_row, "a store check failed");
+                    if failed_in_a_row >= FAILED_CHECKS_MAX {
+                        self.set(Readiness::NotReady(why)).await;
+                    }
+                }
+            }
             tokio::select! {
                 () = &mut stopped => return,
                 () = tokio::time::sleep(READINESS_INTERVAL) => {}

@@ -75,8 +75,11 @@ pub enum Claimed {
     },
     /// The service may have acted and its outcome is unknown.
     InDoubt,
-    /// The same key arrived with another request payload.
-    KeyReused,
+    /// The same key arrived with another request payload; the record is in `state`.
+    KeyReused {
+        /// The record's state as of the claim (an IN_FLIGHT one past its lease: IN_DOUBT).
+        state: State,
+    },
     /// A new key of a caller at its cap on live records: nothing was written.
     QuotaExceeded,
     /// The recorded outcome is sealed and cannot be opened (its key is gone, or the record
@@ -109,6 +112,26 @@ pub fn effective_state(record: &Record, now_ms: u64) -> State {
     }
 }
 
+/// The name operators and refusals use for a state (`IN_DOUBT`).
+pub fn state_name(state: State) -> &'static str {
+    match state {
+        State::InFlight => "IN_FLIGHT",
+        State::Completed => "COMPLETED",
+        State::InDoubt => "IN_DOUBT",
+        State::Unspecified => "UNSPECIFIED",
+    }
+}
+
+/// The states an operator may name, as `state_name` writes them.
+pub const STATE_NAMES: [&str; 3] = ["IN_FLIGHT", "COMPLETED", "IN_DOUBT"];
+
+/// The state named `name` exactly as `state_name` writes it; `None` for anything else.
+pub fn state_named(name: &str) -> Option<State> {
+    [State::InFlight, State::Completed, State::InDoubt]
+        .into_iter()
+        .find(|state| state_name(*state) == name)
+}
+
 /// A first attempt or a duplicate arrives: claim the key, or learn its standing.
 pub fn claim(current: Option<&Record>, request: &ClaimRequest<'_>) -> (Change, Claimed) {
     let record = match current {
@@ -117,7 +140,8 @@ pub fn claim(current: Option<&Record>, request: &ClaimRequest<'_>) -> (Change, C
         _ => return (Change::Put(new_in_flight(request)), Claimed::Owned),
     };
     if record.fingerprint != request.fingerprint[..] {
-        return (Change::Keep, Claimed::KeyReused);
+        let state = effective_state(record, request.now_ms);
+        return (Change::Keep, Claimed::KeyReused { state });
     }
     if record.sealed.is_some() {
         return (Change::Keep, Claimed::Unreadable);
@@ -456,9 +480,19 @@ mod tests {
         let record = put(claim(None, &request(1, 100)).0);
         let mut other = request(2, 200);
         other.fingerprint = &OTHER_FP;
-        assert_eq!(claim(Some(&record), &other).1, Claimed::KeyReused);
+        assert_eq!(
+            claim(Some(&record), &other).1,
+            Claimed::KeyReused {
+                state: State::InFlight
+            }
+        );
         let done = put(complete(Some(&record), &[1; 16], Some(ok_response()), 150, 10_100).0);
-        assert_eq!(claim(Some(&done), &other).1, Claimed::KeyReused);
+        assert_eq!(
+            claim(Some(&done), &other).1,
+            Claimed::KeyReused {
+                state: State::Completed
+            }
+        );
     }
 
     #[test]

@@ -69,6 +69,13 @@ pub fn code_by_name(name: &str) -> Option<u32> {
         .map(|number| number as u32)
 }
 
+/// A refusal about a key whose record is gone or was never written (released, or refused
+/// before the claim).
+pub const STATE_ABSENT: &str = "ABSENT";
+
+/// A refusal about a key whose record the store could not read.
+pub const STATE_UNKNOWN: &str = "UNKNOWN";
+
 /// Why idemproxy answered instead of the service: the `ErrorInfo.reason` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
@@ -103,9 +110,32 @@ pub enum Reason {
     CallerInvalid,
     /// The caller holds as many live records as it may.
     CallerQuota,
+    /// A keyed call of a shape that cannot be deduplicated (a bidirectional stream, or a
+    /// request body that did not end in time): refused at once rather than held.
+    CallShapeUnsupported,
 }
 
 impl Reason {
+    /// Every reason, for tests and documentation checks that must cover them all.
+    pub const ALL: [Reason; 16] = [
+        Reason::KeyReused,
+        Reason::InProgress,
+        Reason::OutcomeUnknown,
+        Reason::KeyInvalid,
+        Reason::KeyMissing,
+        Reason::Duplicate,
+        Reason::RequestTooLarge,
+        Reason::ResponseNotKept,
+        Reason::StoreUnavailable,
+        Reason::OutcomeNotRecorded,
+        Reason::UpstreamUnavailable,
+        Reason::MalformedRequest,
+        Reason::CallerMissing,
+        Reason::CallerInvalid,
+        Reason::CallerQuota,
+        Reason::CallShapeUnsupported,
+    ];
+
     /// The stable reason string.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -124,15 +154,17 @@ impl Reason {
             Reason::CallerMissing => "IDEMPOTENCY_CALLER_MISSING",
             Reason::CallerInvalid => "IDEMPOTENCY_CALLER_INVALID",
             Reason::CallerQuota => "IDEMPOTENCY_CALLER_QUOTA",
+            Reason::CallShapeUnsupported => "IDEMPOTENCY_CALL_SHAPE_UNSUPPORTED",
         }
     }
 
     /// The status code this reason is answered with.
     pub fn code(self) -> Code {
         match self {
-            Reason::KeyReused | Reason::OutcomeUnknown | Reason::ResponseNotKept => {
-                Code::FailedPrecondition
-            }
+            Reason::KeyReused
+            | Reason::OutcomeUnknown
+            | Reason::ResponseNotKept
+            | Reason::CallShapeUnsupported => Code::FailedPrecondition,
             Reason::InProgress => Code::Aborted,
             Reason::Duplicate => Code::AlreadyExists,
             Reason::KeyInvalid | Reason::KeyMissing => Code::InvalidArgument,
@@ -155,7 +187,7 @@ pub struct Refusal {
     pub message: String,
     /// The key concerned, shown as its hash.
     pub key: Option<Key>,
-    /// The record state concerned (`IN_FLIGHT`, `IN_DOUBT`, ...).
+    /// Where the key's record stands (`IN_FLIGHT`, `IN_DOUBT`, `ABSENT`, ...).
     pub state: Option<&'static str>,
     /// How long a retry should wait.
     pub retry_after: Option<Duration>,
@@ -173,14 +205,12 @@ impl Refusal {
         }
     }
 
-    /// Names the key concerned.
-    pub fn with_key(mut self, key: Key) -> Refusal {
+    /// Names the key concerned and where its record stands: a record state (`IN_FLIGHT`,
+    /// `COMPLETED`, `IN_DOUBT`), `ABSENT` when no record holds the key, or `UNKNOWN` when the
+    /// store could not say. One call for both, so that no refusal about a key lacks its
+    /// `state` (README: every refusal about a key carries `key_hash` and `state`).
+    pub fn about(mut self, key: Key, state: &'static str) -> Refusal {
         self.key = Some(key);
-        self
-    }
-
-    /// Names the record state concerned.
-    pub fn with_state(mut self, state: &'static str) -> Refusal {
         self.state = Some(state);
         self
     }
@@ -298,8 +328,7 @@ mod tests {
     fn refusal_headers_carry_error_info_and_pushback() {
         let key = Key::derive("/s.S/M", "-", b"k");
         let refusal = Refusal::new(Reason::InProgress, "wait")
-            .with_key(key)
-            .with_state("IN_FLIGHT")
+            .about(key, "IN_FLIGHT")
             .with_retry_after(Duration::from_millis(250));
         let headers = refusal.to_headers();
         assert_eq!(headers["grpc-status"], "10");

@@ -70,6 +70,16 @@ async fn an_operator_finds_resolves_and_purges_records() {
     assert!(in_doubt
         .iter()
         .all(|r| r["method"] == APPLY && r["caller"] == "billing"));
+    // Regression (issue 33): lower case read as a state nobody is in, a typo as well.
+    let (code, out, err) = keys(&admin, &["ls", "--state", "in_doubt", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["records"].as_array().unwrap().len(), 2, "{out}");
+    let (code, _, err) = keys(&admin, &["ls", "--state", "BOGUS"]);
+    assert_eq!(code, 2, "INVALID_ARGUMENT: {err}");
+    assert!(
+        err.contains("BOGUS") && err.contains("IN_FLIGHT, COMPLETED, IN_DOUBT"),
+        "{err}"
+    );
     let (code, out, _) = keys(&admin, &["ls", "--caller", "nobody", "--json"]);
     assert_eq!(
         (code, json(&out)["records"].as_array().unwrap().len()),

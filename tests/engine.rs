@@ -3,11 +3,14 @@
 //! tested in milliseconds.
 
 use bytes::Bytes;
-use idemproxy::engine::{Answer, Call, Engine, Limits, Reply, SystemClock, Tokens, Upstream};
+use idemproxy::engine::{
+    Answer, Call, CallPolicy, Engine, Limits, Reply, SystemClock, Tokens, Upstream,
+};
 use idemproxy::key::Key;
 use idemproxy::record::{Response, State};
 use idemproxy::status::Reason;
 use idemproxy::store::memory::MemoryStore;
+use prost::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -251,4 +254,185 @@ async fn a_restart_leaves_the_dead_process_claims_in_doubt() {
         reason(&engine.handle(call("crash", None)).await),
         Some(Reason::OutcomeUnknown)
     );
+}
+
+/// Answers what `reply` makes, after `delay`.
+struct Scripted {
+    delay: Duration,
+    reply: fn() -> Reply<()>,
+}
+
+impl Upstream for Scripted {
+    type Request = ();
+    type Stream = ();
+
+    async fn call(&self, _request: (), _body: Bytes) -> Reply<()> {
+        tokio::time::sleep(self.delay).await;
+        (self.reply)()
+    }
+}
+
+type ScriptedEngine = Engine<MemoryStore, Scripted, SystemClock>;
+
+fn scripted(store: MemoryStore, delay: Duration, reply: fn() -> Reply<()>) -> Arc<ScriptedEngine> {
+    let limits = Limits {
+        in_flight_wait_max: Duration::ZERO,
+        records_per_caller_max: Some(1),
+        ..Limits::default()
+    };
+    let upstream = Scripted { delay, reply };
+    Arc::new(Engine::new(
+        Arc::new(store),
+        Arc::new(upstream),
+        SystemClock::new(),
+        Tokens::new([7; 8]),
+        limits,
+    ))
+}
+
+fn ok_reply() -> Reply<()> {
+    Reply::Complete(Response {
+        http_status: 200,
+        body: Bytes::from_static(b"\0\0\0\0\0"),
+        ..Response::default()
+    })
+}
+
+fn failing_store(armed: bool) -> MemoryStore {
+    MemoryStore::new(1 << 30).with_faults(idemproxy::store::memory::Faults {
+        seed: 1,
+        fail_before: 1000,
+        fail_after: 0,
+        flush_max: Duration::ZERO,
+        armed,
+    })
+}
+
+/// Every refusal the engine gives about a key, each made to happen for real.
+async fn refusals_about_a_key() -> Vec<idemproxy::status::Refusal> {
+    let mut refusals = Vec::new();
+    let mut keep = |answer: Answer<()>| match answer {
+        Answer::Refused(refusal) => refusals.push(refusal),
+        _ => panic!("expected a refusal"),
+    };
+    let engine = scripted(MemoryStore::new(1 << 30), Duration::from_secs(10), ok_reply);
+    let running = in_background_scripted(&engine, call("a", None));
+    tokio::task::yield_now().await;
+    keep(engine.handle(call("a", None)).await); // IN_PROGRESS
+    keep(
+        engine
+            .handle(Call {
+                body: Bytes::from_static(b"\0\0\0\0\x01y"),
+                ..call("a", None)
+            })
+            .await,
+    ); // KEY_REUSED
+    keep(
+        engine
+            .handle(Call {
+                caller: "tester".into(),
+                ..call("b", None)
+            })
+            .await,
+    ); // CALLER_QUOTA
+    let mut reject = CallPolicy::from_limits(&Limits::default());
+    reject.reject_duplicates = true;
+    keep(
+        engine
+            .handle(Call {
+                policy: Some(reject),
+                ..call("a", None)
+            })
+            .await,
+    ); // DUPLICATE
+    running.await.expect("the first attempt ran");
+    let in_doubt = scripted(MemoryStore::new(1 << 30), Duration::ZERO, || {
+        Reply::Unknown("lost".into())
+    });
+    keep(in_doubt.handle(call("d", None)).await); // OUTCOME_UNKNOWN
+    let oversized = scripted(MemoryStore::new(1 << 30), Duration::ZERO, || {
+        Reply::Oversized(())
+    });
+    assert!(matches!(
+        oversized.handle(call("o", None)).await,
+        Answer::Stream(())
+    ));
+    keep(oversized.handle(call("o", None)).await); // RESPONSE_NOT_KEPT
+    let unreachable = scripted(MemoryStore::new(1 << 30), Duration::ZERO, || {
+        Reply::NotProcessed("refused".into())
+    });
+    keep(unreachable.handle(call("u", None)).await); // UPSTREAM_UNAVAILABLE
+    keep(
+        scripted(failing_store(true), Duration::ZERO, ok_reply)
+            .handle(call("s", None))
+            .await,
+    ); // STORE_UNAVAILABLE
+       // The claim lands; the store fails before the outcome is recorded.
+    let unrecorded = scripted(failing_store(false), Duration::from_secs(1), ok_reply);
+    let running = in_background_scripted(&unrecorded, call("n", None));
+    tokio::task::yield_now().await;
+    unrecorded.store().arm_faults(true);
+    keep(running.await.expect("the call ran")); // OUTCOME_NOT_RECORDED
+    refusals
+}
+
+fn in_background_scripted(
+    engine: &Arc<ScriptedEngine>,
+    call: Call<()>,
+) -> tokio::task::JoinHandle<Answer<()>> {
+    let engine = engine.clone();
+    tokio::spawn(async move { engine.handle(call).await })
+}
+
+/// README's table of refusals: each reason and whether it names `key_hash` and `state`.
+fn readme_refusals() -> Vec<(String, bool)> {
+    let readme = include_str!("../README.md");
+    readme
+        .lines()
+        .filter(|line| line.starts_with("| ") && line.contains("`IDEMPOTENCY_"))
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split(" | ").collect();
+            let reason = cells.get(2)?.trim().strip_prefix('`')?.strip_suffix('`')?;
+            let keyed = cells.last()?.trim_end_matches(" |").trim() == "yes";
+            Some((reason.to_owned(), keyed))
+        })
+        .collect()
+}
+
+// Regression (issue 33): IDEMPOTENCY_KEY_REUSED named the key but not its record's state.
+#[tokio::test(start_paused = true)]
+async fn every_refusal_about_a_key_names_its_hash_and_state_as_the_readme_says() {
+    let documented = readme_refusals();
+    for reason in Reason::ALL {
+        assert!(
+            documented.iter().any(|(name, _)| name == reason.as_str()),
+            "README's table of refusals lacks {}",
+            reason.as_str()
+        );
+    }
+    let refusals = refusals_about_a_key().await;
+    let seen: std::collections::HashSet<&str> =
+        refusals.iter().map(|r| r.reason.as_str()).collect();
+    for (name, keyed) in &documented {
+        assert_eq!(
+            *keyed,
+            seen.contains(name.as_str()),
+            "{name}: README's last column and the engine disagree"
+        );
+    }
+    for refusal in refusals {
+        let info = refusal.to_status_proto();
+        let info =
+            idemproxy::pb::google::rpc::ErrorInfo::decode(&info.details[0].value[..]).unwrap();
+        assert!(
+            info.metadata.contains_key("key_hash"),
+            "{}: no key_hash",
+            info.reason
+        );
+        assert!(
+            info.metadata.contains_key("state"),
+            "{}: no state",
+            info.reason
+        );
+    }
 }

@@ -213,3 +213,73 @@ async fn the_ops_port_closes_a_connection_that_never_finishes_its_headers() {
         client.await.expect("the client's checks hold");
     }
 }
+
+/// One scripted store check: how long it takes, and whether it answers well.
+#[derive(Clone, Copy)]
+enum Check {
+    Ok,
+    Slow(Duration),
+    Fails,
+}
+
+// Regression (issue 33): one check that queued behind a group commit (2 s on a busy machine)
+// made the sidecar not ready for a second; only failures in a row may.
+#[tokio::test(start_paused = true)]
+async fn readiness_survives_a_slow_or_failed_check_and_drops_on_failures_in_a_row() {
+    use idemproxy::ops::{Health, Readiness, FAILED_CHECKS_MAX};
+    let script = [
+        Check::Ok,
+        Check::Slow(Duration::from_secs(5)),
+        Check::Ok,
+        Check::Fails,
+        Check::Ok,
+    ]
+    .into_iter()
+    .chain(std::iter::repeat_n(
+        Check::Fails,
+        FAILED_CHECKS_MAX as usize,
+    ))
+    .chain([Check::Ok, Check::Ok]);
+    let script = std::sync::Mutex::new(script.collect::<std::collections::VecDeque<_>>());
+    let health = Health::new();
+    // What readiness was as each check began: the verdict of the checks before it.
+    let seen = std::sync::Mutex::new(Vec::new());
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let done = std::sync::Mutex::new(Some(done));
+    let watcher = health.clone();
+    let watching = watcher.watch_checks(
+        || {
+            seen.lock()
+                .unwrap()
+                .push(health.readiness() == Readiness::Ready);
+            let next = script.lock().unwrap().pop_front();
+            if next.is_none() {
+                let _ = done.lock().unwrap().take().map(|done| done.send(()));
+            }
+            async move {
+                match next.unwrap_or(Check::Ok) {
+                    Check::Ok => Ok(()),
+                    Check::Slow(delay) => {
+                        tokio::time::sleep(delay).await;
+                        Ok(())
+                    }
+                    Check::Fails => Err("injected: the store failed its check"),
+                }
+            }
+        },
+        async {
+            let _ = finished.await;
+        },
+    );
+    watching.await;
+    let ready_as_each_began = seen.into_inner().unwrap();
+    let n = FAILED_CHECKS_MAX as usize;
+    // Starting, then ready through a slow check and a single failure...
+    let mut expected = vec![false, true, true, true, true, true];
+    // ...still ready until the last of the failures in a row, not ready after it...
+    expected.extend(std::iter::repeat_n(true, n - 1));
+    expected.push(false);
+    // ...and ready again once a check answers.
+    expected.push(true);
+    assert_eq!(ready_as_each_began[..expected.len()], expected[..]);
+}

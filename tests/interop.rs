@@ -116,6 +116,42 @@ async fn required_headers_reach_the_service_on_both_paths() {
     );
 }
 
+// Regression (issue 33): hyper's server added `date` to every answer and `content-length` to
+// keyed ones, and a replay carried a fresh `date`.
+#[tokio::test]
+async fn answers_carry_only_what_the_service_sent_on_both_paths() {
+    let (upstream, seen) = bare_upstream().await;
+    let sidecar = support::start_sidecar(upstream, |_| {}).await;
+    let direct = support::raw::call(upstream, "/pkg.Svc/Echo", &[], message()).await;
+    assert_eq!(
+        direct.headers.len(),
+        1,
+        "the service sends content-type only"
+    );
+    let passthrough = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &[], message()).await;
+    let key = [("idempotency-key", "exact-1")];
+    let first = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &key, message()).await;
+    let replay = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &key, message()).await;
+    for (path, answer) in [("passthrough", &passthrough), ("first keyed", &first)] {
+        assert_eq!(answer.headers, direct.headers, "{path}: head");
+        assert_eq!(answer.body, direct.body, "{path}: messages");
+        assert_eq!(answer.trailers, direct.trailers, "{path}: trailers");
+    }
+    let mut expected = direct.headers.clone();
+    expected.insert("idempotency-replayed", "true".parse().unwrap());
+    assert_eq!(
+        replay.headers, expected,
+        "the recorded head plus the marker"
+    );
+    assert_eq!(replay.body, direct.body);
+    assert_eq!(replay.trailers, direct.trailers);
+    assert_eq!(
+        seen.processed.load(Ordering::SeqCst),
+        3,
+        "direct, passthrough, first"
+    );
+}
+
 #[tokio::test]
 async fn a_refused_stream_releases_the_key() {
     let (upstream, seen) = bare_upstream().await;
@@ -205,6 +241,72 @@ async fn goaway_upstream() -> SocketAddr {
     addr
 }
 
+/// A service that records the type and flags of every frame of stream 1 until one ends the
+/// stream, then hangs up: the frames exactly as the sidecar wrote them. Read frame by frame,
+/// as `h2` merges an empty END_STREAM DATA frame into the end of the stream it hands over.
+async fn frame_recorder() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Receiver<Vec<(u8, u8, u32)>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sender, frames) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let _ = socket.write_all(&[0u8, 0, 0, 4, 0, 0, 0, 0, 0]).await; // SETTINGS
+        let mut preface = [0u8; 24];
+        socket.read_exact(&mut preface).await.unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            socket.read_exact(&mut head).await.unwrap();
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; length as usize];
+            socket.read_exact(&mut payload).await.unwrap();
+            if stream == 1 {
+                seen.push((head[3], head[4], length));
+                if head[4] & 0x1 != 0 {
+                    let _ = sender.send(seen);
+                    return;
+                }
+            }
+        }
+    });
+    (addr, frames)
+}
+
+const HEADERS: u8 = 1;
+const DATA: u8 = 0;
+const END_STREAM: u8 = 0x1;
+
+// Regression (issue 33): a keyed call with an empty body went out as HEADERS with END_STREAM;
+// gRPC clients send HEADERS, then a DATA frame with END_STREAM, and grpc-go's server ends
+// the input only on the latter, so the call hung for its whole lease.
+#[tokio::test]
+async fn a_keyed_empty_request_ends_with_an_empty_data_frame_as_grpc_clients_send() {
+    let (upstream, frames) = frame_recorder().await;
+    let sidecar = support::start_sidecar(upstream, |_| {}).await;
+    const KEY: [(&str, &str); 1] = [("idempotency-key", "empty-1")];
+    let call = support::raw::call(sidecar.addr, "/pkg.Svc/Count", &KEY, Bytes::new());
+    let answer = tokio::spawn(call);
+    let frames = frames.await.unwrap();
+    assert_eq!(frames.len(), 2, "HEADERS then DATA: {frames:?}");
+    let (kind, flags, _) = frames[0];
+    assert_eq!(
+        (kind, flags & END_STREAM),
+        (HEADERS, 0),
+        "HEADERS leave the stream open"
+    );
+    assert_eq!(
+        frames[1],
+        (DATA, END_STREAM, 0),
+        "an empty DATA frame ends it"
+    );
+    answer.abort();
+}
+
 #[tokio::test]
 async fn a_call_refused_by_goaway_releases_the_key() {
     let upstream = goaway_upstream().await;
@@ -222,4 +324,69 @@ async fn a_call_refused_by_goaway_releases_the_key() {
             "{attempt}: nothing was processed, so the key is free: {message}"
         );
     }
+}
+
+// Regression (issue 33): a keyed call whose client streams while it waits for answers (a
+// bidirectional ping-pong) was read whole before anything else, so it hung forever.
+#[tokio::test]
+async fn a_keyed_request_that_does_not_end_is_refused_in_time_and_nothing_is_forwarded() {
+    let (upstream, seen) = bare_upstream().await;
+    let sidecar = support::start_sidecar(upstream, |_| {}).await;
+    let socket = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(socket).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post(format!("http://{}/pkg.Svc/Chat", sidecar.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("idempotency-key", "ping-pong-1")
+        .body(())
+        .unwrap();
+    let (response, mut stream) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    // One message, then the client waits for an answer before it sends more.
+    stream.send_data(message(), false).unwrap();
+    let bound = idemproxy::proxy::REQUEST_END_WAIT + std::time::Duration::from_secs(5);
+    let response = tokio::time::timeout(bound, response)
+        .await
+        .expect("refused in time")
+        .unwrap();
+    let status = response.headers()["grpc-status"].to_str().unwrap();
+    assert_eq!(status, "9", "FAILED_PRECONDITION");
+    let details = response.headers()["grpc-status-details-bin"].as_bytes();
+    use base64::Engine as _;
+    let details = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(details)
+        .unwrap();
+    let info = support::error_info_of(&details).unwrap();
+    assert_eq!(info.reason, "IDEMPOTENCY_CALL_SHAPE_UNSUPPORTED");
+    assert!(seen.headers.lock().unwrap().is_empty(), "nothing forwarded");
+}
+
+// Regression (issue 33): grpcurl's -H puts the key on its reflection stream too, which hung.
+#[tokio::test]
+async fn keyed_calls_to_reflection_and_health_pass_through() {
+    let (upstream, seen) = bare_upstream().await;
+    let sidecar = support::start_sidecar(upstream, |_| {}).await;
+    let key = [("idempotency-key", "tools-1")];
+    for path in [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    ] {
+        let answer = support::raw::call(sidecar.addr, path, &key, message()).await;
+        assert_eq!(answer.grpc_status(), Some(0), "{path}");
+        assert!(
+            !answer.headers.contains_key("idempotency-replayed"),
+            "{path}: not replayed"
+        );
+    }
+    assert_eq!(
+        seen.processed.load(Ordering::SeqCst),
+        3,
+        "each reached the service"
+    );
 }

@@ -54,7 +54,7 @@ enum KeysCommand {
     Get(Which),
     /// List records, newest pages first in the store's order, with filters.
     Ls {
-        /// IN_FLIGHT, COMPLETED or IN_DOUBT.
+        /// IN_FLIGHT, COMPLETED or IN_DOUBT (either case).
         #[arg(long)]
         state: Option<String>,
         /// Only this method.
@@ -317,7 +317,8 @@ async fn execute(
                 None => 0,
             };
             let request = pb::ListRecordsRequest {
-                state: state.unwrap_or_default(),
+                // The API takes the states' names as written; people type them either way.
+                state: state.unwrap_or_default().to_ascii_uppercase(),
                 method: method.unwrap_or_default(),
                 caller: caller.unwrap_or_default(),
                 older_than_ms,

@@ -72,19 +72,10 @@ impl AdminService {
     }
 }
 
-fn state_name(state: State) -> &'static str {
-    match state {
-        State::InFlight => "IN_FLIGHT",
-        State::Completed => "COMPLETED",
-        State::InDoubt => "IN_DOUBT",
-        State::Unspecified => "UNSPECIFIED",
-    }
-}
-
 fn view(key: &Key, record: &Record, now_ms: u64) -> pb::RecordView {
     pb::RecordView {
         key_hash: key.hex(),
-        state: state_name(record::effective_state(record, now_ms)).to_owned(),
+        state: record::state_name(record::effective_state(record, now_ms)).to_owned(),
         method: record.method.clone(),
         caller: record.caller.clone(),
         created_ms: record.created_ms,
@@ -150,7 +141,7 @@ fn resolved_status(key: &Key, resolved: &Resolved, wanted: &str) -> Option<Statu
         Resolved::NotFound => Some(Status::not_found(format!("no record for key {key}"))),
         Resolved::Refused(state) => Some(Status::failed_precondition(format!(
             "record {key} is {}; {wanted}",
-            state_name(*state)
+            record::state_name(*state)
         ))),
     }
 }
@@ -202,6 +193,14 @@ impl Admin for AdminService {
         request: Request<pb::ListRecordsRequest>,
     ) -> Result<Reply<pb::ListRecordsResponse>, Status> {
         let filter = request.into_inner();
+        // A typo must not read as "no record is in that state": refuse what is no state.
+        if !filter.state.is_empty() && record::state_named(&filter.state).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "state {:?} is not a record state; use one of {}",
+                filter.state,
+                record::STATE_NAMES.join(", ")
+            )));
+        }
         let page_size = match filter.page_size {
             0 => 100,
             size => (size as usize).min(PAGE_RECORDS_MAX),

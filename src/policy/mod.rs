@@ -34,6 +34,17 @@ pub enum Dedup {
     Off,
     /// A call is deduplicated when it carries a key (header, or the key field).
     WhenKeyed,
+    /// A bidirectional stream: a keyed call is refused at once (its answer may depend on a
+    /// conversation, and its client may wait for answers before it ends its input, so it can
+    /// neither be read whole nor replayed); a call without a key passes through.
+    Unsupported,
+}
+
+/// True for the well-known services that never change state (server reflection, health):
+/// they always pass through, key header or not, as tools such as grpcurl put the key on
+/// their reflection stream too.
+pub fn never_changes_state(path: &str) -> bool {
+    path.starts_with("/grpc.reflection.") || path.starts_with("/grpc.health.v1.")
 }
 
 /// The config file's per-method rules, by `/package.Service/Method`.
@@ -203,6 +214,13 @@ impl PolicyTable {
 fn render_row(rule: &MethodRule) -> String {
     let (mode, key, retention, in_flight, in_doubt) = match rule.dedup {
         Dedup::Off => ("pass", "-".to_owned(), "-".to_owned(), "-".to_owned(), "-"),
+        Dedup::Unsupported => (
+            "refuse-keyed",
+            "-".to_owned(),
+            "-".to_owned(),
+            "-".to_owned(),
+            "-",
+        ),
         Dedup::WhenKeyed => {
             let key = match &rule.key_field {
                 Some(path) => format!("header|{}", path_name(path)),
@@ -417,7 +435,16 @@ fn resolve_method(
         defaults,
     );
     let mut rule = match built {
-        Ok(rule) if errors.is_empty() => rule,
+        Ok(mut rule) if errors.is_empty() => {
+            if method.is_client_streaming()
+                && method.is_server_streaming()
+                && rule.dedup != Dedup::Off
+            {
+                rule.dedup = Dedup::Unsupported;
+                rule.input = None;
+            }
+            rule
+        }
         Ok(_) => return Err(errors),
         Err(mut problems) => {
             errors.append(&mut problems);

@@ -106,21 +106,15 @@ impl Body for ProxyBody {
         }
     }
 
+    /// Never exact: hyper writes an exact size as a `content-length` header the service did
+    /// not send, so only the lower bound is told (design §3, replay fidelity).
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Buffered { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
-            ProxyBody::Upstream { prefix, rest, .. } => {
-                let prefix = prefix.as_ref().map_or(0, |p| p.len() as u64);
-                if rest.is_end_stream() {
-                    SizeHint::with_exact(prefix)
-                } else {
-                    let mut hint = SizeHint::new();
-                    hint.set_lower(prefix);
-                    hint
-                }
-            }
-        }
+        let known = match self {
+            ProxyBody::Buffered { data, .. } => data.as_ref().map_or(0, Bytes::len),
+            ProxyBody::Upstream { prefix, .. } => prefix.as_ref().map_or(0, Bytes::len),
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(known as u64);
+        hint
     }
 }

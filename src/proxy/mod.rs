@@ -14,7 +14,7 @@ pub mod upstream;
 use crate::caller::{Callers, Peer};
 use crate::config::Http2Limits;
 use crate::engine::{Answer, Call, Clock, Engine};
-use crate::policy::{message, Dedup, MethodRule, PolicyTable};
+use crate::policy::{self, message, Dedup, MethodRule, PolicyTable};
 use crate::record::Response;
 use crate::status::{Reason, Refusal};
 use crate::store::Store;
@@ -30,6 +30,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::Instrument as _;
@@ -193,11 +194,20 @@ impl<S: Store, C: Clock> Proxy<S, C> {
     }
 
     async fn route(&self, request: Request<Incoming>, peer: &Peer, span: &tracing::Span) -> Routed {
-        let rule = self.policy.get(request.uri().path());
-        if rule.dedup == Dedup::Off {
+        let path = request.uri().path();
+        let rule = self.policy.get(path);
+        if rule.dedup == Dedup::Off || policy::never_changes_state(path) {
             return self.pass_through(request).await;
         }
         let keyed = request.headers().contains_key(&self.settings.key_header);
+        if rule.dedup == Dedup::Unsupported {
+            if keyed {
+                return Routed::refused(&shape_unsupported(
+                    "the method is a bidirectional stream, which cannot be deduplicated: send it without the idempotency key",
+                ));
+            }
+            return self.pass_through(request).await;
+        }
         if keyed || rule.inspects_request() {
             return self.deduplicate(request, rule, peer, span).await;
         }
@@ -227,26 +237,9 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             Ok(caller) => caller,
             Err(refusal) => return Routed::refused(&refusal),
         };
-        let body = match Limited::new(incoming, self.settings.request_bytes_max)
-            .collect()
-            .await
-        {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-                return Routed::refused(&Refusal::new(
-                    Reason::RequestTooLarge,
-                    format!(
-                        "the request is larger than the {} bytes that can be deduplicated",
-                        self.settings.request_bytes_max
-                    ),
-                ))
-            }
-            Err(error) => {
-                return Routed::refused(&Refusal::new(
-                    Reason::MalformedRequest,
-                    format!("the request body could not be read: {error}"),
-                ))
-            }
+        let body = match read_request(incoming, self.settings.request_bytes_max).await {
+            Ok(body) => body,
+            Err(refusal) => return Routed::refused(&refusal),
         };
         let encoding = parts
             .headers
@@ -308,6 +301,38 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             decision,
             grpc_status,
         }
+    }
+}
+
+/// How long a keyed call's request body may take to end. The dedup path reads the whole
+/// request before it claims; a body still open after this is a stream whose client waits for
+/// answers, and is refused rather than held (design §3: a keyed call never hangs).
+pub const REQUEST_END_WAIT: Duration = Duration::from_secs(3);
+
+fn shape_unsupported(why: impl Into<String>) -> Refusal {
+    Refusal::new(Reason::CallShapeUnsupported, why)
+}
+
+/// A keyed call's whole request body, bounded in bytes and in time.
+async fn read_request(incoming: Incoming, bytes_max: usize) -> Result<Bytes, Refusal> {
+    let read = Limited::new(incoming, bytes_max).collect();
+    let Ok(read) = tokio::time::timeout(REQUEST_END_WAIT, read).await else {
+        // Nothing is claimed yet: a client that waits for answers before it ends its input
+        // (a bidirectional stream) would otherwise hold the call forever.
+        return Err(shape_unsupported(format!(
+            "the request did not end within {REQUEST_END_WAIT:?}; a call whose client streams while it waits for answers cannot be deduplicated: send it without the idempotency key"
+        )));
+    };
+    match read {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(Refusal::new(
+            Reason::RequestTooLarge,
+            format!("the request is larger than the {bytes_max} bytes that can be deduplicated"),
+        )),
+        Err(error) => Err(Refusal::new(
+            Reason::MalformedRequest,
+            format!("the request body could not be read: {error}"),
+        )),
     }
 }
 
@@ -391,6 +416,9 @@ pub async fn serve<S: Store, C: Clock>(
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(hyper_util::rt::TokioTimer::new())
+        // A proxy adds nothing the service did not send: hyper would stamp every answer with
+        // its own `date`, and a replay with a fresh one (design §3, replay fidelity).
+        .auto_date_header(false)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(limits.max_header_list_size)
         .keep_alive_interval(limits.keepalive_interval)

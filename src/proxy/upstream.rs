@@ -220,11 +220,12 @@ impl Connection {
         body: Bytes,
     ) -> Result<Response<RecvStream>, UpstreamError> {
         let mut ready = self.ready().await?;
-        let (response, mut stream) = ready.send_request(self, head, body.is_empty())?;
-        if !body.is_empty() {
-            // Buffered by h2 until the stream opens, then written with its HEADERS.
-            send_data(&mut stream, body, true)?;
-        }
+        // The body always ends on a DATA frame, an empty one for an empty body: that is what
+        // gRPC clients send, and grpc-go's server ends a call's input only on a DATA frame's
+        // END_STREAM, never on the HEADERS'. Buffered by h2 until the stream opens, then
+        // written with its HEADERS.
+        let (response, mut stream) = ready.send_request(self, head, false)?;
+        send_data(&mut stream, body, true)?;
         response.await.map_err(UpstreamError::Stream)
     }
 }

@@ -82,7 +82,8 @@ impl Decision {
             | Reason::MalformedRequest
             | Reason::UpstreamUnavailable
             | Reason::CallerMissing
-            | Reason::CallerInvalid => Decision::Invalid,
+            | Reason::CallerInvalid
+            | Reason::CallShapeUnsupported => Decision::Invalid,
             Reason::CallerQuota => Decision::Conflict,
         }
     }

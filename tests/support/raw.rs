@@ -37,7 +37,6 @@ impl RawResponse {
     pub fn headers_without_replay_marker(&self) -> HeaderMap {
         let mut headers = self.headers.clone();
         headers.remove("idempotency-replayed");
-        headers.remove("date");
         headers
     }
 }

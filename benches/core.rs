@@ -105,6 +105,7 @@ fn stores(c: &mut Criterion) {
                 dir: dir.path().to_owned(),
                 cache_bytes: 8 << 20,
                 bytes_max: u64::MAX,
+                evict_when_full: false,
                 flush_per_write: per_write,
                 flush_timeout: Duration::from_secs(30),
                 pack_records: 16_384,

@@ -123,9 +123,15 @@ pub struct Settings {
     /// Largest response that is recorded.
     #[arg(long, env = "IDEMPROXY_MAX_RESPONSE_BYTES", default_value = "4MiB", value_parser = size(0, MESSAGE_BYTES_LIMIT))]
     pub max_response_bytes: u64,
-    /// Size bound of the store; the COMPLETED records closest to expiry go first.
+    /// Size bound of the store; past it new keys are refused (RESOURCE_EXHAUSTED /
+    /// IDEMPOTENCY_STORE_FULL) until records expire, unless --evict-when-full.
     #[arg(long, env = "IDEMPROXY_MAX_STORE_BYTES", default_value = "1GiB", value_parser = size(1 << 10, u64::MAX))]
     pub max_store_bytes: u64,
+    /// Let a full store delete COMPLETED records inside their retention, the closest to expiry
+    /// first, instead of refusing new keys. Costs the guarantee: a retry of an evicted key
+    /// runs again, and any caller can push out other callers' records.
+    #[arg(long, env = "IDEMPROXY_EVICT_WHEN_FULL")]
+    pub evict_when_full: bool,
     /// sled's page cache (its memory use is a multiple of this).
     #[arg(long, env = "IDEMPROXY_SLED_CACHE_BYTES", default_value = "8MiB", value_parser = size(1 << 20, 64 << 30))]
     pub sled_cache_bytes: u64,
@@ -348,6 +354,8 @@ pub struct Config {
     pub response_bytes_max: usize,
     /// The store's size bound.
     pub store_bytes_max: u64,
+    /// Whether a full store evicts records inside their retention.
+    pub evict_when_full: bool,
     /// sled's cache.
     pub sled_cache_bytes: u64,
     /// Records in sled's `records` tree before the sweeper packs them.
@@ -786,6 +794,7 @@ pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
         request_bytes_max: settings.max_request_bytes as usize,
         response_bytes_max: settings.max_response_bytes as usize,
         store_bytes_max: settings.max_store_bytes,
+        evict_when_full: settings.evict_when_full,
         sled_cache_bytes: settings.sled_cache_bytes,
         sled_pack_records: settings.sled_pack_records,
         store_timeout: settings.store_timeout,

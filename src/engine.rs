@@ -281,6 +281,17 @@ pub struct Engine<S, U, C> {
 }
 
 fn store_refusal(key: Key, error: &StoreError) -> Refusal {
+    if let StoreError::Full { .. } = error {
+        tracing::warn!(key = %key, %error, "store full; refusing a new key (fail closed)");
+        return Refusal::new(
+            Reason::StoreFull,
+            format!(
+                "the idempotency store is full and keeps every outcome for its retention, so it \
+                 takes no new key until records expire; nothing was forwarded: {error}"
+            ),
+        )
+        .about(key, crate::status::STATE_ABSENT);
+    }
     tracing::warn!(key = %key, %error, "store failed; refusing the call (fail closed)");
     Refusal::new(
         Reason::StoreUnavailable,

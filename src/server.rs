@@ -369,6 +369,7 @@ async fn open_sled(config: &Config) -> Result<SledStore, StartError> {
         dir: config.data_dir.clone(),
         cache_bytes: config.sled_cache_bytes,
         bytes_max: config.store_bytes_max,
+        evict_when_full: config.evict_when_full,
         flush_per_write: config.flush == FlushMode::PerWrite,
         flush_timeout: config.store_timeout,
         pack_records: config.sled_pack_records,

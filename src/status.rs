@@ -113,11 +113,14 @@ pub enum Reason {
     /// A keyed call of a shape that cannot be deduplicated (a bidirectional stream, or a
     /// request body that did not end in time): refused at once rather than held.
     CallShapeUnsupported,
+    /// The store is at its size bound and, keeping every outcome for its retention, takes no
+    /// new key.
+    StoreFull,
 }
 
 impl Reason {
     /// Every reason, for tests and documentation checks that must cover them all.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::KeyReused,
         Reason::InProgress,
         Reason::OutcomeUnknown,
@@ -134,6 +137,7 @@ impl Reason {
         Reason::CallerInvalid,
         Reason::CallerQuota,
         Reason::CallShapeUnsupported,
+        Reason::StoreFull,
     ];
 
     /// The stable reason string.
@@ -155,6 +159,7 @@ impl Reason {
             Reason::CallerInvalid => "IDEMPOTENCY_CALLER_INVALID",
             Reason::CallerQuota => "IDEMPOTENCY_CALLER_QUOTA",
             Reason::CallShapeUnsupported => "IDEMPOTENCY_CALL_SHAPE_UNSUPPORTED",
+            Reason::StoreFull => "IDEMPOTENCY_STORE_FULL",
         }
     }
 
@@ -168,7 +173,9 @@ impl Reason {
             Reason::InProgress => Code::Aborted,
             Reason::Duplicate => Code::AlreadyExists,
             Reason::KeyInvalid | Reason::KeyMissing => Code::InvalidArgument,
-            Reason::RequestTooLarge | Reason::CallerQuota => Code::ResourceExhausted,
+            Reason::RequestTooLarge | Reason::CallerQuota | Reason::StoreFull => {
+                Code::ResourceExhausted
+            }
             Reason::CallerMissing | Reason::CallerInvalid => Code::Unauthenticated,
             Reason::StoreUnavailable | Reason::UpstreamUnavailable => Code::Unavailable,
             Reason::MalformedRequest => Code::Internal,

@@ -373,6 +373,19 @@ async fn refusals_about_a_key() -> Vec<idemproxy::status::Refusal> {
     tokio::task::yield_now().await;
     unrecorded.store().arm_faults(true);
     keep(running.await.expect("the call ran")); // OUTCOME_NOT_RECORDED
+    let full = scripted(MemoryStore::new(1), Duration::ZERO, ok_reply);
+    assert!(matches!(
+        full.handle(call("f", None)).await,
+        Answer::Fresh(_)
+    ));
+    // Another caller: the scripted engine's per-caller cap would answer first.
+    keep(
+        full.handle(Call {
+            caller: "another".into(),
+            ..call("g", None)
+        })
+        .await,
+    ); // STORE_FULL
     refusals
 }
 

@@ -640,3 +640,63 @@ async fn redis_killed_under_load(appendfsync: &str) {
     assert!(replayed > 0, "answers from before the crash were replayed");
     assert!(upstream.state.executed_twice().is_empty());
 }
+
+/// Issue 31, item 5: with `maxmemory-policy allkeys-lru` Redis evicted a recorded outcome
+/// inside its retention and its retry ran again. Any policy but `noeviction` keeps the
+/// sidecar not ready, and it is ready again once the policy is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_redis_keeps_the_sidecar_not_ready() {
+    let upstream = ledger::start().await;
+    let redis = RedisServer::start();
+    let port = redis.port;
+    support::redis::command(port, &["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .expect("CONFIG SET");
+    let sidecar = start_sidecar(
+        upstream.addr,
+        on_redis(redis.url(), Duration::from_millis(500)),
+    )
+    .await;
+    let health = sidecar.running.health.clone();
+    let readiness = move || health.readiness();
+    let not_ready = readiness.clone();
+    support::eventually(Duration::from_secs(10), "not ready on allkeys-lru", || {
+        let readiness = not_ready.clone();
+        async move {
+            matches!(readiness(), idemproxy::ops::Readiness::NotReady(why) if why.contains("allkeys-lru"))
+        }
+    })
+    .await;
+    support::redis::command(port, &["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .expect("CONFIG SET");
+    support::eventually(Duration::from_secs(10), "ready on noeviction", || {
+        let readiness = readiness.clone();
+        async move { readiness() == idemproxy::ops::Readiness::Ready }
+    })
+    .await;
+}
+
+/// On a cluster every node answers `INFO memory`: the sidecar is ready when all say
+/// `noeviction`, and not ready when one does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reads_the_eviction_policy_of_every_cluster_node() {
+    let upstream = ledger::start().await;
+    let cluster = RedisCluster::start();
+    let sidecar = start_sidecar(upstream.addr, |args| {
+        args.store = idemproxy::config::StoreKind::RedisCluster;
+        args.redis_url = Some(cluster.urls());
+    })
+    .await;
+    let health = sidecar.running.health.clone();
+    let is = move |ready: bool| {
+        let health = health.clone();
+        move || {
+            let health = health.clone();
+            async move { (health.readiness() == idemproxy::ops::Readiness::Ready) == ready }
+        }
+    };
+    support::eventually(Duration::from_secs(10), "ready on the cluster", is(true)).await;
+    let port = cluster.nodes[2].port;
+    support::redis::command(port, &["CONFIG", "SET", "maxmemory-policy", "volatile-lru"])
+        .expect("CONFIG SET");
+    support::eventually(Duration::from_secs(10), "not ready", is(false)).await;
+}

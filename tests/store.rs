@@ -15,6 +15,7 @@ fn options(dir: &std::path::Path, bytes_max: u64) -> SledOptions {
         dir: dir.to_owned(),
         cache_bytes: 4 << 20,
         bytes_max,
+        evict_when_full: false,
         flush_per_write: false,
         flush_timeout: Duration::from_secs(5),
         pack_records: 65_536,
@@ -153,9 +154,13 @@ async fn a_record_written_after_a_walk_still_expires_on_time() {
 }
 
 #[tokio::test]
-async fn the_size_bound_evicts_completed_records_closest_to_expiry_first() {
+async fn with_eviction_chosen_the_size_bound_evicts_completed_records_closest_to_expiry_first() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(&options(dir.path(), 16 << 10)).expect("opens");
+    let evicting = SledOptions {
+        evict_when_full: true,
+        ..options(dir.path(), 16 << 10)
+    };
+    let store = SledStore::open(&evicting).expect("opens");
     // An unknown outcome and a live claim come first: the oldest, yet never evicted.
     assert_eq!(
         claim(&store, "doubt", 1, 1, 0).await.unwrap(),
@@ -334,7 +339,7 @@ async fn the_sidecar_refuses_when_its_store_is_full() {
         let mut request = add(&format!("f{n}"), 1);
         request.fail_code = tonic::Code::Internal as u32;
         match apply(&mut client, request, Some(&format!("f{n}")), None).await {
-            Err(status) if reason(&status) == "IDEMPOTENCY_STORE_UNAVAILABLE" => break status,
+            Err(status) if reason(&status) == "IDEMPOTENCY_STORE_FULL" => break status,
             _ => {}
         }
         n += 1;
@@ -343,12 +348,47 @@ async fn the_sidecar_refuses_when_its_store_is_full() {
             tokio::time::sleep(Duration::from_millis(60)).await; // let a sweeper round run
         }
     };
-    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     assert_eq!(
         upstream.state.executions(),
         n,
         "the refused call was never forwarded"
     );
+}
+
+/// Issue 31, item 5: a full store evicted the oldest COMPLETED records, inside their
+/// retention, and their retries ran again (any caller could push out other callers'
+/// outcomes). By default it now refuses new keys and keeps every outcome.
+#[tokio::test]
+async fn a_full_store_keeps_every_outcome_and_refuses_new_keys() {
+    let upstream = ledger::start().await;
+    let sidecar = start_sidecar(upstream.addr, |args| args.max_store_bytes = 4 << 10).await;
+    let mut client = client(sidecar.addr).await;
+    let mut recorded = 0;
+    let refused = loop {
+        let key = format!("paid-{recorded}");
+        match apply(&mut client, add(&key, 1), Some(&key), None).await {
+            Ok(_) => recorded += 1,
+            Err(status) => break status,
+        }
+        assert!(recorded < 500, "the store never said it was full");
+        if recorded % 5 == 0 {
+            tokio::time::sleep(Duration::from_millis(60)).await; // let a sweeper round run
+        }
+    };
+    assert_eq!(reason(&refused), "IDEMPOTENCY_STORE_FULL", "{refused:?}");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    // Sweeper rounds come and go; every outcome stays inside its retention.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for n in 0..recorded {
+        let key = format!("paid-{n}");
+        let reply = apply(&mut client, add(&key, 1), Some(&key), None)
+            .await
+            .unwrap_or_else(|status| panic!("{key}: {status:?}"));
+        assert!(was_replayed(&reply), "{key}: replayed, not run again");
+    }
+    assert_eq!(upstream.state.executions(), recorded, "each key ran once");
+    assert!(upstream.state.executed_twice().is_empty());
 }
 
 /// With group commit off (`--flush per-write`, the benchmark's baseline) no flush covers two
@@ -546,13 +586,17 @@ async fn a_slice_is_dropped_whole_once_its_last_record_expires() {
 }
 
 #[tokio::test]
-async fn over_the_size_bound_whole_slices_go_first() {
+async fn with_eviction_chosen_over_the_size_bound_whole_slices_go_first() {
     let dir = tempfile::tempdir().unwrap();
     let store = packing(dir.path(), 1, 1 << 30);
     fill(&store, 40).await;
     store.maintain(0).unwrap();
     drop(store);
-    let store = packing(dir.path(), 1 << 16, 8 << 10);
+    let evicting = SledOptions {
+        evict_when_full: true,
+        ..options(dir.path(), 8 << 10)
+    };
+    let store = support::retry_sled_lock(dir.path(), || SledStore::open(&evicting)).unwrap();
     store.reconcile(&[2; 8]).unwrap();
     assert!(store.usage().bytes > 8 << 10);
     let done = store.maintain(0).unwrap();

@@ -64,6 +64,7 @@ fn options(dir: &std::path::Path, pack_records: u64) -> SledOptions {
         dir: dir.to_owned(),
         cache_bytes: 1 << 20,
         bytes_max: 1 << 30,
+        evict_when_full: false,
         flush_per_write: false,
         flush_timeout: Duration::from_secs(10),
         pack_records,

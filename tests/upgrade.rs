@@ -106,6 +106,7 @@ async fn the_records_of_release_0_1_0_still_expire_and_their_old_index_goes() {
         dir: dir.clone(),
         cache_bytes: 1 << 20,
         bytes_max: 1 << 30,
+        evict_when_full: false,
         flush_per_write: false,
         flush_timeout: std::time::Duration::from_secs(10),
         pack_records: 65_536,

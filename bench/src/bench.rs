@@ -788,6 +788,7 @@ async fn measure_store(
         dir: dir.path().to_owned(),
         cache_bytes: 32 << 20,
         bytes_max: u64::MAX,
+        evict_when_full: false,
         flush_per_write: false,
         flush_timeout: Duration::from_secs(30),
         // As the sidecar packed them.

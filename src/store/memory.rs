@@ -52,6 +52,8 @@ impl Records {
 pub struct MemoryStore {
     records: Mutex<Records>,
     bytes_max: u64,
+    /// Whether a store over its bound evicts COMPLETED records (sled's `evict_when_full`).
+    evict_when_full: bool,
     /// Bumped on every change; waiters re-read when it moves.
     version: watch::Sender<u64>,
     /// How long a change takes to become durable, after it is visible (a flush).
@@ -110,11 +112,18 @@ impl MemoryStore {
         MemoryStore {
             records: Mutex::new(Records::default()),
             bytes_max,
+            evict_when_full: false,
             version: watch::channel(0).0,
             write_delay: std::time::Duration::ZERO,
             faults: None,
             unsynced: Mutex::new(Unsynced::default()),
         }
+    }
+
+    /// The store evicting COMPLETED records past its bound, as sled with `evict_when_full`.
+    pub fn evicting(mut self) -> MemoryStore {
+        self.evict_when_full = true;
+        self
     }
 
     /// A store with failpoints: updates that fail before or after they land, and writes that
@@ -278,15 +287,16 @@ impl Store for MemoryStore {
             let mut records = self.lock();
             let before = records.get(key).cloned();
             let (change, value) = transition(records.get(key));
-            // Over the bound with nothing evictable: new keys are refused (sled decides this in
-            // its sweeper; the model decides at once).
+            // Over the bound with nothing evictable, or eviction not chosen: new keys are
+            // refused (sled decides this in its sweeper; the model decides at once).
             if matches!(change, Change::Put(_))
                 && records.get(key).is_none()
                 && records.bytes > self.bytes_max
-                && !records
-                    .by_key
-                    .values()
-                    .any(|r| record::evict(Some(r)) == Change::Delete)
+                && !(self.evict_when_full
+                    && records
+                        .by_key
+                        .values()
+                        .any(|r| record::evict(Some(r)) == Change::Delete))
             {
                 return Err(StoreError::Full {
                     bytes: records.bytes,
@@ -362,7 +372,7 @@ impl Store for MemoryStore {
             .collect();
         by_expiry.sort();
         let low_water = self.bytes_max / 100 * 90;
-        if records.bytes > self.bytes_max {
+        if self.evict_when_full && records.bytes > self.bytes_max {
             for (_, key) in by_expiry {
                 if records.bytes <= low_water {
                     break;

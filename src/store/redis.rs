@@ -524,12 +524,16 @@ impl Store for RedisStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
+        // INFO answers as PING would, and says how Redis treats a full memory: any policy but
+        // `noeviction` lets Redis delete records inside their retention (an `allkeys-lru`
+        // eviction let a recorded charge run twice), so the sidecar stays not ready.
         let mut connection = self.connection().await?;
-        let command = redis::cmd("PING");
-        let _: String = self
-            .bounded("PING failed", connection.query(&command))
+        let mut command = redis::cmd("INFO");
+        command.arg("memory");
+        let info: redis::Value = self
+            .bounded("INFO memory failed", connection.query(&command))
             .await?;
-        Ok(())
+        check_eviction_policy(&info)
     }
 
     async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
@@ -735,6 +739,46 @@ async fn subscribe(
             }
         }
         tracing::warn!("Redis change subscription lost; waiting duplicates poll until it is back");
+    }
+}
+
+/// Every `maxmemory_policy` that `INFO memory` reports (one per node on a cluster) must be
+/// `noeviction`.
+fn check_eviction_policy(info: &redis::Value) -> Result<(), StoreError> {
+    let mut texts = Vec::new();
+    collect_texts(info, &mut texts);
+    let policies: Vec<&str> = texts
+        .iter()
+        .flat_map(|text| text.lines())
+        .filter_map(|line| line.trim().strip_prefix("maxmemory_policy:"))
+        .collect();
+    match policies.iter().find(|policy| **policy != "noeviction") {
+        None if !policies.is_empty() => Ok(()),
+        None => Err(StoreError::Io(
+            "Redis did not say its maxmemory-policy (INFO memory): it must be noeviction".into(),
+        )),
+        Some(policy) => Err(StoreError::Io(format!(
+            "Redis runs with maxmemory-policy {policy}, which evicts records inside their \
+             retention (their retries would run again): set maxmemory-policy noeviction"
+        ))),
+    }
+}
+
+/// The text of every string in `value`, however nested (a cluster answers per node).
+fn collect_texts(value: &redis::Value, texts: &mut Vec<String>) {
+    match value {
+        redis::Value::BulkString(bytes) => texts.push(String::from_utf8_lossy(bytes).into_owned()),
+        redis::Value::SimpleString(text) | redis::Value::VerbatimString { text, .. } => {
+            texts.push(text.clone());
+        }
+        redis::Value::Array(items) | redis::Value::Set(items) => {
+            items.iter().for_each(|item| collect_texts(item, texts));
+        }
+        redis::Value::Map(pairs) => pairs.iter().for_each(|(key, item)| {
+            collect_texts(key, texts);
+            collect_texts(item, texts);
+        }),
+        _ => {}
     }
 }
 

@@ -56,8 +56,12 @@ pub struct SledOptions {
     pub dir: PathBuf,
     /// sled's page cache; its memory use is a multiple of this.
     pub cache_bytes: u64,
-    /// The store's size bound: COMPLETED records are evicted past it.
+    /// The store's size bound: past it new keys are refused (`StoreError::Full`), or, with
+    /// `evict_when_full`, COMPLETED records are evicted.
     pub bytes_max: u64,
+    /// Whether a store over its bound evicts COMPLETED records inside their retention (their
+    /// retries then run again): an operator's explicit choice, never the default.
+    pub evict_when_full: bool,
     /// Group commit off (benchmark baseline only): one write at a time, each waiting for a
     /// flush of its own before the next write starts.
     pub flush_per_write: bool,
@@ -101,13 +105,14 @@ pub struct SledStore {
     callers: Mutex<HashMap<String, u64>>,
     bytes: AtomicU64,
     bytes_max: u64,
+    evict_when_full: bool,
     flush_timeout: std::time::Duration,
     /// With group commit off: held by a write from before it lands until its flush ends, so no
     /// flush ever covers a second write (a flush finding nothing new to write is free in sled,
     /// which made "a flush per write" group-commit anyway).
     one_at_a_time: Option<tokio::sync::Mutex<()>>,
-    /// Set when the last maintenance round found the store over its bound with nothing to
-    /// evict: new claims are refused until it clears.
+    /// Set when the last maintenance round left the store over its bound (nothing to evict,
+    /// or eviction not chosen): new claims are refused until it clears.
     full: AtomicBool,
     /// No record in `records` expires before this (0 until a walk has seen them all): while
     /// it is ahead of the clock and nothing is to be packed or evicted, the sweeper has no
@@ -202,6 +207,7 @@ impl SledStore {
             suspect: Mutex::new(std::collections::HashSet::new()),
             bytes: AtomicU64::new(totals.bytes),
             bytes_max: options.bytes_max,
+            evict_when_full: options.evict_when_full,
             flush_timeout: options.flush_timeout,
             one_at_a_time: options.flush_per_write.then(|| tokio::sync::Mutex::new(())),
             full: AtomicBool::new(false),
@@ -685,7 +691,7 @@ impl Store for SledStore {
         }
         if self.full.load(Ordering::Relaxed) {
             return Err(StoreError::Io(
-                "the store is at its size bound with nothing to evict".into(),
+                "the store is at its size bound (--max-store-bytes) and refuses new keys".into(),
             ));
         }
         // The directory must take a new file: sled writes to files it holds open, so a
@@ -807,7 +813,7 @@ impl Store for SledStore {
             if record.state() != State::Completed {
                 continue;
             }
-            if over_bound {
+            if over_bound && self.evict_when_full {
                 evictable.push((record.expires_ms, key));
             }
             // Only what is durable: a record still waiting for its flush stays.
@@ -829,7 +835,7 @@ impl Store for SledStore {
             }
         }
         drop(walk);
-        if over_bound {
+        if over_bound && self.evict_when_full {
             // Whole slices first (COMPLETED records, the first to expire), then records.
             let low_water = self.bytes_max / 100 * EVICTION_LOW_WATER_PERCENT;
             while self.bytes.load(Ordering::Relaxed) > low_water {

@@ -75,7 +75,9 @@ impl Decision {
             Reason::KeyReused => Decision::Mismatch,
             Reason::OutcomeUnknown => Decision::InDoubt,
             Reason::InProgress | Reason::Duplicate | Reason::ResponseNotKept => Decision::Conflict,
-            Reason::StoreUnavailable | Reason::OutcomeNotRecorded => Decision::StoreError,
+            Reason::StoreUnavailable | Reason::OutcomeNotRecorded | Reason::StoreFull => {
+                Decision::StoreError
+            }
             Reason::KeyInvalid
             | Reason::KeyMissing
             | Reason::RequestTooLarge

@@ -400,6 +400,7 @@ service Broken {
     option (idemproxy.v1.method) = { require_key: true };
   }
   rpc Upload(stream Req) returns (Req) { option (idemproxy.v1.method) = { mode: MODE_REJECT }; }
+  rpc Talk(stream Req) returns (stream Req) { option (idemproxy.v1.method) = { mode: MODE_REJECT }; }
   rpc TwoKeys(Two) returns (Req);
   rpc NotScalar(Wrapped) returns (Req);
 }
@@ -430,13 +431,57 @@ message Wrapped { repeated string ids = 1 [(idemproxy.v1.field).key = true]; }
         .to_string();
     for expected in [
         "/broken.v1.Broken/Read: has a policy but is NO_SIDE_EFFECTS",
-        "/broken.v1.Broken/Upload: client-streaming",
+        "/broken.v1.Broken/Talk: bidirectional methods cannot carry a policy",
         "/broken.v1.Broken/TwoKeys: more than one key field (a, b)",
         "/broken.v1.Broken/NotScalar: key field ids must be a single",
         "/broken.v1.Broken/Missing: the config file has a rule for a method the descriptors do not have",
     ] {
         assert!(error.contains(expected), "missing {expected:?} in:\n{error}");
     }
+    // A client stream is read whole before it is forwarded: it may carry a policy.
+    assert!(!error.contains("Upload"), "{error}");
+}
+
+/// Issue 33, item 3: a config-file rule on a client-streaming method (the test upstream's
+/// Collect, from its descriptor set) is taken, and a keyed stream runs once.
+#[tokio::test]
+async fn a_config_file_rule_on_a_client_stream_is_kept() {
+    use support::{add, client, ledger};
+    let upstream = ledger::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let set = files.path().join("ledger.binpb");
+    std::fs::write(&set, idemproxy::pb::TESTING_DESCRIPTOR_SET).unwrap();
+    let config = config_file(
+        files.path(),
+        "[methods.\"/idemproxy.testing.v1.Ledger/Collect\"]\nrequire-key = true\n",
+    );
+    let sidecar = start_sidecar_with(
+        upstream.addr,
+        &["--config".as_ref(), config.as_ref()],
+        |args| args.descriptor_set = vec![set],
+    )
+    .await;
+    let mut client = client(sidecar.addr).await;
+    let upload = || tokio_stream::iter([add("upload", 1), add("upload", 2)]);
+    let keyed = |key: &'static str| {
+        let mut request = tonic::Request::new(upload());
+        request
+            .metadata_mut()
+            .insert("idempotency-key", key.parse().unwrap());
+        request
+    };
+    let missing = client.collect(upload()).await.unwrap_err();
+    assert_eq!(reason(&missing), "IDEMPOTENCY_KEY_MISSING", "{missing:?}");
+    let first = client.collect(keyed("u-1")).await.unwrap();
+    let second = client.collect(keyed("u-1")).await.unwrap();
+    assert_eq!(first.get_ref(), second.get_ref());
+    assert!(!replayed(&first) && replayed(&second));
+    assert_eq!(first.get_ref().balance, 3);
+    assert_eq!(
+        upstream.state.executions_of("upload"),
+        2,
+        "one stream, once"
+    );
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! in front of a real tonic service that counts executions: field keys (nested), the key
 //! header winning, ignored fields, canonical fingerprints, REJECT mode, require_key,
 //! NO_SIDE_EFFECTS passthrough, gzip requests, and the same table from a descriptor set and
-//! from .proto sources.
+//! from .proto sources; with the test upstream's descriptors, a rule on a client stream and
+//! the refusal of a keyed bidirectional call.
 
 // Helpers of tests: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -658,4 +659,51 @@ message Req { string id = 1; }
         std::time::Duration::from_secs(3600),
         "the rest is the service's"
     );
+}
+
+/// Issue 33, item 2, with descriptors: a keyed call of a bidirectional method (the test
+/// upstream's Chat, from its descriptor set) is refused at once, by its shape, while its
+/// client still holds its input open; nothing is forwarded or claimed. Without a key it
+/// streams through.
+#[tokio::test]
+async fn a_keyed_bidirectional_call_is_refused_at_once_by_its_descriptor() {
+    use support::{add, client, ledger};
+    use tokio_stream::StreamExt as _;
+    let upstream = ledger::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let set = files.path().join("ledger.binpb");
+    std::fs::write(&set, idemproxy::pb::TESTING_DESCRIPTOR_SET).unwrap();
+    let sidecar = start_sidecar(upstream.addr, |args| args.descriptor_set = vec![set]).await;
+    let mut client = client(sidecar.addr).await;
+
+    // One message, then the client waits for an answer before it sends more or ends.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(add("chat", 1)).await.unwrap();
+    let mut keyed = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    keyed
+        .metadata_mut()
+        .insert("idempotency-key", "chat-1".parse().unwrap());
+    let refused = client.chat(keyed).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert_eq!(reason(&refused), "IDEMPOTENCY_CALL_SHAPE_UNSUPPORTED");
+    // Refused by the method's shape, not after waiting for the input to end.
+    assert!(
+        refused.message().contains("bidirectional stream"),
+        "{refused:?}"
+    );
+    drop(tx);
+    assert_eq!(upstream.state.executions(), 0, "nothing forwarded");
+    use idemproxy::store::Store as _;
+    assert_eq!(sidecar.running.store.usage().records, 0, "nothing claimed");
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let open = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut inbound = client.chat(open).await.unwrap().into_inner();
+    tx.send(add("chat", 2)).await.unwrap();
+    let reply = inbound.next().await.unwrap().unwrap();
+    assert_eq!(reply.balance, 2, "without a key it streams through");
 }

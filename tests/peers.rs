@@ -230,6 +230,8 @@ async fn peer_server(peer: Peer) -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio:
         while let Ok(Some(line)) = lines.next_line().await {
             if let Some(request) = line.strip_prefix("executed ") {
                 seen.lock().unwrap().push(request.to_owned());
+            } else if line.starts_with("collected ") {
+                seen.lock().unwrap().push(line);
             }
         }
     });
@@ -277,6 +279,41 @@ async fn a_server_behind_the_sidecar_executes_a_key_once_with(peer: Peer) {
         executed.iter().filter(|request| **request == keyed).count(),
         2,
         "peer-1 once, and the call without a key: {executed:?}"
+    );
+}
+
+/// Issue 33, item 1: the sidecar forwarded a keyed empty request as HEADERS with END_STREAM,
+/// and a server that ends a call's input only on a DATA frame's END_STREAM never saw its end.
+async fn a_keyed_empty_client_stream_ends_at_the_server_with(peer: Peer) {
+    let (addr, executed, _child) = peer_server(peer).await;
+    let sidecar = start_sidecar(addr, |_| {}).await;
+    let mut client = client(sidecar.addr).await;
+    let empty = || {
+        let mut request = tonic::Request::new(tokio_stream::iter(Vec::<ApplyRequest>::new()));
+        request
+            .metadata_mut()
+            .insert("idempotency-key", "empty-1".parse().unwrap());
+        request.set_timeout(Duration::from_secs(10));
+        request
+    };
+    // Bounded: a server that never sees the end of its input answers only at the deadline.
+    let bound = Duration::from_secs(20);
+    let first = tokio::time::timeout(bound, client.collect(empty()))
+        .await
+        .expect("the keyed empty stream is answered")
+        .unwrap_or_else(|status| panic!("{peer:?}: {status:?}"));
+    let again = tokio::time::timeout(bound, client.collect(empty()))
+        .await
+        .expect("the duplicate is answered")
+        .unwrap();
+    assert!(!was_replayed(&first) && was_replayed(&again));
+    assert_eq!(first.get_ref(), again.get_ref());
+    assert_eq!(first.get_ref().execution, 1);
+    let executed = executed.lock().unwrap().clone();
+    assert_eq!(
+        executed,
+        vec!["collected 0"],
+        "{peer:?}: the input ended, once"
     );
 }
 
@@ -473,6 +510,15 @@ async fn a_server_behind_the_sidecar_executes_a_key_once() {
     for peer in Peer::ALL {
         if peer.present() {
             a_server_behind_the_sidecar_executes_a_key_once_with(peer).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_empty_client_stream_ends_at_the_server() {
+    for peer in Peer::ALL {
+        if peer.present() {
+            a_keyed_empty_client_stream_ends_at_the_server_with(peer).await;
         }
     }
 }

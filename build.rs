@@ -20,7 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(descriptors)?;
     // Descriptor sets with their custom options kept (protox's encoder keeps them; prost's
     // types would drop them): the demo and the tests load policy from the example's and the
-    // demo's, and the admin port serves the admin API's by reflection.
+    // demo's, the tests from the test upstream's too, and the admin port serves the admin
+    // API's by reflection.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     for (proto, set) in [
         (
@@ -32,6 +33,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "demo_descriptors.bin",
         ),
         ("idemproxy/v1/admin.proto", "admin_descriptors.bin"),
+        (
+            "idemproxy/testing/v1/ledger.proto",
+            "testing_descriptors.bin",
+        ),
     ] {
         let encoded = protox::Compiler::new(["proto"])?
             .include_imports(true)

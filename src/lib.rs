@@ -33,6 +33,10 @@ pub mod pb {
     /// The demo's subscriptions API's descriptor set (its key field annotated).
     pub const DEMO_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/demo_descriptors.bin"));
+    /// The test upstream's descriptor set (`idemproxy.testing.v1.Ledger`, every call shape),
+    /// so tests can give the sidecar descriptors of the service they run behind it.
+    pub const TESTING_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/testing_descriptors.bin"));
     /// `google.rpc`: the error model idemproxy emits.
     pub mod google {
         pub mod rpc {

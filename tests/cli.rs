@@ -215,7 +215,7 @@ fn check_prints_the_policy_or_names_what_is_broken() {
     std::fs::write(
         &broken,
         "syntax = \"proto3\";\npackage b;\nimport \"idemproxy/v1/annotations.proto\";\n\
-         service S { rpc Up(stream M) returns (M) { option (idemproxy.v1.method) = { require_key: true }; } }\n\
+         service S { rpc Up(stream M) returns (stream M) { option (idemproxy.v1.method) = { require_key: true }; } }\n\
          message M { string id = 1; }\n",
     )
     .unwrap();
@@ -234,7 +234,7 @@ fn check_prints_the_policy_or_names_what_is_broken() {
         &[],
     );
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("/b.S/Up: client-streaming"), "{stderr}");
+    assert!(stderr.contains("/b.S/Up: bidirectional"), "{stderr}");
     // The same problem stops `run`.
     let (code, stderr) = run(
         &[
@@ -253,7 +253,7 @@ fn check_prints_the_policy_or_names_what_is_broken() {
         &[],
     );
     assert_ne!(code, 0, "{stderr}");
-    assert!(stderr.contains("/b.S/Up: client-streaming"), "{stderr}");
+    assert!(stderr.contains("/b.S/Up: bidirectional"), "{stderr}");
 }
 
 /// Regression (issue 21): a CI job that lints annotated protos has no service address; only

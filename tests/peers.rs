@@ -22,6 +22,7 @@ use tokio::io::AsyncBufReadExt;
 
 const APPLY: &str = "/idemproxy.testing.v1.Ledger/Apply";
 const WATCH: &str = "/idemproxy.testing.v1.Ledger/Watch";
+const COLLECT: &str = "/idemproxy.testing.v1.Ledger/Collect";
 
 /// A gRPC implementation the tests run as client and as server.
 #[derive(Clone, Copy, Debug)]
@@ -229,6 +230,8 @@ async fn peer_server(peer: Peer) -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio:
         while let Ok(Some(line)) = lines.next_line().await {
             if let Some(request) = line.strip_prefix("executed ") {
                 seen.lock().unwrap().push(request.to_owned());
+            } else if line.starts_with("collected ") {
+                seen.lock().unwrap().push(line);
             }
         }
     });
@@ -276,6 +279,41 @@ async fn a_server_behind_the_sidecar_executes_a_key_once_with(peer: Peer) {
         executed.iter().filter(|request| **request == keyed).count(),
         2,
         "peer-1 once, and the call without a key: {executed:?}"
+    );
+}
+
+/// Issue 33, item 1: the sidecar forwarded a keyed empty request as HEADERS with END_STREAM,
+/// and a server that ends a call's input only on a DATA frame's END_STREAM never saw its end.
+async fn a_keyed_empty_client_stream_ends_at_the_server_with(peer: Peer) {
+    let (addr, executed, _child) = peer_server(peer).await;
+    let sidecar = start_sidecar(addr, |_| {}).await;
+    let mut client = client(sidecar.addr).await;
+    let empty = || {
+        let mut request = tonic::Request::new(tokio_stream::iter(Vec::<ApplyRequest>::new()));
+        request
+            .metadata_mut()
+            .insert("idempotency-key", "empty-1".parse().unwrap());
+        request.set_timeout(Duration::from_secs(10));
+        request
+    };
+    // Bounded: a server that never sees the end of its input answers only at the deadline.
+    let bound = Duration::from_secs(20);
+    let first = tokio::time::timeout(bound, client.collect(empty()))
+        .await
+        .expect("the keyed empty stream is answered")
+        .unwrap_or_else(|status| panic!("{peer:?}: {status:?}"));
+    let again = tokio::time::timeout(bound, client.collect(empty()))
+        .await
+        .expect("the duplicate is answered")
+        .unwrap();
+    assert!(!was_replayed(&first) && was_replayed(&again));
+    assert_eq!(first.get_ref(), again.get_ref());
+    assert_eq!(first.get_ref().execution, 1);
+    let executed = executed.lock().unwrap().clone();
+    assert_eq!(
+        executed,
+        vec!["collected 0"],
+        "{peer:?}: the input ended, once"
     );
 }
 
@@ -363,6 +401,101 @@ async fn a_client_streams_through_in_every_call_shape_with(peer: Peer) {
     assert_eq!(chatted, vec![1, 3, 6]);
 }
 
+/// The test upstream's Collect as a service that keys an upload by its first message would
+/// declare it: the key field is `account`, and a key is required. Wire-compatible with
+/// `ledger.proto` (its other fields are unknown fields here, fingerprinted as received).
+const KEYED_COLLECT_PROTO: &str = r#"syntax = "proto3";
+package idemproxy.testing.v1;
+import "idemproxy/v1/annotations.proto";
+service Ledger {
+  rpc Collect(stream ApplyRequest) returns (ApplyReply) {
+    option (idemproxy.v1.method) = { require_key: true };
+  }
+}
+message ApplyRequest { string account = 1 [(idemproxy.v1.field).key = true]; int64 amount = 2; }
+message ApplyReply { int64 balance = 1; uint64 execution = 2; bytes padding = 3; }
+"#;
+
+/// A client stream for a peer's client to send to Collect.
+fn collect(requests: &[ApplyRequest], metadata: &[(&str, &str)]) -> Value {
+    let requests: Vec<String> = requests.iter().map(|r| hex(&r.encode_to_vec())).collect();
+    json!({"method": COLLECT, "shape": "client_stream", "requests_hex": requests,
+           "metadata": metadata})
+}
+
+async fn a_keyed_client_stream_runs_once_and_is_replayed_with(peer: Peer) {
+    let upstream = ledger::start().await;
+    let protos = tempfile::tempdir().unwrap();
+    let proto = protos.path().join("keyed_collect.proto");
+    std::fs::write(&proto, KEYED_COLLECT_PROTO).unwrap();
+    let sidecar = start_sidecar(upstream.addr, |args| {
+        args.proto = vec![proto];
+        args.proto_path = vec![protos.path().to_owned()];
+    })
+    .await;
+    let caller = ("x-caller-id", "peer-client");
+    let upload = [add("peer-upload", 1), add("peer-upload", 2)];
+    let answers = peer_client(
+        peer,
+        sidecar.addr,
+        vec![
+            collect(&upload, &[caller]),
+            collect(&upload, &[caller]),
+            // The same first message, so the same key; another second message.
+            collect(&[add("peer-upload", 1), add("peer-upload", 5)], &[caller]),
+            // Keyed by its first message only: a fresh key, though its second names another.
+            collect(&[add("peer-second", 1), add("peer-upload", 1)], &[caller]),
+            // No first message, no header: no key, and this method requires one.
+            collect(&[], &[caller]),
+            // The header keys it.
+            collect(&[], &[("idempotency-key", "peer-empty"), caller]),
+        ],
+    )
+    .await;
+    assert_eq!(answers.len(), 6, "{answers:?}");
+
+    // The duplicate stream gets the first answer, replayed; the service ran it once.
+    let (first, again) = (&answers[0], &answers[1]);
+    assert_eq!(first["code"], "OK", "{first}");
+    assert_eq!(again["code"], "OK", "{again}");
+    assert_eq!(first["response_hex"], again["response_hex"]);
+    assert_eq!(reply_of(first).balance, 1 + 2);
+    assert!(first["initial"].get("idempotency-replayed").is_none());
+    assert_eq!(again["initial"]["idempotency-replayed"], "true", "{again}");
+
+    // Another stream under the same key is refused, and never reaches the service.
+    assert_eq!(answers[2]["code"], "FAILED_PRECONDITION", "{}", answers[2]);
+    assert_eq!(reason_of(&answers[2]), "IDEMPOTENCY_KEY_REUSED");
+
+    assert_eq!(answers[3]["code"], "OK", "{}", answers[3]);
+    assert!(answers[3]["initial"].get("idempotency-replayed").is_none());
+    assert_eq!(
+        upstream.state.executions_of("peer-upload"),
+        2 + 1,
+        "the first stream's two messages once, and the second message of the fresh key"
+    );
+    assert_eq!(upstream.state.executions_of("peer-second"), 1);
+
+    assert_eq!(answers[4]["code"], "INVALID_ARGUMENT", "{}", answers[4]);
+    assert_eq!(reason_of(&answers[4]), "IDEMPOTENCY_KEY_MISSING");
+    assert_eq!(answers[5]["code"], "OK", "{}", answers[5]);
+    assert_eq!(
+        upstream.state.executions(),
+        2 + 2,
+        "{:?}",
+        upstream.state.executed_twice()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_client_stream_runs_once_and_is_replayed() {
+    for peer in Peer::ALL {
+        if peer.present() {
+            a_keyed_client_stream_runs_once_and_is_replayed_with(peer).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gets_one_execution_and_the_recorded_answer() {
     for peer in Peer::ALL {
@@ -377,6 +510,15 @@ async fn a_server_behind_the_sidecar_executes_a_key_once() {
     for peer in Peer::ALL {
         if peer.present() {
             a_server_behind_the_sidecar_executes_a_key_once_with(peer).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_empty_client_stream_ends_at_the_server() {
+    for peer in Peer::ALL {
+        if peer.present() {
+            a_keyed_empty_client_stream_ends_at_the_server_with(peer).await;
         }
     }
 }

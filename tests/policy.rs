@@ -2,7 +2,8 @@
 //! in front of a real tonic service that counts executions: field keys (nested), the key
 //! header winning, ignored fields, canonical fingerprints, REJECT mode, require_key,
 //! NO_SIDE_EFFECTS passthrough, gzip requests, and the same table from a descriptor set and
-//! from .proto sources.
+//! from .proto sources; with the test upstream's descriptors, a rule on a client stream and
+//! the refusal of a keyed bidirectional call.
 
 // Helpers of tests: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -400,6 +401,7 @@ service Broken {
     option (idemproxy.v1.method) = { require_key: true };
   }
   rpc Upload(stream Req) returns (Req) { option (idemproxy.v1.method) = { mode: MODE_REJECT }; }
+  rpc Talk(stream Req) returns (stream Req) { option (idemproxy.v1.method) = { mode: MODE_REJECT }; }
   rpc TwoKeys(Two) returns (Req);
   rpc NotScalar(Wrapped) returns (Req);
 }
@@ -430,13 +432,57 @@ message Wrapped { repeated string ids = 1 [(idemproxy.v1.field).key = true]; }
         .to_string();
     for expected in [
         "/broken.v1.Broken/Read: has a policy but is NO_SIDE_EFFECTS",
-        "/broken.v1.Broken/Upload: client-streaming",
+        "/broken.v1.Broken/Talk: bidirectional methods cannot carry a policy",
         "/broken.v1.Broken/TwoKeys: more than one key field (a, b)",
         "/broken.v1.Broken/NotScalar: key field ids must be a single",
         "/broken.v1.Broken/Missing: the config file has a rule for a method the descriptors do not have",
     ] {
         assert!(error.contains(expected), "missing {expected:?} in:\n{error}");
     }
+    // A client stream is read whole before it is forwarded: it may carry a policy.
+    assert!(!error.contains("Upload"), "{error}");
+}
+
+/// Issue 33, item 3: a config-file rule on a client-streaming method (the test upstream's
+/// Collect, from its descriptor set) is taken, and a keyed stream runs once.
+#[tokio::test]
+async fn a_config_file_rule_on_a_client_stream_is_kept() {
+    use support::{add, client, ledger};
+    let upstream = ledger::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let set = files.path().join("ledger.binpb");
+    std::fs::write(&set, idemproxy::pb::TESTING_DESCRIPTOR_SET).unwrap();
+    let config = config_file(
+        files.path(),
+        "[methods.\"/idemproxy.testing.v1.Ledger/Collect\"]\nrequire-key = true\n",
+    );
+    let sidecar = start_sidecar_with(
+        upstream.addr,
+        &["--config".as_ref(), config.as_ref()],
+        |args| args.descriptor_set = vec![set],
+    )
+    .await;
+    let mut client = client(sidecar.addr).await;
+    let upload = || tokio_stream::iter([add("upload", 1), add("upload", 2)]);
+    let keyed = |key: &'static str| {
+        let mut request = tonic::Request::new(upload());
+        request
+            .metadata_mut()
+            .insert("idempotency-key", key.parse().unwrap());
+        request
+    };
+    let missing = client.collect(upload()).await.unwrap_err();
+    assert_eq!(reason(&missing), "IDEMPOTENCY_KEY_MISSING", "{missing:?}");
+    let first = client.collect(keyed("u-1")).await.unwrap();
+    let second = client.collect(keyed("u-1")).await.unwrap();
+    assert_eq!(first.get_ref(), second.get_ref());
+    assert!(!replayed(&first) && replayed(&second));
+    assert_eq!(first.get_ref().balance, 3);
+    assert_eq!(
+        upstream.state.executions_of("upload"),
+        2,
+        "one stream, once"
+    );
 }
 
 #[test]
@@ -613,4 +659,51 @@ message Req { string id = 1; }
         std::time::Duration::from_secs(3600),
         "the rest is the service's"
     );
+}
+
+/// Issue 33, item 2, with descriptors: a keyed call of a bidirectional method (the test
+/// upstream's Chat, from its descriptor set) is refused at once, by its shape, while its
+/// client still holds its input open; nothing is forwarded or claimed. Without a key it
+/// streams through.
+#[tokio::test]
+async fn a_keyed_bidirectional_call_is_refused_at_once_by_its_descriptor() {
+    use support::{add, client, ledger};
+    use tokio_stream::StreamExt as _;
+    let upstream = ledger::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let set = files.path().join("ledger.binpb");
+    std::fs::write(&set, idemproxy::pb::TESTING_DESCRIPTOR_SET).unwrap();
+    let sidecar = start_sidecar(upstream.addr, |args| args.descriptor_set = vec![set]).await;
+    let mut client = client(sidecar.addr).await;
+
+    // One message, then the client waits for an answer before it sends more or ends.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(add("chat", 1)).await.unwrap();
+    let mut keyed = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    keyed
+        .metadata_mut()
+        .insert("idempotency-key", "chat-1".parse().unwrap());
+    let refused = client.chat(keyed).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert_eq!(reason(&refused), "IDEMPOTENCY_CALL_SHAPE_UNSUPPORTED");
+    // Refused by the method's shape, not after waiting for the input to end.
+    assert!(
+        refused.message().contains("bidirectional stream"),
+        "{refused:?}"
+    );
+    drop(tx);
+    assert_eq!(upstream.state.executions(), 0, "nothing forwarded");
+    use idemproxy::store::Store as _;
+    assert_eq!(sidecar.running.store.usage().records, 0, "nothing claimed");
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let open = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut inbound = client.chat(open).await.unwrap().into_inner();
+    tx.send(add("chat", 2)).await.unwrap();
+    let reply = inbound.next().await.unwrap().unwrap();
+    assert_eq!(reply.balance, 2, "without a key it streams through");
 }

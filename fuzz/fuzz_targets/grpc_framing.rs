@@ -37,6 +37,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(messages) = grpc::check_framing(&body, encoding.is_some()) {
         let _ = grpc::unary_message(&body, messages, encoding, 1 << 16);
     }
+    // Total on any body, framed or not.
+    let _ = grpc::stream_messages(&body, encoding, 1 << 16);
     // Head and trailers split where a NUL falls.
     let mut halves = rest.splitn(2, |b| *b == 0);
     let head = header_map(halves.next().unwrap_or_default());

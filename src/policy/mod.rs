@@ -70,6 +70,9 @@ pub struct MethodRule {
     pub ignored: Vec<FieldPath>,
     /// The request message type, when the request is inspected (key field or ignored fields).
     pub input: Option<MessageDescriptor>,
+    /// The client sends a stream of messages (a client-streaming method): the key field is
+    /// read from the first, and the fingerprint covers them all.
+    pub client_streaming: bool,
     /// Where the rule came from, for `check`.
     pub origin: &'static str,
 }
@@ -282,6 +285,7 @@ fn default_rule(defaults: CallPolicy) -> MethodRule {
         key_field: None,
         ignored: Vec::new(),
         input: None,
+        client_streaming: false,
         origin: "defaults",
     }
 }
@@ -417,12 +421,15 @@ fn resolve_method(
     }
     let annotated = has_policy || service_defaults.is_some();
     // A server-streaming call has one request message, and its whole answer is recorded and
-    // replayed in order like a unary one. Client streams are not read whole.
+    // replayed in order like a unary one. A client stream is read whole before it is
+    // forwarded, so it can be keyed too. A bidirectional one cannot: its client may wait for
+    // answers before it ends its input.
     let wants_dedup = policy.enabled != Some(false) && !(safe && policy.enabled != Some(true));
-    if wants_dedup && method.is_client_streaming() && (annotated || key_field.is_some()) {
+    let bidirectional = method.is_client_streaming() && method.is_server_streaming();
+    if wants_dedup && bidirectional && (annotated || key_field.is_some()) {
         errors.push(error(
             &path,
-            "client-streaming and bidirectional methods cannot carry a policy yet (remove the annotation, or set `enabled: false`)",
+            "bidirectional methods cannot carry a policy (remove the annotation, or set `enabled: false`): a keyed call is refused, a call without a key passes through",
         ));
     }
     let built = build_rule(
@@ -436,10 +443,8 @@ fn resolve_method(
     );
     let mut rule = match built {
         Ok(mut rule) if errors.is_empty() => {
-            if method.is_client_streaming()
-                && method.is_server_streaming()
-                && rule.dedup != Dedup::Off
-            {
+            rule.client_streaming = method.is_client_streaming();
+            if bidirectional && rule.dedup != Dedup::Off {
                 rule.dedup = Dedup::Unsupported;
                 rule.input = None;
             }
@@ -519,6 +524,7 @@ fn build_rule(
         input: if inspects { input } else { None },
         key_field,
         ignored,
+        client_streaming: false,
         origin: "defaults",
     })
 }

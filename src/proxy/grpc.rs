@@ -90,6 +90,9 @@ pub enum MessageError {
     /// Decompressed, the message is larger than may be deduplicated.
     #[error("decompressed, the message is larger than {0} bytes")]
     TooLarge(usize),
+    /// The body is not whole length-prefixed messages.
+    #[error("the request body is not whole gRPC messages")]
+    Unframed,
 }
 
 /// The one message of a unary request `body`, whose framing `check_framing` has checked and
@@ -103,8 +106,51 @@ pub fn unary_message(
     if messages != 1 {
         return Err(MessageError::NotOne(messages));
     }
-    let message = body.slice(5..);
-    if body[0] == 0 {
+    decompressed(body[0], body.slice(5..), encoding, bytes_max)
+}
+
+/// Every message of a client stream's request `body`, whose framing `check_framing` has
+/// checked, each decompressed when its flag says so; together at most `bytes_max` bytes, so
+/// a stream of small compressed messages cannot grow past the bound the body was read under.
+pub fn stream_messages(
+    body: &Bytes,
+    encoding: Option<&str>,
+    bytes_max: usize,
+) -> Result<Vec<Bytes>, MessageError> {
+    let mut messages = Vec::new();
+    let mut left_bytes = bytes_max;
+    let mut at = 0;
+    while at < body.len() {
+        // `check_framing` vouched for every prefix and length; `get` keeps this total anyway.
+        let prefix = body.get(at..at + 5).ok_or(MessageError::Unframed)?;
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        let end = (at + 5)
+            .checked_add(len)
+            .filter(|end| *end <= body.len())
+            .ok_or(MessageError::Unframed)?;
+        let message = decompressed(prefix[0], body.slice(at + 5..end), encoding, left_bytes)
+            .map_err(|error| match error {
+                MessageError::TooLarge(_) => MessageError::TooLarge(bytes_max),
+                other => other,
+            })?;
+        // A message sent as is counts too: after a large compressed one it may not fit.
+        left_bytes = left_bytes
+            .checked_sub(message.len())
+            .ok_or(MessageError::TooLarge(bytes_max))?;
+        messages.push(message);
+        at = end;
+    }
+    Ok(messages)
+}
+
+/// One message as sent (`flag` 0) or gunzipped (`flag` 1), at most `bytes_max` bytes.
+fn decompressed(
+    flag: u8,
+    message: Bytes,
+    encoding: Option<&str>,
+    bytes_max: usize,
+) -> Result<Bytes, MessageError> {
+    if flag == 0 {
         return Ok(message);
     }
     match encoding {
@@ -230,6 +276,40 @@ mod tests {
         assert_eq!(
             check_framing(b"\0\xff\xff\xff\xff", false),
             Err(FramingError::Truncated(5))
+        );
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(bytes).expect("writes to memory");
+        encoder.finish().expect("writes to memory")
+    }
+
+    fn frame(flag: u8, message: &[u8]) -> Vec<u8> {
+        let mut out = vec![flag];
+        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        out.extend_from_slice(message);
+        out
+    }
+
+    #[test]
+    fn a_client_stream_yields_every_message_within_one_bound() {
+        let empty = stream_messages(&Bytes::new(), None, 16);
+        assert_eq!(empty, Ok(Vec::new()));
+        let mut body = frame(1, &gzip(&[7; 10]));
+        body.extend(frame(0, b"abc"));
+        let body = Bytes::from(body);
+        let messages = stream_messages(&body, Some("gzip"), 13).expect("13 bytes fit");
+        assert_eq!(messages, vec![Bytes::from(vec![7; 10]), Bytes::from("abc")]);
+        // The bound is for all messages together, those sent as is included.
+        assert_eq!(
+            stream_messages(&body, Some("gzip"), 12),
+            Err(MessageError::TooLarge(12))
+        );
+        assert_eq!(
+            stream_messages(&Bytes::from_static(b"\0\0\0\0\x05ab"), None, 16),
+            Err(MessageError::Unframed)
         );
     }
 

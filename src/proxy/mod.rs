@@ -366,10 +366,18 @@ impl<S, C> Proxy<S, C> {
             return Ok((header_serial, None));
         };
         let malformed = |why: String| Refusal::new(Reason::MalformedRequest, why);
-        let unary = grpc::unary_message(body, messages, encoding, self.settings.request_bytes_max)
-            .map_err(|error| malformed(error.to_string()))?;
-        let inspected = message::inspect(input, &unary, rule.key_field.as_ref(), &rule.ignored)
-            .map_err(malformed)?;
+        let bytes_max = self.settings.request_bytes_max;
+        let (key_field, ignored) = (rule.key_field.as_ref(), &rule.ignored);
+        let inspected = if rule.client_streaming {
+            let all = grpc::stream_messages(body, encoding, bytes_max)
+                .map_err(|error| malformed(error.to_string()))?;
+            message::inspect_stream(input, &all, key_field, ignored)
+        } else {
+            let unary = grpc::unary_message(body, messages, encoding, bytes_max)
+                .map_err(|error| malformed(error.to_string()))?;
+            message::inspect(input, &unary, key_field, ignored)
+        }
+        .map_err(malformed)?;
         Ok((
             header_serial.or(inspected.serial),
             Some(inspected.fingerprint),

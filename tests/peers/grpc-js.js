@@ -99,7 +99,20 @@ function server() {
       responseDeserialize: raw,
     },
   };
+  definition.Collect = { ...definition.Apply, path: "/idemproxy.testing.v1.Ledger/Collect", requestStream: true };
   const implementation = {
+    // Counts the stream's messages once its input has ended.
+    Collect(call, callback) {
+      let count = 0;
+      call.on("data", () => {
+        count += 1;
+      });
+      call.on("end", () => {
+        executions += 1;
+        process.stdout.write("collected " + count + "\n");
+        callback(null, Buffer.from([0x10, executions]));
+      });
+    },
     Apply(call, callback) {
       executions += 1;
       process.stdout.write("executed " + call.request.toString("hex") + "\n");

@@ -15,7 +15,9 @@ Messages are raw protobuf bytes: the Rust test encodes and decodes them.
       Serves idemproxy.testing.v1.Ledger/Apply on a free loopback port, prints
       "listening PORT", then "executed REQUEST_HEX" for every call it executes. The reply is
       an ApplyReply whose execution field counts calls; a request whose bytes hold
-      b"fail" is answered FAILED_PRECONDITION, with a trailer, after executing.
+      b"fail" is answered FAILED_PRECONDITION, with a trailer, after executing. Collect (a
+      client stream) prints "collected N" once its input ends, N its messages, and answers
+      an ApplyReply the same way.
 """
 
 import json
@@ -102,9 +104,22 @@ def server():
         # ApplyReply { execution = 2 (varint) }
         return b"\x10" + _varint(execution)
 
+    def collect(requests, context):
+        # Counts the stream's messages once its input has ended; an input that never ends
+        # (an empty stream whose end the server never sees) never answers.
+        count = sum(1 for _ in requests)
+        with lock:
+            executions[0] += 1
+            execution = executions[0]
+            print("collected %d" % count, flush=True)
+        return b"\x10" + _varint(execution)
+
     handler = grpc.method_handlers_generic_handler(
         "idemproxy.testing.v1.Ledger",
-        {"Apply": grpc.unary_unary_rpc_method_handler(apply)},
+        {
+            "Apply": grpc.unary_unary_rpc_method_handler(apply),
+            "Collect": grpc.stream_unary_rpc_method_handler(collect),
+        },
     )
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     grpc_server.add_generic_rpc_handlers((handler,))

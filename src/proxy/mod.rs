@@ -237,7 +237,15 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             Ok(caller) => caller,
             Err(refusal) => return Routed::refused(&refusal),
         };
-        let body = match read_request(incoming, self.settings.request_bytes_max).await {
+        // Without descriptors a body still open after a few seconds is taken for a stream
+        // whose client waits for answers; with them the shape is known (unary or client
+        // stream) and a slow upload gets longer, but a stalled one is still cut.
+        let wait = if rule.input.is_some() {
+            REQUEST_READ_MAX
+        } else {
+            REQUEST_END_WAIT
+        };
+        let body = match read_request(incoming, self.settings.request_bytes_max, wait).await {
             Ok(body) => body,
             Err(refusal) => return Routed::refused(&refusal),
         };
@@ -309,18 +317,26 @@ impl<S: Store, C: Clock> Proxy<S, C> {
 /// answers, and is refused rather than held (design §3: a keyed call never hangs).
 pub const REQUEST_END_WAIT: Duration = Duration::from_secs(3);
 
+/// How long a keyed call of a method whose descriptors say it ends its input (unary, client
+/// stream) may take to send it: a body that stalls is cut, so its buffered bytes are not held.
+pub const REQUEST_READ_MAX: Duration = Duration::from_secs(30);
+
 fn shape_unsupported(why: impl Into<String>) -> Refusal {
     Refusal::new(Reason::CallShapeUnsupported, why)
 }
 
 /// A keyed call's whole request body, bounded in bytes and in time.
-async fn read_request(incoming: Incoming, bytes_max: usize) -> Result<Bytes, Refusal> {
+async fn read_request(
+    incoming: Incoming,
+    bytes_max: usize,
+    wait: Duration,
+) -> Result<Bytes, Refusal> {
     let read = Limited::new(incoming, bytes_max).collect();
-    let Ok(read) = tokio::time::timeout(REQUEST_END_WAIT, read).await else {
+    let Ok(read) = tokio::time::timeout(wait, read).await else {
         // Nothing is claimed yet: a client that waits for answers before it ends its input
         // (a bidirectional stream) would otherwise hold the call forever.
         return Err(shape_unsupported(format!(
-            "the request did not end within {REQUEST_END_WAIT:?}; a call whose client streams while it waits for answers cannot be deduplicated: send it without the idempotency key"
+            "the request did not end within {wait:?}; a call whose client streams while it waits for answers cannot be deduplicated: send it without the idempotency key"
         )));
     };
     match read {

@@ -29,6 +29,36 @@ enum Command {
     Injector(idemproxy::injector::InjectorArgs),
     /// Show, in seconds and with no setup, what the sidecar prevents.
     Demo,
+    /// Accept that a damaged data dir lost records it had acknowledged, so `run` serves from
+    /// it again. Their keys can then run a second time: restore the volume instead when a
+    /// copy exists. Run it with the sidecar stopped.
+    AcceptLoss(AcceptLossArgs),
+}
+
+/// The command line of `idemproxy accept-loss`.
+#[derive(Debug, clap::Args)]
+struct AcceptLossArgs {
+    /// The data dir `run` refused.
+    #[arg(long, env = "IDEMPROXY_DATA_DIR")]
+    data_dir: std::path::PathBuf,
+}
+
+fn accept_loss(args: &AcceptLossArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let forgotten = idemproxy::store::witness::forget(&args.data_dir)
+        .with_context(|| format!("forgetting what {} witnessed", args.data_dir.display()))?;
+    if forgotten {
+        eprintln!(
+            "idemproxy: accepted the loss in {}: the records it held are served as they are, and the keys it lost can run again",
+            args.data_dir.display()
+        );
+    } else {
+        eprintln!(
+            "idemproxy: {} has no record of what it acknowledged: nothing to accept",
+            args.data_dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The command line of `idemproxy inject`.
@@ -141,6 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             block_on(None, idemproxy::injector::run(args))??;
         }
         Command::Demo => block_on(None, idemproxy::demo::run())??,
+        Command::AcceptLoss(args) => return accept_loss(&args),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,9 @@
 //! `--max-connections` (by default what the limit leaves after 256 descriptors kept for the
 //! store and the other listeners).
 
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;

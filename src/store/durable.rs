@@ -11,7 +11,8 @@
 //! but its log lists no directory. Opening syncs
 //! everything once, and the directory entries that lead to the data dir, so nothing written
 //! before this process (an older release, a crash during a first start) is left unsynced.
-//! It never writes a byte of its own into the data dir.
+//! It never writes a byte of its own into the data dir (the witness's ring, written and synced
+//! by `witness.rs` on the same group commit, is not its concern).
 
 use super::flusher::Flusher;
 use std::collections::BTreeMap;
@@ -30,6 +31,9 @@ const BLOB_DIR: &str = "blobs";
 /// The readiness probe's file (`SledStore::check`): created and removed every second, never
 /// anything a record depends on, so it is not a reason to sync the directory.
 pub const PROBE_FILE: &str = ".idemproxy-ready";
+
+/// The witness's ring (`witness.rs`), which syncs itself.
+const WITNESS: &str = super::witness::FILE;
 
 /// What of the data dir has been synced, and the open log to `fdatasync`.
 pub struct DataDirSync {
@@ -104,9 +108,9 @@ impl Changes {
             let name = event
                 .file_name()
                 .map(|name| OsString::from(std::ffi::OsStr::from_bytes(name.to_bytes())));
-            let ours = name
-                .as_deref()
-                .is_some_and(|name| !in_blobs && (name == LOG_FILE || name == PROBE_FILE));
+            let ours = name.as_deref().is_some_and(|name| {
+                !in_blobs && (name == LOG_FILE || name == PROBE_FILE || name == WITNESS)
+            });
             if ours && !event.events().intersects(ReadFlags::QUEUE_OVERFLOW) {
                 continue;
             }
@@ -200,13 +204,26 @@ impl DataDirSync {
 /// The group-commit flusher of a sled database in `dir`: each flush is sled's (which ends in
 /// `sync_file_range`), then `DataDirSync::sync`, so what it acknowledges survives a power cut.
 /// Syncs everything already in `dir` first.
-pub fn start_flusher(db: &sled::Db, dir: &Path) -> io::Result<Flusher> {
+///
+/// The witness (`witness.rs`) rides on the same group commit: the records applied before the
+/// flush are taken first, the ring's slots written so far (deletions' "absent" among them) are
+/// synced before sled flushes, and the taken records' "present" slots are written once the
+/// flush made them durable (synced by the next group commit).
+pub fn start_flusher(
+    db: &sled::Db,
+    dir: &Path,
+    witness: std::sync::Arc<super::witness::Witness>,
+) -> io::Result<Flusher> {
     let mut disk = DataDirSync::open(dir)?;
     let db = db.clone();
+    let witnessing = |error: io::Error| format!("cannot write the witness: {error}");
     Flusher::start(Box::new(move || {
+        let durable_now = witness.take_queued();
+        witness.sync().map_err(witnessing)?;
         db.flush().map_err(|e| e.to_string())?;
         disk.sync()
-            .map_err(|error| format!("cannot sync the data dir: {error}"))
+            .map_err(|error| format!("cannot sync the data dir: {error}"))?;
+        witness.write(&durable_now).map_err(witnessing)
     }))
 }
 
@@ -235,7 +252,7 @@ fn entries(dir: &Path) -> io::Result<Files> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let name = entry.file_name();
-        if name == PROBE_FILE {
+        if name == PROBE_FILE || name == WITNESS {
             continue;
         }
         let size = match entry.metadata() {

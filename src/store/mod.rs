@@ -12,6 +12,7 @@ pub mod memory;
 pub mod redis;
 pub mod sled;
 mod slices;
+pub mod witness;
 
 use crate::key::Key;
 use crate::record::{Change, Record};

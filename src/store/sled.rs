@@ -19,6 +19,7 @@
 use super::durable::{self, DataDirSync, PROBE_FILE};
 use super::flusher::Flusher;
 use super::slices::{self, sled_error as store_error, Packer, Slices};
+use super::witness::{self, Witness};
 use super::{Maintenance, Store, StoreError, Usage};
 use crate::key::Key;
 use crate::record::{self, Change, Record, State};
@@ -95,6 +96,8 @@ pub struct SledStore {
     packed_records: AtomicU64,
     pack_records: u64,
     flusher: Flusher,
+    /// The last writes made durable, kept outside sled (`witness.rs`): checked at open.
+    witness: std::sync::Arc<Witness>,
     /// Keys written but not yet flushed, with how many writers are waiting on each.
     pending: [Mutex<HashMap<Key, u32>>; PENDING_SHARDS],
     records_count: AtomicU64,
@@ -149,6 +152,44 @@ enum Unread<T> {
     Read,
 }
 
+/// Milliseconds since the Unix epoch, by the wall clock (records' expiries are on it).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
+}
+
+/// What to tell an operator whose store lost `lost` of the `checked` records it witnessed.
+fn lost_message(lost: usize, checked: usize, dir: &std::path::Path) -> String {
+    format!(
+        "{lost} of the {checked} most recently acknowledged records that have not expired are \
+         missing or unreadable in {dir} (a damaged, truncated or half-restored data dir): it is \
+         not served from, as their retries would run again. Restore the volume from a copy, or \
+         accept the loss with `idemproxy accept-loss --data-dir {dir}` and start again",
+        dir = dir.display()
+    )
+}
+
+/// Refuses a data dir whose sled trees are empty although the witness saw records that have
+/// not expired: `db` deleted or replaced, with whatever else is left in the dir untouched.
+fn refuse_if_emptied(
+    db: &sled::Db,
+    records: &sled::Tree,
+    witnessed: &witness::Newest,
+    dir: &std::path::Path,
+) -> Result<(), StoreError> {
+    let catalog_empty = db.open_tree("slices").map_err(store_error)?.is_empty();
+    if !(records.is_empty() && catalog_empty) {
+        return Ok(());
+    }
+    let (checked, lost) = witness::lost(witnessed, wall_clock_ms(), |_| false);
+    if lost.is_empty() {
+        return Ok(());
+    }
+    tracing::error!(lost = lost.len(), dir = %dir.display(), "the store lost every record");
+    Err(StoreError::Corrupt(lost_message(lost.len(), checked, dir)))
+}
+
 /// Why a store whose flush failed takes no more writes.
 const SUSPECT: &str = "a write to the data dir failed or timed out earlier; nothing more is acknowledged until the sidecar restarts";
 
@@ -183,14 +224,27 @@ impl SledStore {
         })?;
         let db = open_db(&options.dir, options.cache_bytes).map_err(store_error)?;
         let records = db.open_tree("records").map_err(store_error)?;
-        let slices = Slices::open(&db, &options.dir)?;
-        let totals = slices.totals();
-        let flusher = durable::start_flusher(&db, &options.dir).map_err(|error| {
+        let (witness, witnessed) = Witness::open(&options.dir).map_err(|error| {
             StoreError::Io(format!(
-                "cannot sync data dir {} or start its flusher: {error}",
+                "cannot open {} in {}: {error}",
+                witness::FILE,
                 options.dir.display()
             ))
         })?;
+        let witness = std::sync::Arc::new(witness);
+        // Before the slices are opened, which remove slice files without a catalog entry: a
+        // data dir whose `db` is gone lost that catalog too, and its slice files are all that
+        // is left of the records.
+        refuse_if_emptied(&db, &records, &witnessed, &options.dir)?;
+        let slices = Slices::open(&db, &options.dir)?;
+        let totals = slices.totals();
+        let flusher =
+            durable::start_flusher(&db, &options.dir, witness.clone()).map_err(|error| {
+                StoreError::Io(format!(
+                    "cannot sync data dir {} or start its flusher: {error}",
+                    options.dir.display()
+                ))
+            })?;
         let store = SledStore {
             db,
             dir: options.dir.clone(),
@@ -200,6 +254,7 @@ impl SledStore {
             packed_records: AtomicU64::new(totals.records),
             pack_records: options.pack_records.max(1),
             flusher,
+            witness,
             pending: Default::default(),
             // The packed records until `reconcile` has counted the others.
             records_count: AtomicU64::new(totals.records),
@@ -214,7 +269,33 @@ impl SledStore {
             expires_floor: AtomicU64::new(0),
             pass_floor: AtomicU64::new(u64::MAX),
         };
+        store.check_witnessed(&witnessed)?;
         Ok(store)
+    }
+
+    /// Every record the witness saw made durable and not yet expired is still here, or the
+    /// store is refused: sled opens a damaged, truncated or half-restored data dir without
+    /// complaint, and the keys it lost would run again.
+    fn check_witnessed(&self, witnessed: &witness::Newest) -> Result<(), StoreError> {
+        let (checked, lost) = witness::lost(witnessed, wall_clock_ms(), |key| {
+            matches!(self.get(key), Ok(Some(_)))
+        });
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let first = lost[0].to_string();
+        tracing::error!(
+            lost = lost.len(),
+            checked,
+            first = &first[..16],
+            dir = %self.dir.display(),
+            "the store lost records it had acknowledged"
+        );
+        Err(StoreError::Corrupt(lost_message(
+            lost.len(),
+            checked,
+            &self.dir,
+        )))
     }
 
     /// Walks every record once, after start and beside live traffic: marks claims of earlier
@@ -401,6 +482,15 @@ impl SledStore {
                     self.slices.purge(key, expires_ms, slice_id)?;
                 }
             }
+            if let (Some(record), Change::Delete) = (&current, &change) {
+                if record.expires_ms > wall_clock_ms() {
+                    // Before the delete can reach the disk, so the witness never outlives it
+                    // with a "present" that no record answers.
+                    self.witness.deleting(key).map_err(|error| {
+                        StoreError::Io(format!("cannot write {}: {error}", witness::FILE))
+                    })?;
+                }
+            }
             let swapped = self
                 .records
                 .compare_and_swap(key.as_bytes(), old.as_ref(), new)
@@ -408,6 +498,9 @@ impl SledStore {
             if let Err(lost) = swapped {
                 seen = Some(lost.current);
                 continue;
+            }
+            if let Change::Put(record) = &change {
+                self.witness.applied(key, record.expires_ms);
             }
             // The counts follow `records`; a slice's records count from its install to its
             // drop, including those a purge hid or a record in `records` shadows.
@@ -471,6 +564,7 @@ impl SledStore {
             {
                 Ok(()) => {
                     self.landed(None, None, &change, Some(new_len));
+                    self.witness.applied(key, record.expires_ms);
                     Ok(Unread::Claimed(value))
                 }
                 Err(lost) => {

@@ -123,6 +123,11 @@ pub struct Settings {
     /// Largest response that is recorded.
     #[arg(long, env = "IDEMPROXY_MAX_RESPONSE_BYTES", default_value = "4MiB", value_parser = size(0, MESSAGE_BYTES_LIMIT))]
     pub max_response_bytes: u64,
+    /// Bytes all keyed calls together may buffer (requests read whole, answers collected
+    /// whole); past it new keyed calls are refused at once (RESOURCE_EXHAUSTED /
+    /// IDEMPOTENCY_BUFFERS_EXHAUSTED) and answers that do not fit are streamed on, not kept.
+    #[arg(long, env = "IDEMPROXY_MAX_BUFFERED_BYTES", default_value = "64MiB", value_parser = size(1 << 20, 64 << 30))]
+    pub max_buffered_bytes: u64,
     /// Size bound of the store; past it new keys are refused (RESOURCE_EXHAUSTED /
     /// IDEMPOTENCY_STORE_FULL) until records expire, unless --evict-when-full.
     #[arg(long, env = "IDEMPROXY_MAX_STORE_BYTES", default_value = "1GiB", value_parser = size(1 << 10, u64::MAX))]
@@ -352,6 +357,8 @@ pub struct Config {
     pub request_bytes_max: usize,
     /// Largest response recorded.
     pub response_bytes_max: usize,
+    /// Bytes all keyed calls together may buffer.
+    pub buffered_bytes_max: usize,
     /// The store's size bound.
     pub store_bytes_max: u64,
     /// Whether a full store evicts records inside their retention.
@@ -773,6 +780,13 @@ pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
             "a non-loopback admin address needs a token (--admin-token-file or IDEMPROXY_ADMIN_TOKEN): the admin API can forget and purge records",
         ));
     }
+    if settings.max_buffered_bytes < settings.max_request_bytes {
+        return Err(invalid(
+            "max-buffered-bytes",
+            &settings.max_buffered_bytes.to_string(),
+            "it must hold at least one request of --max-request-bytes, or no such request is ever served",
+        ));
+    }
     let descriptors = crate::policy::descriptors::Sources {
         descriptor_sets: settings.descriptor_set,
         protos: settings.proto,
@@ -793,6 +807,7 @@ pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
         // Both at most 64 MiB by their declared ranges.
         request_bytes_max: settings.max_request_bytes as usize,
         response_bytes_max: settings.max_response_bytes as usize,
+        buffered_bytes_max: usize::try_from(settings.max_buffered_bytes).unwrap_or(usize::MAX),
         store_bytes_max: settings.max_store_bytes,
         evict_when_full: settings.evict_when_full,
         sled_cache_bytes: settings.sled_cache_bytes,

@@ -283,6 +283,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
         key_header: config.key_header.clone(),
         callers: config.callers.clone(),
         request_bytes_max: config.request_bytes_max,
+        budget: proxy::budget::Budget::new(config.buffered_bytes_max),
     };
     let mut listening = listening(config)?;
     // Client sockets must never take the descriptors the store needs (a failed store write

@@ -116,11 +116,14 @@ pub enum Reason {
     /// The store is at its size bound and, keeping every outcome for its retention, takes no
     /// new key.
     StoreFull,
+    /// Keyed calls together buffer all the bytes `--max-buffered-bytes` allows: a new one is
+    /// refused at once, never queued.
+    BuffersExhausted,
 }
 
 impl Reason {
     /// Every reason, for tests and documentation checks that must cover them all.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::KeyReused,
         Reason::InProgress,
         Reason::OutcomeUnknown,
@@ -138,6 +141,7 @@ impl Reason {
         Reason::CallerQuota,
         Reason::CallShapeUnsupported,
         Reason::StoreFull,
+        Reason::BuffersExhausted,
     ];
 
     /// The stable reason string.
@@ -160,6 +164,7 @@ impl Reason {
             Reason::CallerQuota => "IDEMPOTENCY_CALLER_QUOTA",
             Reason::CallShapeUnsupported => "IDEMPOTENCY_CALL_SHAPE_UNSUPPORTED",
             Reason::StoreFull => "IDEMPOTENCY_STORE_FULL",
+            Reason::BuffersExhausted => "IDEMPOTENCY_BUFFERS_EXHAUSTED",
         }
     }
 
@@ -173,9 +178,10 @@ impl Reason {
             Reason::InProgress => Code::Aborted,
             Reason::Duplicate => Code::AlreadyExists,
             Reason::KeyInvalid | Reason::KeyMissing => Code::InvalidArgument,
-            Reason::RequestTooLarge | Reason::CallerQuota | Reason::StoreFull => {
-                Code::ResourceExhausted
-            }
+            Reason::RequestTooLarge
+            | Reason::CallerQuota
+            | Reason::StoreFull
+            | Reason::BuffersExhausted => Code::ResourceExhausted,
             Reason::CallerMissing | Reason::CallerInvalid => Code::Unauthenticated,
             Reason::StoreUnavailable | Reason::UpstreamUnavailable => Code::Unavailable,
             Reason::MalformedRequest => Code::Internal,

@@ -7,6 +7,7 @@
 //! it has none. This module speaks HTTP; the engine does not.
 
 pub mod body;
+pub mod budget;
 mod gather;
 pub mod grpc;
 pub mod upstream;
@@ -48,6 +49,8 @@ pub struct ProxySettings {
     pub callers: Callers,
     /// The largest request body that is deduplicated.
     pub request_bytes_max: usize,
+    /// The bytes all keyed calls together may buffer.
+    pub budget: budget::Budget,
 }
 
 /// The proxy: settings, the engine, and the upstream for passthrough.
@@ -245,10 +248,19 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         } else {
             REQUEST_END_WAIT
         };
-        let body = match read_request(incoming, self.settings.request_bytes_max, wait).await {
+        // Held until this call's answer is built; the upstream client adds the answer's
+        // bytes to it while it collects them (it travels in the request's extensions).
+        let held = match parts.extensions.get::<budget::Budget>() {
+            Some(connection_share) => connection_share.hold(),
+            None => self.settings.budget.hold(),
+        };
+        let limits = (self.settings.request_bytes_max, wait);
+        let body = match read_request(incoming, limits, &held).await {
             Ok(body) => body,
             Err(refusal) => return Routed::refused(&refusal),
         };
+        let mut parts = parts;
+        parts.extensions.insert(held.clone());
         let encoding = parts
             .headers
             .get("grpc-encoding")
@@ -328,10 +340,10 @@ fn shape_unsupported(why: impl Into<String>) -> Refusal {
 /// A keyed call's whole request body, bounded in bytes and in time.
 async fn read_request(
     incoming: Incoming,
-    bytes_max: usize,
-    wait: Duration,
+    (bytes_max, wait): (usize, Duration),
+    held: &budget::Held,
 ) -> Result<Bytes, Refusal> {
-    let read = Limited::new(incoming, bytes_max).collect();
+    let read = collect_within(Limited::new(incoming, bytes_max), held);
     let Ok(read) = tokio::time::timeout(wait, read).await else {
         // Nothing is claimed yet: a client that waits for answers before it ends its input
         // (a bidirectional stream) would otherwise hold the call forever.
@@ -340,7 +352,11 @@ async fn read_request(
         )));
     };
     match read {
-        Ok(collected) => Ok(collected.to_bytes()),
+        Ok(Some(collected)) => Ok(collected),
+        Ok(None) => Err(Refusal::new(
+            Reason::BuffersExhausted,
+            "the sidecar buffers as many request and response bytes as --max-buffered-bytes allows: retry later",
+        )),
         Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(Refusal::new(
             Reason::RequestTooLarge,
             format!("the request is larger than the {bytes_max} bytes that can be deduplicated"),
@@ -350,6 +366,26 @@ async fn read_request(
             format!("the request body could not be read: {error}"),
         )),
     }
+}
+
+/// The body's bytes, each frame taken from `held`'s budget as it arrives; `None` as soon as
+/// the budget has no room for one (its bytes are dropped with the body).
+async fn collect_within(
+    mut body: Limited<Incoming>,
+    held: &budget::Held,
+) -> Result<Option<Bytes>, Box<dyn std::error::Error + Send + Sync>> {
+    let mut collected = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            // Trailers: a gRPC request has none that matter here.
+            continue;
+        };
+        if !held.grow(data.len()) {
+            return Ok(None);
+        }
+        collected.extend_from_slice(&data);
+    }
+    Ok(Some(collected.freeze()))
 }
 
 impl<S, C> Proxy<S, C> {
@@ -566,10 +602,17 @@ impl<S: Store, C: Clock> Connection<S, C> {
         let started = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = started.clone();
         let proxy = self.proxy.clone();
+        // This connection's share of the buffers' budget: its keyed calls take from it first.
+        let settings = &self.proxy.settings;
+        let share = settings.budget.for_connection(budget::connection_share(
+            settings.budget.bytes_max(),
+            settings.request_bytes_max,
+        ));
         let mut connection = gather::Gathered::new(self.builder.serve_connection(
             io,
-            hyper::service::service_fn(move |request| {
+            hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                request.extensions_mut().insert(share.clone());
                 // Boxed, as hyper moves the call's future (kilobytes) into a task of its own.
                 Box::pin(proxy.clone().serve(request, peer.clone()))
             }),

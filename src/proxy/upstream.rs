@@ -526,6 +526,7 @@ impl Upstream for HttpUpstream {
 impl HttpUpstream {
     /// Sends a buffered call and collects its answer up to the response limit.
     async fn collect(&self, parts: Parts, body: Bytes) -> Reply<Response<ProxyBody>> {
+        let held = parts.extensions.get::<super::budget::Held>().cloned();
         let response = match self.connection.send(self.head(parts), body).await {
             Ok(response) => response,
             Err(error) if error.never_reached_service() => {
@@ -547,8 +548,11 @@ impl HttpUpstream {
                 Err(error) => return broke_off(error),
             };
             let _ = incoming.flow_control().release_capacity(chunk.len());
+            // Past the buffers' budget the answer goes on as a stream, not kept: its call ran
+            // once, and its duplicates get RESPONSE_NOT_KEPT rather than a second execution.
+            let fits = held.as_ref().is_none_or(|held| held.grow(chunk.len()));
             data.extend_from_slice(&chunk);
-            if data.len() > self.response_bytes_max {
+            if !fits || data.len() > self.response_bytes_max {
                 let body = ProxyBody::upstream(Some(data.freeze()), incoming);
                 return Reply::Oversized(Response::from_parts(head, body));
             }

@@ -85,7 +85,8 @@ impl Decision {
             | Reason::UpstreamUnavailable
             | Reason::CallerMissing
             | Reason::CallerInvalid
-            | Reason::CallShapeUnsupported => Decision::Invalid,
+            | Reason::CallShapeUnsupported
+            | Reason::BuffersExhausted => Decision::Invalid,
             Reason::CallerQuota => Decision::Conflict,
         }
     }

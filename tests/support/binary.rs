@@ -100,6 +100,11 @@ pub fn clock_at(at: &str) -> Vec<(&'static str, String)> {
 }
 
 impl BinarySidecar {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("still running")
+    }
+
     /// SIGTERM, as Kubernetes sends before it stops a container.
     pub fn terminate(&self) {
         let pid = self.child.id().expect("still running");

@@ -169,7 +169,8 @@ pub struct Settings {
     /// On SIGTERM, how long running calls get to finish and record their outcome.
     #[arg(long, env = "IDEMPROXY_DRAIN_TIMEOUT", default_value = "25s", value_parser = span(ZERO, HOUR))]
     pub drain_timeout: Duration,
-    /// Address of the admin API (`idemproxy keys`); a non-loopback address needs a token.
+    /// Address of the admin API (`idemproxy keys`); a non-loopback address needs a token and
+    /// TLS (--admin-tls-cert, --admin-tls-key).
     #[arg(
         long,
         env = "IDEMPROXY_ADMIN_LISTEN",
@@ -182,6 +183,12 @@ pub struct Settings {
     /// The admin token, from the environment only.
     #[arg(skip)]
     pub admin_token: Option<String>,
+    /// PEM certificate chain of the admin API's TLS (re-read when it changes).
+    #[arg(long, env = "IDEMPROXY_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// PEM private key of the admin API's TLS.
+    #[arg(long, env = "IDEMPROXY_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
     /// FileDescriptorSet of the service, with its idemproxy annotations (repeatable; from
     /// `protoc --include_imports --descriptor_set_out` or `buf build`).
     #[arg(long, env = "IDEMPROXY_DESCRIPTOR_SET", value_delimiter = ',')]
@@ -389,6 +396,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// The admin API's bearer token, when one is required.
     pub admin_token: Option<String>,
+    /// The admin API's TLS files (certificate, key), when it serves TLS.
+    pub admin_tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// The files of the proxy listener's TLS.
@@ -787,6 +796,31 @@ pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
             "it must hold at least one request of --max-request-bytes, or no such request is ever served",
         ));
     }
+    let admin_tls = match (settings.admin_tls_cert, settings.admin_tls_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(cert), None) => {
+            return Err(invalid(
+                "admin-tls-key",
+                "",
+                format!("--admin-tls-cert {} needs --admin-tls-key", cert.display()),
+            ))
+        }
+        (None, Some(key)) => {
+            return Err(invalid(
+                "admin-tls-cert",
+                "",
+                format!("--admin-tls-key {} needs --admin-tls-cert", key.display()),
+            ))
+        }
+    };
+    if !settings.admin_listen.ip().is_loopback() && admin_tls.is_none() {
+        return Err(invalid(
+            "admin-listen",
+            &settings.admin_listen.to_string(),
+            "a non-loopback admin address needs TLS (--admin-tls-cert, --admin-tls-key): its token would cross the network in the clear",
+        ));
+    }
     let descriptors = crate::policy::descriptors::Sources {
         descriptor_sets: settings.descriptor_set,
         protos: settings.proto,
@@ -824,6 +858,7 @@ pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
         drain_timeout: settings.drain_timeout,
         admin_listen: settings.admin_listen,
         admin_token,
+        admin_tls,
     })
 }
 

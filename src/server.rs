@@ -286,6 +286,30 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
         budget: proxy::budget::Budget::new(config.buffered_bytes_max),
     };
     let mut listening = listening(config)?;
+    let admin_tls = match &config.admin_tls {
+        None => None,
+        Some((cert, key)) => {
+            let files = crate::tls::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: None,
+                alpn: vec![b"h2".to_vec()],
+            };
+            // The error names the admin API's own flags, not the proxy listener's.
+            let admin_setting = |mut error: crate::tls::TlsError| {
+                error.setting = if error.setting == "tls-key" {
+                    "admin-tls-key"
+                } else {
+                    "admin-tls-cert"
+                };
+                error
+            };
+            Some(
+                crate::tls::Reloading::start(files, crate::tls::RELOAD_POLL)
+                    .map_err(admin_setting)?,
+            )
+        }
+    };
     // Client sockets must never take the descriptors the store needs (a failed store write
     // is sticky until a restart).
     let open_files = crate::fds::raise_limit();
@@ -329,7 +353,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
     let administering = tokio::spawn(crate::admin::serve(
         admin_listener,
         admin,
-        config.admin_token.clone(),
+        (config.admin_token.clone(), admin_tls),
         wait_for(stopped.clone()),
     ));
     let watching = tokio::spawn(

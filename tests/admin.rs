@@ -367,3 +367,69 @@ async fn ls_pages_through_every_record_once() {
     assert_eq!(seen.len(), 7, "every record, once");
     sidecar.kill().await;
 }
+
+/// Issue 31, item 6: the admin API (it can purge and resolve records) took a bearer token
+/// over plaintext HTTP/2 on any address. Off loopback it now needs TLS, and `keys` verifies
+/// the certificate against `--ca-file`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_loopback_the_admin_api_speaks_tls_and_keys_verifies_it() {
+    let upstream = ledger::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = support::tls::ca_and_server(dir.path());
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-admin\n").unwrap();
+    let token_path = token_file.display().to_string();
+    let port = free_port();
+    let listen = format!("0.0.0.0:{port}");
+    let cert = cert.display().to_string();
+    let key = key.display().to_string();
+    let data = dir.path().join("data");
+    let plain = tokio::process::Command::new(binary::path())
+        .arg("run")
+        .args(binary::run_args(upstream.addr, &data, &[]))
+        .args(["--admin-listen", &listen, "--admin-token-file", &token_path])
+        .kill_on_drop(true)
+        .output();
+    let plain = tokio::time::timeout(std::time::Duration::from_secs(20), plain)
+        .await
+        .expect("refused at start, not served in the clear")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert_ne!(
+        plain.status.code(),
+        Some(0),
+        "a token in the clear: {stderr}"
+    );
+    assert!(
+        stderr.contains("--admin-listen") && stderr.contains("TLS"),
+        "{stderr}"
+    );
+    let extra = [
+        "--admin-listen",
+        &listen,
+        "--admin-token-file",
+        &token_path,
+        "--admin-tls-cert",
+        &cert,
+        "--admin-tls-key",
+        &key,
+    ];
+    let sidecar = binary::start(&binary::run_args(upstream.addr, &data, &extra)).await;
+    let https = format!("https://127.0.0.1:{port}");
+    let ca = ca.display().to_string();
+    let (code, out, err) = keys(
+        &https,
+        &["stats", "--token-file", &token_path, "--ca-file", &ca],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("backend      sled"), "{out}");
+    let (code, _, err) = keys(&https, &["stats", "--token-file", &token_path]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--ca-file"), "{err}");
+    let (code, _, _) = keys(
+        &format!("127.0.0.1:{port}"),
+        &["stats", "--token-file", &token_path],
+    );
+    assert_ne!(code, 0, "plaintext gets nothing from a TLS admin port");
+    sidecar.kill().await;
+}

@@ -88,7 +88,11 @@ async fn unfinished_keyed_requests_stay_within_the_buffers_budget() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    eprintln!("memory: RSS {} MiB before, {} MiB at the peak", before >> 20, peak >> 20);
+    eprintln!(
+        "memory: RSS {} MiB before, {} MiB at the peak",
+        before >> 20,
+        peak >> 20
+    );
     drop(attack);
     let grown = peak.saturating_sub(before);
     assert!(

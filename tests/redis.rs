@@ -300,35 +300,10 @@ async fn a_waiting_duplicate_is_woken_by_the_change_message_on_a_cluster() {
         .await;
 }
 
-/// A CA and a server certificate for 127.0.0.1, as PEM files in `dir`: (ca, cert, key).
-fn tls_files(
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&server_key, &Issuer::from_params(&ca_params, &ca_key))
-        .unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, server.pem()).unwrap();
-    std::fs::write(&paths.2, server_key.serialize_pem()).unwrap();
-    paths
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_a_private_ca_and_a_password_from_a_file() {
     let files = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = tls_files(files.path());
+    let (ca, cert, key) = support::tls::ca_and_server(files.path());
     let redis = RedisServer::start_with(|port, _| {
         let mut settings = vec!["--port".to_owned(), "0".to_owned(), "--tls-port".to_owned()];
         settings.push(port.to_string());

@@ -24,6 +24,9 @@ pub struct KeysArgs {
     /// File holding the admin bearer token (or set IDEMPROXY_ADMIN_TOKEN).
     #[arg(long, global = true, env = "IDEMPROXY_ADMIN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM CA bundle that an `https://` admin address's certificate must chain to.
+    #[arg(long, global = true, env = "IDEMPROXY_ADMIN_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -221,13 +224,38 @@ async fn connect(args: &KeysArgs) -> Result<(AdminClient<Channel>, Option<String
         ),
         None => std::env::var("IDEMPROXY_ADMIN_TOKEN").ok(),
     };
-    let channel = tonic::transport::Endpoint::from_shared(address.clone())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(address.clone())
         .map_err(|error| format!("--admin {address}: {error}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_timeout(std::time::Duration::from_secs(5));
+    if address.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(verified_by(args.ca_file.as_deref())?)
+            .map_err(|error| format!("--admin {address}: {error}"))?;
+    } else if args.ca_file.is_some() {
+        return Err(format!(
+            "--ca-file is for an https:// admin address; --admin {address} is plaintext"
+        ));
+    }
+    let channel = endpoint
         .connect()
         .await
         .map_err(|error| format!("cannot reach the admin API at {address}: {error}"))?;
     Ok((AdminClient::new(channel), token))
+}
+
+/// The TLS of `keys`: the admin API's certificate must chain to the CA in `ca_file`.
+fn verified_by(
+    ca_file: Option<&std::path::Path>,
+) -> Result<tonic::transport::ClientTlsConfig, String> {
+    let Some(path) = ca_file else {
+        return Err(
+            "an https:// admin address needs --ca-file: the CA its certificate chains to".into(),
+        );
+    };
+    let pem = crate::files::read(path, crate::files::TEXT_BYTES_MAX)
+        .map_err(|error| format!("--ca-file {}: {error}", path.display()))?;
+    Ok(tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem)))
 }
 
 fn authorized<T>(message: T, token: &Option<String>) -> tonic::Request<T> {

@@ -422,11 +422,51 @@ impl tonic::service::Interceptor for TokenCheck {
     }
 }
 
-/// Serves the admin API, health and reflection on `listener` until `shutdown`.
+/// How long an admin client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// TLS connections accepted on `listener`, each handshake on a task of its own (so a client
+/// that stalls holds up no other), with the newest certificates `tls` holds.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    tls: Arc<crate::tls::Reloading>,
+) -> impl futures_util::Stream<
+    Item = std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+> {
+    let (handshaken, mut incoming) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                // The server stopped: nothing takes connections any more.
+                () = handshaken.closed() => return,
+            };
+            let Ok((stream, addr)) = accepted else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let acceptor = tls.acceptor();
+            let handshaken = handshaken.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = handshaken.send(Ok(stream)).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%addr, %error, "admin TLS handshake failed"),
+                    Err(_) => tracing::debug!(%addr, "admin TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    futures_util::stream::poll_fn(move |cx| incoming.poll_recv(cx))
+}
+
+/// Serves the admin API, health and reflection on `listener` until `shutdown`; over TLS when
+/// `tls` is set (required off loopback: the bearer token must not cross a network in clear).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: AdminService,
-    token: Option<String>,
+    (token, tls): (Option<String>, Option<Arc<crate::tls::Reloading>>),
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let check = TokenCheck {
@@ -449,16 +489,24 @@ pub async fn serve(
                 (None, None)
             }
         };
-    let served = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(AdminServer::with_interceptor(service, check))
         .add_service(health_service)
         .add_optional_service(reflection_v1)
-        .add_optional_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
-        )
-        .await;
+        .add_optional_service(reflection_v1alpha);
+    let served = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls_incoming(listener, tls), shutdown)
+                .await
+        }
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     if let Err(error) = served {
         tracing::error!(%error, "the admin listener failed");
     }

@@ -11,6 +11,7 @@ pub mod ledger;
 pub mod payments;
 pub mod raw;
 pub mod redis;
+pub mod tls;
 pub mod tmpfs;
 
 use idemproxy::config::{self, Settings, StoreKind};

@@ -40,7 +40,9 @@ pub async fn run(args: SledAloneArgs) -> anyhow::Result<()> {
     // A first read, as the sidecar's first call would make.
     records.get([0u8; 32])?;
     let open_seconds = started.elapsed().as_secs_f64();
-    let flusher = Arc::new(idemproxy::store::durable::start_flusher(&db, &args.dir)?);
+    let flusher = Arc::new(idemproxy::store::durable::start_flusher(
+        &db, &args.dir, None,
+    )?);
     let cpu_before = crate::procs::cpu_seconds(std::process::id(), false);
     let filled = std::time::Instant::now();
     let writers: Vec<_> = (0..WRITERS)

@@ -205,25 +205,31 @@ impl DataDirSync {
 /// `sync_file_range`), then `DataDirSync::sync`, so what it acknowledges survives a power cut.
 /// Syncs everything already in `dir` first.
 ///
-/// The witness (`witness.rs`) rides on the same group commit: the records applied before the
+/// The witness (`witness.rs`; `None` for the benchmark's sled-alone baseline) rides on the
+/// same group commit: the records applied before the
 /// flush are taken first, the ring's slots written so far (deletions' "absent" among them) are
 /// synced before sled flushes, and the taken records' "present" slots are written once the
 /// flush made them durable (synced by the next group commit).
 pub fn start_flusher(
     db: &sled::Db,
     dir: &Path,
-    witness: std::sync::Arc<super::witness::Witness>,
+    witness: Option<std::sync::Arc<super::witness::Witness>>,
 ) -> io::Result<Flusher> {
     let mut disk = DataDirSync::open(dir)?;
     let db = db.clone();
     let witnessing = |error: io::Error| format!("cannot write the witness: {error}");
     Flusher::start(Box::new(move || {
-        let durable_now = witness.take_queued();
-        witness.sync().map_err(witnessing)?;
+        let durable_now = witness.as_ref().map(|witness| witness.take_queued());
+        if let Some(witness) = &witness {
+            witness.sync().map_err(witnessing)?;
+        }
         db.flush().map_err(|e| e.to_string())?;
         disk.sync()
             .map_err(|error| format!("cannot sync the data dir: {error}"))?;
-        witness.write(&durable_now).map_err(witnessing)
+        match (&witness, durable_now) {
+            (Some(witness), Some(durable_now)) => witness.write(&durable_now).map_err(witnessing),
+            _ => Ok(()),
+        }
     }))
 }
 

@@ -239,7 +239,7 @@ impl SledStore {
         let slices = Slices::open(&db, &options.dir)?;
         let totals = slices.totals();
         let flusher =
-            durable::start_flusher(&db, &options.dir, witness.clone()).map_err(|error| {
+            durable::start_flusher(&db, &options.dir, Some(witness.clone())).map_err(|error| {
                 StoreError::Io(format!(
                     "cannot sync data dir {} or start its flusher: {error}",
                     options.dir.display()

@@ -56,6 +56,15 @@ fn engine_over(
         delay,
         status,
     };
+    engine_of(store, upstream, limits)
+}
+
+/// An engine of this process (tokens of incarnation 7) over `store` and `upstream`.
+fn engine_of<U: idemproxy::engine::Upstream>(
+    store: MemoryStore,
+    upstream: U,
+    limits: Limits,
+) -> Arc<Engine<MemoryStore, U, SystemClock>> {
     Arc::new(Engine::new(
         Arc::new(store),
         Arc::new(upstream),
@@ -280,14 +289,7 @@ fn scripted(store: MemoryStore, delay: Duration, reply: fn() -> Reply<()>) -> Ar
         records_per_caller_max: Some(1),
         ..Limits::default()
     };
-    let upstream = Scripted { delay, reply };
-    Arc::new(Engine::new(
-        Arc::new(store),
-        Arc::new(upstream),
-        SystemClock::new(),
-        Tokens::new([7; 8]),
-        limits,
-    ))
+    engine_of(store, Scripted { delay, reply }, limits)
 }
 
 fn ok_reply() -> Reply<()> {

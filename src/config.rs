@@ -11,6 +11,7 @@
 
 use crate::caller::{CallerSource, Callers};
 use crate::engine::Limits;
+pub use crate::proxy::Http2Limits;
 use clap::builder::RangedU64ValueParser;
 use clap::{ArgAction, Args, CommandFactory, FromArgMatches};
 use http::HeaderName;
@@ -413,21 +414,20 @@ pub struct TlsFiles {
     pub subject_fallback: bool,
 }
 
-/// What one client connection to the proxy may do (design: safe defaults, each a setting).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Http2Limits {
-    /// Concurrent streams per connection.
-    pub max_concurrent_streams: u32,
-    /// Bytes of one header list.
-    pub max_header_list_size: u32,
-    /// Ping period of a connection; `None`: no pings.
-    pub keepalive_interval: Option<Duration>,
-    /// How long a ping may go unanswered.
-    pub keepalive_timeout: Duration,
-    /// A connection starting no call for this long is closed gracefully.
-    pub idle_timeout: Duration,
-    /// Client connections held at once; 0 until the open-files limit is known at start.
-    pub connections_max: usize,
+// Here, not in the engine: the engine knows no settings, and imports nothing of config.
+impl Default for Limits {
+    /// The declared defaults of the settings (`Settings`): the engine's own
+    /// defaults are the ones declared once, here.
+    fn default() -> Self {
+        let settings = Settings::default();
+        Limits {
+            retention: settings.retention,
+            lease_default: settings.default_lease,
+            lease_margin: settings.lease_margin,
+            in_flight_wait_max: settings.max_in_flight_wait,
+            records_per_caller_max: settings.max_records_per_caller,
+        }
+    }
 }
 
 /// The longest retention accepted: a year.

@@ -140,20 +140,6 @@ pub struct Limits {
     pub records_per_caller_max: Option<u64>,
 }
 
-impl Default for Limits {
-    /// The declared defaults of the settings (`crate::config::Settings`).
-    fn default() -> Self {
-        let settings = crate::config::Settings::default();
-        Limits {
-            retention: settings.retention,
-            lease_default: settings.default_lease,
-            lease_margin: settings.lease_margin,
-            in_flight_wait_max: settings.max_in_flight_wait,
-            records_per_caller_max: settings.max_records_per_caller,
-        }
-    }
-}
-
 /// What one method's policy asks of the engine (design §4), resolved per method at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallPolicy {

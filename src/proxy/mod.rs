@@ -13,7 +13,6 @@ pub mod grpc;
 pub mod upstream;
 
 use crate::caller::{Callers, Peer};
-use crate::config::Http2Limits;
 use crate::engine::{Answer, Call, Clock, Engine};
 use crate::policy::{self, message, Dedup, MethodRule, PolicyTable};
 use crate::record::Response;
@@ -445,6 +444,23 @@ fn key_missing(settings: &ProxySettings) -> Refusal {
             settings.key_header
         ),
     )
+}
+
+/// What one client connection to the proxy may do (design: safe defaults, each a setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Limits {
+    /// Concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Bytes of one header list.
+    pub max_header_list_size: u32,
+    /// Ping period of a connection; `None`: no pings.
+    pub keepalive_interval: Option<Duration>,
+    /// How long a ping may go unanswered.
+    pub keepalive_timeout: Duration,
+    /// A connection starting no call for this long is closed gracefully.
+    pub idle_timeout: Duration,
+    /// Client connections held at once; 0 until the open-files limit is known at start.
+    pub connections_max: usize,
 }
 
 /// How the proxy listener takes connections.

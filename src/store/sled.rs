@@ -18,7 +18,7 @@
 
 use super::durable::{self, DataDirSync, PROBE_FILE};
 use super::flusher::Flusher;
-use super::slices::{self, sled_error as store_error, Packer, Slices};
+use super::slices::{self, entry_bytes, sled_error as store_error, Packer, Slices};
 use super::witness::{self, Witness};
 use super::{Maintenance, Store, StoreError, Usage};
 use crate::key::Key;
@@ -192,10 +192,6 @@ fn refuse_if_emptied(
 
 /// Why a store whose flush failed takes no more writes.
 const SUSPECT: &str = "a write to the data dir failed or timed out earlier; nothing more is acknowledged until the sidecar restarts";
-
-pub(super) fn entry_bytes(value_len: usize) -> u64 {
-    (32 + value_len) as u64
-}
 
 /// Opens sled in `dir` as the store uses it (the benchmark's sled-alone baseline too).
 pub fn open_db(dir: &std::path::Path, cache_bytes: u64) -> sled::Result<sled::Db> {

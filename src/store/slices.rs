@@ -53,6 +53,12 @@ fn filter_hash(key: &[u8; 32]) -> u64 {
     u64::from_le_bytes(key[..8].try_into().expect("8 bytes"))
 }
 
+/// The bytes a record of `value_len` encoded bytes counts for against the size bound: its
+/// value and its 32-byte key (in `records` or packed in a slice alike).
+pub(super) fn entry_bytes(value_len: usize) -> u64 {
+    (32 + value_len) as u64
+}
+
 pub(super) fn sled_error(error: sled::Error) -> StoreError {
     match error {
         sled::Error::Corruption { .. } => StoreError::Corrupt(error.to_string()),
@@ -522,7 +528,7 @@ impl Packer {
         self.chunk_bytes += 32 + encoded.len();
         self.hashes.push(filter_hash(key.as_bytes()));
         self.meta.records += 1;
-        self.meta.bytes += super::sled::entry_bytes(encoded.len());
+        self.meta.bytes += entry_bytes(encoded.len());
         self.meta.expires_max_ms = self.meta.expires_max_ms.max(expires_ms);
         *self.meta.callers.entry(caller.to_owned()).or_insert(0) += 1;
         if self.chunk_bytes >= CHUNK_BYTES {

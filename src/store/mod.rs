@@ -46,6 +46,11 @@ pub enum StoreError {
     },
 }
 
+/// Compare-and-swap rounds one transition may lose to other writers before it gives up.
+/// Each lost round means another writer changed the record in between, so this bounds a
+/// pathological hot key, not normal contention (a claim race settles in one round).
+pub(crate) const CAS_ROUNDS_MAX: usize = 64;
+
 /// What one maintenance round did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Maintenance {

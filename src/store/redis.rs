@@ -18,7 +18,7 @@
 //! then fails closed. This module never decides a state and never retries a write whose
 //! result it does not know; the engine's release settles that.
 
-use super::{Maintenance, Store, StoreError, Usage};
+use super::{Maintenance, Store, StoreError, Usage, CAS_ROUNDS_MAX};
 use crate::key::Key;
 use crate::record::{Change, Record};
 use futures_util::StreamExt;
@@ -30,11 +30,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, OnceCell};
-
-/// Compare-and-swap rounds one transition may lose to other writers before it gives up.
-/// Each lost round means another writer changed the record in between, so this bounds a
-/// pathological hot key, not normal contention (a claim race settles in one round).
-const CAS_ROUNDS_MAX: usize = 64;
 
 /// Longest pause between two attempts to reconnect the subscriber.
 const RESUBSCRIBE_BACKOFF_MAX: Duration = Duration::from_secs(2);

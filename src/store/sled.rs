@@ -423,7 +423,7 @@ impl SledStore {
         // and the transition would write a record where none is, the compare-and-swap from
         // "absent" is tried at once, and on failure it hands back what `records` holds.
         let mut seen: Option<Option<sled::IVec>> = None;
-        loop {
+        for _ in 0..super::CAS_ROUNDS_MAX {
             let old = match seen.take() {
                 Some(old) => old,
                 None => match self.claim_unread(key, transition, marked)? {
@@ -508,6 +508,10 @@ impl SledStore {
             self.landed(old.as_deref().map(<[u8]>::len), live, &change, new_len);
             return Ok(value);
         }
+        Err(StoreError::Io(format!(
+            "record {key} changed under {} compare-and-swap rounds in a row",
+            super::CAS_ROUNDS_MAX
+        )))
     }
 
     /// Counts a change that landed in `records`: bytes, the caller's records (`live`: the

@@ -238,3 +238,20 @@ pub fn retry_sled_lock<T, E: std::fmt::Display>(
         what.display()
     )
 }
+
+/// One call with the key `serial` and extra metadata.
+pub async fn call_with(
+    client: &mut LedgerClient<tonic::transport::Channel>,
+    account: &str,
+    serial: &str,
+    metadata: &[(&'static str, &str)],
+) -> Result<tonic::Response<ApplyReply>, tonic::Status> {
+    let mut request = tonic::Request::new(add(account, 1));
+    request
+        .metadata_mut()
+        .insert("idempotency-key", serial.parse().unwrap());
+    for (name, value) in metadata {
+        request.metadata_mut().insert(*name, value.parse().unwrap());
+    }
+    client.apply(request).await
+}

@@ -322,7 +322,16 @@ fn the_help_lists_only_the_operators_commands() {
         .collect();
     assert_eq!(
         commands,
-        ["run", "check", "keys", "inject", "injector", "demo", "accept-loss", "help"],
+        [
+            "run",
+            "check",
+            "keys",
+            "inject",
+            "injector",
+            "demo",
+            "accept-loss",
+            "help"
+        ],
         "{help}"
     );
     for hidden in ["bench", "bench-load", "bench-upstream", "bench-sled"] {

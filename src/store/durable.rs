@@ -207,9 +207,9 @@ impl DataDirSync {
 ///
 /// The witness (`witness.rs`; `None` for the benchmark's sled-alone baseline) rides on the
 /// same group commit: the records applied before the
-/// flush are taken first, the ring's slots written so far (deletions' "absent" among them) are
-/// synced before sled flushes, and the taken records' "present" slots are written once the
-/// flush made them durable (synced by the next group commit).
+/// flush are taken first, the ring is synced before sled flushes when a deletion's "absent"
+/// slot waits (or every `witness::PRESENT_SYNC_INTERVAL` for the rest), and the taken records'
+/// "present" slots are written once the flush made them durable.
 pub fn start_flusher(
     db: &sled::Db,
     dir: &Path,
@@ -221,7 +221,7 @@ pub fn start_flusher(
     Flusher::start(Box::new(move || {
         let durable_now = witness.as_ref().map(|witness| witness.take_queued());
         if let Some(witness) = &witness {
-            witness.sync().map_err(witnessing)?;
+            witness.sync_before_flush().map_err(witnessing)?;
         }
         db.flush().map_err(|e| e.to_string())?;
         disk.sync()

@@ -10,9 +10,9 @@
 //! is not, the store is refused (`StoreError::Corrupt`), never served from.
 //!
 //! Order is what keeps it free of false alarms. A record's "present" slot is written only
-//! after the flush that made the record durable, and synced by the next group commit; a
+//! after the flush that made the record durable, and synced within `PRESENT_SYNC_INTERVAL`; a
 //! deletion inside the retention writes its "absent" slot before the delete is applied, and
-//! the group commit syncs the ring before it flushes sled. Slots carry the sequence number
+//! the next group commit syncs the ring before it flushes sled. Slots carry the sequence number
 //! taken when the write was applied, so a later deletion always outranks an earlier record's
 //! lagging "present". Expiry writes nothing: a slot past its expiry is not checked. This
 //! module never decides a record's state and never reads sled.
@@ -93,7 +93,18 @@ pub struct Witness {
     queued: Mutex<Vec<Entry>>,
     /// Slots written since the last sync.
     dirty: AtomicBool,
+    /// An "absent" slot written since the last sync: the next group commit must sync the ring
+    /// before it flushes sled.
+    absent_unsynced: AtomicBool,
+    /// When the ring was last synced.
+    synced_at: Mutex<std::time::Instant>,
 }
+
+/// How long "present" slots may wait in the page cache for a sync. They only ever lag the
+/// records they witness (a process kill keeps them; a power cut loses at most this much of
+/// the witness, never a record), so most group commits need no second `fdatasync`: one per
+/// group commit cost 6 % of fresh keys' throughput at 32 in flight and 14 % at 1.
+pub const PRESENT_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What the ring held at open: the newest entry of each key.
 pub type Newest = HashMap<Key, Entry>;
@@ -129,6 +140,8 @@ impl Witness {
             next_seq: AtomicU64::new(last_seq + 1),
             queued: Mutex::new(Vec::new()),
             dirty: AtomicBool::new(false),
+            absent_unsynced: AtomicBool::new(false),
+            synced_at: Mutex::new(std::time::Instant::now()),
         };
         Ok((witness, newest))
     }
@@ -154,7 +167,9 @@ impl Witness {
             expires_ms: 0,
             present: false,
         };
-        self.write(&[entry])
+        self.write(&[entry])?;
+        self.absent_unsynced.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// The records applied so far: the group commit about to flush takes them.
@@ -162,11 +177,27 @@ impl Witness {
         std::mem::take(&mut *self.queued.lock().expect("never poisoned"))
     }
 
-    /// Writes `entries` into their slots (page cache; `sync` makes them durable).
+    /// Writes `entries` into their slots (page cache; `sync` makes them durable): one write a
+    /// run of consecutive slots, and a group commit's records mostly are one run.
     pub fn write(&self, entries: &[Entry]) -> io::Result<()> {
-        for entry in entries {
-            let offset = (entry.seq % SLOTS) * SLOT_BYTES as u64;
-            self.file.write_all_at(&entry.encode(), offset)?;
+        let mut run: Vec<u8> = Vec::with_capacity(entries.len() * SLOT_BYTES);
+        let mut run_start = 0;
+        for (n, entry) in entries.iter().enumerate() {
+            let slot = entry.seq % SLOTS;
+            let follows = n > 0 && slot == run_start + (run.len() / SLOT_BYTES) as u64;
+            if !follows && !run.is_empty() {
+                self.file
+                    .write_all_at(&run, run_start * SLOT_BYTES as u64)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_start = slot;
+            }
+            run.extend_from_slice(&entry.encode());
+        }
+        if !run.is_empty() {
+            self.file
+                .write_all_at(&run, run_start * SLOT_BYTES as u64)?;
         }
         if !entries.is_empty() {
             self.dirty.store(true, Ordering::Release);
@@ -176,11 +207,26 @@ impl Witness {
 
     /// Makes every slot written so far durable (a no-op when none was).
     pub fn sync(&self) -> io::Result<()> {
+        let absent = self.absent_unsynced.swap(false, Ordering::AcqRel);
         if self.dirty.swap(false, Ordering::AcqRel) {
             if let Err(error) = self.file.sync_data() {
                 self.dirty.store(true, Ordering::Release);
+                self.absent_unsynced.fetch_or(absent, Ordering::AcqRel);
                 return Err(error);
             }
+            *self.synced_at.lock().expect("never poisoned") = std::time::Instant::now();
+        }
+        Ok(())
+    }
+
+    /// `sync` when it is due before a group commit flushes sled: always when an "absent" slot
+    /// waits (it must be durable before its deletion is), else once `PRESENT_SYNC_INTERVAL`
+    /// has passed since the last sync.
+    pub fn sync_before_flush(&self) -> io::Result<()> {
+        let due = self.absent_unsynced.load(Ordering::Acquire)
+            || self.synced_at.lock().expect("never poisoned").elapsed() >= PRESENT_SYNC_INTERVAL;
+        if due {
+            self.sync()?;
         }
         Ok(())
     }

@@ -85,7 +85,9 @@ impl Callers {
     pub fn caller_of(&self, headers: &HeaderMap, peer: &Peer) -> Result<String, Refusal> {
         let found = match &self.source {
             CallerSource::None => return Ok(ANONYMOUS_CALLER.to_owned()),
-            CallerSource::Header(name) => match only_value(headers, name)? {
+            CallerSource::Header(name) => match single_header(headers, name)
+                .map_err(|SentTwice| invalid(format!("more than one {name} header")))?
+            {
                 None => None,
                 Some(value) => Some(
                     value
@@ -147,17 +149,22 @@ impl Callers {
     }
 }
 
-/// The one value of header `name`, or none. Two values are refused, never one picked: a
-/// client's `x-caller-id: alice` followed by the gateway's `x-caller-id: mallory` would
-/// otherwise be keyed as alice and could be answered with alice's recorded outcome.
-fn only_value<'a>(
+/// A header that must come once came more than once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SentTwice;
+
+/// The one value of header `name`, or none; `SentTwice` when it came more than once. Two values are
+/// refused, never one picked (the caller and the key header alike): a client's
+/// `x-caller-id: alice` followed by the gateway's `x-caller-id: mallory` would otherwise be
+/// keyed as alice and could be answered with alice's recorded outcome.
+pub fn single_header<'a>(
     headers: &'a HeaderMap,
     name: &HeaderName,
-) -> Result<Option<&'a http::HeaderValue>, Refusal> {
+) -> Result<Option<&'a http::HeaderValue>, SentTwice> {
     let mut values = headers.get_all(name).iter();
     match (values.next(), values.next()) {
         (first, None) => Ok(first),
-        _ => Err(invalid(format!("more than one {name} header"))),
+        _ => Err(SentTwice),
     }
 }
 

@@ -253,8 +253,8 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             Some(connection_share) => connection_share.hold(),
             None => self.settings.budget.hold(),
         };
-        let limits = (self.settings.request_bytes_max, wait);
-        let body = match read_request(incoming, limits, &held).await {
+        let bytes_max = self.settings.request_bytes_max;
+        let body = match read_request(incoming, bytes_max, wait, &held).await {
             Ok(body) => body,
             Err(refusal) => return Routed::refused(&refusal),
         };
@@ -339,7 +339,8 @@ fn shape_unsupported(why: impl Into<String>) -> Refusal {
 /// A keyed call's whole request body, bounded in bytes and in time.
 async fn read_request(
     incoming: Incoming,
-    (bytes_max, wait): (usize, Duration),
+    bytes_max: usize,
+    wait: Duration,
     held: &budget::Held,
 ) -> Result<Bytes, Refusal> {
     let read = collect_within(Limited::new(incoming, bytes_max), held);
@@ -368,12 +369,13 @@ async fn read_request(
 }
 
 /// The body's bytes, each frame taken from `held`'s budget as it arrives; `None` as soon as
-/// the budget has no room for one (its bytes are dropped with the body).
+/// the budget has no room for one (its bytes are dropped with the body). A unary call's
+/// body is one frame most of the time: it is kept as it came, copied only to join several.
 async fn collect_within(
     mut body: Limited<Incoming>,
     held: &budget::Held,
 ) -> Result<Option<Bytes>, Box<dyn std::error::Error + Send + Sync>> {
-    let mut collected = bytes::BytesMut::new();
+    let mut frames: Vec<Bytes> = Vec::new();
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else {
             // Trailers: a gRPC request has none that matter here.
@@ -382,9 +384,13 @@ async fn collect_within(
         if !held.grow(data.len()) {
             return Ok(None);
         }
-        collected.extend_from_slice(&data);
+        frames.push(data);
     }
-    Ok(Some(collected.freeze()))
+    Ok(Some(match frames.len() {
+        0 => Bytes::new(),
+        1 => frames.swap_remove(0),
+        _ => Bytes::from(frames.concat()),
+    }))
 }
 
 impl<S, C> Proxy<S, C> {
@@ -393,14 +399,14 @@ impl<S, C> Proxy<S, C> {
     /// must not share an outcome.
     fn header_serial(&self, headers: &http::HeaderMap) -> Result<Option<Bytes>, Refusal> {
         let name = &self.settings.key_header;
-        let mut values = headers.get_all(name).iter();
-        match (values.next(), values.next()) {
-            (first, None) => Ok(first.map(|value| Bytes::copy_from_slice(value.as_bytes()))),
-            _ => Err(Refusal::new(
-                Reason::KeyInvalid,
-                format!("more than one {name} header: send one key per call"),
-            )),
-        }
+        let value =
+            crate::caller::single_header(headers, name).map_err(|crate::caller::SentTwice| {
+                Refusal::new(
+                    Reason::KeyInvalid,
+                    format!("more than one {name} header: send one key per call"),
+                )
+            })?;
+        Ok(value.map(|value| Bytes::copy_from_slice(value.as_bytes())))
     }
 
     /// The serial (header first, then the key field) and, for a method with descriptors, the

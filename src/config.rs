@@ -1,7 +1,7 @@
-//! Settings: flags, `IDEMPROXY_*` environment variables and an optional TOML file, resolved
+//! RunSettings: flags, `IDEMPROXY_*` environment variables and an optional TOML file, resolved
 //! into one validated `Config` (design §7: flag > env > file > default).
 //!
-//! Each setting is declared once, as a field of `Settings`: its flag (the field's name in
+//! Each setting is declared once, as a field of `RunSettings`: its flag (the field's name in
 //! kebab case), its variable, its type, default, allowed range (the value parser) and its
 //! help. clap resolves the layers: a config file's values become the settings' defaults, so
 //! the environment and the flags win over them by clap's own rules (`parse_args`). `resolve`
@@ -31,14 +31,14 @@ pub struct RunArgs {
     #[arg(long, env = "IDEMPROXY_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
-    pub settings: Settings,
+    pub settings: RunSettings,
 }
 
 /// Every setting of `run`, each declared once: flag, `IDEMPROXY_*` variable, file key, type,
 /// default, range and help. A default written in the help text (`[default: …]`) is one that
 /// `resolve` works out when the setting is not given.
 #[derive(Debug, Clone, Args)]
-pub struct Settings {
+pub struct RunSettings {
     /// Address the gRPC proxy listens on.
     #[arg(long, env = "IDEMPROXY_LISTEN", default_value = "0.0.0.0:16000")]
     pub listen: SocketAddr,
@@ -242,16 +242,16 @@ pub struct Settings {
     pub methods: BTreeMap<String, MethodSettings>,
 }
 
-impl Default for Settings {
+impl Default for RunSettings {
     /// Every setting at its declared default: no flag, no variable, no file.
     fn default() -> Self {
-        let command = Settings::augment_args(clap::Command::new("run"))
+        let command = RunSettings::augment_args(clap::Command::new("run"))
             .no_binary_name(true)
             .mut_args(|arg| arg.env(None));
         let matches = command
             .try_get_matches_from(std::iter::empty::<OsString>())
             .expect("the declared defaults parse");
-        Settings::from_arg_matches(&matches).expect("the declared defaults fit their fields")
+        RunSettings::from_arg_matches(&matches).expect("the declared defaults fit their fields")
     }
 }
 
@@ -416,10 +416,10 @@ pub struct TlsFiles {
 
 // Here, not in the engine: the engine knows no settings, and imports nothing of config.
 impl Default for Limits {
-    /// The declared defaults of the settings (`Settings`): the engine's own
+    /// The declared defaults of the settings (`RunSettings`): the engine's own
     /// defaults are the ones declared once, here.
     fn default() -> Self {
-        let settings = Settings::default();
+        let settings = RunSettings::default();
         Limits {
             retention: settings.retention,
             lease_default: settings.default_lease,
@@ -573,7 +573,7 @@ fn key_prefix(value: &str) -> Result<String, String> {
 /// they name: its values become the settings' defaults, so a variable or a flag wins over
 /// them and the file wins over the declared default. A bad file value is refused as a bad
 /// flag is, by the same parser, with the file named.
-pub fn parse_args<I, T>(argv: I) -> Result<Settings, ConfigError>
+pub fn parse_args<I, T>(argv: I) -> Result<RunSettings, ConfigError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -699,7 +699,7 @@ fn clap_message(error: &clap::Error) -> String {
 }
 
 /// Checks what several settings say together and builds the `Config`.
-pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
+pub fn resolve(settings: RunSettings) -> Result<Config, ConfigError> {
     let mut store = store_choice(&settings)?;
     if let StoreChoice::Redis(options) = &mut store {
         options.track_callers = settings.max_records_per_caller.is_some();
@@ -995,7 +995,7 @@ fn method_rules(
     Ok(rules)
 }
 
-fn store_choice(settings: &Settings) -> Result<StoreChoice, ConfigError> {
+fn store_choice(settings: &RunSettings) -> Result<StoreChoice, ConfigError> {
     let cluster = match settings.store {
         StoreKind::Sled => return Ok(StoreChoice::Sled),
         StoreKind::Redis => false,
@@ -1077,7 +1077,7 @@ const CHECK_WITHOUT_UPSTREAM: &str = "http://127.0.0.1:16000";
 
 /// `idemproxy check`'s settings: as `resolve`, but only `--reflection` needs `--upstream`, so
 /// a CI job that lints annotated protos needs no service address.
-pub fn resolve_for_check(mut settings: Settings) -> Result<Config, ConfigError> {
+pub fn resolve_for_check(mut settings: RunSettings) -> Result<Config, ConfigError> {
     let no_upstream = settings.upstream.is_none();
     if no_upstream {
         settings.upstream = Some(CHECK_WITHOUT_UPSTREAM.to_owned());
@@ -1153,7 +1153,7 @@ mod tests {
 
     /// The settings of `run` with these flags (and this process's environment, which sets no
     /// `IDEMPROXY_*` setting in the unit tests).
-    fn flags(extra: &[&str]) -> Result<Settings, ConfigError> {
+    fn flags(extra: &[&str]) -> Result<RunSettings, ConfigError> {
         let mut argv = vec!["--upstream", "http://127.0.0.1:50051"];
         argv.extend_from_slice(extra);
         parse_args(argv)
@@ -1210,9 +1210,9 @@ mod tests {
     #[test]
     fn the_declared_defaults_are_the_parsed_ones() {
         let parsed = flags(&[]).expect("valid");
-        let declared = Settings {
+        let declared = RunSettings {
             upstream: parsed.upstream.clone(),
-            ..Settings::default()
+            ..RunSettings::default()
         };
         assert_eq!(format!("{parsed:?}"), format!("{declared:?}"));
     }

@@ -88,8 +88,8 @@ fn inject(args: InjectArgs) -> anyhow::Result<ExitCode> {
         input = std::fs::read_to_string(&args.file)
             .with_context(|| format!("reading {}", args.file.display()))?;
     }
-    let defaults = idemproxy::inject::Settings::default();
-    let settings = idemproxy::inject::Settings {
+    let defaults = idemproxy::inject::InjectSettings::default();
+    let settings = idemproxy::inject::InjectSettings {
         image: args.image.unwrap_or(defaults.image),
         native: !args.no_native_sidecar,
     };

@@ -8,10 +8,12 @@ use crate::ops::{Health, Readiness};
 use crate::policy::PolicyTable;
 use crate::proxy::upstream::HttpUpstream;
 use crate::proxy::{self, Proxy, ProxySettings};
+use crate::seal::{Sealed, Sealer};
 use crate::store::redis::{RedisStore, RedisUrlError};
 use crate::store::sled::{SledOptions, SledStore};
 use crate::store::{AnyStore, Store};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::timed::Timed;
 use crate::telemetry::{Telemetry, TelemetryError};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -117,8 +119,24 @@ pub async fn check(config: &Config) -> std::process::ExitCode {
     }
 }
 
+/// The store as the engine and the admin API use it, its layers put together once by
+/// `store_stack`, outermost first.
+pub type Records = Sealed<Timed<Arc<AnyStore>>>;
+
+/// The store stack over `store`:
+/// - `Sealed` is outermost, so every transition (the engine's and an operator's alike) sees
+///   records opened and its writes leave sealed, and nothing below it sees a response in the
+///   clear;
+/// - `Timed` times and traces what the store itself costs (`idemproxy.store.*`), not the
+///   sealing's CPU, so a slow store shows as a slow store;
+/// - the backend, shared with what only the server does with it (reconciling, gauges,
+///   sweeps, health), which need neither layer.
+fn store_stack(store: Arc<AnyStore>, sealer: Option<Arc<Sealer>>, metrics: Metrics) -> Records {
+    Sealed::new(Timed::new(store, metrics), sealer)
+}
+
 /// A started sidecar.
-pub struct Running {
+pub struct Sidecar {
     /// The address the proxy listens on (the real port when 0 was asked for).
     pub proxy_addr: SocketAddr,
     /// The store, for the demo and tests to inspect.
@@ -129,14 +147,14 @@ pub struct Running {
     pub ops_addr: SocketAddr,
     /// What health reports.
     pub health: Health,
-    engine: Arc<Engine<AnyStore, HttpUpstream, SystemClock>>,
+    engine: Arc<Engine<Records, HttpUpstream, SystemClock>>,
     stop: watch::Sender<bool>,
     ops_stop: watch::Sender<bool>,
     ops: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// How long `Running::stop` lets calls finish.
+/// How long `Sidecar::stop` lets calls finish.
 const STOP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A drain that ran out of time.
@@ -147,7 +165,7 @@ pub struct DrainTimedOut {
     pub calls: usize,
 }
 
-impl Running {
+impl Sidecar {
     /// Stops: a drain of at most `STOP_DEADLINE` (tests and the demo).
     pub async fn stop(self) {
         if let Err(error) = self.drain(STOP_DEADLINE).await {
@@ -230,13 +248,13 @@ fn listening(config: &Config) -> Result<proxy::Listening, StartError> {
 }
 
 /// Opens the store and starts serving, with metrics for `/metrics` and no exporter.
-pub async fn start(config: &Config) -> Result<Running, StartError> {
+pub async fn start(config: &Config) -> Result<Sidecar, StartError> {
     let telemetry = Telemetry::local(backend_name(config))?;
     start_with(config, Arc::new(telemetry)).await
 }
 
 /// Opens the store and starts serving, recording into `telemetry`.
-pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Running, StartError> {
+pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Sidecar, StartError> {
     let policy = resolve_policy(config).await?;
     let metrics = telemetry.metrics.clone();
     metrics.know_methods(policy.methods().iter().map(|rule| rule.path.as_str()));
@@ -256,14 +274,6 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
     let dir = config.data_dir.display().to_string();
     reconcile_in_background(store.clone(), dir, tokens.incarnation());
     let upstream = HttpUpstream::new(&config.upstream, config.response_bytes_max)?;
-    let engine = Engine::new(
-        store.clone(),
-        Arc::new(upstream.clone()),
-        SystemClock::new(),
-        tokens,
-        config.limits.clone(),
-    )
-    .with_metrics(metrics.clone());
     let sealer = match &config.encryption_key_file {
         Some(path) => {
             let sealer = crate::seal::Sealer::from_file(path)?;
@@ -278,7 +288,15 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
             None
         }
     };
-    let engine = Arc::new(engine.with_sealer(sealer.clone()));
+    let records = Arc::new(store_stack(store.clone(), sealer, metrics.clone()));
+    let engine = Engine::new(
+        records.clone(),
+        Arc::new(upstream.clone()),
+        SystemClock::new(),
+        tokens,
+        config.limits.clone(),
+    );
+    let engine = Arc::new(engine.with_metrics(metrics.clone()));
     let settings = ProxySettings {
         key_header: config.key_header.clone(),
         callers: config.callers.clone(),
@@ -348,8 +366,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
         listening,
         wait_for(stopped.clone()),
     ));
-    let admin =
-        crate::admin::AdminService::new(store.clone(), config.limits.retention).with_sealer(sealer);
+    let admin = crate::admin::AdminService::new(records, store.backend(), config.limits.retention);
     let administering = tokio::spawn(crate::admin::serve(
         admin_listener,
         admin,
@@ -367,7 +384,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
         metrics,
         wait_for(stopped),
     ));
-    Ok(Running {
+    Ok(Sidecar {
         proxy_addr,
         store,
         admin_addr,
@@ -491,7 +508,7 @@ pub async fn run(config: Config, telemetry: Arc<Telemetry>) -> Result<(), StartE
 
 async fn serve_until_signal(
     config: &Config,
-    running: Running,
+    running: Sidecar,
     signalled: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     signalled.await;

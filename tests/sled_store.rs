@@ -6,7 +6,7 @@ mod support;
 use idemproxy::key::Key;
 use idemproxy::record::{self, ClaimRequest, Claimed, Response, State};
 use idemproxy::store::sled::{SledOptions, SledStore};
-use idemproxy::store::{Store, StoreError};
+use idemproxy::store::{Operation, Store, StoreError};
 use std::time::Duration;
 use support::{add, apply, client, ledger, reason, start_sidecar, was_replayed};
 
@@ -57,7 +57,9 @@ async fn claim(
     let key = Key::derive("/s.S/M", "-", serial.as_bytes());
     let request = claim_request(process, n, now_ms);
     store
-        .update(&key, |current| record::claim(current, &request))
+        .update(Operation::Claim, &key, |current| {
+            record::claim(current, &request)
+        })
         .await
 }
 
@@ -69,7 +71,7 @@ async fn complete(store: &SledStore, serial: &str, process: u8, n: u8, body_byte
         ..Response::default()
     };
     let done = store
-        .update(&key, |current| {
+        .update(Operation::Complete, &key, |current| {
             record::complete(
                 current,
                 &token(process, n),
@@ -168,7 +170,7 @@ async fn with_eviction_chosen_the_size_bound_evicts_completed_records_closest_to
     );
     let key = Key::derive("/s.S/M", "-", b"doubt");
     store
-        .update(&key, |current| {
+        .update(Operation::MarkInDoubt, &key, |current| {
             record::mark_in_doubt(current, &token(1, 1), "test")
         })
         .await
@@ -281,7 +283,9 @@ async fn the_sweeper_walks_a_store_larger_than_one_round_in_turn() {
                     // Every other record is due at 1 s, the rest in 30 years.
                     request.expires_ms = if n % 2 == 0 { 1_000 } else { 1 << 40 };
                     request.lease_until_ms = 500;
-                    let claimed = store.update(&key, |current| record::claim(current, &request));
+                    let claimed = store.update(Operation::Claim, &key, |current| {
+                        record::claim(current, &request)
+                    });
                     assert_eq!(claimed.await.unwrap(), Claimed::Owned);
                 }
             })
@@ -414,7 +418,7 @@ async fn with_group_commit_off_each_write_waits_for_the_flush_of_the_one_before(
                 let key = Key::derive("/s.S/M", "-", format!("serial-{n}").as_bytes());
                 let request = claim_request(1, n, 1);
                 store
-                    .update(&key, |current| {
+                    .update(Operation::Claim, &key, |current| {
                         let before = landed.fetch_add(1, Ordering::SeqCst);
                         if flushes.flushes.load(Ordering::SeqCst) < before {
                             unflushed_seen.fetch_add(1, Ordering::SeqCst);
@@ -519,7 +523,9 @@ async fn a_purged_packed_record_runs_again_and_stays_purged_across_a_restart() {
         assert_eq!(store.packed_records(), 20);
         let key = Key::derive("/s.S/M", "-", b"done-3");
         let purged = store
-            .update(&key, |current| record::purge(current, 10))
+            .update(Operation::Operator, &key, |current| {
+                record::purge(current, 10)
+            })
             .await
             .unwrap();
         assert!(matches!(purged, record::Resolved::Applied(_)));
@@ -543,7 +549,7 @@ async fn a_purged_packed_record_runs_again_and_stays_purged_across_a_restart() {
         ..Response::default()
     };
     store
-        .update(&key, |current| {
+        .update(Operation::Complete, &key, |current| {
             record::complete(
                 current,
                 &token(9, 200),
@@ -701,7 +707,9 @@ async fn a_scan_pages_through_records_and_every_slice_once() {
     claim(&store, "flight", 1, 99, 0).await.unwrap();
     let purged = Key::derive("/s.S/M", "-", b"done-3");
     store
-        .update(&purged, |current| record::purge(current, 10))
+        .update(Operation::Operator, &purged, |current| {
+            record::purge(current, 10)
+        })
         .await
         .unwrap();
     let mut seen = Vec::new();

@@ -20,7 +20,7 @@ use super::durable::{self, DataDirSync, PROBE_FILE};
 use super::flusher::Flusher;
 use super::slices::{self, entry_bytes, sled_error as store_error, Packer, Slices};
 use super::witness::{self, Witness};
-use super::{Maintenance, Store, StoreError, Usage};
+use super::{Maintenance, Operation, Store, StoreError, Usage};
 use crate::key::Key;
 use crate::record::{self, Change, Record, State};
 use prost::Message;
@@ -329,6 +329,7 @@ impl SledStore {
                     (change, doubted)
                 },
                 &mut marked,
+                false,
             );
             if marked {
                 self.unmark_pending(&key);
@@ -418,19 +419,22 @@ impl SledStore {
         key: &Key,
         transition: &mut impl FnMut(Option<&Record>) -> (Change, T),
         marked: &mut bool,
+        absent_first: bool,
     ) -> Result<T, StoreError> {
-        // A fresh key is claimed without reading `records` first: when no slice holds the key
-        // and the transition would write a record where none is, the compare-and-swap from
-        // "absent" is tried at once, and on failure it hands back what `records` holds.
+        // A fresh key is claimed without reading `records` first (`absent_first`, a claim's):
+        // when no slice holds the key and the transition would write a record where none is,
+        // the compare-and-swap from "absent" is tried at once, and on failure it hands back
+        // what `records` holds.
         let mut seen: Option<Option<sled::IVec>> = None;
         for _ in 0..super::CAS_ROUNDS_MAX {
             let old = match seen.take() {
                 Some(old) => old,
-                None => match self.claim_unread(key, transition, marked)? {
+                None if absent_first => match self.claim_unread(key, transition, marked)? {
                     Unread::Claimed(value) => return Ok(value),
                     Unread::Found(old) => old,
                     Unread::Read => self.records.get(key.as_bytes()).map_err(store_error)?,
                 },
+                None => self.records.get(key.as_bytes()).map_err(store_error)?,
             };
             // Only a record absent from `records` is looked for in the slices.
             let packed = match old {
@@ -650,6 +654,7 @@ impl SledStore {
                 _ => (Change::Keep, false),
             },
             &mut marked,
+            false,
         );
         if marked {
             self.unmark_pending(key);
@@ -807,7 +812,12 @@ impl Store for SledStore {
         self.scan_page(cursor, limit)
     }
 
-    async fn update<T, F>(&self, key: &Key, mut transition: F) -> Result<T, StoreError>
+    async fn update<T, F>(
+        &self,
+        operation: Operation,
+        key: &Key,
+        mut transition: F,
+    ) -> Result<T, StoreError>
     where
         T: Send,
         F: FnMut(Option<&Record>) -> (Change, T) + Send,
@@ -821,7 +831,12 @@ impl Store for SledStore {
             None => None,
         };
         let mut marked = false;
-        let applied = self.apply(key, &mut transition, &mut marked);
+        let applied = self.apply(
+            key,
+            &mut transition,
+            &mut marked,
+            operation.tries_absent_first(),
+        );
         let needs_flush = marked || (applied.is_ok() && self.is_pending(key));
         let flushed = if needs_flush {
             match self.flusher.flush(self.flush_timeout).await {

@@ -9,6 +9,7 @@
 //! as their hash.
 
 pub mod metrics;
+pub mod timed;
 pub mod trace;
 
 use metrics::Metrics;

@@ -130,6 +130,48 @@ async fn a_duplicate_of_a_durable_record_waits_for_no_flush() {
     assert_eq!(after, flushes, "duplicates waited for flushes");
 }
 
+/// Only a claim is tried against "absent" before the record is read: a completion, a release
+/// and an in-doubt mark are decided once, on the record as it is (issue 30: each was decided
+/// twice, and the engine cloned the response for the discarded try).
+#[tokio::test]
+async fn only_a_claim_is_tried_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&options(dir.path(), u64::MAX)).unwrap();
+    store.reconcile(&[9; 8]).unwrap();
+    let key = Key::derive("/s.S/M", "-", b"decided-once");
+    let request = claim_request(1, 1, 0);
+    let mut claim_runs = 0;
+    store
+        .update(Operation::Claim, &key, |current| {
+            claim_runs += 1;
+            record::claim(current, &request)
+        })
+        .await
+        .unwrap();
+    assert_eq!(claim_runs, 1, "a fresh claim lands on its unread try");
+    let mut runs = Vec::new();
+    for operation in [Operation::MarkInDoubt, Operation::Complete] {
+        let mut seen = Vec::new();
+        store
+            .update(operation, &key, |current| {
+                seen.push(current.is_some());
+                let change = match operation {
+                    Operation::MarkInDoubt => record::mark_in_doubt(current, &token(1, 1), "test"),
+                    _ => record::complete(current, &token(1, 1), None, 1, 3_600_000),
+                };
+                (change.0, ())
+            })
+            .await
+            .unwrap();
+        runs.push(seen);
+    }
+    assert_eq!(
+        runs,
+        vec![vec![true], vec![true]],
+        "each transition ran once, on the record as read"
+    );
+}
+
 /// The sweeper skips its walk while no record in `records` can have expired: a record written
 /// after a walk, expiring before everything that walk saw, still expires on time.
 #[tokio::test]

@@ -193,6 +193,7 @@ pub async fn run(args: InjectorArgs) -> Result<(), InjectorError> {
         key: args.tls_key.clone(),
         client_ca: None,
         alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        settings: crate::tls::FileSettings::PROXY,
     };
     let tls = crate::tls::Reloading::start(files, crate::tls::RELOAD_POLL)?;
     let settings = Arc::new(InjectSettings {

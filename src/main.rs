@@ -167,7 +167,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(args) => return block_on(None, idemproxy::admin::cli::run(args)),
         Command::Inject(args) => return inject(args),
         Command::Injector(args) => {
-            idemproxy::telemetry::init_logs();
+            idemproxy::telemetry::init_logs(&idemproxy::telemetry::process_env)?;
             block_on(None, idemproxy::injector::run(args))??;
         }
         Command::Demo => block_on(None, idemproxy::demo::run())??,

@@ -135,6 +135,37 @@ fn store_stack(store: Arc<AnyStore>, sealer: Option<Arc<Sealer>>, metrics: Metri
     Sealed::new(Timed::new(store, metrics), sealer)
 }
 
+/// The store the settings chose, opened.
+async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
+    Ok(match &config.store {
+        StoreChoice::Sled => AnyStore::Sled(open_sled(config).await?),
+        StoreChoice::Redis(options) => {
+            tracing::info!(
+                nodes = options.urls.len(),
+                cluster = options.cluster,
+                "store on Redis"
+            );
+            AnyStore::Redis(RedisStore::new(options)?)
+        }
+    })
+}
+
+/// The sealer of `--encryption-key-file`; `None`: records in the clear, said at start.
+fn sealer(config: &Config) -> Result<Option<Arc<Sealer>>, StartError> {
+    let Some(path) = &config.encryption_key_file else {
+        tracing::warn!(
+            "recorded responses are stored in the clear: set --encryption-key-file to seal them"
+        );
+        return Ok(None);
+    };
+    let sealer = Sealer::from_file(path)?;
+    tracing::info!(
+        key_id = sealer.sealing_key_id(),
+        "recorded responses are sealed with AES-256-GCM"
+    );
+    Ok(Some(Arc::new(sealer)))
+}
+
 /// A started sidecar.
 pub struct Sidecar {
     /// The address the proxy listens on (the real port when 0 was asked for).
@@ -227,23 +258,26 @@ fn listening(config: &Config) -> Result<proxy::Listening, StartError> {
     }
     let tls = match &config.tls {
         None => None,
-        Some(files) => {
-            let files = crate::tls::Files {
-                cert: files.cert.clone(),
-                key: files.key.clone(),
-                client_ca: files.client_ca.clone(),
-                alpn: vec![b"h2".to_vec()],
-            };
-            Some(crate::tls::Reloading::start(
-                files,
-                crate::tls::RELOAD_POLL,
-            )?)
-        }
+        Some(files) => Some(crate::tls::Reloading::start(
+            files.clone(),
+            crate::tls::RELOAD_POLL,
+        )?),
+    };
+    // Client sockets must never take the descriptors the store needs (a failed store write
+    // is sticky until a restart).
+    let open_files = crate::fds::raise_limit();
+    let connections_max =
+        crate::fds::connections_max(config.http2.connections_max as u64, open_files)
+            .map_err(StartError::OpenFiles)?;
+    tracing::info!(open_files, connections_max, "file descriptors");
+    let http2 = proxy::Http2Limits {
+        connections_max: usize::try_from(connections_max).unwrap_or(usize::MAX),
+        ..config.http2
     };
     Ok(proxy::Listening {
-        http2: config.http2,
+        http2,
         tls,
-        subject_fallback: config.tls.as_ref().is_some_and(|tls| tls.subject_fallback),
+        subject_fallback: config.caller_subject_fallback,
     })
 }
 
@@ -259,36 +293,12 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
     let metrics = telemetry.metrics.clone();
     metrics.know_methods(policy.methods().iter().map(|rule| rule.path.as_str()));
     let tokens = Tokens::for_this_process();
-    let store = Arc::new(match &config.store {
-        StoreChoice::Sled => AnyStore::Sled(open_sled(config).await?),
-        StoreChoice::Redis(options) => {
-            tracing::info!(
-                nodes = options.urls.len(),
-                cluster = options.cluster,
-                "store on Redis"
-            );
-            AnyStore::Redis(RedisStore::new(options)?)
-        }
-    });
+    let store = Arc::new(open_store(config).await?);
     telemetry.observe_store(store.clone());
     let dir = config.data_dir.display().to_string();
     reconcile_in_background(store.clone(), dir, tokens.incarnation());
     let upstream = HttpUpstream::new(&config.upstream, config.response_bytes_max)?;
-    let sealer = match &config.encryption_key_file {
-        Some(path) => {
-            let sealer = crate::seal::Sealer::from_file(path)?;
-            tracing::info!(
-                key_id = sealer.sealing_key_id(),
-                "recorded responses are sealed with AES-256-GCM"
-            );
-            Some(Arc::new(sealer))
-        }
-        None => {
-            tracing::warn!("recorded responses are stored in the clear: set --encryption-key-file to seal them");
-            None
-        }
-    };
-    let records = Arc::new(store_stack(store.clone(), sealer, metrics.clone()));
+    let records = Arc::new(store_stack(store.clone(), sealer(config)?, metrics.clone()));
     let engine = Engine::new(
         records.clone(),
         Arc::new(upstream.clone()),
@@ -303,39 +313,14 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
         request_bytes_max: config.request_bytes_max,
         budget: proxy::budget::Budget::new(config.buffered_bytes_max),
     };
-    let mut listening = listening(config)?;
+    let listening = listening(config)?;
     let admin_tls = match &config.admin_tls {
         None => None,
-        Some((cert, key)) => {
-            let files = crate::tls::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: None,
-                alpn: vec![b"h2".to_vec()],
-            };
-            // The error names the admin API's own flags, not the proxy listener's.
-            let admin_setting = |mut error: crate::tls::TlsError| {
-                error.setting = if error.setting == "tls-key" {
-                    "admin-tls-key"
-                } else {
-                    "admin-tls-cert"
-                };
-                error
-            };
-            Some(
-                crate::tls::Reloading::start(files, crate::tls::RELOAD_POLL)
-                    .map_err(admin_setting)?,
-            )
-        }
+        Some(files) => Some(crate::tls::Reloading::start(
+            files.clone(),
+            crate::tls::RELOAD_POLL,
+        )?),
     };
-    // Client sockets must never take the descriptors the store needs (a failed store write
-    // is sticky until a restart).
-    let open_files = crate::fds::raise_limit();
-    let connections_max =
-        crate::fds::connections_max(config.http2.connections_max as u64, open_files)
-            .map_err(StartError::OpenFiles)?;
-    listening.http2.connections_max = usize::try_from(connections_max).unwrap_or(usize::MAX);
-    tracing::info!(open_files, connections_max, "file descriptors");
     // Bound before anything serves, so a taken port stops the start with its name.
     let (ops_listener, ops_addr) = bind(config.ops_listen).await?;
     let (admin_listener, admin_addr) = bind(config.admin_listen).await?;

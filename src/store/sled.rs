@@ -482,15 +482,7 @@ impl SledStore {
                     self.slices.purge(key, expires_ms, slice_id)?;
                 }
             }
-            if let (Some(record), Change::Delete) = (&current, &change) {
-                if record.expires_ms > wall_clock_ms() {
-                    // Before the delete can reach the disk, so the witness never outlives it
-                    // with a "present" that no record answers.
-                    self.witness.deleting(key).map_err(|error| {
-                        StoreError::Io(format!("cannot write {}: {error}", witness::FILE))
-                    })?;
-                }
-            }
+            self.witness_delete(key, current.as_ref(), &change)?;
             let swapped = self
                 .records
                 .compare_and_swap(key.as_bytes(), old.as_ref(), new)
@@ -516,6 +508,24 @@ impl SledStore {
             "record {key} changed under {} compare-and-swap rounds in a row",
             super::CAS_ROUNDS_MAX
         )))
+    }
+
+    /// Tells the witness of a live record's delete before the delete can reach the disk, so
+    /// the witness never outlives it with a "present" that no record answers.
+    fn witness_delete(
+        &self,
+        key: &Key,
+        current: Option<&Record>,
+        change: &Change,
+    ) -> Result<(), StoreError> {
+        match (current, change) {
+            (Some(record), Change::Delete) if record.expires_ms > wall_clock_ms() => {
+                self.witness.deleting(key).map_err(|error| {
+                    StoreError::Io(format!("cannot write {}: {error}", witness::FILE))
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Counts a change that landed in `records`: bytes, the caller's records (`live`: the

@@ -192,9 +192,7 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
     pub(super) async fn forward(&self, request: U::Request, body: Bytes) -> Answer<U::Stream> {
         let engine = self.engine;
         let started = Instant::now();
-        let reply = tokio::time::timeout(self.lease, engine.upstream.call(request, body))
-            .await
-            .unwrap_or_else(|_| Reply::Unknown("no answer within the call's lease".into()));
+        let reply = engine.call_within(self.lease, request, body).await;
         let outcome = match &reply {
             Reply::Complete(_) | Reply::Oversized(_) => "complete",
             Reply::NotProcessed(_) => "not_processed",

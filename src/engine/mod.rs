@@ -366,6 +366,19 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         }
     }
 
+    /// Calls the service, bounded by the call's lease: past it, the outcome is unknown (the
+    /// call may still act), never "not processed".
+    async fn call_within(
+        &self,
+        lease: Duration,
+        request: U::Request,
+        body: Bytes,
+    ) -> Reply<U::Stream> {
+        tokio::time::timeout(lease, self.upstream.call(request, body))
+            .await
+            .unwrap_or_else(|_| Reply::Unknown("no answer within the call's lease".into()))
+    }
+
     /// Forwards a call with no claim and records nothing: only for a fail-open method whose
     /// store is failing.
     async fn forward_unprotected(
@@ -375,9 +388,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         request: U::Request,
         body: Bytes,
     ) -> Answer<U::Stream> {
-        let reply = tokio::time::timeout(lease, self.upstream.call(request, body))
-            .await
-            .unwrap_or_else(|_| Reply::Unknown("no answer within the call's lease".into()));
+        let reply = self.call_within(lease, request, body).await;
         match reply {
             Reply::Complete(response) => Answer::Fresh(response),
             Reply::Oversized(stream) => Answer::Stream(stream),

@@ -311,6 +311,19 @@ impl HttpUpstream {
             .await
     }
 
+    /// The CLIENT span of one call to the service, its context put in the call's headers;
+    /// every exit to the service (`stream`, `forward`, `call`) opens it here.
+    fn client_span(&self, parts: &mut Parts) -> tracing::Span {
+        if !trace::enabled() {
+            return tracing::Span::none();
+        }
+        trace::client_span(
+            parts.uri.path(),
+            self.authority.as_str(),
+            &mut parts.headers,
+        )
+    }
+
     /// Sends a passthrough call in its CLIENT span (when traces are exported).
     async fn traced<F, R>(
         &self,
@@ -321,15 +334,7 @@ impl HttpUpstream {
         F: FnOnce(Request<()>) -> R,
         R: Future<Output = Result<Response<RecvStream>, UpstreamError>>,
     {
-        let span = if trace::enabled() {
-            trace::client_span(
-                parts.uri.path(),
-                self.authority.as_str(),
-                &mut parts.headers,
-            )
-        } else {
-            tracing::Span::none()
-        };
+        let span = self.client_span(&mut parts);
         let response = send(self.head(parts)).instrument(span.clone()).await?;
         if !span.is_none() {
             let status = response.headers().get("grpc-status");
@@ -510,11 +515,7 @@ impl Upstream for HttpUpstream {
     type Stream = Response<ProxyBody>;
 
     async fn call(&self, mut parts: Parts, body: Bytes) -> Reply<Response<ProxyBody>> {
-        let span = trace::client_span(
-            parts.uri.path(),
-            self.authority.as_str(),
-            &mut parts.headers,
-        );
+        let span = self.client_span(&mut parts);
         let reply = self.collect(parts, body).instrument(span.clone()).await;
         if let Reply::Complete(response) = &reply {
             trace::record_status(&span, Some(response.grpc_status));

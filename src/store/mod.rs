@@ -11,7 +11,6 @@ pub mod flusher;
 pub mod memory;
 pub mod redis;
 pub mod sled;
-mod slices;
 pub mod witness;
 
 use crate::key::Key;

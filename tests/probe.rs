@@ -117,43 +117,125 @@ async fn a_charge_never_made_is_not_found_released_and_runs_once_on_retry() {
     assert_eq!(service.executions.charges(), 1, "executed once");
 }
 
-#[tokio::test]
-async fn a_lookup_that_fails_leaves_the_outcome_unknown_and_is_asked_again() {
-    let service = payments::start().await;
-    let files = tempfile::tempdir().unwrap();
-    let sidecar = sidecar_for(service.addr, &files).await;
-    let mut client = client(sidecar.addr).await;
+/// A charge made, its answer broken, while the lookup is down: returns the first probe's
+/// `Failed`.
+async fn broken_while_lookups_fail(
+    service: &payments::PaymentsHandle,
+    client: &mut PaymentsClient<Channel>,
+    serial: &str,
+) {
     service
         .executions
         .lookups_unavailable
         .store(true, Ordering::SeqCst);
-    let broken = client.charge(charge("pay-p3", "fail-after-charge")).await;
+    let broken = client.charge(charge(serial, "fail-after-charge")).await;
     assert_eq!(broken.unwrap_err().code(), tonic::Code::Internal);
     tokio::time::sleep(LEASE * 2).await;
-    let unknown = client.charge(charge("pay-p3", "ok")).await.unwrap_err();
+    let unknown = client.charge(charge(serial, "ok")).await.unwrap_err();
     assert_eq!(reason(&unknown), "IDEMPOTENCY_OUTCOME_UNKNOWN");
-    assert!(service.executions.lookups() >= 1, "the duplicate asked");
+    assert_eq!(service.executions.lookups(), 1, "the duplicate asked once");
     service
         .executions
         .lookups_unavailable
         .store(false, Ordering::SeqCst);
-    // The background walk asks again after the backoff, without a retry to ask it.
-    support::eventually(Duration::from_secs(10), "a probe found the charge", || {
-        let executions = service.executions.clone();
-        async move { executions.probe_callers.lock().unwrap().len() >= 2 }
-    })
-    .await;
+}
+
+#[tokio::test]
+async fn a_lookup_that_fails_leaves_the_outcome_unknown_and_a_later_retry_asks_again() {
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let mut client = client(sidecar.addr).await;
+    broken_while_lookups_fail(&service, &mut client, "pay-p3").await;
+    // Within the backoff (1 s after one failed probe) a retry is refused without a probe;
+    // after it, the retry's probe finds the charge.
     let mut answered = None;
-    for _ in 0..100 {
+    for _ in 0..60 {
         match client.charge(charge("pay-p3", "ok")).await {
             Ok(response) => {
                 answered = Some(response);
                 break;
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(status) => {
+                assert_eq!(reason(&status), "IDEMPOTENCY_OUTCOME_UNKNOWN");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
-    let answered = answered.expect("the walk's probe recorded the outcome");
+    let answered = answered.expect("a later probe recorded the outcome");
     assert_eq!(answered.get_ref().charge_id, "ch-pay-p3-1");
     assert_eq!(service.executions.charges(), 1, "charged once");
+}
+
+#[tokio::test]
+async fn the_walk_asks_again_without_a_retry() {
+    if support::test_store() == "redis-cluster" {
+        // Listing records is not supported on Redis Cluster (`RedisStore::scan`), so the
+        // walk cannot find records there; duplicates still ask (the test above).
+        return;
+    }
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let mut client = client(sidecar.addr).await;
+    broken_while_lookups_fail(&service, &mut client, "pay-p4").await;
+    support::eventually(Duration::from_secs(10), "the walk's probe", || {
+        let executions = service.executions.clone();
+        async move { executions.probe_callers.lock().unwrap().len() >= 2 }
+    })
+    .await;
+    support::eventually(Duration::from_secs(5), "the recorded outcome", || {
+        let mut client = client.clone();
+        async move { client.charge(charge("pay-p4", "ok")).await.is_ok() }
+    })
+    .await;
+    assert_eq!(service.executions.charges(), 1, "charged once");
+    assert_eq!(service.executions.lookups(), 2, "the walk asked once more");
+}
+
+/// `check` refuses a probe it could not send: one that does not exist, streams, answers
+/// another type, or has no field for the serial (each named with the method).
+#[test]
+fn a_probe_that_cannot_be_sent_is_refused_at_start() {
+    use idemproxy::engine::{CallPolicy, Limits};
+    use idemproxy::policy::PolicyTable;
+    let pool =
+        prost_reflect::DescriptorPool::decode(idemproxy::pb::EXAMPLE_DESCRIPTOR_SET).unwrap();
+    let defaults = CallPolicy::from_limits(&Limits::default());
+    let cases = [
+        ("in-doubt-probe = \"Nope\"", "is not a method of"),
+        ("in-doubt-probe = \"Payout\"", "streams"),
+        (
+            "in-doubt-probe = \"GetBalance\"",
+            "answers idemproxy.example.v1.BalanceReply",
+        ),
+        (
+            "in-doubt-probe = \"GetCharge\"\nin-doubt-probe-key = \"card\"",
+            "has no field \"card\"",
+        ),
+        (
+            "in-doubt-probe = \"Refund\"",
+            "answers idemproxy.example.v1.RefundReply",
+        ),
+    ];
+    for (rule, expected) in cases {
+        let text = format!("[methods.\"/idemproxy.example.v1.Payments/Charge\"]\n{rule}\n");
+        let (_, methods) = idemproxy::config::parse_file(&text).unwrap();
+        let overrides = idemproxy::policy::rules::method_rules(methods).unwrap();
+        let errors = PolicyTable::resolve(&pool, defaults, &overrides).unwrap_err();
+        let said: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(
+            said.iter().any(
+                |e| e.contains("/idemproxy.example.v1.Payments/Charge") && e.contains(expected)
+            ),
+            "{rule}: {said:?}"
+        );
+    }
+    // The example's own probe resolves, and check shows it.
+    let table = PolicyTable::resolve(&pool, defaults, &Default::default()).unwrap();
+    let shown = table.render();
+    assert!(
+        shown.contains("probe of /idemproxy.example.v1.Payments/Charge: /idemproxy.example.v1.Payments/GetCharge (serial in serial)"),
+        "{shown}"
+    );
 }

@@ -193,6 +193,111 @@ async fn the_walk_asks_again_without_a_retry() {
     assert_eq!(service.executions.lookups(), 2, "the walk asked once more");
 }
 
+/// A sidecar SIGKILLed while a charge runs: at the restart the record is IN_DOUBT (its
+/// process ended), and the walk's probe finds the charge, so the retry gets it.
+#[tokio::test]
+async fn a_call_cut_by_a_crash_is_resolved_by_a_probe_after_the_restart() {
+    if support::test_store() != "sled" {
+        return; // The binary runs on its own data dir; the shared stores run the tests above.
+    }
+    let service = payments::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let set = dir.path().join("payments.binpb");
+    std::fs::write(&set, idemproxy::pb::EXAMPLE_DESCRIPTOR_SET).unwrap();
+    let data = dir.path().join("data");
+    let extra = [
+        "--descriptor-set",
+        set.to_str().unwrap(),
+        "--default-lease",
+        "1s",
+        "--sweep-interval",
+        "50ms",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--ops-listen",
+        "127.0.0.1:0",
+    ];
+    let args = support::binary::run_args(service.addr, &data, &extra);
+    let sidecar = support::binary::start(&args).await;
+    let mut first = client(sidecar.addr).await;
+    let running =
+        tokio::spawn(async move { first.charge(charge("pay-k1", "hang-after-charge")).await });
+    support::eventually(Duration::from_secs(10), "the charge", || {
+        let executions = service.executions.clone();
+        async move { executions.charges() == 1 }
+    })
+    .await;
+    sidecar.kill().await;
+    assert!(
+        running.await.unwrap().is_err(),
+        "the caller lost its answer"
+    );
+    let restarted = support::binary::start(&args).await;
+    let retry = client(restarted.addr).await;
+    // Its lease and the rule's `after` (1 s) pass; then the walk asks.
+    support::eventually(Duration::from_secs(30), "the probe's answer", || {
+        let mut retry = retry.clone();
+        async move { retry.charge(charge("pay-k1", "ok")).await.is_ok() }
+    })
+    .await;
+    let answer = retry.clone().charge(charge("pay-k1", "ok")).await.unwrap();
+    assert_eq!(answer.get_ref().charge_id, "ch-pay-k1-1");
+    assert_eq!(
+        header(&answer, "idempotency-resolved-by").as_deref(),
+        Some("probe")
+    );
+    assert_eq!(service.executions.charges(), 1, "charged once");
+}
+
+/// Two sidecars sharing one Redis (two replicas of the service): both walks find the unknown
+/// outcome, one probe goes (a probe takes the record with its own token and lease).
+#[tokio::test]
+async fn two_sidecars_on_one_redis_send_one_probe() {
+    if support::test_store() != "sled" {
+        return; // Runs its own Redis once, whatever the suite's store.
+    }
+    let redis = support::redis::RedisServer::start();
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let set = files.path().join("payments.binpb");
+    std::fs::write(&set, idemproxy::pb::EXAMPLE_DESCRIPTOR_SET).unwrap();
+    let on_redis = |args: &mut idemproxy::config::RunSettings| {
+        args.store = idemproxy::config::StoreKind::Redis;
+        args.redis_url = Some(redis.url());
+        args.descriptor_set = vec![set.clone()];
+        args.default_lease = LEASE;
+        args.lease_margin = Duration::from_millis(50);
+    };
+    let one = start_sidecar(service.addr, on_redis).await;
+    let other = start_sidecar(service.addr, on_redis).await;
+    let mut client_one = client(one.addr).await;
+    let broken = client_one
+        .charge(charge("pay-r1", "fail-after-charge"))
+        .await;
+    assert_eq!(broken.unwrap_err().code(), tonic::Code::Internal);
+    // No retry: the walks of both find it (a second after the lease).
+    support::eventually(Duration::from_secs(10), "a probe", || {
+        let executions = service.executions.clone();
+        async move { executions.lookups() >= 1 }
+    })
+    .await;
+    let mut client_other = client(other.addr).await;
+    support::eventually(Duration::from_secs(5), "the recorded outcome", || {
+        let mut client = client_other.clone();
+        async move { client.charge(charge("pay-r1", "ok")).await.is_ok() }
+    })
+    .await;
+    let answer = client_other.charge(charge("pay-r1", "ok")).await.unwrap();
+    assert_eq!(answer.get_ref().charge_id, "ch-pay-r1-1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        service.executions.lookups(),
+        1,
+        "one probe for two sidecars"
+    );
+    assert_eq!(service.executions.charges(), 1);
+}
+
 /// `check` refuses a probe it could not send: one that does not exist, streams, answers
 /// another type, or has no field for the serial (each named with the method).
 #[test]

@@ -76,7 +76,7 @@ impl Payments for Service {
     ) -> Result<Response<ChargeReply>, Status> {
         // A trace id of `fail-before-charge` or `fail-after-charge` (left out of the
         // fingerprint, so a retry may differ) answers INTERNAL, an unknown outcome to the
-        // sidecar, without or after charging.
+        // sidecar, without or after charging; `hang-after-charge` answers 3 s late.
         let then = Some(request.get_ref().trace_id.clone());
         if then.as_deref() == Some("fail-before-charge") {
             return Err(Status::internal("the charge broke before it was made"));
@@ -101,6 +101,10 @@ impl Payments for Service {
             return Err(Status::internal(
                 "the charge was made, then its answer broke",
             ));
+        }
+        if then.as_deref() == Some("hang-after-charge") {
+            // Long enough for a test to kill the sidecar while the call runs.
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
         }
         Ok(Response::new(reply))
     }

@@ -97,6 +97,31 @@ async fn a_charge_whose_answer_broke_is_found_by_the_probe_and_replayed() {
         vec!["alice".to_owned()],
         "one probe, as the caller"
     );
+    // Operators see which outcome a probe recorded.
+    let admin = sidecar.running.admin_addr.to_string();
+    // Off the runtime: the sidecar answering it runs on this test's one thread.
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        support::binary::keys(
+            &admin,
+            &[
+                "get",
+                "--method",
+                "/idemproxy.example.v1.Payments/Charge",
+                "--caller",
+                "alice",
+                "--serial",
+                "pay-p1",
+                "--json",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let view = support::binary::json(&out);
+    assert_eq!(view["state"], "COMPLETED");
+    assert_eq!(view["resolved_by"], "probe");
+    assert_eq!(view["probes"], 1);
 }
 
 #[tokio::test]

@@ -175,6 +175,9 @@ fn record_json(record: &pb::RecordView) -> serde_json::Value {
         "fingerprint": record.fingerprint,
         "in_doubt_reason": record.in_doubt_reason,
         "trace_id": record.trace_id,
+        "resolved_by": record.resolved_by,
+        "probes": record.probes,
+        "next_probe_ms": record.next_probe_ms,
     })
 }
 
@@ -208,6 +211,19 @@ fn record_text(record: &pb::RecordView, serial: Option<&str>) -> String {
         ),
         format!("fingerprint  {}", record.fingerprint),
     ]);
+    if !record.resolved_by.is_empty() {
+        lines.push(format!(
+            "resolved by  {} (the service's lookup)",
+            record.resolved_by
+        ));
+    }
+    if record.probes > 0 {
+        lines.push(format!(
+            "probes       {} sent, next not before {}",
+            record.probes,
+            time(record.next_probe_ms)
+        ));
+    }
     if !record.trace_id.is_empty() {
         lines.push(format!("trace        {}", record.trace_id));
     }

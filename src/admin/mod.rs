@@ -90,6 +90,17 @@ fn view(key: &Key, record: &Record, now_ms: u64) -> pb::RecordView {
             .get(..16)
             .map(key::hex)
             .unwrap_or_default(),
+        resolved_by: if record
+            .response
+            .as_ref()
+            .is_some_and(|r| r.resolved_by_probe)
+        {
+            "probe".to_owned()
+        } else {
+            String::new()
+        },
+        probes: record.probes,
+        next_probe_ms: record.next_probe_ms,
     }
 }
 

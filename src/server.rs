@@ -8,6 +8,7 @@ use crate::ops::{Health, Readiness};
 use crate::policy::PolicyTable;
 use crate::proxy::upstream::HttpUpstream;
 use crate::proxy::{self, Proxy, ProxySettings};
+use crate::store::postgres::PostgresStore;
 use crate::store::redis::{RedisStore, RedisUrlError};
 use crate::store::sled::{SledOptions, SledStore};
 use crate::store::{AnyStore, Store};
@@ -186,6 +187,7 @@ pub fn backend_name(config: &Config) -> &'static str {
     match &config.store {
         StoreChoice::Sled => "sled",
         StoreChoice::Redis(_) => "redis",
+        StoreChoice::Postgres(_) => "postgres",
     }
 }
 
@@ -250,6 +252,18 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
                 "store on Redis"
             );
             AnyStore::Redis(RedisStore::new(options)?)
+        }
+        StoreChoice::Postgres(options) => {
+            tracing::info!(
+                hosts = options.config.get_hosts().len(),
+                table = %options.table,
+                "store on PostgreSQL"
+            );
+            let store = PostgresStore::new(options).map_err(|source| StartError::Store {
+                dir: "PostgreSQL".into(),
+                source,
+            })?;
+            AnyStore::Postgres(store)
         }
     });
     telemetry.observe_store(store.clone());

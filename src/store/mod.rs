@@ -3,12 +3,14 @@
 //! A store applies the transitions that `record.rs` decides, atomically (one compare-and-swap)
 //! and durably (the change is on disk before `update` returns). It never decides a state
 //! itself and never reads-then-writes. Backends: `sled` (embedded default) and `memory` (the
-//! reference model the other backends are tested against), `redis` (shared by replicas), and
+//! reference model the other backends are tested against), `postgres` (the store of record
+//! shared by replicas), `redis` (shared by replicas, when a lost second is acceptable), and
 //! `AnyStore`, the one the server runs on, chosen by the settings.
 
 pub mod durable;
 pub mod flusher;
 pub mod memory;
+pub mod postgres;
 pub mod redis;
 pub mod sled;
 mod slices;
@@ -147,8 +149,10 @@ pub trait Store: Send + Sync + 'static {
 pub enum AnyStore {
     /// The embedded store.
     Sled(sled::SledStore),
-    /// The shared store.
+    /// The shared store on Redis.
     Redis(redis::RedisStore),
+    /// The shared store of record on PostgreSQL.
+    Postgres(postgres::PostgresStore),
 }
 
 impl AnyStore {
@@ -157,6 +161,7 @@ impl AnyStore {
         match self {
             AnyStore::Sled(_) => "sled",
             AnyStore::Redis(_) => "redis",
+            AnyStore::Postgres(_) => "postgres",
         }
     }
 }
@@ -172,6 +177,7 @@ impl Store for AnyStore {
             // Boxed: a Redis round trip's future is five times a sled one's, and every
             // call's future would carry its size.
             AnyStore::Redis(store) => Box::pin(store.update(key, transition)).await,
+            AnyStore::Postgres(store) => Box::pin(store.update(key, transition)).await,
         }
     }
 
@@ -179,6 +185,7 @@ impl Store for AnyStore {
         let changed: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match self {
             AnyStore::Sled(store) => Box::pin(store.changed(key)),
             AnyStore::Redis(store) => Box::pin(store.changed(key)),
+            AnyStore::Postgres(store) => Box::pin(store.changed(key)),
         };
         changed
     }
@@ -187,6 +194,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.maintain(now_ms),
             AnyStore::Redis(store) => store.maintain(now_ms),
+            AnyStore::Postgres(store) => store.maintain(now_ms),
         }
     }
 
@@ -194,6 +202,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.usage(),
             AnyStore::Redis(store) => store.usage(),
+            AnyStore::Postgres(store) => store.usage(),
         }
     }
 
@@ -201,6 +210,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.is_sole_owner(),
             AnyStore::Redis(store) => store.is_sole_owner(),
+            AnyStore::Postgres(store) => store.is_sole_owner(),
         }
     }
 
@@ -208,6 +218,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.check().await,
             AnyStore::Redis(store) => store.check().await,
+            AnyStore::Postgres(store) => store.check().await,
         }
     }
 
@@ -215,6 +226,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.failed_for_good(),
             AnyStore::Redis(store) => store.failed_for_good(),
+            AnyStore::Postgres(store) => store.failed_for_good(),
         }
     }
 
@@ -222,6 +234,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.scan(cursor, limit).await,
             AnyStore::Redis(store) => store.scan(cursor, limit).await,
+            AnyStore::Postgres(store) => store.scan(cursor, limit).await,
         }
     }
 
@@ -229,6 +242,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.caller_records(caller, now_ms).await,
             AnyStore::Redis(store) => store.caller_records(caller, now_ms).await,
+            AnyStore::Postgres(store) => store.caller_records(caller, now_ms).await,
         }
     }
 }

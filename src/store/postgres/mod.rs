@@ -509,8 +509,14 @@ fn swap_for(key: &Key, read: Option<&[u8]>, change: &Change) -> Option<Swap> {
         Change::Delete if read.is_none() => return None,
         Change::Delete => None,
         Change::Put(record) => {
-            // An IN_FLIGHT record outlives its lease at least; the others their retention.
-            let expires_ms = record.expires_ms.max(record.lease_until_ms).max(1);
+            // When the record stops counting (`record::is_expired`): an IN_FLIGHT record
+            // outlives its lease at least; the others leave at the end of their retention.
+            let in_flight = record.state() == crate::record::State::InFlight;
+            let expires_ms = if in_flight {
+                record.expires_ms.max(record.lease_until_ms)
+            } else {
+                record.expires_ms
+            };
             let expires_ms = i64::try_from(expires_ms).unwrap_or(i64::MAX);
             Some((record.encode_to_vec(), expires_ms, record.caller.clone()))
         }

@@ -136,6 +136,18 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> StoreError {
     StoreError::Io(format!("PostgreSQL {what}: {error}"))
 }
 
+/// What PostgreSQL said, with its SQLSTATE, or what broke (tokio-postgres' own text for a
+/// server's error is only "db error").
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({}: {})", db.message(), db.severity(), db.code().code()),
+        None => match std::error::Error::source(error) {
+            Some(cause) => format!("{error}: {cause}"),
+            None => error.to_string(),
+        },
+    }
+}
+
 /// Whether a failed statement may have committed: the session broke (no answer, or
 /// PostgreSQL ending it, class 57 or 08) instead of PostgreSQL refusing the statement.
 fn outcome_unknown(error: &tokio_postgres::Error) -> bool {
@@ -197,7 +209,7 @@ impl Shared {
             .config
             .connect(self.tls.clone())
             .await
-            .map_err(|error| unavailable("is unreachable", error))?;
+            .map_err(|error| unavailable("is unreachable", describe(&error)))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::warn!(%error, "PostgreSQL connection ended");
@@ -217,7 +229,7 @@ impl Shared {
             }
             self.schema_ready.store(true, Ordering::Release);
         }
-        let prepare_failed = |error| unavailable("refused a statement", error);
+        let prepare_failed = |error| unavailable("refused a statement", describe(&error));
         let read = client
             .prepare(&self.table.read())
             .await
@@ -256,14 +268,14 @@ impl Shared {
                 Some(row) => row
                     .try_get(0)
                     .map(Some)
-                    .map_err(|error| unavailable("read", error)),
+                    .map_err(|error| unavailable("read", describe(&error))),
                 None => Ok(None),
             },
             Ok(Err(error)) => {
                 if outcome_unknown(&error) {
                     self.discard(&connected);
                 }
-                Err(unavailable("read failed", error))
+                Err(unavailable("read failed", describe(&error)))
             }
             Err(_) => {
                 self.discard(&connected);
@@ -309,7 +321,7 @@ impl Shared {
         let rows = match tokio::time::timeout(self.timeout, running).await {
             Ok(Ok(rows)) => rows,
             Ok(Err(error)) if !outcome_unknown(&error) => {
-                return Err(unavailable("refused a compare-and-swap", error));
+                return Err(unavailable("refused a compare-and-swap", describe(&error)));
             }
             Ok(Err(_)) | Err(_) => {
                 self.discard(&connected);
@@ -322,7 +334,7 @@ impl Shared {
         // A row missing from the answer leaves its swap refused, to be read again.
         let mut outcomes = vec![Outcome::Refused(None); swaps.len()];
         for row in rows {
-            let field = |error| unavailable("compare-and-swap answer", error);
+            let field = |error| unavailable("compare-and-swap answer", describe(&error));
             let position: i32 = row.try_get(0).map_err(field)?;
             let applied: bool = row.try_get(1).map_err(field)?;
             let now: Option<Vec<u8>> = row.try_get(2).map_err(field)?;
@@ -481,7 +493,10 @@ impl Shared {
         };
         match tokio::time::timeout(self.timeout, ending).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(unavailable("could not end a broken session", error)),
+            Ok(Err(error)) => Err(unavailable(
+                "could not end a broken session",
+                describe(&error),
+            )),
             Err(_) => Err(unavailable(
                 "did not end a broken session",
                 format!("still there after {:?}", self.timeout),
@@ -608,7 +623,7 @@ impl Store for PostgresStore {
         let mut records = Vec::with_capacity(rows.len());
         let mut last = None;
         for row in &rows {
-            let field = |error| unavailable("scan answer", error);
+            let field = |error| unavailable("scan answer", describe(&error));
             let bytes: Vec<u8> = row.try_get(0).map_err(field)?;
             let value: Vec<u8> = row.try_get(1).map_err(field)?;
             let Some(key) = Key::from_slice(&bytes) else {

@@ -150,7 +150,7 @@ impl Table {
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
     /// PostgreSQL refused a statement.
-    #[error("{0}")]
+    #[error("{}", super::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// The table was written by a newer release.
     #[error(

@@ -7,7 +7,9 @@
 //! change of them, and with `--postgres-require-sync-replica` is not ready without one.
 //! Nothing here writes a record that is alive.
 
-use super::{unavailable, PostgresStore, Shared, EXPIRE_BATCHES_MAX, EXPIRE_BATCH_RECORDS};
+use super::{
+    describe, unavailable, PostgresStore, Shared, EXPIRE_BATCHES_MAX, EXPIRE_BATCH_RECORDS,
+};
 use crate::store::{Maintenance, StoreError};
 use std::sync::atomic::Ordering;
 use tokio_postgres::types::{FromSqlOwned, ToSql};
@@ -31,7 +33,7 @@ impl Shared {
                 if super::outcome_unknown(&error) {
                     self.discard(&connected);
                 }
-                Err(unavailable("statement failed", error))
+                Err(unavailable("statement failed", describe(&error)))
             }
             Err(_) => {
                 self.discard(&connected);
@@ -54,7 +56,7 @@ impl Shared {
             .first()
             .ok_or_else(|| unavailable("answered no row", sql))?;
         row.try_get(0)
-            .map_err(|error| unavailable("answered an unexpected value", error))
+            .map_err(|error| unavailable("answered an unexpected value", describe(&error)))
     }
 }
 
@@ -93,7 +95,7 @@ impl PostgresStore {
         let row = rows
             .first()
             .ok_or_else(|| unavailable("answered no row", "replication state"))?;
-        let field = |error| unavailable("replication state", error);
+        let field = |error| unavailable("replication state", describe(&error));
         let in_recovery: bool = row.try_get(0).map_err(field)?;
         let synchronous_commit: String = row.try_get(1).map_err(field)?;
         let standbys: i64 = row.try_get(2).map_err(field)?;

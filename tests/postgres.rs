@@ -1,0 +1,372 @@
+//! What is PostgreSQL's own in the PostgreSQL store (issue 32), on a real PostgreSQL: the
+//! schema made once by replicas starting together and refused when newer, group commit
+//! (many claims, few transactions), a statement whose connection breaks (committed or not),
+//! expiry in short batches, and readiness without a synchronous standby. The dedup suite
+//! runs on this store too (`IDEMPROXY_TEST_STORE=postgres`, `scripts/test`).
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use idemproxy::key::Key;
+use idemproxy::record::{Change, Record, State};
+use idemproxy::store::postgres::{PostgresOptions, PostgresStore, EXPIRE_BATCH_RECORDS};
+use idemproxy::store::Store;
+use prost::Message;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use support::postgres::{fresh_table, shared, PostgresServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn store_at(url: &str, table: &str, require_sync_replica: bool) -> PostgresStore {
+    let options = PostgresOptions::new(
+        url,
+        None,
+        None,
+        table,
+        Duration::from_secs(5),
+        require_sync_replica,
+    )
+    .unwrap();
+    PostgresStore::new(&options).unwrap()
+}
+
+fn key(n: u64) -> Key {
+    Key::derive("/test.Svc/Call", "caller", n.to_string().as_bytes())
+}
+
+/// An IN_FLIGHT record that lives long after the test.
+fn claim_record(token: u8) -> Record {
+    Record {
+        version: 1,
+        state: State::InFlight as i32,
+        caller: "caller".into(),
+        token: vec![token; 16],
+        expires_ms: u64::MAX / 4,
+        lease_until_ms: u64::MAX / 4,
+        ..Record::default()
+    }
+}
+
+/// Claims `key` if it is free: true when this call wrote the record.
+async fn claim(store: &PostgresStore, key: &Key, token: u8) -> bool {
+    store
+        .update(key, |current| match current {
+            None => (Change::Put(claim_record(token)), true),
+            Some(_) => (Change::Keep, false),
+        })
+        .await
+        .unwrap()
+}
+
+/// Write transactions PostgreSQL has started so far (each takes a transaction id; this
+/// query takes one too).
+async fn transactions(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT pg_current_xact_id()::text::int8", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_create_the_schema_once() {
+    let server = shared();
+    let table = fresh_table();
+    let stores: Vec<_> = (0..8)
+        .map(|_| Arc::new(store_at(&server.url(), &table, false)))
+        .collect();
+    // Each store's first write connects and makes the schema ready, all at once.
+    let claims: Vec<_> = stores
+        .iter()
+        .enumerate()
+        .map(|(n, store)| {
+            let store = store.clone();
+            tokio::spawn(async move { claim(&store, &key(n as u64), 1).await })
+        })
+        .collect();
+    for claimed in claims {
+        assert!(claimed.await.unwrap(), "every replica starts and claims");
+    }
+    let client = server.connect().await;
+    let version: i32 = client
+        .query_one(
+            "SELECT version FROM idemproxy_schema WHERE table_name = $1",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, idemproxy::store::postgres::schema::SCHEMA_VERSION);
+    let records: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(records, 8);
+}
+
+#[tokio::test]
+async fn a_table_written_by_a_newer_release_is_refused() {
+    let server = shared();
+    let table = fresh_table();
+    assert!(claim(&store_at(&server.url(), &table, false), &key(1), 1).await);
+    let client = server.connect().await;
+    client
+        .execute(
+            "UPDATE idemproxy_schema SET version = 99 WHERE table_name = $1",
+            &[&table],
+        )
+        .await
+        .unwrap();
+    let newer = store_at(&server.url(), &table, false)
+        .update(&key(2), |_| (Change::Keep, ()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(newer.contains("schema version 99"), "{newer}");
+    assert!(newer.contains("newer than this release"), "{newer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_waiting_together_share_one_commit() {
+    // A server of its own: every transaction on it is this test's.
+    let server = PostgresServer::start(&[]);
+    let store = Arc::new(store_at(&server.url(), "records", false));
+    assert!(claim(&store, &key(0), 1).await, "the schema is ready");
+    let client = server.connect().await;
+    let calls = 200;
+    let before = transactions(&client).await;
+    let claims: Vec<_> = (1..=calls)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move { claim(&store, &key(n), 1).await })
+        })
+        .collect();
+    for claimed in claims {
+        assert!(claimed.await.unwrap());
+    }
+    let commits = transactions(&client).await - before - 1;
+    let (statements, swaps) = store.commits();
+    println!(
+        "{calls} claims: {commits} transactions on PostgreSQL; the store sent {swaps} swaps in {statements} statements"
+    );
+    assert!(
+        commits > 0 && commits <= calls as i64 / 4,
+        "{calls} concurrent claims took {commits} commits: group commit is not grouping"
+    );
+}
+
+/// A TCP relay to PostgreSQL that, once armed, passes on the next bytes the client sends and
+/// then cuts both connections: the statement reaches the server, its answer never comes back.
+struct Cutter {
+    port: u16,
+    armed: Arc<AtomicBool>,
+}
+
+async fn cutter(server_port: u16) -> Cutter {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let armed = Arc::new(AtomicBool::new(false));
+    let relay_armed = armed.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", server_port))
+                .await
+                .unwrap();
+            let armed = relay_armed.clone();
+            tokio::spawn(async move {
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let up = async {
+                    let mut buffer = vec![0; 64 * 1024];
+                    loop {
+                        let n = from_client.read(&mut buffer).await.unwrap_or(0);
+                        if n == 0 || to_server.write_all(&buffer[..n]).await.is_err() {
+                            return;
+                        }
+                        if armed.swap(false, Ordering::SeqCst) {
+                            return; // Cut: both connections close as the halves drop.
+                        }
+                    }
+                };
+                let down = tokio::io::copy(&mut from_server, &mut to_client);
+                tokio::select! {
+                    () = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    Cutter { port, armed }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_committed_without_an_answer_counts_as_applied_once() {
+    let server = shared();
+    let relay = cutter(server.port).await;
+    let url = format!(
+        "host=127.0.0.1 port={} user={} dbname=postgres",
+        relay.port,
+        support::postgres::USER
+    );
+    let store = store_at(&url, &fresh_table(), false);
+    assert!(claim(&store, &key(0), 1).await, "the schema is ready");
+    let runs = AtomicUsize::new(0);
+    let owned = store
+        .update(&key(1), |current| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            // The swap this run decides is the next thing sent: cut the connection after it.
+            relay.armed.store(true, Ordering::SeqCst);
+            match current {
+                None => (Change::Put(claim_record(7)), true),
+                Some(_) => (Change::Keep, false),
+            }
+        })
+        .await
+        .expect("the outcome is settled by reading the record again");
+    // Had the broken swap been taken as refused, the second run would have found the claim
+    // and called it another's.
+    assert!(owned, "the claim that committed is this call's");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "decided once, on the record as read"
+    );
+    let stored = store
+        .update(&key(1), |current| (Change::Keep, current.cloned()))
+        .await;
+    assert_eq!(stored.unwrap(), Some(claim_record(7)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_killed_before_its_commit_is_settled_and_decided_again() {
+    let server = shared();
+    let table = fresh_table();
+    let store = Arc::new(store_at(&server.url(), &table, false));
+    assert!(claim(&store, &key(0), 1).await, "the schema is ready");
+    // Writes to the table wait behind this lock; reads do not.
+    let mut blocker = server.connect().await;
+    let lock = blocker.transaction().await.unwrap();
+    lock.batch_execute(&format!("LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"))
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let claiming = {
+        let (store, runs) = (store.clone(), runs.clone());
+        tokio::spawn(async move {
+            store
+                .update(&key(1), |current| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    match current {
+                        None => (Change::Put(claim_record(9)), true),
+                        Some(_) => (Change::Keep, false),
+                    }
+                })
+                .await
+        })
+    };
+    let killer = server.connect().await;
+    let waiting = "SELECT pid FROM pg_stat_activity WHERE application_name = 'idemproxy' \
+                   AND wait_event_type = 'Lock'";
+    let mut pid: Option<i32> = None;
+    for _ in 0..200 {
+        pid = killer
+            .query_opt(waiting, &[])
+            .await
+            .unwrap()
+            .map(|row| row.get(0));
+        if pid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = pid.expect("the swap waits for the lock");
+    killer
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    lock.rollback().await.unwrap();
+    let owned = claiming.await.unwrap().expect("settled, not failed");
+    assert!(owned, "the key was free: the claim is made again and lands");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "decided again on the record read after"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_records_leave_in_short_batches() {
+    let server = PostgresServer::start(&[]);
+    let store = Arc::new(store_at(&server.url(), "records", false));
+    assert!(
+        claim(&store, &key(0), 1).await,
+        "the schema is ready (one live record)"
+    );
+    let client = server.connect().await;
+    let expired = 2 * EXPIRE_BATCH_RECORDS + EXPIRE_BATCH_RECORDS / 2;
+    client
+        .execute(
+            "INSERT INTO records (key, value, expires_ms, caller) \
+             SELECT sha256(g::text::bytea), '', 1000, 'c' FROM generate_series(1, $1::int8) AS g",
+            &[&expired],
+        )
+        .await
+        .unwrap();
+    let before = transactions(&client).await;
+    let maintaining = store.clone();
+    let done = tokio::task::spawn_blocking(move || maintaining.maintain(2000))
+        .await
+        .unwrap()
+        .unwrap();
+    let statements = transactions(&client).await - before - 1;
+    assert_eq!(done.expired, expired as u64);
+    assert_eq!(
+        statements, 3,
+        "2,500 expired records in batches of 1,000: three short transactions"
+    );
+    assert_eq!(store.usage().records, 1, "the live record stays");
+}
+
+#[tokio::test]
+async fn without_a_synchronous_standby_the_store_is_not_ready_when_one_is_required() {
+    let server = shared();
+    let table = fresh_table();
+    let lenient = store_at(&server.url(), &table, false);
+    lenient
+        .check()
+        .await
+        .expect("ready: no standby is required");
+    assert_eq!(lenient.sync_standbys(), Some(0));
+    let strict = store_at(&server.url(), &table, true);
+    let refused = strict.check().await.unwrap_err().to_string();
+    assert!(refused.contains("no synchronous standby"), "{refused}");
+    assert!(
+        refused.contains("--postgres-require-sync-replica"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn records_keep_the_bytes_the_other_stores_keep() {
+    let server = shared();
+    let table = fresh_table();
+    let store = store_at(&server.url(), &table, false);
+    assert!(claim(&store, &key(3), 4).await);
+    let page = store.scan(None, 10).await.unwrap();
+    assert_eq!(page.records, vec![(key(3), claim_record(4))]);
+    assert_eq!(page.next, None);
+    let client = server.connect().await;
+    let value: Vec<u8> = client
+        .query_one(
+            &format!("SELECT value FROM {table} WHERE key = $1"),
+            &[&&key(3).as_bytes()[..]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(value, claim_record(4).encode_to_vec());
+}

@@ -72,11 +72,19 @@ async fn transactions(client: &tokio_postgres::Client) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_starting_together_create_the_schema_once() {
+async fn replicas_of_two_services_starting_together_create_the_schema_once() {
     let server = shared();
-    let table = fresh_table();
+    // A schema of its own, so that its version table is made by this test's stores; two
+    // services (two tables) share it, as several services may share one database.
+    let schema = fresh_table();
+    let client = server.connect().await;
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let tables = [format!("{schema}.first"), format!("{schema}.second")];
     let stores: Vec<_> = (0..8)
-        .map(|_| Arc::new(store_at(&server.url(), &table, false)))
+        .map(|n| Arc::new(store_at(&server.url(), &tables[n % 2], false)))
         .collect();
     // Each store's first write connects and makes the schema ready, all at once.
     let claims: Vec<_> = stores
@@ -90,22 +98,23 @@ async fn replicas_starting_together_create_the_schema_once() {
     for claimed in claims {
         assert!(claimed.await.unwrap(), "every replica starts and claims");
     }
-    let client = server.connect().await;
-    let version: i32 = client
-        .query_one(
-            "SELECT version FROM idemproxy_schema WHERE table_name = $1",
-            &[&table],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(version, idemproxy::store::postgres::schema::SCHEMA_VERSION);
-    let records: i64 = client
-        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(records, 8);
+    for table in &tables {
+        let version: i32 = client
+            .query_one(
+                &format!("SELECT version FROM {schema}.idemproxy_schema WHERE table_name = $1"),
+                &[table],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(version, idemproxy::store::postgres::schema::SCHEMA_VERSION);
+        let records: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(records, 4);
+    }
 }
 
 #[tokio::test]
@@ -369,4 +378,83 @@ async fn records_keep_the_bytes_the_other_stores_keep() {
         .unwrap()
         .get(0);
     assert_eq!(value, claim_record(4).encode_to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_on_one_replica_wakes_a_duplicate_waiting_on_another() {
+    let server = shared();
+    let mut options = PostgresOptions::new(
+        &server.url(),
+        None,
+        None,
+        &fresh_table(),
+        Duration::from_secs(5),
+        false,
+    )
+    .unwrap();
+    // Polling so slow that only a notification can wake the waiter within the test.
+    options.poll_interval = Duration::from_secs(600);
+    let first = PostgresStore::new(&options).unwrap();
+    let second = PostgresStore::new(&options).unwrap();
+    assert!(claim(&first, &key(1), 1).await);
+    assert!(
+        !claim(&second, &key(1), 2).await,
+        "a duplicate on the other replica"
+    );
+    // Both listeners are up: a listener that connects later wakes everyone, which would
+    // hide a missing notification.
+    let client = server.connect().await;
+    support::eventually(Duration::from_secs(10), "both listeners", || {
+        let client = &client;
+        async move {
+            let listening: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE application_name = 'idemproxy' AND query LIKE 'LISTEN%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            listening >= 2
+        }
+    })
+    .await;
+    let waiting = second.changed(&key(1));
+    first
+        .update(&key(1), |_| (Change::Put(claim_record(3)), ()))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter on the other replica is woken by the change's notification");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_synchronous_standby_a_required_one_keeps_new_keys_out() {
+    let upstream = support::ledger::start().await;
+    let sidecar = support::start_sidecar(upstream.addr, |args| {
+        args.store = idemproxy::config::StoreKind::Postgres;
+        args.postgres_url = Some(shared().url());
+        args.postgres_table = fresh_table();
+        args.postgres_require_sync_replica = true;
+    })
+    .await;
+    let ops = sidecar.running.ops_addr;
+    support::eventually(Duration::from_secs(10), "not ready", || async move {
+        support::http::get(ops, "/readyz").await.0 == 503
+    })
+    .await;
+    let mut client = support::client(sidecar.addr).await;
+    let refused = support::apply(&mut client, support::add("a", 1), Some("k"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(support::reason(&refused), "IDEMPOTENCY_STORE_UNAVAILABLE");
+    assert_eq!(upstream.state.executions(), 0, "nothing forwarded");
+    let (_, metrics) = support::http::get(ops, "/metrics").await;
+    assert!(
+        metrics.contains("idemproxy_postgres_sync_standbys 0"),
+        "{metrics}"
+    );
 }

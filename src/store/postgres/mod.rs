@@ -63,6 +63,9 @@ pub struct PostgresOptions {
     pub command_timeout: Duration,
     /// Not ready while the primary has no synchronous standby.
     pub require_sync_replica: bool,
+    /// How often a waiting duplicate reads its record again when no notification came
+    /// (`POLL_INTERVAL`; tests make it long to see the notifications alone).
+    pub poll_interval: Duration,
 }
 
 impl PostgresOptions {
@@ -97,6 +100,7 @@ impl PostgresOptions {
             table: table.to_owned(),
             command_timeout,
             require_sync_replica,
+            poll_interval: POLL_INTERVAL,
         })
     }
 }
@@ -389,7 +393,7 @@ impl PostgresStore {
             options.config.clone(),
             tls.clone(),
             table.name.clone(),
-            POLL_INTERVAL,
+            options.poll_interval,
         );
         let shared = Arc::new(Shared {
             config: options.config.clone(),
@@ -425,6 +429,21 @@ impl PostgresStore {
     /// Synchronous standbys the primary had at the last readiness check (`None` before it).
     pub fn sync_standbys(&self) -> Option<u64> {
         u64::try_from(self.sync_standbys.load(Ordering::Relaxed)).ok()
+    }
+
+    /// With `--postgres-require-sync-replica`, a new record is refused while the last
+    /// readiness check saw no synchronous standby (or none has run yet): a claim that a
+    /// failover could lose is never made. Records already there are still written (an
+    /// outcome is better kept than not).
+    fn refuse_without_standby(&self) -> Result<(), StoreError> {
+        if self.require_sync_replica && self.sync_standbys.load(Ordering::Relaxed) <= 0 {
+            return Err(StoreError::Io(
+                "PostgreSQL has no synchronous standby and --postgres-require-sync-replica is \
+                 set: new keys are refused until one is back"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Hands `swap` to the batching task and waits for its outcome.
@@ -561,6 +580,9 @@ impl Store for PostgresStore {
             let Some(swap) = swap_for(key, read.as_deref(), &change) else {
                 return Ok(value);
             };
+            if swap.expected.is_none() {
+                self.refuse_without_standby()?;
+            }
             let written = swap.put.as_ref().map(|put| put.0.clone());
             match self.submit(swap).await? {
                 Outcome::Applied => return Ok(value),

@@ -19,8 +19,8 @@ pub struct Table {
     pub quoted: String,
     /// The version table in the same schema.
     versions: String,
-    /// The table's name as given (`--postgres-table`): the version row's key, the advisory
-    /// lock's name and the change channel.
+    /// The table's name as given (`--postgres-table`): the version row's key and the change
+    /// channel.
     pub name: String,
     /// The bare table name, for naming its indexes.
     bare: String,
@@ -165,11 +165,13 @@ pub enum SchemaError {
     },
 }
 
-/// Creates or migrates the table to `SCHEMA_VERSION`, holding the table's advisory lock for
+/// Creates or migrates the table to `SCHEMA_VERSION`, holding the schema's advisory lock for
 /// the transaction. Returns the version found before (0: none).
 pub async fn ensure(client: &mut Client, table: &Table) -> Result<i32, SchemaError> {
     let transaction = client.transaction().await?;
-    let lock = format!("idemproxy:{}", table.name);
+    // One lock per schema, not per table: the version table is shared by every records
+    // table of the schema, and two services starting together would both create it.
+    let lock = format!("idemproxy:{}", table.versions);
     transaction
         .execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&lock])
         .await?;

@@ -17,6 +17,7 @@
 mod batch;
 mod notify;
 pub mod schema;
+mod settle;
 mod tls;
 mod upkeep;
 
@@ -44,9 +45,6 @@ pub const EXPIRE_BATCHES_MAX: usize = 10;
 
 /// How often a waiting duplicate reads its record again when no notification came.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Pause between two attempts to reach PostgreSQL while settling an unknown outcome.
-const SETTLE_RETRY: Duration = Duration::from_millis(50);
 
 /// How to reach PostgreSQL, checked.
 #[derive(Debug, Clone)]
@@ -457,70 +455,6 @@ impl PostgresStore {
         outcome
             .await
             .map_err(|_| unavailable("writes", "the batching task has ended"))?
-    }
-
-    /// The record of `key` once the session that may have committed a swap to it is over:
-    /// reconnects and reads, within the timeout, so the read is the truth.
-    async fn settle(&self, key: &Key, broken: &Backend) -> Result<Option<Vec<u8>>, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.shared.timeout;
-        loop {
-            let settled = async {
-                self.shared.end_session(broken).await?;
-                self.shared.read(key).await
-            };
-            match tokio::time::timeout_at(deadline, settled).await {
-                Ok(Ok(now)) => return Ok(now),
-                Ok(Err(error)) if tokio::time::Instant::now() + SETTLE_RETRY >= deadline => {
-                    return Err(error);
-                }
-                Ok(Err(_)) => tokio::time::sleep(SETTLE_RETRY).await,
-                Err(_) => {
-                    return Err(unavailable(
-                        "did not come back",
-                        format!(
-                            "a write's outcome is unknown and could not be read within {:?}",
-                            self.shared.timeout
-                        ),
-                    ));
-                }
-            }
-        }
-    }
-}
-
-impl Shared {
-    /// Ends `backend`'s session if it still runs on the server connected to now, and waits
-    /// until it is gone: its transaction is then committed or rolled back for good. On
-    /// another server (after a failover) it is not there, and nothing is done.
-    async fn end_session(&self, backend: &Backend) -> Result<(), StoreError> {
-        let connected = self.connection().await?;
-        let ending = async {
-            loop {
-                let rows = connected
-                    .client
-                    .query(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                         WHERE pid = $1 AND backend_start::text = $2",
-                        &[&backend.pid, &backend.started],
-                    )
-                    .await?;
-                if rows.is_empty() {
-                    return Ok::<(), tokio_postgres::Error>(());
-                }
-                tokio::time::sleep(SETTLE_RETRY).await;
-            }
-        };
-        match tokio::time::timeout(self.timeout, ending).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(unavailable(
-                "could not end a broken session",
-                describe(&error),
-            )),
-            Err(_) => Err(unavailable(
-                "did not end a broken session",
-                format!("still there after {:?}", self.timeout),
-            )),
-        }
     }
 }
 

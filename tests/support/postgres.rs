@@ -237,3 +237,75 @@ pub fn fresh_table() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     format!("records_{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
+
+/// Sends `signal` (`KILL`, `STOP`, `CONT`) to the processes `pids`, by id.
+pub fn signal(signal: &str, pids: &[u32]) {
+    if pids.is_empty() {
+        return;
+    }
+    let mut command = Command::new("kill");
+    command.arg(format!("-{signal}"));
+    for pid in pids {
+        command.arg(pid.to_string());
+    }
+    let _ = command.stderr(Stdio::null()).status();
+}
+
+/// The processes whose parent is `parent`, from /proc.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // `pid (comm) state ppid …`: the fields after the last parenthesis.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = stat.rsplit_once(')')?.1.to_owned();
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+impl PostgresServer {
+    /// SIGKILLs the postmaster and every backend it started, as a machine's crash would end
+    /// them: nothing is shut down, nothing more is sent to a standby.
+    pub fn kill_hard(&self) {
+        let postmaster = self.postmaster_pid();
+        let children = children_of(postmaster);
+        signal("KILL", &[postmaster]);
+        signal("KILL", &children);
+    }
+
+    /// Makes a standby of this server: a base backup (`pg_basebackup -R`) started on a free
+    /// port with `settings`.
+    pub fn start_standby(&self, settings: &[&str]) -> PostgresServer {
+        let dir = owned_dir();
+        let status = as_owner(bin_dir().join("pg_basebackup"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER])
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-R", "-X", "stream", "--no-sync"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("pg_basebackup runs");
+        assert!(status.success(), "pg_basebackup failed");
+        PostgresServer::start_in(dir, free_port(), settings)
+    }
+
+    /// Promotes this standby and waits until it takes writes.
+    pub fn promote(&self) {
+        let status = as_owner(bin_dir().join("pg_ctl"))
+            .args(["promote", "-w", "-t", "60", "-D"])
+            .arg(self.dir.join("data"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("pg_ctl runs");
+        assert!(status.success(), "pg_ctl promote failed");
+    }
+}

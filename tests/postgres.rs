@@ -458,3 +458,50 @@ async fn without_a_synchronous_standby_a_required_one_keeps_new_keys_out() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_synchronous_standby() {
+    let primary = PostgresServer::start(&[
+        "wal_level=replica",
+        "max_wal_senders=4",
+        "fsync=off",
+        "synchronous_standby_names=*",
+    ]);
+    let standby = primary.start_standby(&["fsync=off"]);
+    let store = store_at(&primary.url(), "records", true);
+    let ready = |want: bool| {
+        let store = &store;
+        async move { store.check().await.is_ok() == want }
+    };
+    support::eventually(Duration::from_secs(30), "ready with a standby", || {
+        ready(true)
+    })
+    .await;
+    assert_eq!(store.sync_standbys(), Some(1));
+    assert!(claim(&store, &key(1), 1).await, "a new key is taken");
+
+    let standby_dir = tokio::task::spawn_blocking(move || standby.stop_keeping_files())
+        .await
+        .unwrap();
+    support::eventually(Duration::from_secs(30), "not ready without it", || {
+        ready(false)
+    })
+    .await;
+    let refused = store
+        .update(&key(2), |_| (Change::Put(claim_record(2)), ()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("no synchronous standby"), "{refused}");
+
+    let _standby = tokio::task::spawn_blocking(move || {
+        PostgresServer::start_in(standby_dir, support::postgres::free_port(), &["fsync=off"])
+    })
+    .await
+    .unwrap();
+    support::eventually(Duration::from_secs(30), "ready once it is back", || {
+        ready(true)
+    })
+    .await;
+    assert!(claim(&store, &key(2), 2).await, "new keys are taken again");
+}

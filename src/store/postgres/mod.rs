@@ -16,6 +16,7 @@
 
 mod batch;
 mod notify;
+mod options;
 pub mod schema;
 mod settle;
 mod tls;
@@ -35,6 +36,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_postgres::{Client, Statement};
 
 pub use batch::{BATCH_SWAPS_MAX, QUEUE_SWAPS_MAX};
+pub use options::PostgresOptions;
 pub use tls::Verify;
 
 /// Records one maintenance round deletes in one statement at most (a short transaction).
@@ -45,63 +47,6 @@ pub const EXPIRE_BATCHES_MAX: usize = 10;
 
 /// How often a waiting duplicate reads its record again when no notification came.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// How to reach PostgreSQL, checked.
-#[derive(Debug, Clone)]
-pub struct PostgresOptions {
-    /// The connection settings (hosts, database, user, password, `sslmode`).
-    pub config: tokio_postgres::Config,
-    /// How the server's certificate is checked.
-    pub verify: tls::Verify,
-    /// PEM roots for `verify-ca`/`verify-full` instead of the system's.
-    pub ca_pem: Option<Vec<u8>>,
-    /// The records table, `table` or `schema.table`.
-    pub table: String,
-    /// Longest wait for one statement, connecting included; past it the call fails closed.
-    pub command_timeout: Duration,
-    /// Not ready while the primary has no synchronous standby.
-    pub require_sync_replica: bool,
-    /// How often a waiting duplicate reads its record again when no notification came
-    /// (`POLL_INTERVAL`; tests make it long to see the notifications alone).
-    pub poll_interval: Duration,
-}
-
-impl PostgresOptions {
-    /// Checked options from the settings; the error says what is wrong with the URL.
-    pub fn new(
-        url: &str,
-        password: Option<String>,
-        ca_pem: Option<Vec<u8>>,
-        table: &str,
-        command_timeout: Duration,
-        require_sync_replica: bool,
-    ) -> Result<PostgresOptions, String> {
-        let (url, verify) = tls::split_sslmode(url, ca_pem.is_some());
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|error: tokio_postgres::Error| {
-                format!("{error}: write a postgres:// URL or libpq's key=value form")
-            })?;
-        if config.get_hosts().is_empty() {
-            return Err("it names no host".into());
-        }
-        if let Some(password) = password {
-            config.password(password);
-        }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(command_timeout);
-        }
-        config.application_name("idemproxy");
-        Ok(PostgresOptions {
-            config,
-            verify,
-            ca_pem,
-            table: table.to_owned(),
-            command_timeout,
-            require_sync_replica,
-            poll_interval: POLL_INTERVAL,
-        })
-    }
-}
 
 /// The session a statement ran on, to end it when its outcome is unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +177,17 @@ impl Shared {
             self.schema_ready.store(true, Ordering::Release);
         }
         let prepare_failed = |error| unavailable("refused a statement", describe(&error));
+        // An acknowledgement rests on a commit that is on disk (and on the synchronous
+        // standby, when there is one): a server default of `off` or `local` is raised to
+        // `on` for this session; a stricter one (`remote_apply`) is kept.
+        client
+            .batch_execute(
+                "SELECT set_config('synchronous_commit', CASE \
+                   WHEN current_setting('synchronous_commit') IN ('off', 'local') THEN 'on' \
+                   ELSE current_setting('synchronous_commit') END, false)",
+            )
+            .await
+            .map_err(prepare_failed)?;
         let read = client
             .prepare(&self.table.read())
             .await

@@ -9,7 +9,7 @@ use idemproxy::key::{fingerprint, Key};
 use idemproxy::record::{self, ClaimRequest, Response};
 use idemproxy::store::memory::MemoryStore;
 use idemproxy::store::sled::{SledOptions, SledStore};
-use idemproxy::store::Store;
+use idemproxy::store::{Operation, Store};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,7 +53,9 @@ async fn claim_and_complete<S: Store>(store: &S, n: u64) {
         at_quota: false,
     };
     store
-        .update(&key, |current| record::claim(current, &request))
+        .update(Operation::Claim, &key, |current| {
+            record::claim(current, &request)
+        })
         .await
         .unwrap();
     let response = Response {
@@ -62,7 +64,7 @@ async fn claim_and_complete<S: Store>(store: &S, n: u64) {
         ..Response::default()
     };
     store
-        .update(&key, |current| {
+        .update(Operation::Complete, &key, |current| {
             record::complete(current, &token, Some(response.clone()), 2, 86_400_000)
         })
         .await

@@ -1,7 +1,7 @@
-//! Settings: flags, `IDEMPROXY_*` environment variables and an optional TOML file, resolved
+//! RunSettings: flags, `IDEMPROXY_*` environment variables and an optional TOML file, resolved
 //! into one validated `Config` (design §7: flag > env > file > default).
 //!
-//! Each setting is declared once, as a field of `Settings`: its flag (the field's name in
+//! Each setting is declared once, as a field of `RunSettings`: its flag (the field's name in
 //! kebab case), its variable, its type, default, allowed range (the value parser) and its
 //! help. clap resolves the layers: a config file's values become the settings' defaults, so
 //! the environment and the flags win over them by clap's own rules (`parse_args`). `resolve`
@@ -11,11 +11,12 @@
 
 use crate::caller::{CallerSource, Callers};
 use crate::engine::Limits;
+pub use crate::policy::rules::MethodSettings;
+use crate::policy::rules::RETENTION_MAX;
 pub use crate::proxy::Http2Limits;
 use clap::builder::RangedU64ValueParser;
 use clap::{ArgAction, Args, CommandFactory, FromArgMatches};
 use http::HeaderName;
-use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -31,14 +32,14 @@ pub struct RunArgs {
     #[arg(long, env = "IDEMPROXY_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
-    pub settings: Settings,
+    pub settings: RunSettings,
 }
 
 /// Every setting of `run`, each declared once: flag, `IDEMPROXY_*` variable, file key, type,
 /// default, range and help. A default written in the help text (`[default: …]`) is one that
 /// `resolve` works out when the setting is not given.
 #[derive(Debug, Clone, Args)]
-pub struct Settings {
+pub struct RunSettings {
     /// Address the gRPC proxy listens on.
     #[arg(long, env = "IDEMPROXY_LISTEN", default_value = "0.0.0.0:16000")]
     pub listen: SocketAddr,
@@ -265,16 +266,16 @@ pub struct Settings {
     pub methods: BTreeMap<String, MethodSettings>,
 }
 
-impl Default for Settings {
+impl Default for RunSettings {
     /// Every setting at its declared default: no flag, no variable, no file.
     fn default() -> Self {
-        let command = Settings::augment_args(clap::Command::new("run"))
+        let command = RunSettings::augment_args(clap::Command::new("run"))
             .no_binary_name(true)
             .mut_args(|arg| arg.env(None));
         let matches = command
             .try_get_matches_from(std::iter::empty::<OsString>())
             .expect("the declared defaults parse");
-        Settings::from_arg_matches(&matches).expect("the declared defaults fit their fields")
+        RunSettings::from_arg_matches(&matches).expect("the declared defaults fit their fields")
     }
 }
 
@@ -289,22 +290,6 @@ pub enum StoreKind {
     RedisCluster,
     /// PostgreSQL.
     Postgres,
-}
-
-/// One method's rule in the config file; it wins over the method's annotations.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct MethodSettings {
-    enabled: Option<bool>,
-    mode: Option<String>,
-    retention: Option<String>,
-    in_flight: Option<String>,
-    max_wait: Option<String>,
-    in_doubt: Option<String>,
-    require_key: Option<bool>,
-    record_codes: Option<Vec<String>>,
-    release_codes: Option<Vec<String>>,
-    fail_open: Option<bool>,
 }
 
 /// A setting that cannot be used, by name.
@@ -328,15 +313,8 @@ pub enum ConfigError {
     #[error("{0}")]
     Flag(String),
     /// A per-method rule of the config file that cannot be used.
-    #[error("config file: {rule} = {value:?}: {reason}")]
-    MethodRule {
-        /// `methods."/pkg.Svc/Method".setting`.
-        rule: String,
-        /// What was given.
-        value: String,
-        /// Why it is refused.
-        reason: String,
-    },
+    #[error(transparent)]
+    MethodRule(#[from] crate::policy::rules::MethodRuleError),
     /// The config file cannot be read or parsed.
     #[error("config file {path}: {reason}")]
     File {
@@ -381,7 +359,9 @@ pub struct Config {
     /// Who calls.
     pub callers: Callers,
     /// The proxy listener's TLS, when it terminates TLS itself.
-    pub tls: Option<TlsFiles>,
+    pub tls: Option<crate::tls::Files>,
+    /// A client certificate without a URI SAN names its caller by its subject CN.
+    pub caller_subject_fallback: bool,
     /// The record encryption keys' file, when records are sealed.
     pub encryption_key_file: Option<PathBuf>,
     /// The proxy listener's HTTP/2 limits.
@@ -424,29 +404,16 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// The admin API's bearer token, when one is required.
     pub admin_token: Option<String>,
-    /// The admin API's TLS files (certificate, key), when it serves TLS.
-    pub admin_tls: Option<(PathBuf, PathBuf)>,
-}
-
-/// The files of the proxy listener's TLS.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// PEM certificate chain.
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
-    /// PEM CA bundle of client certificates; `None`: none asked for.
-    pub client_ca: Option<PathBuf>,
-    /// A client certificate without a URI SAN is named by its subject CN.
-    pub subject_fallback: bool,
+    /// The admin API's TLS files, when it serves TLS.
+    pub admin_tls: Option<crate::tls::Files>,
 }
 
 // Here, not in the engine: the engine knows no settings, and imports nothing of config.
 impl Default for Limits {
-    /// The declared defaults of the settings (`Settings`): the engine's own
+    /// The declared defaults of the settings (`RunSettings`): the engine's own
     /// defaults are the ones declared once, here.
     fn default() -> Self {
-        let settings = Settings::default();
+        let settings = RunSettings::default();
         Limits {
             retention: settings.retention,
             lease_default: settings.default_lease,
@@ -458,7 +425,6 @@ impl Default for Limits {
 }
 
 /// The longest retention accepted: a year.
-const RETENTION_MAX: Duration = Duration::from_secs(366 * 24 * 3600);
 /// Request and response limits stay below what one record can hold comfortably.
 const MESSAGE_BYTES_LIMIT: u64 = 64 << 20;
 const ZERO: Duration = Duration::ZERO;
@@ -621,7 +587,7 @@ fn postgres_table(value: &str) -> Result<String, String> {
 /// they name: its values become the settings' defaults, so a variable or a flag wins over
 /// them and the file wins over the declared default. A bad file value is refused as a bad
 /// flag is, by the same parser, with the file named.
-pub fn parse_args<I, T>(argv: I) -> Result<Settings, ConfigError>
+pub fn parse_args<I, T>(argv: I) -> Result<RunSettings, ConfigError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
@@ -748,19 +714,92 @@ fn clap_message(error: &clap::Error) -> String {
 }
 
 /// Checks what several settings say together and builds the `Config`.
-pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
+pub fn resolve(settings: RunSettings) -> Result<Config, ConfigError> {
     let mut store = store_choice(&settings)?;
     if let StoreChoice::Redis(options) = &mut store {
         options.track_callers = settings.max_records_per_caller.is_some();
     }
     let upstream = settings
         .upstream
+        .clone()
         .ok_or(ConfigError::Missing("upstream", "UPSTREAM"))?;
-    let source = match (settings.caller_source, settings.caller_header) {
-        (Some(source), None) => source,
-        (None, header) => {
-            CallerSource::Header(header.unwrap_or_else(|| HeaderName::from_static("x-caller-id")))
-        }
+    let callers = callers(&settings)?;
+    let tls = tls_files(&settings)?;
+    if callers.source == CallerSource::Mtls
+        && tls.as_ref().is_none_or(|tls| tls.client_ca.is_none())
+    {
+        return Err(invalid(
+            "caller-source",
+            "mtls",
+            "needs --tls-cert, --tls-key and --client-ca: the caller comes from a client certificate this listener verifies",
+        ));
+    }
+    if settings.max_buffered_bytes < settings.max_request_bytes {
+        return Err(invalid(
+            "max-buffered-bytes",
+            &settings.max_buffered_bytes.to_string(),
+            "it must hold at least one request of --max-request-bytes, or no such request is ever served",
+        ));
+    }
+    let (admin_token, admin_tls) = admin_access(&settings)?;
+    let descriptors = crate::policy::descriptors::Sources {
+        descriptor_sets: settings.descriptor_set.clone(),
+        protos: settings.proto.clone(),
+        proto_paths: settings.proto_path.clone(),
+        reflection: settings.reflection,
+        reflection_timeout: settings.reflection_timeout,
+    };
+    Ok(Config {
+        listen: settings.listen,
+        upstream,
+        http2: http2_limits(&settings),
+        limits: Limits {
+            retention: settings.retention,
+            in_flight_wait_max: settings.max_in_flight_wait,
+            lease_default: settings.default_lease,
+            lease_margin: settings.lease_margin,
+            records_per_caller_max: settings.max_records_per_caller,
+        },
+        // Both at most 64 MiB by their declared ranges.
+        request_bytes_max: settings.max_request_bytes as usize,
+        response_bytes_max: settings.max_response_bytes as usize,
+        buffered_bytes_max: usize::try_from(settings.max_buffered_bytes).unwrap_or(usize::MAX),
+        store_bytes_max: settings.max_store_bytes,
+        evict_when_full: settings.evict_when_full,
+        sled_cache_bytes: settings.sled_cache_bytes,
+        sled_pack_records: settings.sled_pack_records,
+        store_timeout: settings.store_timeout,
+        sweep_interval: settings.sweep_interval,
+        // At most 256 by its declared range.
+        worker_threads: settings.worker_threads as usize,
+        flush: settings.flush,
+        store,
+        descriptors,
+        method_rules: crate::policy::rules::method_rules(settings.methods)?,
+        ops_listen: settings.ops_listen,
+        drain_timeout: settings.drain_timeout,
+        admin_listen: settings.admin_listen,
+        admin_token,
+        admin_tls,
+        data_dir: settings.data_dir,
+        key_header: settings.key_header,
+        callers,
+        tls,
+        caller_subject_fallback: settings.caller_subject_fallback,
+        encryption_key_file: settings.encryption_key_file,
+    })
+}
+
+/// Where callers come from: a header (`--caller-header`, by default `x-caller-id`) or
+/// another `--caller-source`, never both, never the key's header.
+fn callers(settings: &RunSettings) -> Result<Callers, ConfigError> {
+    let source = match (&settings.caller_source, &settings.caller_header) {
+        (Some(source), None) => source.clone(),
+        (None, header) => CallerSource::Header(
+            header
+                .clone()
+                .unwrap_or_else(|| HeaderName::from_static("x-caller-id")),
+        ),
         (Some(source), Some(_)) => {
             return Err(invalid(
                 "caller-source",
@@ -776,26 +815,15 @@ pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
             "must differ from --key-header",
         ));
     }
-    let callers = Callers {
+    Ok(Callers {
         source,
         require: settings.require_caller,
-    };
-    let tls = tls_files(
-        settings.tls_cert,
-        settings.tls_key,
-        settings.client_ca,
-        settings.caller_subject_fallback,
-    )?;
-    if callers.source == CallerSource::Mtls
-        && tls.as_ref().is_none_or(|tls| tls.client_ca.is_none())
-    {
-        return Err(invalid(
-            "caller-source",
-            "mtls",
-            "needs --tls-cert, --tls-key and --client-ca: the caller comes from a client certificate this listener verifies",
-        ));
-    }
-    let http2 = Http2Limits {
+    })
+}
+
+/// The proxy listener's HTTP/2 limits.
+fn http2_limits(settings: &RunSettings) -> Http2Limits {
+    Http2Limits {
         // Both within u32 by their declared ranges.
         max_concurrent_streams: settings.http2_max_concurrent_streams as u32,
         max_header_list_size: settings.http2_max_header_list_size as u32,
@@ -804,18 +832,18 @@ pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
         keepalive_timeout: settings.http2_keepalive_timeout,
         idle_timeout: settings.http2_idle_timeout,
         connections_max: usize::try_from(settings.max_connections).unwrap_or(usize::MAX),
-    };
-    let limits = Limits {
-        retention: settings.retention,
-        in_flight_wait_max: settings.max_in_flight_wait,
-        lease_default: settings.default_lease,
-        lease_margin: settings.lease_margin,
-        records_per_caller_max: settings.max_records_per_caller,
-    };
-    let admin_token = match (settings.admin_token, settings.admin_token_file) {
-        (Some(token), _) => Some(token),
+    }
+}
+
+/// The admin API's token and TLS: off loopback it needs both, as it can forget and purge
+/// records and its token must not cross a network in the clear.
+fn admin_access(
+    settings: &RunSettings,
+) -> Result<(Option<String>, Option<crate::tls::Files>), ConfigError> {
+    let admin_token = match (&settings.admin_token, &settings.admin_token_file) {
+        (Some(token), _) => Some(token.clone()),
         (None, Some(path)) => Some(
-            crate::files::read_text(&path, crate::files::SECRET_BYTES_MAX)
+            crate::files::read_text(path, crate::files::SECRET_BYTES_MAX)
                 .map_err(|error| {
                     invalid(
                         "admin-token-file",
@@ -831,22 +859,22 @@ pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
     if admin_token.as_deref() == Some("") {
         return Err(invalid("admin-token-file", "", "the admin token is empty"));
     }
-    if !settings.admin_listen.ip().is_loopback() && admin_token.is_none() {
+    let listen = settings.admin_listen;
+    if !listen.ip().is_loopback() && admin_token.is_none() {
         return Err(invalid(
             "admin-listen",
-            &settings.admin_listen.to_string(),
+            &listen.to_string(),
             "a non-loopback admin address needs a token (--admin-token-file or IDEMPROXY_ADMIN_TOKEN): the admin API can forget and purge records",
         ));
     }
-    if settings.max_buffered_bytes < settings.max_request_bytes {
-        return Err(invalid(
-            "max-buffered-bytes",
-            &settings.max_buffered_bytes.to_string(),
-            "it must hold at least one request of --max-request-bytes, or no such request is ever served",
-        ));
-    }
-    let admin_tls = match (settings.admin_tls_cert, settings.admin_tls_key) {
-        (Some(cert), Some(key)) => Some((cert, key)),
+    let admin_tls = match (&settings.admin_tls_cert, &settings.admin_tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+            alpn: vec![b"h2".to_vec()],
+            settings: crate::tls::FileSettings::ADMIN,
+        }),
         (None, None) => None,
         (Some(cert), None) => {
             return Err(invalid(
@@ -863,67 +891,30 @@ pub fn resolve(settings: Settings) -> Result<Config, ConfigError> {
             ))
         }
     };
-    if !settings.admin_listen.ip().is_loopback() && admin_tls.is_none() {
+    if !listen.ip().is_loopback() && admin_tls.is_none() {
         return Err(invalid(
             "admin-listen",
-            &settings.admin_listen.to_string(),
+            &listen.to_string(),
             "a non-loopback admin address needs TLS (--admin-tls-cert, --admin-tls-key): its token would cross the network in the clear",
         ));
     }
-    let descriptors = crate::policy::descriptors::Sources {
-        descriptor_sets: settings.descriptor_set,
-        protos: settings.proto,
-        proto_paths: settings.proto_path,
-        reflection: settings.reflection,
-        reflection_timeout: settings.reflection_timeout,
-    };
-    Ok(Config {
-        listen: settings.listen,
-        upstream,
-        data_dir: settings.data_dir,
-        key_header: settings.key_header,
-        callers,
-        tls,
-        encryption_key_file: settings.encryption_key_file,
-        http2,
-        limits,
-        // Both at most 64 MiB by their declared ranges.
-        request_bytes_max: settings.max_request_bytes as usize,
-        response_bytes_max: settings.max_response_bytes as usize,
-        buffered_bytes_max: usize::try_from(settings.max_buffered_bytes).unwrap_or(usize::MAX),
-        store_bytes_max: settings.max_store_bytes,
-        evict_when_full: settings.evict_when_full,
-        sled_cache_bytes: settings.sled_cache_bytes,
-        sled_pack_records: settings.sled_pack_records,
-        store_timeout: settings.store_timeout,
-        sweep_interval: settings.sweep_interval,
-        // At most 256 by its declared range.
-        worker_threads: settings.worker_threads as usize,
-        flush: settings.flush,
-        store,
-        descriptors,
-        method_rules: method_rules(settings.methods)?,
-        ops_listen: settings.ops_listen,
-        drain_timeout: settings.drain_timeout,
-        admin_listen: settings.admin_listen,
-        admin_token,
-        admin_tls,
-    })
+    Ok((admin_token, admin_tls))
 }
 
 /// The proxy listener's TLS files: a certificate and key go together; a client CA needs them.
-fn tls_files(
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    client_ca: Option<PathBuf>,
-    subject_fallback: bool,
-) -> Result<Option<TlsFiles>, ConfigError> {
+fn tls_files(settings: &RunSettings) -> Result<Option<crate::tls::Files>, ConfigError> {
+    let (cert, key, client_ca) = (
+        settings.tls_cert.clone(),
+        settings.tls_key.clone(),
+        settings.client_ca.clone(),
+    );
     match (cert, key) {
-        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+        (Some(cert), Some(key)) => Ok(Some(crate::tls::Files {
             cert,
             key,
             client_ca,
-            subject_fallback,
+            alpn: vec![b"h2".to_vec()],
+            settings: crate::tls::FileSettings::PROXY,
         })),
         (None, None) => match client_ca {
             None => Ok(None),
@@ -946,105 +937,7 @@ fn tls_files(
     }
 }
 
-fn method_rules(
-    methods: std::collections::BTreeMap<String, MethodSettings>,
-) -> Result<crate::policy::Overrides, ConfigError> {
-    use crate::pb::idemproxy::v1::method_policy::{InDoubt, InFlight, Mode};
-    let mut rules = crate::policy::Overrides::new();
-    for (path, settings) in methods {
-        let bad = |what: &str, value: &str, reason: &str| ConfigError::MethodRule {
-            rule: format!(
-                "methods.\"{path}\"{}{what}",
-                if what.is_empty() { "" } else { "." }
-            ),
-            value: value.to_owned(),
-            reason: reason.to_owned(),
-        };
-        if !path.starts_with('/') || path[1..].split('/').count() != 2 {
-            return Err(bad(
-                "",
-                &path,
-                "a method is written /package.Service/Method",
-            ));
-        }
-        let choice = |what: &str, value: &Option<String>, options: &[(&str, i32)]| match value {
-            None => Ok(0),
-            Some(text) => options
-                .iter()
-                .find(|(name, _)| name == text)
-                .map(|(_, number)| *number)
-                .ok_or_else(|| {
-                    let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
-                    bad(what, text, &format!("must be one of {}", names.join(", ")))
-                }),
-        };
-        let span = |what: &str,
-                    value: &Option<String>|
-         -> Result<Option<prost_types::Duration>, ConfigError> {
-            let Some(text) = value else { return Ok(None) };
-            let parsed = humantime::parse_duration(text)
-                .map_err(|error| bad(what, text, &error.to_string()))?;
-            if parsed.is_zero() || parsed > RETENTION_MAX {
-                return Err(bad(what, text, "must be more than zero and at most a year"));
-            }
-            Ok(Some(prost_types::Duration {
-                seconds: parsed.as_secs() as i64,
-                nanos: parsed.subsec_nanos() as i32,
-            }))
-        };
-        for (what, names) in [
-            ("record-codes", &settings.record_codes),
-            ("release-codes", &settings.release_codes),
-        ] {
-            for name in names.iter().flatten() {
-                if crate::status::code_by_name(name).is_none() {
-                    return Err(bad(
-                        what,
-                        name,
-                        "not a gRPC status code name (write e.g. NOT_FOUND)",
-                    ));
-                }
-            }
-        }
-        let policy = crate::pb::idemproxy::v1::MethodPolicy {
-            enabled: settings.enabled,
-            mode: choice(
-                "mode",
-                &settings.mode,
-                &[
-                    ("replay", Mode::Replay as i32),
-                    ("reject", Mode::Reject as i32),
-                ],
-            )?,
-            retention: span("retention", &settings.retention)?,
-            in_flight: choice(
-                "in-flight",
-                &settings.in_flight,
-                &[
-                    ("wait", InFlight::Wait as i32),
-                    ("reject", InFlight::Reject as i32),
-                ],
-            )?,
-            max_wait: span("max-wait", &settings.max_wait)?,
-            in_doubt: choice(
-                "in-doubt",
-                &settings.in_doubt,
-                &[
-                    ("reject", InDoubt::Reject as i32),
-                    ("retry", InDoubt::Retry as i32),
-                ],
-            )?,
-            require_key: settings.require_key,
-            record_codes: settings.record_codes.unwrap_or_default(),
-            release_codes: settings.release_codes.unwrap_or_default(),
-            fail_open: settings.fail_open,
-        };
-        rules.insert(path, policy);
-    }
-    Ok(rules)
-}
-
-fn store_choice(settings: &Settings) -> Result<StoreChoice, ConfigError> {
+fn store_choice(settings: &RunSettings) -> Result<StoreChoice, ConfigError> {
     let cluster = match settings.store {
         StoreKind::Sled => return Ok(StoreChoice::Sled),
         StoreKind::Postgres => return postgres_choice(settings),
@@ -1103,7 +996,7 @@ fn store_choice(settings: &Settings) -> Result<StoreChoice, ConfigError> {
 }
 
 /// The PostgreSQL settings, checked: the URL parses, the files read.
-fn postgres_choice(settings: &Settings) -> Result<StoreChoice, ConfigError> {
+fn postgres_choice(settings: &RunSettings) -> Result<StoreChoice, ConfigError> {
     let url = settings
         .postgres_url
         .as_deref()
@@ -1162,7 +1055,7 @@ const CHECK_WITHOUT_UPSTREAM: &str = "http://127.0.0.1:16000";
 
 /// `idemproxy check`'s settings: as `resolve`, but only `--reflection` needs `--upstream`, so
 /// a CI job that lints annotated protos needs no service address.
-pub fn resolve_for_check(mut settings: Settings) -> Result<Config, ConfigError> {
+pub fn resolve_for_check(mut settings: RunSettings) -> Result<Config, ConfigError> {
     let no_upstream = settings.upstream.is_none();
     if no_upstream {
         settings.upstream = Some(CHECK_WITHOUT_UPSTREAM.to_owned());
@@ -1238,7 +1131,7 @@ mod tests {
 
     /// The settings of `run` with these flags (and this process's environment, which sets no
     /// `IDEMPROXY_*` setting in the unit tests).
-    fn flags(extra: &[&str]) -> Result<Settings, ConfigError> {
+    fn flags(extra: &[&str]) -> Result<RunSettings, ConfigError> {
         let mut argv = vec!["--upstream", "http://127.0.0.1:50051"];
         argv.extend_from_slice(extra);
         parse_args(argv)
@@ -1295,9 +1188,9 @@ mod tests {
     #[test]
     fn the_declared_defaults_are_the_parsed_ones() {
         let parsed = flags(&[]).expect("valid");
-        let declared = Settings {
+        let declared = RunSettings {
             upstream: parsed.upstream.clone(),
-            ..Settings::default()
+            ..RunSettings::default()
         };
         assert_eq!(format!("{parsed:?}"), format!("{declared:?}"));
     }

@@ -6,7 +6,7 @@
 //! service, and once through idemproxy on a temporary sled store. The demo runs the real
 //! sidecar (`server::start`), the real proxy and a real tonic service over loopback.
 
-use crate::config::Settings;
+use crate::config::RunSettings;
 use crate::pb::idemproxy::demo::v1::subscriptions_client::SubscriptionsClient;
 use crate::pb::idemproxy::demo::v1::subscriptions_server::{Subscriptions, SubscriptionsServer};
 use crate::pb::idemproxy::demo::v1::{ExtendRequest, Subscription};
@@ -142,7 +142,7 @@ pub async fn run() -> anyhow::Result<()> {
     // The service's annotated descriptors: they name `message_id` as the key field.
     let descriptors = data_dir.path().join("subscriptions.binpb");
     std::fs::write(&descriptors, crate::pb::DEMO_DESCRIPTOR_SET)?;
-    let config = crate::config::resolve(Settings {
+    let config = crate::config::resolve(RunSettings {
         listen: "127.0.0.1:0".parse()?,
         upstream: Some(format!("http://{service_addr}")),
         data_dir: data_dir.path().to_owned(),
@@ -151,7 +151,7 @@ pub async fn run() -> anyhow::Result<()> {
         ops_listen: "127.0.0.1:0".parse()?,
         drain_timeout: Duration::from_secs(5),
         admin_listen: "127.0.0.1:0".parse()?,
-        ..Settings::default()
+        ..RunSettings::default()
     })?;
     // OTEL_EXPORTER_OTLP_ENDPOINT set: the demo's calls show up in the collector's traces.
     let telemetry = crate::telemetry::Telemetry::from_env(&crate::telemetry::process_env, "sled")?;

@@ -52,7 +52,7 @@ pub const ANNOTATION_NATIVE: &str = "idemproxy.io/native-sidecar";
 
 /// How the injector adds the sidecar, before a pod's annotations have their say.
 #[derive(Clone, Debug)]
-pub struct Settings {
+pub struct InjectSettings {
     /// The sidecar image.
     pub image: String,
     /// A native sidecar (an init container with `restartPolicy: Always`, Kubernetes ≥ 1.29),
@@ -60,9 +60,9 @@ pub struct Settings {
     pub native: bool,
 }
 
-impl Default for Settings {
+impl Default for InjectSettings {
     fn default() -> Self {
-        Settings {
+        InjectSettings {
             image: format!("idemproxy:{}", env!("CARGO_PKG_VERSION")),
             native: true,
         }
@@ -125,7 +125,7 @@ pub enum InjectError {
 /// claim named `idemproxy-data` keeps the records on a persistent volume.
 pub fn inject_template(
     template: &mut Value,
-    settings: &Settings,
+    settings: &InjectSettings,
     what: &str,
     claimed_volumes: &[String],
 ) -> Result<Outcome, InjectError> {
@@ -268,7 +268,7 @@ impl Plan {
     fn resolve(
         annotations: &Annotations<'_>,
         spec: &PodSpec,
-        settings: &Settings,
+        settings: &InjectSettings,
     ) -> Result<Plan, InjectError> {
         let app_port = match annotations.get(ANNOTATION_APP_PORT) {
             Some(value) => value
@@ -450,7 +450,10 @@ fn template_path(kind: &str) -> Option<&'static [&'static str]> {
 
 /// Injects every pod template of one Kubernetes object (a `List`'s items included); objects
 /// that hold no pod are left as they are. The outcomes, one per pod template.
-pub fn inject_object(object: &mut Value, settings: &Settings) -> Result<Vec<Outcome>, InjectError> {
+pub fn inject_object(
+    object: &mut Value,
+    settings: &InjectSettings,
+) -> Result<Vec<Outcome>, InjectError> {
     let kind = object
         .get("kind")
         .and_then(Value::as_str)
@@ -506,7 +509,7 @@ pub fn inject_object(object: &mut Value, settings: &Settings) -> Result<Vec<Outc
 
 /// `idemproxy inject`: every document of a YAML stream, with the sidecar added to each pod
 /// template, as a YAML stream again (comments are not kept; everything else is).
-pub fn inject_yaml(input: &str, settings: &Settings) -> Result<String, InjectError> {
+pub fn inject_yaml(input: &str, settings: &InjectSettings) -> Result<String, InjectError> {
     let mut documents = Vec::new();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
         let yaml_error = |e: serde_yaml_ng::Error| InjectError::Yaml {

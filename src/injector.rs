@@ -8,7 +8,7 @@
 //! that is not an AdmissionReview gets an AdmissionReview error, and a pod it cannot inject
 //! is denied with the reason, so that no pod meant to be protected runs without the sidecar.
 
-use crate::inject::{self, Outcome, Settings};
+use crate::inject::{self, InjectSettings, Outcome};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -72,7 +72,7 @@ pub enum InjectorError {
 }
 
 /// Answers one AdmissionReview body: the HTTP status and the AdmissionReview to send back.
-pub fn review(body: &[u8], settings: &Settings) -> (StatusCode, Vec<u8>) {
+pub fn review(body: &[u8], settings: &InjectSettings) -> (StatusCode, Vec<u8>) {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(review) => review,
         Err(error) => {
@@ -109,7 +109,10 @@ fn refusal(reason: String) -> (StatusCode, Vec<u8>) {
     (StatusCode::BAD_REQUEST, encoded)
 }
 
-fn mutate(request: &AdmissionRequest<DynamicObject>, settings: &Settings) -> AdmissionResponse {
+fn mutate(
+    request: &AdmissionRequest<DynamicObject>,
+    settings: &InjectSettings,
+) -> AdmissionResponse {
     let allowed = AdmissionResponse::from(request);
     if request.kind.kind != "Pod" || request.operation != Operation::Create {
         return allowed;
@@ -143,7 +146,7 @@ fn mutate(request: &AdmissionRequest<DynamicObject>, settings: &Settings) -> Adm
 }
 
 async fn answer(
-    settings: Arc<Settings>,
+    settings: Arc<InjectSettings>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let respond = |status: StatusCode, content_type: &'static str, body: Vec<u8>| {
@@ -190,13 +193,14 @@ pub async fn run(args: InjectorArgs) -> Result<(), InjectorError> {
         key: args.tls_key.clone(),
         client_ca: None,
         alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        settings: crate::tls::FileSettings::PROXY,
     };
     let tls = crate::tls::Reloading::start(files, crate::tls::RELOAD_POLL)?;
-    let settings = Arc::new(Settings {
+    let settings = Arc::new(InjectSettings {
         image: args
             .image
             .clone()
-            .unwrap_or_else(|| Settings::default().image),
+            .unwrap_or_else(|| InjectSettings::default().image),
         native: !args.no_native_sidecar,
     });
     // Before it logs that it listens: see `shutdown_signal`.

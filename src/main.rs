@@ -88,8 +88,8 @@ fn inject(args: InjectArgs) -> anyhow::Result<ExitCode> {
         input = std::fs::read_to_string(&args.file)
             .with_context(|| format!("reading {}", args.file.display()))?;
     }
-    let defaults = idemproxy::inject::Settings::default();
-    let settings = idemproxy::inject::Settings {
+    let defaults = idemproxy::inject::InjectSettings::default();
+    let settings = idemproxy::inject::InjectSettings {
         image: args.image.unwrap_or(defaults.image),
         native: !args.no_native_sidecar,
     };
@@ -167,7 +167,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(args) => return block_on(None, idemproxy::admin::cli::run(args)),
         Command::Inject(args) => return inject(args),
         Command::Injector(args) => {
-            idemproxy::telemetry::init_logs();
+            idemproxy::telemetry::init_logs(&idemproxy::telemetry::process_env)?;
             block_on(None, idemproxy::injector::run(args))??;
         }
         Command::Demo => block_on(None, idemproxy::demo::run())??,

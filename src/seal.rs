@@ -9,14 +9,17 @@
 //! its key answers IN_DOUBT (`record::claim`), so the call is not run again.
 
 use crate::key::Key;
-use crate::pb::idemproxy::v1::{Record, Sealed};
+use crate::pb::idemproxy::v1::{Record, Sealed as SealedResponse};
 use crate::record::Change;
+use crate::store::{Maintenance, Operation, Page, Store, StoreError, Usage};
 use base64::Engine as _;
 use prost::Message;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use std::borrow::Cow;
+use std::future::Future;
 use std::path::Path;
+use std::sync::Arc;
 
 /// The longest key id.
 const KEY_ID_MAX: usize = 64;
@@ -125,7 +128,7 @@ impl Sealer {
         &self,
         key: &Key,
         record: &Record,
-        sealed: &Sealed,
+        sealed: &SealedResponse,
     ) -> Result<crate::record::Response, &'static str> {
         let (_, cipher) = self
             .keys
@@ -182,7 +185,7 @@ impl Sealer {
             record.response = Some(response);
             return Change::Put(record);
         }
-        record.sealed = Some(Sealed {
+        record.sealed = Some(SealedResponse {
             key_id: id.clone(),
             nonce: nonce.to_vec(),
             ciphertext: buffer,
@@ -208,6 +211,87 @@ fn associated_data(key: &Key, record: &Record, key_id: &str) -> Vec<u8> {
         aad.extend_from_slice(part);
     }
     aad
+}
+
+/// The store layer that seals what is written and opens what is read: every transition sees
+/// records opened, every record written is sealed under the first key, and a scan shows
+/// records opened. With no sealer it passes everything through, so the engine and the admin
+/// API write records the same way whether or not encryption at rest is on.
+pub struct Sealed<S> {
+    inner: S,
+    sealer: Option<Arc<Sealer>>,
+}
+
+impl<S: Store> Sealed<S> {
+    /// `inner`, sealed with `sealer` when there is one.
+    pub fn new(inner: S, sealer: Option<Arc<Sealer>>) -> Sealed<S> {
+        Sealed { inner, sealer }
+    }
+}
+
+impl<S: Store> Store for Sealed<S> {
+    async fn update<T, F>(
+        &self,
+        operation: Operation,
+        key: &Key,
+        transition: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send,
+        F: FnMut(Option<&Record>) -> (Change, T) + Send,
+    {
+        match &self.sealer {
+            None => self.inner.update(operation, key, transition).await,
+            Some(sealer) => {
+                let sealed = sealer.around(key, transition);
+                self.inner.update(operation, key, sealed).await
+            }
+        }
+    }
+
+    fn changed(&self, key: &Key) -> impl Future<Output = ()> + Send + 'static {
+        self.inner.changed(key)
+    }
+
+    fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
+        self.inner.maintain(now_ms)
+    }
+
+    fn usage(&self) -> Usage {
+        self.inner.usage()
+    }
+
+    fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.inner.check()
+    }
+
+    fn failed_for_good(&self) -> Option<String> {
+        self.inner.failed_for_good()
+    }
+
+    async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<Page, StoreError> {
+        let mut page = self.inner.scan(cursor, limit).await?;
+        if let Some(sealer) = &self.sealer {
+            for (key, record) in &mut page.records {
+                if let Cow::Owned(opened) = sealer.open(key, record) {
+                    *record = opened;
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    fn caller_records(
+        &self,
+        caller: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        self.inner.caller_records(caller, now_ms)
+    }
+
+    fn is_sole_owner(&self) -> bool {
+        self.inner.is_sole_owner()
+    }
 }
 
 #[cfg(test)]

@@ -8,11 +8,13 @@ use crate::ops::{Health, Readiness};
 use crate::policy::PolicyTable;
 use crate::proxy::upstream::HttpUpstream;
 use crate::proxy::{self, Proxy, ProxySettings};
+use crate::seal::{Sealed, Sealer};
 use crate::store::postgres::PostgresStore;
 use crate::store::redis::{RedisStore, RedisUrlError};
 use crate::store::sled::{SledOptions, SledStore};
 use crate::store::{AnyStore, Store};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::timed::Timed;
 use crate::telemetry::{Telemetry, TelemetryError};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -118,8 +120,67 @@ pub async fn check(config: &Config) -> std::process::ExitCode {
     }
 }
 
+/// The store as the engine and the admin API use it, its layers put together once by
+/// `store_stack`, outermost first.
+pub type Records = Sealed<Timed<Arc<AnyStore>>>;
+
+/// The store stack over `store`:
+/// - `Sealed` is outermost, so every transition (the engine's and an operator's alike) sees
+///   records opened and its writes leave sealed, and nothing below it sees a response in the
+///   clear;
+/// - `Timed` times and traces what the store itself costs (`idemproxy.store.*`), not the
+///   sealing's CPU, so a slow store shows as a slow store;
+/// - the backend, shared with what only the server does with it (reconciling, gauges,
+///   sweeps, health), which need neither layer.
+fn store_stack(store: Arc<AnyStore>, sealer: Option<Arc<Sealer>>, metrics: Metrics) -> Records {
+    Sealed::new(Timed::new(store, metrics), sealer)
+}
+
+/// The store the settings chose, opened.
+async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
+    Ok(match &config.store {
+        StoreChoice::Sled => AnyStore::Sled(open_sled(config).await?),
+        StoreChoice::Redis(options) => {
+            tracing::info!(
+                nodes = options.urls.len(),
+                cluster = options.cluster,
+                "store on Redis"
+            );
+            AnyStore::Redis(RedisStore::new(options)?)
+        }
+        StoreChoice::Postgres(options) => {
+            tracing::info!(
+                hosts = options.config.get_hosts().len(),
+                table = %options.table,
+                "store on PostgreSQL"
+            );
+            let store = PostgresStore::new(options).map_err(|source| StartError::Store {
+                dir: "PostgreSQL".into(),
+                source,
+            })?;
+            AnyStore::Postgres(store)
+        }
+    })
+}
+
+/// The sealer of `--encryption-key-file`; `None`: records in the clear, said at start.
+fn sealer(config: &Config) -> Result<Option<Arc<Sealer>>, StartError> {
+    let Some(path) = &config.encryption_key_file else {
+        tracing::warn!(
+            "recorded responses are stored in the clear: set --encryption-key-file to seal them"
+        );
+        return Ok(None);
+    };
+    let sealer = Sealer::from_file(path)?;
+    tracing::info!(
+        key_id = sealer.sealing_key_id(),
+        "recorded responses are sealed with AES-256-GCM"
+    );
+    Ok(Some(Arc::new(sealer)))
+}
+
 /// A started sidecar.
-pub struct Running {
+pub struct Sidecar {
     /// The address the proxy listens on (the real port when 0 was asked for).
     pub proxy_addr: SocketAddr,
     /// The store, for the demo and tests to inspect.
@@ -130,14 +191,14 @@ pub struct Running {
     pub ops_addr: SocketAddr,
     /// What health reports.
     pub health: Health,
-    engine: Arc<Engine<AnyStore, HttpUpstream, SystemClock>>,
+    engine: Arc<Engine<Records, HttpUpstream, SystemClock>>,
     stop: watch::Sender<bool>,
     ops_stop: watch::Sender<bool>,
     ops: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// How long `Running::stop` lets calls finish.
+/// How long `Sidecar::stop` lets calls finish.
 const STOP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A drain that ran out of time.
@@ -148,7 +209,7 @@ pub struct DrainTimedOut {
     pub calls: usize,
 }
 
-impl Running {
+impl Sidecar {
     /// Stops: a drain of at most `STOP_DEADLINE` (tests and the demo).
     pub async fn stop(self) {
         if let Err(error) = self.drain(STOP_DEADLINE).await {
@@ -211,118 +272,10 @@ fn listening(config: &Config) -> Result<proxy::Listening, StartError> {
     }
     let tls = match &config.tls {
         None => None,
-        Some(files) => {
-            let files = crate::tls::Files {
-                cert: files.cert.clone(),
-                key: files.key.clone(),
-                client_ca: files.client_ca.clone(),
-                alpn: vec![b"h2".to_vec()],
-            };
-            Some(crate::tls::Reloading::start(
-                files,
-                crate::tls::RELOAD_POLL,
-            )?)
-        }
-    };
-    Ok(proxy::Listening {
-        http2: config.http2,
-        tls,
-        subject_fallback: config.tls.as_ref().is_some_and(|tls| tls.subject_fallback),
-    })
-}
-
-/// Opens the store and starts serving, with metrics for `/metrics` and no exporter.
-pub async fn start(config: &Config) -> Result<Running, StartError> {
-    let telemetry = Telemetry::local(backend_name(config))?;
-    start_with(config, Arc::new(telemetry)).await
-}
-
-/// Opens the store and starts serving, recording into `telemetry`.
-pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Running, StartError> {
-    let policy = resolve_policy(config).await?;
-    let metrics = telemetry.metrics.clone();
-    metrics.know_methods(policy.methods().iter().map(|rule| rule.path.as_str()));
-    let tokens = Tokens::for_this_process();
-    let store = Arc::new(match &config.store {
-        StoreChoice::Sled => AnyStore::Sled(open_sled(config).await?),
-        StoreChoice::Redis(options) => {
-            tracing::info!(
-                nodes = options.urls.len(),
-                cluster = options.cluster,
-                "store on Redis"
-            );
-            AnyStore::Redis(RedisStore::new(options)?)
-        }
-        StoreChoice::Postgres(options) => {
-            tracing::info!(
-                hosts = options.config.get_hosts().len(),
-                table = %options.table,
-                "store on PostgreSQL"
-            );
-            let store = PostgresStore::new(options).map_err(|source| StartError::Store {
-                dir: "PostgreSQL".into(),
-                source,
-            })?;
-            AnyStore::Postgres(store)
-        }
-    });
-    telemetry.observe_store(store.clone());
-    let dir = config.data_dir.display().to_string();
-    reconcile_in_background(store.clone(), dir, tokens.incarnation());
-    let upstream = HttpUpstream::new(&config.upstream, config.response_bytes_max)?;
-    let engine = Engine::new(
-        store.clone(),
-        Arc::new(upstream.clone()),
-        SystemClock::new(),
-        tokens,
-        config.limits.clone(),
-    )
-    .with_metrics(metrics.clone());
-    let sealer = match &config.encryption_key_file {
-        Some(path) => {
-            let sealer = crate::seal::Sealer::from_file(path)?;
-            tracing::info!(
-                key_id = sealer.sealing_key_id(),
-                "recorded responses are sealed with AES-256-GCM"
-            );
-            Some(Arc::new(sealer))
-        }
-        None => {
-            tracing::warn!("recorded responses are stored in the clear: set --encryption-key-file to seal them");
-            None
-        }
-    };
-    let engine = Arc::new(engine.with_sealer(sealer.clone()));
-    let settings = ProxySettings {
-        key_header: config.key_header.clone(),
-        callers: config.callers.clone(),
-        request_bytes_max: config.request_bytes_max,
-        budget: proxy::budget::Budget::new(config.buffered_bytes_max),
-    };
-    let mut listening = listening(config)?;
-    let admin_tls = match &config.admin_tls {
-        None => None,
-        Some((cert, key)) => {
-            let files = crate::tls::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: None,
-                alpn: vec![b"h2".to_vec()],
-            };
-            // The error names the admin API's own flags, not the proxy listener's.
-            let admin_setting = |mut error: crate::tls::TlsError| {
-                error.setting = if error.setting == "tls-key" {
-                    "admin-tls-key"
-                } else {
-                    "admin-tls-cert"
-                };
-                error
-            };
-            Some(
-                crate::tls::Reloading::start(files, crate::tls::RELOAD_POLL)
-                    .map_err(admin_setting)?,
-            )
-        }
+        Some(files) => Some(crate::tls::Reloading::start(
+            files.clone(),
+            crate::tls::RELOAD_POLL,
+        )?),
     };
     // Client sockets must never take the descriptors the store needs (a failed store write
     // is sticky until a restart).
@@ -330,8 +283,58 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
     let connections_max =
         crate::fds::connections_max(config.http2.connections_max as u64, open_files)
             .map_err(StartError::OpenFiles)?;
-    listening.http2.connections_max = usize::try_from(connections_max).unwrap_or(usize::MAX);
     tracing::info!(open_files, connections_max, "file descriptors");
+    let http2 = proxy::Http2Limits {
+        connections_max: usize::try_from(connections_max).unwrap_or(usize::MAX),
+        ..config.http2
+    };
+    Ok(proxy::Listening {
+        http2,
+        tls,
+        subject_fallback: config.caller_subject_fallback,
+    })
+}
+
+/// Opens the store and starts serving, with metrics for `/metrics` and no exporter.
+pub async fn start(config: &Config) -> Result<Sidecar, StartError> {
+    let telemetry = Telemetry::local(backend_name(config))?;
+    start_with(config, Arc::new(telemetry)).await
+}
+
+/// Opens the store and starts serving, recording into `telemetry`.
+pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Sidecar, StartError> {
+    let policy = resolve_policy(config).await?;
+    let metrics = telemetry.metrics.clone();
+    metrics.know_methods(policy.methods().iter().map(|rule| rule.path.as_str()));
+    let tokens = Tokens::for_this_process();
+    let store = Arc::new(open_store(config).await?);
+    telemetry.observe_store(store.clone());
+    let dir = config.data_dir.display().to_string();
+    reconcile_in_background(store.clone(), dir, tokens.incarnation());
+    let upstream = HttpUpstream::new(&config.upstream, config.response_bytes_max)?;
+    let records = Arc::new(store_stack(store.clone(), sealer(config)?, metrics.clone()));
+    let engine = Engine::new(
+        records.clone(),
+        Arc::new(upstream.clone()),
+        SystemClock::new(),
+        tokens,
+        config.limits.clone(),
+    );
+    let engine = Arc::new(engine.with_metrics(metrics.clone()));
+    let settings = ProxySettings {
+        key_header: config.key_header.clone(),
+        callers: config.callers.clone(),
+        request_bytes_max: config.request_bytes_max,
+        budget: proxy::budget::Budget::new(config.buffered_bytes_max),
+    };
+    let listening = listening(config)?;
+    let admin_tls = match &config.admin_tls {
+        None => None,
+        Some(files) => Some(crate::tls::Reloading::start(
+            files.clone(),
+            crate::tls::RELOAD_POLL,
+        )?),
+    };
     // Bound before anything serves, so a taken port stops the start with its name.
     let (ops_listener, ops_addr) = bind(config.ops_listen).await?;
     let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
@@ -362,8 +365,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
         listening,
         wait_for(stopped.clone()),
     ));
-    let admin =
-        crate::admin::AdminService::new(store.clone(), config.limits.retention).with_sealer(sealer);
+    let admin = crate::admin::AdminService::new(records, store.backend(), config.limits.retention);
     let administering = tokio::spawn(crate::admin::serve(
         admin_listener,
         admin,
@@ -381,7 +383,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Ru
         metrics,
         wait_for(stopped),
     ));
-    Ok(Running {
+    Ok(Sidecar {
         proxy_addr,
         store,
         admin_addr,
@@ -505,7 +507,7 @@ pub async fn run(config: Config, telemetry: Arc<Telemetry>) -> Result<(), StartE
 
 async fn serve_until_signal(
     config: &Config,
-    running: Running,
+    running: Sidecar,
     signalled: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     signalled.await;

@@ -8,6 +8,7 @@
 
 use crate::key::Key;
 use crate::pb::google::rpc::{ErrorInfo, RetryInfo, Status};
+use crate::record::State;
 use base64::Engine as _;
 use http::{HeaderMap, HeaderValue};
 use prost::Message;
@@ -69,12 +70,44 @@ pub fn code_by_name(name: &str) -> Option<u32> {
         .map(|number| number as u32)
 }
 
-/// A refusal about a key whose record is gone or was never written (released, or refused
-/// before the claim).
-pub const STATE_ABSENT: &str = "ABSENT";
+/// Where a refused key's record stands: `state` in the refusal's `ErrorInfo` (README: every
+/// refusal about a key carries `key_hash` and `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// A first attempt holds the key.
+    InFlight,
+    /// The key's outcome is recorded.
+    Completed,
+    /// The key's call may have acted and its outcome is unknown.
+    InDoubt,
+    /// No record holds the key: it was released, or refused before the claim.
+    Absent,
+    /// The store could not say.
+    Unknown,
+}
 
-/// A refusal about a key whose record the store could not read.
-pub const STATE_UNKNOWN: &str = "UNKNOWN";
+impl KeyState {
+    /// The value `ErrorInfo.metadata["state"]` carries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::InFlight => "IN_FLIGHT",
+            KeyState::Completed => "COMPLETED",
+            KeyState::InDoubt => "IN_DOUBT",
+            KeyState::Absent => "ABSENT",
+            KeyState::Unknown => "UNKNOWN",
+        }
+    }
+
+    /// A record's state as a refusal shows it.
+    pub fn of(state: State) -> KeyState {
+        match state {
+            State::InFlight => KeyState::InFlight,
+            State::Completed => KeyState::Completed,
+            State::InDoubt => KeyState::InDoubt,
+            State::Unspecified => KeyState::Unknown,
+        }
+    }
+}
 
 /// Why idemproxy answered instead of the service: the `ErrorInfo.reason` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,8 +233,8 @@ pub struct Refusal {
     pub message: String,
     /// The key concerned, shown as its hash.
     pub key: Option<Key>,
-    /// Where the key's record stands (`IN_FLIGHT`, `IN_DOUBT`, `ABSENT`, ...).
-    pub state: Option<&'static str>,
+    /// Where the key's record stands.
+    pub state: Option<KeyState>,
     /// How long a retry should wait.
     pub retry_after: Option<Duration>,
 }
@@ -218,14 +251,103 @@ impl Refusal {
         }
     }
 
-    /// Names the key concerned and where its record stands: a record state (`IN_FLIGHT`,
-    /// `COMPLETED`, `IN_DOUBT`), `ABSENT` when no record holds the key, or `UNKNOWN` when the
-    /// store could not say. One call for both, so that no refusal about a key lacks its
-    /// `state` (README: every refusal about a key carries `key_hash` and `state`).
-    pub fn about(mut self, key: Key, state: &'static str) -> Refusal {
+    /// Names the key concerned and where its record stands. One call for both, so that no
+    /// refusal about a key lacks its `state`.
+    pub fn about(mut self, key: Key, state: KeyState) -> Refusal {
         self.key = Some(key);
         self.state = Some(state);
         self
+    }
+
+    /// An earlier attempt with `key` still runs (`why` says what gave up waiting for it); a
+    /// retry may come back after `retry_after`.
+    pub fn in_progress(key: Key, why: &str, retry_after: Option<Duration>) -> Refusal {
+        let refusal = Refusal::new(Reason::InProgress, why).about(key, KeyState::InFlight);
+        Refusal {
+            retry_after,
+            ..refusal
+        }
+    }
+
+    /// A call with `key` was made already, and the method answers duplicates with this.
+    pub fn duplicate(key: Key, state: KeyState) -> Refusal {
+        Refusal::new(
+            Reason::Duplicate,
+            "a call with this idempotency key was already made",
+        )
+        .about(key, state)
+    }
+
+    /// `key` was used with another request payload; its record is in `state`.
+    pub fn key_reused(key: Key, state: State) -> Refusal {
+        Refusal::new(
+            Reason::KeyReused,
+            "this idempotency key was already used with another request",
+        )
+        .about(key, KeyState::of(state))
+    }
+
+    /// A call with `key` may have acted and its outcome is unknown: `why`.
+    pub fn outcome_unknown(key: Key, why: impl std::fmt::Display) -> Refusal {
+        Refusal::new(
+            Reason::OutcomeUnknown,
+            format!("the call may have taken effect and its outcome is unknown: {why}"),
+        )
+        .about(key, KeyState::InDoubt)
+    }
+
+    /// The record of `key` is IN_DOUBT: an earlier attempt may have acted.
+    pub fn earlier_outcome_unknown(key: Key) -> Refusal {
+        Refusal::new(
+            Reason::OutcomeUnknown,
+            "an earlier attempt with this key may have taken effect and its outcome is unknown",
+        )
+        .about(key, KeyState::InDoubt)
+    }
+
+    /// The recorded outcome of `key` cannot be opened: answered as unknown, never run again.
+    pub fn unreadable(key: Key) -> Refusal {
+        Refusal::new(
+            Reason::OutcomeUnknown,
+            "an earlier attempt with this key completed, but its recorded outcome cannot be decrypted (its key is no longer in the key file, or the record was altered)",
+        )
+        .about(key, KeyState::InDoubt)
+    }
+
+    /// The call of `key` completed, but its response was too large to keep.
+    pub fn response_not_kept(key: Key) -> Refusal {
+        Refusal::new(
+            Reason::ResponseNotKept,
+            "an earlier attempt with this key completed, but its response was too large to keep",
+        )
+        .about(key, KeyState::Completed)
+    }
+
+    /// The caller of `key` holds as many live records as it may.
+    pub fn caller_quota(key: Key) -> Refusal {
+        Refusal::new(
+            Reason::CallerQuota,
+            "this caller holds as many recorded keys as it may; retry once some expire",
+        )
+        .about(key, KeyState::Absent)
+    }
+
+    /// The service acted on `key`'s call, but its outcome could not be stored (`error`).
+    pub fn outcome_not_recorded(key: Key, error: impl std::fmt::Display) -> Refusal {
+        Refusal::new(
+            Reason::OutcomeNotRecorded,
+            format!("the service acted, but its outcome could not be stored, so it is unknown here: {error}"),
+        )
+        .about(key, KeyState::InFlight)
+    }
+
+    /// The service did not take `key`'s call (`why`); its record stands in `state`.
+    pub fn upstream_unavailable(key: Key, why: impl std::fmt::Display, state: KeyState) -> Refusal {
+        Refusal::new(
+            Reason::UpstreamUnavailable,
+            format!("the service is unavailable: {why}"),
+        )
+        .about(key, state)
     }
 
     /// Tells the client when to retry.
@@ -241,7 +363,7 @@ impl Refusal {
             metadata.insert("key_hash".to_string(), key.hex());
         }
         if let Some(state) = self.state {
-            metadata.insert("state".to_string(), state.to_string());
+            metadata.insert("state".to_string(), state.as_str().to_string());
         }
         let info = ErrorInfo {
             reason: self.reason.as_str().to_string(),
@@ -341,7 +463,7 @@ mod tests {
     fn refusal_headers_carry_error_info_and_pushback() {
         let key = Key::derive("/s.S/M", "-", b"k");
         let refusal = Refusal::new(Reason::InProgress, "wait")
-            .about(key, "IN_FLIGHT")
+            .about(key, KeyState::InFlight)
             .with_retry_after(Duration::from_millis(250));
         let headers = refusal.to_headers();
         assert_eq!(headers["grpc-status"], "10");

@@ -39,6 +39,35 @@ pub struct Files {
     pub client_ca: Option<PathBuf>,
     /// ALPN protocols offered, most preferred first.
     pub alpn: Vec<Vec<u8>>,
+    /// The settings that named these files, so an error names the one to fix.
+    pub settings: FileSettings,
+}
+
+/// The settings (flags without their dashes) that name one listener's TLS files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSettings {
+    /// The certificate chain's.
+    pub cert: &'static str,
+    /// The private key's.
+    pub key: &'static str,
+    /// The client CA bundle's.
+    pub client_ca: &'static str,
+}
+
+impl FileSettings {
+    /// The proxy listener's (and the injector's) files.
+    pub const PROXY: FileSettings = FileSettings {
+        cert: "tls-cert",
+        key: "tls-key",
+        client_ca: "client-ca",
+    };
+
+    /// The admin API's files (it asks for no client certificate).
+    pub const ADMIN: FileSettings = FileSettings {
+        cert: "admin-tls-cert",
+        key: "admin-tls-key",
+        client_ca: "admin-tls-cert",
+    };
 }
 
 fn error(setting: &'static str, path: &Path, reason: impl ToString) -> TlsError {
@@ -66,33 +95,34 @@ fn certificates(
 
 /// Reads the files into a server configuration.
 pub fn server_config(files: &Files) -> Result<ServerConfig, TlsError> {
-    let chain = certificates("tls-cert", &files.cert)?;
+    let names = files.settings;
+    let chain = certificates(names.cert, &files.cert)?;
     let key = crate::files::read(&files.key, crate::files::TEXT_BYTES_MAX)
-        .map_err(|e| error("tls-key", &files.key, e))?;
-    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| error("tls-key", &files.key, e))?;
+        .map_err(|e| error(names.key, &files.key, e))?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| error(names.key, &files.key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| error("tls-cert", &files.cert, e))?;
+        .map_err(|e| error(names.cert, &files.cert, e))?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for cert in certificates("client-ca", ca)? {
-                roots.add(cert).map_err(|e| error("client-ca", ca, e))?;
+            for cert in certificates(names.client_ca, ca)? {
+                roots.add(cert).map_err(|e| error(names.client_ca, ca, e))?;
             }
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
             )
             .build()
-            .map_err(|e| error("client-ca", ca, e))?;
+            .map_err(|e| error(names.client_ca, ca, e))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut config = builder
         .with_single_cert(chain, key)
-        .map_err(|e| error("tls-key", &files.key, e))?;
+        .map_err(|e| error(names.key, &files.key, e))?;
     config.alpn_protocols = files.alpn.clone();
     Ok(config)
 }

@@ -103,6 +103,17 @@ fn environment_and_file_settings_are_read_and_named_when_bad() {
     let (code, stderr) = run(&["run", "--config", "/nonexistent/idemproxy.toml"], &[]);
     assert_ne!(code, 0);
     assert!(stderr.contains("/nonexistent/idemproxy.toml"), "{stderr}");
+
+    // Issue 30: the log format was read past the settings, and a typo fell back silently.
+    let (code, stderr) = run(
+        &["run"],
+        &[
+            ("IDEMPROXY_UPSTREAM", "http://127.0.0.1:1"),
+            ("IDEMPROXY_LOG_FORMAT", "jsno"),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("IDEMPROXY_LOG_FORMAT=jsno"), "{stderr}");
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ mod support;
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use idemproxy::inject::Settings;
+use idemproxy::inject::InjectSettings;
 use idemproxy::injector::review;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -50,7 +50,7 @@ fn admission_review(kind: &str, operation: &str, object: Value) -> Vec<u8> {
 
 /// The response part of the answer, with its HTTP status.
 fn answer(body: &[u8]) -> (u16, Value) {
-    let (status, encoded) = review(body, &Settings::default());
+    let (status, encoded) = review(body, &InjectSettings::default());
     let review: Value = serde_json::from_slice(&encoded).expect("the answer is JSON");
     assert_eq!(review["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(review["kind"], "AdmissionReview");
@@ -93,7 +93,7 @@ fn a_pod_create_gets_a_patch_that_adds_the_sidecar_and_keeps_the_rest() {
     );
     // The same mutation as `idemproxy inject`.
     let mut injected = original;
-    idemproxy::inject::inject_template(&mut injected, &Settings::default(), "Pod", &[])
+    idemproxy::inject::inject_template(&mut injected, &InjectSettings::default(), "Pod", &[])
         .expect("injects");
     assert_eq!(patched, injected);
 }

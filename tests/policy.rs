@@ -243,19 +243,19 @@ async fn a_no_side_effects_method_passes_through_even_with_a_key() {
 
 #[test]
 fn a_descriptor_set_and_proto_sources_give_the_same_policy() {
-    use idemproxy::config::{self, Settings};
+    use idemproxy::config::{self, RunSettings};
     let files = tempfile::tempdir().unwrap();
-    let base = Settings {
+    let base = RunSettings {
         upstream: Some("http://127.0.0.1:1".into()),
-        ..Settings::default()
+        ..RunSettings::default()
     };
-    let from_set = config::resolve(Settings {
+    let from_set = config::resolve(RunSettings {
         descriptor_set: vec![descriptor_set(files.path())],
         ..base.clone()
     })
     .unwrap();
     let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
-    let from_sources = config::resolve(Settings {
+    let from_sources = config::resolve(RunSettings {
         proto: vec![proto_dir.join("idemproxy/example/v1/payments.proto")],
         proto_path: vec![proto_dir],
         ..base
@@ -526,18 +526,18 @@ async fn reflected_table(version: payments::Reflection) {
     assert!(replayed(&again));
     assert_eq!(service.executions.charges(), 1);
     // And the table is the one the descriptor set gives.
-    let resolve = |args: idemproxy::config::Settings| {
-        idemproxy::config::resolve(idemproxy::config::Settings {
+    let resolve = |args: idemproxy::config::RunSettings| {
+        idemproxy::config::resolve(idemproxy::config::RunSettings {
             upstream: Some(format!("http://{}", service.addr)),
             ..args
         })
         .unwrap()
     };
-    let from_reflection = resolve(idemproxy::config::Settings {
+    let from_reflection = resolve(idemproxy::config::RunSettings {
         reflection: true,
         ..Default::default()
     });
-    let from_set = resolve(idemproxy::config::Settings {
+    let from_set = resolve(idemproxy::config::RunSettings {
         descriptor_set: vec![descriptor_set(files.path())],
         ..Default::default()
     });
@@ -561,7 +561,7 @@ async fn reflection_falls_back_to_v1alpha() {
 #[tokio::test]
 async fn a_service_without_reflection_stops_the_start_with_a_clear_error() {
     let service = payments::start().await;
-    let config = idemproxy::config::resolve(idemproxy::config::Settings {
+    let config = idemproxy::config::resolve(idemproxy::config::RunSettings {
         upstream: Some(format!("http://{}", service.addr)),
         reflection: true,
         reflection_timeout: std::time::Duration::from_secs(1),
@@ -624,7 +624,7 @@ async fn release_codes_make_a_status_run_again() {
 
 #[test]
 fn a_service_annotation_sets_defaults_that_a_method_annotation_overrides() {
-    use idemproxy::config::{self, Settings};
+    use idemproxy::config::{self, RunSettings};
     let files = tempfile::tempdir().unwrap();
     std::fs::write(
         files.path().join("orders.proto"),
@@ -640,11 +640,11 @@ message Req { string id = 1; }
 "#,
     )
     .unwrap();
-    let resolved = config::resolve(Settings {
+    let resolved = config::resolve(RunSettings {
         upstream: Some("http://127.0.0.1:1".into()),
         proto: vec![files.path().join("orders.proto")],
         proto_path: vec![files.path().to_owned()],
-        ..Settings::default()
+        ..RunSettings::default()
     })
     .unwrap();
     let table = idemproxy::server::load_policy(&resolved, None).unwrap();

@@ -12,7 +12,7 @@ mod support;
 use idemproxy::key::Key;
 use idemproxy::record::{Change, Record, State};
 use idemproxy::store::postgres::{PostgresOptions, PostgresStore, EXPIRE_BATCH_RECORDS};
-use idemproxy::store::Store;
+use idemproxy::store::{Operation, Store};
 use prost::Message;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -53,7 +53,7 @@ fn claim_record(token: u8) -> Record {
 /// Claims `key` if it is free: true when this call wrote the record.
 async fn claim(store: &PostgresStore, key: &Key, token: u8) -> bool {
     store
-        .update(key, |current| match current {
+        .update(Operation::Claim, key, |current| match current {
             None => (Change::Put(claim_record(token)), true),
             Some(_) => (Change::Keep, false),
         })
@@ -131,7 +131,7 @@ async fn a_table_written_by_a_newer_release_is_refused() {
         .await
         .unwrap();
     let newer = store_at(&server.url(), &table, false)
-        .update(&key(2), |_| (Change::Keep, ()))
+        .update(Operation::Read, &key(2), |_| (Change::Keep, ()))
         .await
         .unwrap_err()
         .to_string();
@@ -225,7 +225,7 @@ async fn a_swap_committed_without_an_answer_counts_as_applied_once() {
     assert!(claim(&store, &key(0), 1).await, "the schema is ready");
     let runs = AtomicUsize::new(0);
     let owned = store
-        .update(&key(1), |current| {
+        .update(Operation::Claim, &key(1), |current| {
             runs.fetch_add(1, Ordering::SeqCst);
             // The swap this run decides is the next thing sent: cut the connection after it.
             relay.armed.store(true, Ordering::SeqCst);
@@ -245,7 +245,9 @@ async fn a_swap_committed_without_an_answer_counts_as_applied_once() {
         "decided once, on the record as read"
     );
     let stored = store
-        .update(&key(1), |current| (Change::Keep, current.cloned()))
+        .update(Operation::Read, &key(1), |current| {
+            (Change::Keep, current.cloned())
+        })
         .await;
     assert_eq!(stored.unwrap(), Some(claim_record(7)));
 }
@@ -267,7 +269,7 @@ async fn a_session_killed_before_its_commit_is_settled_and_decided_again() {
         let (store, runs) = (store.clone(), runs.clone());
         tokio::spawn(async move {
             store
-                .update(&key(1), |current| {
+                .update(Operation::Claim, &key(1), |current| {
                     runs.fetch_add(1, Ordering::SeqCst);
                     match current {
                         None => (Change::Put(claim_record(9)), true),
@@ -422,7 +424,9 @@ async fn a_change_on_one_replica_wakes_a_duplicate_waiting_on_another() {
     .await;
     let waiting = second.changed(&key(1));
     first
-        .update(&key(1), |_| (Change::Put(claim_record(3)), ()))
+        .update(Operation::Operator, &key(1), |_| {
+            (Change::Put(claim_record(3)), ())
+        })
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(10), waiting)
@@ -488,7 +492,9 @@ async fn readiness_follows_the_synchronous_standby() {
     })
     .await;
     let refused = store
-        .update(&key(2), |_| (Change::Put(claim_record(2)), ()))
+        .update(Operation::Claim, &key(2), |_| {
+            (Change::Put(claim_record(2)), ())
+        })
         .await
         .unwrap_err()
         .to_string();

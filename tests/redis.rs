@@ -12,7 +12,7 @@ use idemproxy::config::StoreKind;
 use idemproxy::key::Key;
 use idemproxy::record::{self, ClaimRequest, Claimed, Fenced, Record, State};
 use idemproxy::store::redis::{RedisOptions, RedisStore};
-use idemproxy::store::Store;
+use idemproxy::store::{Operation, Store};
 use prost::Message;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -105,7 +105,7 @@ async fn concurrent_duplicates_split_across_replicas_execute_once() {
 }
 
 /// Settings of an in-process sidecar on the Redis at `url`, failing closed after `timeout`.
-fn on_redis(url: String, timeout: Duration) -> impl FnOnce(&mut idemproxy::config::Settings) {
+fn on_redis(url: String, timeout: Duration) -> impl FnOnce(&mut idemproxy::config::RunSettings) {
     move |args| {
         args.store = StoreKind::Redis;
         args.redis_url = Some(url);
@@ -149,7 +149,7 @@ async fn a_stale_owners_completion_cannot_overwrite_a_newer_claim() {
     let key = Key::derive("/test.Payments/Charge", "orders", b"pay-1");
     let now_ms = 1_900_000_000_000;
     let claimed = store
-        .update(&key, |current| {
+        .update(Operation::Claim, &key, |current| {
             record::claim(current, &claim_request(1, now_ms))
         })
         .await
@@ -165,7 +165,7 @@ async fn a_stale_owners_completion_cannot_overwrite_a_newer_claim() {
     let name = store.record_key(&key);
     let mut rounds = 0;
     let fenced = store
-        .update(&key, |current| {
+        .update(Operation::Complete, &key, |current| {
             rounds += 1;
             if rounds == 1 {
                 set_bytes(redis.port, &name, &newer.encode_to_vec());
@@ -253,7 +253,7 @@ async fn while_redis_is_down_nothing_is_forwarded_and_calls_resume_when_it_retur
 async fn a_waiting_duplicate_is_woken_by_the_change_message(store: StoreKind, redis_url: String) {
     let upstream = ledger::start().await;
     let replica = |url: String| {
-        move |args: &mut idemproxy::config::Settings| {
+        move |args: &mut idemproxy::config::RunSettings| {
             args.store = store;
             args.redis_url = Some(url);
             args.redis_poll_interval = Duration::from_secs(10);
@@ -324,7 +324,7 @@ async fn rediss_with_a_private_ca_and_a_password_from_a_file() {
     let url = format!("rediss://127.0.0.1:{}", redis.port);
     let secure = |password_file: std::path::PathBuf| {
         let (url, ca) = (url.clone(), ca.clone());
-        move |args: &mut idemproxy::config::Settings| {
+        move |args: &mut idemproxy::config::RunSettings| {
             on_redis(url, Duration::from_secs(1))(args);
             args.redis_ca_file = Some(ca);
             args.redis_password_file = Some(password_file);

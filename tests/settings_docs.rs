@@ -129,7 +129,7 @@ fn from_example() -> BTreeMap<String, Option<String>> {
     keys
 }
 
-/// `--flag` → its declaration, from `idemproxy::config::Settings`.
+/// `--flag` → its declaration, from `idemproxy::config::RunSettings`.
 fn declared() -> BTreeMap<String, idemproxy::config::Declared> {
     idemproxy::config::declared()
         .into_iter()

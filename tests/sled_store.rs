@@ -6,7 +6,7 @@ mod support;
 use idemproxy::key::Key;
 use idemproxy::record::{self, ClaimRequest, Claimed, Response, State};
 use idemproxy::store::sled::{SledOptions, SledStore};
-use idemproxy::store::{Store, StoreError};
+use idemproxy::store::{Operation, Store, StoreError};
 use std::time::Duration;
 use support::{add, apply, client, ledger, reason, start_sidecar, was_replayed};
 
@@ -57,7 +57,9 @@ async fn claim(
     let key = Key::derive("/s.S/M", "-", serial.as_bytes());
     let request = claim_request(process, n, now_ms);
     store
-        .update(&key, |current| record::claim(current, &request))
+        .update(Operation::Claim, &key, |current| {
+            record::claim(current, &request)
+        })
         .await
 }
 
@@ -69,7 +71,7 @@ async fn complete(store: &SledStore, serial: &str, process: u8, n: u8, body_byte
         ..Response::default()
     };
     let done = store
-        .update(&key, |current| {
+        .update(Operation::Complete, &key, |current| {
             record::complete(
                 current,
                 &token(process, n),
@@ -128,6 +130,48 @@ async fn a_duplicate_of_a_durable_record_waits_for_no_flush() {
     assert_eq!(after, flushes, "duplicates waited for flushes");
 }
 
+/// Only a claim is tried against "absent" before the record is read: a completion, a release
+/// and an in-doubt mark are decided once, on the record as it is (issue 30: each was decided
+/// twice, and the engine cloned the response for the discarded try).
+#[tokio::test]
+async fn only_a_claim_is_tried_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(&options(dir.path(), u64::MAX)).unwrap();
+    store.reconcile(&[9; 8]).unwrap();
+    let key = Key::derive("/s.S/M", "-", b"decided-once");
+    let request = claim_request(1, 1, 0);
+    let mut claim_runs = 0;
+    store
+        .update(Operation::Claim, &key, |current| {
+            claim_runs += 1;
+            record::claim(current, &request)
+        })
+        .await
+        .unwrap();
+    assert_eq!(claim_runs, 1, "a fresh claim lands on its unread try");
+    let mut runs = Vec::new();
+    for operation in [Operation::MarkInDoubt, Operation::Complete] {
+        let mut seen = Vec::new();
+        store
+            .update(operation, &key, |current| {
+                seen.push(current.is_some());
+                let change = match operation {
+                    Operation::MarkInDoubt => record::mark_in_doubt(current, &token(1, 1), "test"),
+                    _ => record::complete(current, &token(1, 1), None, 1, 3_600_000),
+                };
+                (change.0, ())
+            })
+            .await
+            .unwrap();
+        runs.push(seen);
+    }
+    assert_eq!(
+        runs,
+        vec![vec![true], vec![true]],
+        "each transition ran once, on the record as read"
+    );
+}
+
 /// The sweeper skips its walk while no record in `records` can have expired: a record written
 /// after a walk, expiring before everything that walk saw, still expires on time.
 #[tokio::test]
@@ -168,7 +212,7 @@ async fn with_eviction_chosen_the_size_bound_evicts_completed_records_closest_to
     );
     let key = Key::derive("/s.S/M", "-", b"doubt");
     store
-        .update(&key, |current| {
+        .update(Operation::MarkInDoubt, &key, |current| {
             record::mark_in_doubt(current, &token(1, 1), "test")
         })
         .await
@@ -281,7 +325,9 @@ async fn the_sweeper_walks_a_store_larger_than_one_round_in_turn() {
                     // Every other record is due at 1 s, the rest in 30 years.
                     request.expires_ms = if n % 2 == 0 { 1_000 } else { 1 << 40 };
                     request.lease_until_ms = 500;
-                    let claimed = store.update(&key, |current| record::claim(current, &request));
+                    let claimed = store.update(Operation::Claim, &key, |current| {
+                        record::claim(current, &request)
+                    });
                     assert_eq!(claimed.await.unwrap(), Claimed::Owned);
                 }
             })
@@ -414,7 +460,7 @@ async fn with_group_commit_off_each_write_waits_for_the_flush_of_the_one_before(
                 let key = Key::derive("/s.S/M", "-", format!("serial-{n}").as_bytes());
                 let request = claim_request(1, n, 1);
                 store
-                    .update(&key, |current| {
+                    .update(Operation::Claim, &key, |current| {
                         let before = landed.fetch_add(1, Ordering::SeqCst);
                         if flushes.flushes.load(Ordering::SeqCst) < before {
                             unflushed_seen.fetch_add(1, Ordering::SeqCst);
@@ -519,7 +565,9 @@ async fn a_purged_packed_record_runs_again_and_stays_purged_across_a_restart() {
         assert_eq!(store.packed_records(), 20);
         let key = Key::derive("/s.S/M", "-", b"done-3");
         let purged = store
-            .update(&key, |current| record::purge(current, 10))
+            .update(Operation::Operator, &key, |current| {
+                record::purge(current, 10)
+            })
             .await
             .unwrap();
         assert!(matches!(purged, record::Resolved::Applied(_)));
@@ -543,7 +591,7 @@ async fn a_purged_packed_record_runs_again_and_stays_purged_across_a_restart() {
         ..Response::default()
     };
     store
-        .update(&key, |current| {
+        .update(Operation::Complete, &key, |current| {
             record::complete(
                 current,
                 &token(9, 200),
@@ -701,7 +749,9 @@ async fn a_scan_pages_through_records_and_every_slice_once() {
     claim(&store, "flight", 1, 99, 0).await.unwrap();
     let purged = Key::derive("/s.S/M", "-", b"done-3");
     store
-        .update(&purged, |current| record::purge(current, 10))
+        .update(Operation::Operator, &purged, |current| {
+            record::purge(current, 10)
+        })
         .await
         .unwrap();
     let mut seen = Vec::new();

@@ -16,7 +16,7 @@ use idemproxy::store::memory::MemoryStore;
 use idemproxy::store::postgres::{PostgresOptions, PostgresStore};
 use idemproxy::store::redis::{RedisOptions, RedisStore};
 use idemproxy::store::sled::{SledOptions, SledStore};
-use idemproxy::store::Store;
+use idemproxy::store::{Operation, Store};
 use proptest::prelude::*;
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,22 +163,42 @@ impl Model {
         matches!(self.durable, Durable::Sled(_, _, 1))
     }
 
-    async fn durable_update<T, F>(&self, key: &Key, transition: F) -> T
+    async fn durable_update<T, F>(&self, operation: Operation, key: &Key, transition: F) -> T
     where
         T: Send,
         F: FnMut(Option<&record::Record>) -> (record::Change, T) + Send,
     {
         match &self.durable {
-            Durable::Sled(_, store, _) => store.as_ref().unwrap().update(key, transition).await,
-            Durable::Redis(_, store) => store.as_ref().unwrap().update(key, transition).await,
-            Durable::Postgres(_, store) => store.as_ref().unwrap().update(key, transition).await,
+            Durable::Sled(_, store, _) => {
+                store
+                    .as_ref()
+                    .unwrap()
+                    .update(operation, key, transition)
+                    .await
+            }
+            Durable::Redis(_, store) => {
+                store
+                    .as_ref()
+                    .unwrap()
+                    .update(operation, key, transition)
+                    .await
+            }
+            Durable::Postgres(_, store) => {
+                store
+                    .as_ref()
+                    .unwrap()
+                    .update(operation, key, transition)
+                    .await
+            }
         }
         .unwrap()
     }
 
     async fn durable_get(&self, key: &Key) -> Option<record::Record> {
-        self.durable_update(key, |current| (record::Change::Keep, current.cloned()))
-            .await
+        self.durable_update(Operation::Read, key, |current| {
+            (record::Change::Keep, current.cloned())
+        })
+        .await
     }
 
     fn token(&self, nth: usize) -> Token {
@@ -186,13 +206,19 @@ impl Model {
     }
 
     /// Applies one transition to both stores; both must answer alike.
-    async fn both<T, F>(&self, key: &Key, transition: F) -> T
+    async fn both<T, F>(&self, operation: Operation, key: &Key, transition: F) -> T
     where
         T: Send + PartialEq + std::fmt::Debug,
         F: FnMut(Option<&record::Record>) -> (record::Change, T) + Send + Clone,
     {
-        let from_durable = self.durable_update(key, transition.clone()).await;
-        let from_memory = self.memory.update(key, transition).await.unwrap();
+        let from_durable = self
+            .durable_update(operation, key, transition.clone())
+            .await;
+        let from_memory = self
+            .memory
+            .update(operation, key, transition)
+            .await
+            .unwrap();
         assert_eq!(
             from_durable, from_memory,
             "the durable store and the reference answered differently"
@@ -220,8 +246,10 @@ impl Model {
                     origin: None,
                     at_quota: false,
                 };
-                self.both(&key(n), |current| record::claim(current, &request))
-                    .await;
+                self.both(Operation::Claim, &key(n), |current| {
+                    record::claim(current, &request)
+                })
+                .await;
             }
             Op::Complete { key: n, nth, kept } => {
                 let token = self.token(nth);
@@ -231,27 +259,31 @@ impl Model {
                     ..Response::default()
                 });
                 let (now, expires) = (self.now_ms, self.now_ms + 10_000);
-                self.both(&key(n), move |current| {
+                self.both(Operation::Complete, &key(n), move |current| {
                     record::complete(current, &token, response.clone(), now, expires)
                 })
                 .await;
             }
             Op::Release { key: n, nth } => {
                 let token = self.token(nth);
-                self.both(&key(n), move |current| record::release(current, &token))
-                    .await;
+                self.both(Operation::Release, &key(n), move |current| {
+                    record::release(current, &token)
+                })
+                .await;
             }
             Op::MarkInDoubt { key: n, nth } => {
                 let token = self.token(nth);
-                self.both(&key(n), move |current| {
+                self.both(Operation::MarkInDoubt, &key(n), move |current| {
                     record::mark_in_doubt(current, &token, "model")
                 })
                 .await;
             }
             Op::Purge { key: n } => {
                 let now = self.now_ms;
-                self.both(&key(n), move |current| record::purge(current, now))
-                    .await;
+                self.both(Operation::Operator, &key(n), move |current| {
+                    record::purge(current, now)
+                })
+                .await;
             }
             Op::Advance { ms } => self.now_ms += ms,
             Op::Maintain => match &self.durable {

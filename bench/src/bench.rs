@@ -792,7 +792,7 @@ async fn measure_store(
         flush_per_write: false,
         flush_timeout: Duration::from_secs(30),
         // As the sidecar packed them.
-        pack_records: idemproxy::config::Settings::default().sled_pack_records,
+        pack_records: idemproxy::config::RunSettings::default().sled_pack_records,
     };
     let counted = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let store = idemproxy::store::sled::SledStore::open(&options)?;

@@ -56,46 +56,9 @@ enum KeysCommand {
     /// Show one record.
     Get(Which),
     /// List records, newest pages first in the store's order, with filters.
-    Ls {
-        /// IN_FLIGHT, COMPLETED or IN_DOUBT (either case).
-        #[arg(long)]
-        state: Option<String>,
-        /// Only this method.
-        #[arg(long)]
-        method: Option<String>,
-        /// Only this caller.
-        #[arg(long)]
-        caller: Option<String>,
-        /// Only records at least this old (e.g. 10m).
-        #[arg(long)]
-        older_than: Option<String>,
-        /// Records per page (1-1000).
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-        /// Continue from a previous page.
-        #[arg(long)]
-        page_token: Option<String>,
-    },
+    Ls(ListArgs),
     /// Settle an IN_DOUBT record: forget it (a retry runs again) or record its outcome.
-    Resolve {
-        #[command(flatten)]
-        which: Which,
-        /// Forget the call: the next retry executes it.
-        #[arg(long, conflicts_with = "complete")]
-        forget: bool,
-        /// Record this gRPC status (1-16) as the call's outcome, replayed to retries.
-        #[arg(long)]
-        complete: Option<u32>,
-        /// The status message to record with --complete.
-        #[arg(long, default_value = "")]
-        message: String,
-        /// Who decides (written to the sidecar's log).
-        #[arg(long)]
-        operator: String,
-        /// Why (written to the sidecar's log).
-        #[arg(long, default_value = "")]
-        reason: String,
-    },
+    Resolve(ResolveArgs),
     /// Delete one record (never a running one), or every expired record.
     Purge {
         #[command(flatten)]
@@ -109,6 +72,51 @@ enum KeysCommand {
     },
     /// Counts per state and what the store holds.
     Stats,
+}
+
+/// `keys ls`: filters and paging.
+#[derive(Debug, Args)]
+struct ListArgs {
+    /// IN_FLIGHT, COMPLETED or IN_DOUBT (either case).
+    #[arg(long)]
+    state: Option<String>,
+    /// Only this method.
+    #[arg(long)]
+    method: Option<String>,
+    /// Only this caller.
+    #[arg(long)]
+    caller: Option<String>,
+    /// Only records at least this old (e.g. 10m).
+    #[arg(long)]
+    older_than: Option<String>,
+    /// Records per page (1-1000).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// Continue from a previous page.
+    #[arg(long)]
+    page_token: Option<String>,
+}
+
+/// `keys resolve`: which record, and how it is settled.
+#[derive(Debug, Args)]
+struct ResolveArgs {
+    #[command(flatten)]
+    which: Which,
+    /// Forget the call: the next retry executes it.
+    #[arg(long, conflicts_with = "complete")]
+    forget: bool,
+    /// Record this gRPC status (1-16) as the call's outcome, replayed to retries.
+    #[arg(long)]
+    complete: Option<u32>,
+    /// The status message to record with --complete.
+    #[arg(long, default_value = "")]
+    message: String,
+    /// Who decides (written to the sidecar's log).
+    #[arg(long)]
+    operator: String,
+    /// Why (written to the sidecar's log).
+    #[arg(long, default_value = "")]
+    reason: String,
 }
 
 fn selector(which: Which) -> Result<pb::KeySelector, String> {
@@ -330,58 +338,16 @@ async fn execute(
                 .into_inner();
             Ok(one(&record, serial.as_deref()))
         }
-        KeysCommand::Ls {
-            state,
-            method,
-            caller,
-            older_than,
-            limit,
-            page_token,
-        } => {
-            let older_than_ms = match older_than {
-                Some(text) => humantime::parse_duration(&text)
-                    .map_err(|error| Failure::Usage(format!("--older-than {text:?}: {error}")))?
-                    .as_millis() as u64,
-                None => 0,
-            };
-            let request = pb::ListRecordsRequest {
-                // The API takes the states' names as written; people type them either way.
-                state: state.unwrap_or_default().to_ascii_uppercase(),
-                method: method.unwrap_or_default(),
-                caller: caller.unwrap_or_default(),
-                older_than_ms,
-                page_size: limit,
-                page_token: page_token.unwrap_or_default(),
-            };
+        KeysCommand::Ls(args) => {
+            let request = list_request(args)?;
             let page = client
                 .list_records(authorized(request, token))
                 .await?
                 .into_inner();
             Ok(list_text(&page, json))
         }
-        KeysCommand::Resolve {
-            which,
-            forget,
-            complete,
-            message,
-            operator,
-            reason,
-        } => {
-            use pb::resolve_record_request::Resolution;
-            let resolution = match (forget, complete) {
-                (true, None) => Resolution::Forget(pb::Forget {}),
-                (false, Some(code)) => Resolution::Complete(pb::Complete {
-                    grpc_status: code,
-                    grpc_message: message,
-                }),
-                _ => return Err(Failure::Usage("choose --forget or --complete CODE".into())),
-            };
-            let request = pb::ResolveRecordRequest {
-                key: Some(selector(which).map_err(Failure::Usage)?),
-                resolution: Some(resolution),
-                operator,
-                reason,
-            };
+        KeysCommand::Resolve(args) => {
+            let request = resolve_request(args)?;
             let record = client
                 .resolve_record(authorized(request, token))
                 .await?
@@ -418,31 +384,89 @@ async fn execute(
                 .get_stats(authorized(pb::GetStatsRequest {}, token))
                 .await?
                 .into_inner();
-            Ok(if json {
-                serde_json::json!({
-                    "backend": stats.backend,
-                    "records": stats.records,
-                    "in_flight": stats.in_flight,
-                    "completed": stats.completed,
-                    "in_doubt": stats.in_doubt,
-                    "store_bytes": stats.store_bytes,
-                    "oldest_created_ms": stats.oldest_created_ms,
-                })
-                .to_string()
-            } else {
-                format!(
-                    "backend      {}\nrecords      {}\nin flight    {}\ncompleted    {}\nin doubt     {}\nstore bytes  {}\noldest       {}",
-                    stats.backend,
-                    stats.records,
-                    stats.in_flight,
-                    stats.completed,
-                    stats.in_doubt,
-                    stats.store_bytes,
-                    time(stats.oldest_created_ms)
-                )
-            })
+            Ok(stats_text(&stats, json))
         }
     }
+}
+
+/// The `ListRecords` request of `keys ls`.
+fn list_request(args: ListArgs) -> Result<pb::ListRecordsRequest, Failure> {
+    let ListArgs {
+        state,
+        method,
+        caller,
+        older_than,
+        limit,
+        page_token,
+    } = args;
+    let older_than_ms = match older_than {
+        Some(text) => humantime::parse_duration(&text)
+            .map_err(|error| Failure::Usage(format!("--older-than {text:?}: {error}")))?
+            .as_millis() as u64,
+        None => 0,
+    };
+    Ok(pb::ListRecordsRequest {
+        // The API takes the states' names as written; people type them either way.
+        state: state.unwrap_or_default().to_ascii_uppercase(),
+        method: method.unwrap_or_default(),
+        caller: caller.unwrap_or_default(),
+        older_than_ms,
+        page_size: limit,
+        page_token: page_token.unwrap_or_default(),
+    })
+}
+
+/// The `ResolveRecord` request of `keys resolve`: forget, or complete with a status.
+fn resolve_request(args: ResolveArgs) -> Result<pb::ResolveRecordRequest, Failure> {
+    use pb::resolve_record_request::Resolution;
+    let ResolveArgs {
+        which,
+        forget,
+        complete,
+        message,
+        operator,
+        reason,
+    } = args;
+    let resolution = match (forget, complete) {
+        (true, None) => Resolution::Forget(pb::Forget {}),
+        (false, Some(code)) => Resolution::Complete(pb::Complete {
+            grpc_status: code,
+            grpc_message: message,
+        }),
+        _ => return Err(Failure::Usage("choose --forget or --complete CODE".into())),
+    };
+    Ok(pb::ResolveRecordRequest {
+        key: Some(selector(which).map_err(Failure::Usage)?),
+        resolution: Some(resolution),
+        operator,
+        reason,
+    })
+}
+
+/// `keys stats` as JSON or as lines.
+fn stats_text(stats: &pb::Stats, json: bool) -> String {
+    if json {
+        return serde_json::json!({
+            "backend": stats.backend,
+            "records": stats.records,
+            "in_flight": stats.in_flight,
+            "completed": stats.completed,
+            "in_doubt": stats.in_doubt,
+            "store_bytes": stats.store_bytes,
+            "oldest_created_ms": stats.oldest_created_ms,
+        })
+        .to_string();
+    }
+    format!(
+        "backend      {}\nrecords      {}\nin flight    {}\ncompleted    {}\nin doubt     {}\nstore bytes  {}\noldest       {}",
+        stats.backend,
+        stats.records,
+        stats.in_flight,
+        stats.completed,
+        stats.in_doubt,
+        stats.store_bytes,
+        time(stats.oldest_created_ms)
+    )
 }
 
 fn list_text(page: &pb::ListRecordsResponse, json: bool) -> String {

@@ -11,8 +11,7 @@ use crate::key::{self, Key};
 use crate::pb::idemproxy::v1 as pb;
 use crate::pb::idemproxy::v1::admin_server::{Admin, AdminServer};
 use crate::record::{self, Change, Header, Record, Resolved, Response, State};
-use crate::seal::Sealer;
-use crate::store::{AnyStore, Store, StoreError, PAGE_RECORDS_MAX};
+use crate::store::{Operation, Store, StoreError, PAGE_RECORDS_MAX};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response as Reply, Status};
@@ -24,51 +23,47 @@ const LIST_SCANS_MAX: usize = 16;
 /// Records `GetStats` counts at most.
 const STATS_RECORDS_MAX: usize = 10_000_000;
 
-/// The admin service over the sidecar's store.
-pub struct AdminService {
-    store: Arc<AnyStore>,
+/// The admin service over the sidecar's store (the same store stack the engine writes
+/// through, so records are shown opened and an operator's answer is sealed like the
+/// service's when encryption at rest is on).
+pub struct AdminService<S> {
+    store: Arc<S>,
+    /// The backend's name, for `GetStats`.
+    backend: &'static str,
     clock: SystemClock,
     retention: Duration,
-    /// With `--encryption-key-file`: records are shown opened, and an operator's answer is
-    /// sealed like the service's.
-    sealer: Option<Arc<Sealer>>,
 }
 
-impl AdminService {
-    /// The service over `store`; `retention` is given to records an operator completes.
-    pub fn new(store: Arc<AnyStore>, retention: Duration) -> AdminService {
+impl<S: Store> AdminService<S> {
+    /// The service over `store` (a `backend` store); `retention` is given to records an
+    /// operator completes.
+    pub fn new(store: Arc<S>, backend: &'static str, retention: Duration) -> AdminService<S> {
         AdminService {
             store,
+            backend,
             clock: SystemClock::new(),
             retention,
-            sealer: None,
         }
     }
 
-    /// Opens records to show them and seals what operators write, with `sealer`.
-    pub fn with_sealer(mut self, sealer: Option<Arc<Sealer>>) -> AdminService {
-        self.sealer = sealer;
-        self
-    }
-
-    /// `Store::update` through the sealer, as the engine writes.
+    /// An operator's change of the record of `key`.
     async fn update<T: Send>(
         &self,
         key: &Key,
         transition: impl FnMut(Option<&Record>) -> (Change, T) + Send,
     ) -> Result<T, StoreError> {
-        match &self.sealer {
-            None => self.store.update(key, transition).await,
-            Some(sealer) => self.store.update(key, sealer.around(key, transition)).await,
-        }
+        self.store
+            .update(Operation::Operator, key, transition)
+            .await
     }
 
-    /// A scanned record as operators see it: its response opened when it can be.
-    fn opened<'a>(&self, key: &Key, record: &'a Record) -> std::borrow::Cow<'a, Record> {
-        match &self.sealer {
-            None => std::borrow::Cow::Borrowed(record),
-            Some(sealer) => sealer.open(key, record),
-        }
+    /// The record of `key` as it is now.
+    async fn read(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        self.store
+            .update(Operation::Read, key, |current| {
+                (Change::Keep, current.cloned())
+            })
+            .await
     }
 }
 
@@ -135,13 +130,14 @@ fn peer<T>(request: &Request<T>) -> String {
         .map_or_else(|| "unknown".to_owned(), |addr| addr.to_string())
 }
 
-fn resolved_status(key: &Key, resolved: &Resolved, wanted: &str) -> Option<Status> {
+/// The record as it was before an operator's change, or why the change was refused.
+fn applied(key: &Key, resolved: Resolved, wanted: &str) -> Result<Record, Status> {
     match resolved {
-        Resolved::Applied(_) => None,
-        Resolved::NotFound => Some(Status::not_found(format!("no record for key {key}"))),
-        Resolved::Refused(state) => Some(Status::failed_precondition(format!(
+        Resolved::Applied(before) => Ok(*before),
+        Resolved::NotFound => Err(Status::not_found(format!("no record for key {key}"))),
+        Resolved::Refused(state) => Err(Status::failed_precondition(format!(
             "record {key} is {}; {wanted}",
-            record::state_name(*state)
+            record::state_name(state)
         ))),
     }
 }
@@ -172,16 +168,13 @@ fn error_response(code: u32, message: &str) -> Response {
 }
 
 #[tonic::async_trait]
-impl Admin for AdminService {
+impl<S: Store> Admin for AdminService<S> {
     async fn get_record(
         &self,
         request: Request<pb::GetRecordRequest>,
     ) -> Result<Reply<pb::RecordView>, Status> {
         let key = selected(request.into_inner().key)?;
-        let found = self
-            .update(&key, |current| (Change::Keep, current.cloned()))
-            .await
-            .map_err(store_status)?;
+        let found = self.read(&key).await.map_err(store_status)?;
         match found {
             Some(record) => Ok(Reply::new(view(&key, &record, self.clock.now_ms()))),
             None => Err(Status::not_found(format!("no record for key {key}"))),
@@ -219,8 +212,7 @@ impl Admin for AdminService {
                 .await
                 .map_err(store_status)?;
             for (key, record) in &page.records {
-                let record = self.opened(key, record);
-                let shown = view(key, &record, now_ms);
+                let shown = view(key, record, now_ms);
                 let old_enough = now_ms.saturating_sub(record.created_ms) >= filter.older_than_ms;
                 if (filter.state.is_empty() || filter.state == shown.state)
                     && (filter.method.is_empty() || filter.method == shown.method)
@@ -280,11 +272,11 @@ impl Admin for AdminService {
             }
             None => return Err(Status::invalid_argument("choose forget or complete")),
         };
-        let resolved = resolved.map_err(store_status)?;
-        if let Some(status) = resolved_status(&key, &resolved, "only IN_DOUBT records are resolved")
-        {
-            return Err(status);
-        }
+        let before = applied(
+            &key,
+            resolved.map_err(store_status)?,
+            "only IN_DOUBT records are resolved",
+        )?;
         tracing::warn!(
             key = %key.short(),
             operator = %asked.operator,
@@ -293,14 +285,7 @@ impl Admin for AdminService {
             resolution = %how,
             "operator resolved an IN_DOUBT record"
         );
-        let after = self
-            .update(&key, |current| (Change::Keep, current.cloned()))
-            .await
-            .map_err(store_status)?;
-        let before = match resolved {
-            Resolved::Applied(before) => before,
-            _ => unreachable!("only an applied change gets here"),
-        };
+        let after = self.read(&key).await.map_err(store_status)?;
         Ok(Reply::new(view(
             &key,
             after.as_ref().unwrap_or(&before),
@@ -324,9 +309,7 @@ impl Admin for AdminService {
                     .await
                     .map_err(store_status)?;
                 let refusal = "a call may still be running under it; wait for its lease to end";
-                if let Some(status) = resolved_status(&key, &resolved, refusal) {
-                    return Err(status);
-                }
+                applied(&key, resolved, refusal)?;
                 tracing::warn!(key = %key.short(), operator = %asked.operator, %peer, "operator purged a record");
                 1
             }
@@ -347,7 +330,7 @@ impl Admin for AdminService {
     async fn get_stats(&self, _: Request<pb::GetStatsRequest>) -> Result<Reply<pb::Stats>, Status> {
         let now_ms = self.clock.now_ms();
         let mut stats = pb::Stats {
-            backend: self.store.backend().to_owned(),
+            backend: self.backend.to_owned(),
             store_bytes: self.store.usage().bytes,
             ..pb::Stats::default()
         };
@@ -463,9 +446,9 @@ fn tls_incoming(
 
 /// Serves the admin API, health and reflection on `listener` until `shutdown`; over TLS when
 /// `tls` is set (required off loopback: the bearer token must not cross a network in clear).
-pub async fn serve(
+pub async fn serve<S: Store>(
     listener: tokio::net::TcpListener,
-    service: AdminService,
+    service: AdminService<S>,
     (token, tls): (Option<String>, Option<Arc<crate::tls::Reloading>>),
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -473,7 +456,7 @@ pub async fn serve(
         token: token.map(Arc::from),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AdminServer<AdminService>>().await;
+    health.set_serving::<AdminServer<AdminService<S>>>().await;
     // Reflection v1, and v1alpha for the clients that still ask it (older grpcurl, grpcui,
     // Postman, Python's grpc_reflection.v1alpha), as grpc-go and grpc-java serve both.
     let reflection = || {

@@ -8,6 +8,7 @@
 pub mod descriptors;
 pub mod message;
 pub mod reflection;
+pub mod rules;
 
 use crate::engine::CallPolicy;
 use crate::pb::idemproxy::v1::{

@@ -533,7 +533,7 @@ pub async fn serve<S: Store, C: Clock>(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let _ = stream.set_nodelay(true);
-        let connection = Connection {
+        let connection = ClientConnection {
             builder: builder.clone(),
             proxy: proxy.clone(),
             drain: drain.clone(),
@@ -605,14 +605,14 @@ async fn accept(
 }
 
 /// One client connection's share of the listener.
-struct Connection<S, C> {
+struct ClientConnection<S, C> {
     builder: http2::Builder<TokioExecutor>,
     proxy: Arc<Proxy<S, C>>,
     drain: tokio::sync::watch::Receiver<bool>,
     idle_timeout: std::time::Duration,
 }
 
-impl<S: Store, C: Clock> Connection<S, C> {
+impl<S: Store, C: Clock> ClientConnection<S, C> {
     /// Serves the connection until it closes: gracefully (GOAWAY, open calls finish) when the
     /// listener drains or when no call started for the idle timeout.
     async fn run<I>(mut self, io: I, peer: Peer)

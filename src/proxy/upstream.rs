@@ -29,7 +29,7 @@ use tracing::Instrument as _;
 /// The service's address and the connection that reaches it.
 #[derive(Clone)]
 pub struct HttpUpstream {
-    connection: Arc<Connection>,
+    connection: Arc<UpstreamConnection>,
     scheme: Scheme,
     authority: Authority,
     response_bytes_max: usize,
@@ -103,7 +103,7 @@ const INITIAL_MAX_SEND_STREAMS: usize = 100;
 
 /// The one HTTP/2 connection to the service, made when first needed and again after it
 /// closes.
-struct Connection {
+struct UpstreamConnection {
     address: String,
     authority: Authority,
     /// The open connection's handle, cloned per request, and its generation.
@@ -122,7 +122,7 @@ impl Ready {
     /// Opens the request's stream; a connection that refuses is discarded.
     fn send_request(
         &mut self,
-        connection: &Connection,
+        connection: &UpstreamConnection,
         head: Request<()>,
         end_of_stream: bool,
     ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), UpstreamError> {
@@ -135,7 +135,7 @@ impl Ready {
     }
 }
 
-impl Connection {
+impl UpstreamConnection {
     /// A handle ready to send one request on: the open connection, or a new one when it
     /// has closed.
     async fn ready(&self) -> Result<Ready, UpstreamError> {
@@ -255,7 +255,7 @@ impl HttpUpstream {
             "{}:{port}",
             host.trim_start_matches('[').trim_end_matches(']')
         );
-        let connection = Arc::new(Connection {
+        let connection = Arc::new(UpstreamConnection {
             address,
             authority: authority.clone(),
             current: Mutex::new(None),
@@ -311,6 +311,19 @@ impl HttpUpstream {
             .await
     }
 
+    /// The CLIENT span of one call to the service, its context put in the call's headers;
+    /// every exit to the service (`stream`, `forward`, `call`) opens it here.
+    fn client_span(&self, parts: &mut Parts) -> tracing::Span {
+        if !trace::enabled() {
+            return tracing::Span::none();
+        }
+        trace::client_span(
+            parts.uri.path(),
+            self.authority.as_str(),
+            &mut parts.headers,
+        )
+    }
+
     /// Sends a passthrough call in its CLIENT span (when traces are exported).
     async fn traced<F, R>(
         &self,
@@ -321,15 +334,7 @@ impl HttpUpstream {
         F: FnOnce(Request<()>) -> R,
         R: Future<Output = Result<Response<RecvStream>, UpstreamError>>,
     {
-        let span = if trace::enabled() {
-            trace::client_span(
-                parts.uri.path(),
-                self.authority.as_str(),
-                &mut parts.headers,
-            )
-        } else {
-            tracing::Span::none()
-        };
+        let span = self.client_span(&mut parts);
         let response = send(self.head(parts)).instrument(span.clone()).await?;
         if !span.is_none() {
             let status = response.headers().get("grpc-status");
@@ -510,11 +515,7 @@ impl Upstream for HttpUpstream {
     type Stream = Response<ProxyBody>;
 
     async fn call(&self, mut parts: Parts, body: Bytes) -> Reply<Response<ProxyBody>> {
-        let span = trace::client_span(
-            parts.uri.path(),
-            self.authority.as_str(),
-            &mut parts.headers,
-        );
+        let span = self.client_span(&mut parts);
         let reply = self.collect(parts, body).instrument(span.clone()).await;
         if let Reply::Complete(response) = &reply {
             trace::record_status(&span, Some(response.grpc_status));

@@ -4,7 +4,7 @@
 //! eviction order, and nothing durable: a restart is modelled by `restart`, which keeps every
 //! record (all writes here count as flushed) and turns IN_FLIGHT records into IN_DOUBT.
 
-use super::{Maintenance, Store, StoreError, Usage};
+use super::{Maintenance, Operation, Store, StoreError, Usage};
 use crate::key::Key;
 use crate::record::{self, Change, Record};
 use prost::Message;
@@ -274,7 +274,12 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn update<T, F>(&self, key: &Key, mut transition: F) -> Result<T, StoreError>
+    async fn update<T, F>(
+        &self,
+        _operation: Operation,
+        key: &Key,
+        mut transition: F,
+    ) -> Result<T, StoreError>
     where
         T: Send,
         F: FnMut(Option<&Record>) -> (Change, T) + Send,

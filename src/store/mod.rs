@@ -13,7 +13,6 @@ pub mod memory;
 pub mod postgres;
 pub mod redis;
 pub mod sled;
-mod slices;
 pub mod witness;
 
 use crate::key::Key;
@@ -83,14 +82,55 @@ pub struct Page {
 /// Records one `scan` page holds at most, whatever is asked.
 pub const PAGE_RECORDS_MAX: usize = 1_000;
 
+/// What a transition is for. The layers over a store count and trace by it, and only a claim
+/// (the one transition that creates a record where none is) may be tried against "absent"
+/// without reading the record first: any other transition of an absent record changes
+/// nothing, so trying it unread would decide it twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Claim a key (or read it as a duplicate).
+    Claim,
+    /// Record an outcome.
+    Complete,
+    /// Release a claim (the service did not act).
+    Release,
+    /// Mark a claim IN_DOUBT.
+    MarkInDoubt,
+    /// An operator reads a record.
+    Read,
+    /// An operator resolves, completes or deletes a record.
+    Operator,
+}
+
+impl Operation {
+    /// The name metrics and traces show (`operation`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Claim => "claim",
+            Operation::Complete => "complete",
+            Operation::Release => "release",
+            Operation::MarkInDoubt => "mark_in_doubt",
+            Operation::Read => "read",
+            Operation::Operator => "operator",
+        }
+    }
+
+    /// Whether the store may first try the transition against "absent", without a read.
+    pub fn tries_absent_first(self) -> bool {
+        self == Operation::Claim
+    }
+}
+
 /// A durable home for records.
 pub trait Store: Send + Sync + 'static {
     /// Applies `transition` to the record of `key` atomically: the closure sees the current
     /// record and returns the change plus a value. It may run more than once when another
     /// writer races; only the run whose change lands counts. When `update` returns, the
-    /// change — and the record the closure saw, if it kept it — is durable.
+    /// change — and the record the closure saw, if it kept it — is durable. `operation`
+    /// says what the transition is for (see [`Operation::tries_absent_first`]).
     fn update<T, F>(
         &self,
+        operation: Operation,
         key: &Key,
         transition: F,
     ) -> impl Future<Output = Result<T, StoreError>> + Send
@@ -167,17 +207,22 @@ impl AnyStore {
 }
 
 impl Store for AnyStore {
-    async fn update<T, F>(&self, key: &Key, transition: F) -> Result<T, StoreError>
+    async fn update<T, F>(
+        &self,
+        operation: Operation,
+        key: &Key,
+        transition: F,
+    ) -> Result<T, StoreError>
     where
         T: Send,
         F: FnMut(Option<&Record>) -> (Change, T) + Send,
     {
         match self {
-            AnyStore::Sled(store) => store.update(key, transition).await,
+            AnyStore::Sled(store) => store.update(operation, key, transition).await,
             // Boxed: a Redis round trip's future is five times a sled one's, and every
             // call's future would carry its size.
-            AnyStore::Redis(store) => Box::pin(store.update(key, transition)).await,
-            AnyStore::Postgres(store) => Box::pin(store.update(key, transition)).await,
+            AnyStore::Redis(store) => Box::pin(store.update(operation, key, transition)).await,
+            AnyStore::Postgres(store) => Box::pin(store.update(operation, key, transition)).await,
         }
     }
 
@@ -244,5 +289,62 @@ impl Store for AnyStore {
             AnyStore::Redis(store) => store.caller_records(caller, now_ms).await,
             AnyStore::Postgres(store) => store.caller_records(caller, now_ms).await,
         }
+    }
+}
+
+/// A shared store is a store: the layers hold their inner store by value, and the server
+/// keeps the bare store for what only it does (reconciling, gauges).
+impl<S: Store> Store for std::sync::Arc<S> {
+    fn update<T, F>(
+        &self,
+        operation: Operation,
+        key: &Key,
+        transition: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send
+    where
+        T: Send,
+        F: FnMut(Option<&Record>) -> (Change, T) + Send,
+    {
+        (**self).update(operation, key, transition)
+    }
+
+    fn changed(&self, key: &Key) -> impl Future<Output = ()> + Send + 'static {
+        (**self).changed(key)
+    }
+
+    fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
+        (**self).maintain(now_ms)
+    }
+
+    fn usage(&self) -> Usage {
+        (**self).usage()
+    }
+
+    fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).check()
+    }
+
+    fn failed_for_good(&self) -> Option<String> {
+        (**self).failed_for_good()
+    }
+
+    fn scan(
+        &self,
+        cursor: Option<Vec<u8>>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Page, StoreError>> + Send {
+        (**self).scan(cursor, limit)
+    }
+
+    fn caller_records(
+        &self,
+        caller: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        (**self).caller_records(caller, now_ms)
+    }
+
+    fn is_sole_owner(&self) -> bool {
+        (**self).is_sole_owner()
     }
 }

@@ -18,7 +18,7 @@
 //! then fails closed. This module never decides a state and never retries a write whose
 //! result it does not know; the engine's release settles that.
 
-use super::{Maintenance, Store, StoreError, Usage, CAS_ROUNDS_MAX};
+use super::{Maintenance, Operation, Store, StoreError, Usage, CAS_ROUNDS_MAX};
 use crate::key::Key;
 use crate::record::{Change, Record};
 use futures_util::StreamExt;
@@ -117,19 +117,19 @@ pub struct RedisUrlError {
 }
 
 #[derive(Clone)]
-enum Connection {
+enum RedisConnection {
     Single(redis::aio::ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
-impl Connection {
+impl RedisConnection {
     async fn query<T: redis::FromRedisValue>(
         &mut self,
         command: &redis::Cmd,
     ) -> redis::RedisResult<T> {
         match self {
-            Connection::Single(connection) => command.query_async(connection).await,
-            Connection::Cluster(connection) => command.query_async(connection).await,
+            RedisConnection::Single(connection) => command.query_async(connection).await,
+            RedisConnection::Cluster(connection) => command.query_async(connection).await,
         }
     }
 
@@ -138,8 +138,8 @@ impl Connection {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> redis::RedisResult<T> {
         match self {
-            Connection::Single(connection) => invocation.invoke_async(connection).await,
-            Connection::Cluster(connection) => invocation.invoke_async(connection).await,
+            RedisConnection::Single(connection) => invocation.invoke_async(connection).await,
+            RedisConnection::Cluster(connection) => invocation.invoke_async(connection).await,
         }
     }
 }
@@ -154,7 +154,7 @@ enum Target {
 /// The Redis-backed store.
 pub struct RedisStore {
     target: Target,
-    connection: OnceCell<Connection>,
+    connection: OnceCell<RedisConnection>,
     script: redis::Script,
     count_caller: Option<redis::Script>,
     caller_records: redis::Script,
@@ -274,7 +274,7 @@ impl RedisStore {
     /// Files a written record under its caller, when callers are tracked.
     async fn count_caller(
         &self,
-        connection: &mut Connection,
+        connection: &mut RedisConnection,
         key: &Key,
         current: Option<&Record>,
         change: &Change,
@@ -313,7 +313,7 @@ impl RedisStore {
         format!("{}:{{{}}}", self.key_prefix, key.hex())
     }
 
-    async fn connection(&self) -> Result<Connection, StoreError> {
+    async fn connection(&self) -> Result<RedisConnection, StoreError> {
         let connecting = self.connection.get_or_try_init(|| async {
             match &self.target {
                 Target::Single(client) => {
@@ -324,11 +324,12 @@ impl RedisStore {
                     client
                         .get_connection_manager_with_config(config)
                         .await
-                        .map(Connection::Single)
+                        .map(RedisConnection::Single)
                 }
-                Target::Cluster(client) => {
-                    client.get_async_connection().await.map(Connection::Cluster)
-                }
+                Target::Cluster(client) => client
+                    .get_async_connection()
+                    .await
+                    .map(RedisConnection::Cluster),
             }
         });
         match tokio::time::timeout(self.command_timeout, connecting).await {
@@ -358,7 +359,7 @@ impl RedisStore {
 
     async fn read(
         &self,
-        connection: &mut Connection,
+        connection: &mut RedisConnection,
         name: &str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let command = redis::cmd("GET").arg(name).to_owned();
@@ -367,7 +368,7 @@ impl RedisStore {
 
     async fn compare_and_swap(
         &self,
-        connection: &mut Connection,
+        connection: &mut RedisConnection,
         name: &str,
         read: Option<&[u8]>,
         change: &Change,
@@ -404,7 +405,7 @@ impl RedisStore {
     /// Counts a written record under its caller; a failure only lets the cap lag.
     async fn count_after_swap(
         &self,
-        connection: &mut Connection,
+        connection: &mut RedisConnection,
         key: &Key,
         current: Option<&Record>,
         change: &Change,
@@ -423,21 +424,27 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    async fn update<T, F>(&self, key: &Key, mut transition: F) -> Result<T, StoreError>
+    async fn update<T, F>(
+        &self,
+        operation: Operation,
+        key: &Key,
+        mut transition: F,
+    ) -> Result<T, StoreError>
     where
         T: Send,
         F: FnMut(Option<&Record>) -> (Change, T) + Send,
     {
         let name = self.record_key(key);
         let mut connection = self.connection().await?;
-        // The record as last seen; `None`: not looked at yet. A key is first tried as fresh,
-        // with no GET: when the transition would create a record, the swap from "absent" goes
-        // at once, and a refused swap hands back what is there for the next round.
+        // The record as last seen; `None`: not looked at yet. A claim's key is first tried as
+        // fresh, with no GET: when the transition would create a record, the swap from
+        // "absent" goes at once, and a refused swap hands back what is there for the next
+        // round.
         let mut seen: Option<Option<Vec<u8>>> = None;
         for _ in 0..CAS_ROUNDS_MAX {
             // A fresh try that would create a record is swapped at once; anything else is
             // decided on the record as read (or as a refused swap handed it back).
-            let fresh = if seen.is_none() {
+            let fresh = if seen.is_none() && operation.tries_absent_first() {
                 Some(transition(None)).filter(|(change, _)| matches!(change, Change::Put(_)))
             } else {
                 None
@@ -534,7 +541,7 @@ impl Store for RedisStore {
     async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
         let limit = limit.clamp(1, super::PAGE_RECORDS_MAX);
         let mut connection = self.connection().await?;
-        if matches!(connection, Connection::Cluster(_)) {
+        if matches!(connection, RedisConnection::Cluster(_)) {
             return Err(StoreError::Io(
                 "listing records is not supported on Redis Cluster yet; get, resolve and purge work by key".into(),
             ));

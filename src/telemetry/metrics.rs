@@ -6,6 +6,7 @@
 //! methods are those the policy table names plus at most `METHOD_LABELS_MAX` others, then
 //! `_OTHER` (a client can send any path). No key, serial or caller is ever an attribute.
 
+use crate::store::Operation;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use opentelemetry::{KeyValue, StringValue};
 use std::collections::HashMap;
@@ -110,31 +111,6 @@ impl Decision {
     }
 }
 
-/// A store operation (`operation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreOperation {
-    /// Claim a key (or read it as a duplicate).
-    Claim,
-    /// Record an outcome.
-    Complete,
-    /// Release a claim (the service did not act).
-    Release,
-    /// Mark a claim IN_DOUBT.
-    MarkInDoubt,
-}
-
-impl StoreOperation {
-    /// The attribute value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StoreOperation::Claim => "claim",
-            StoreOperation::Complete => "complete",
-            StoreOperation::Release => "release",
-            StoreOperation::MarkInDoubt => "mark_in_doubt",
-        }
-    }
-}
-
 /// The instruments, made once per process from one meter.
 #[derive(Clone)]
 pub struct Metrics {
@@ -199,7 +175,7 @@ impl Metrics {
         ] {
             rare.add(0, &[]);
         }
-        for operation in [StoreOperation::Claim, StoreOperation::Complete] {
+        for operation in [Operation::Claim, Operation::Complete] {
             let attributes = [
                 KeyValue::new("operation", operation.as_str()),
                 KeyValue::new("idemproxy.store.backend", backend),
@@ -349,7 +325,7 @@ impl Metrics {
     }
 
     /// One store operation, and whether it failed.
-    pub fn store(&self, operation: StoreOperation, elapsed: Duration, failed: bool) {
+    pub fn store(&self, operation: Operation, elapsed: Duration, failed: bool) {
         let attributes = [
             KeyValue::new("operation", operation.as_str()),
             KeyValue::new("idemproxy.store.backend", self.backend),

@@ -9,6 +9,7 @@
 //! as their hash.
 
 pub mod metrics;
+pub mod timed;
 pub mod trace;
 
 use metrics::Metrics;
@@ -53,6 +54,37 @@ pub enum TelemetryError {
     /// The Prometheus registry refused the exporter.
     #[error("the /metrics exporter cannot start: {0}")]
     Prometheus(String),
+    /// A log format this build does not write.
+    #[error(
+        "{LOG_FORMAT_VARIABLE}={0}: write json or text (unset: json unless stderr is a terminal)"
+    )]
+    LogFormat(String),
+}
+
+/// The variable that chooses how logs are written.
+pub const LOG_FORMAT_VARIABLE: &str = "IDEMPROXY_LOG_FORMAT";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object a line, with the trace ids (for collectors).
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+impl LogFormat {
+    /// The format `IDEMPROXY_LOG_FORMAT` in `env` chooses; unset: JSON unless stderr is a
+    /// terminal.
+    pub fn from_env(env: Env<'_>) -> Result<LogFormat, TelemetryError> {
+        match env(LOG_FORMAT_VARIABLE).as_deref() {
+            Some("json") => Ok(LogFormat::Json),
+            Some("text") => Ok(LogFormat::Text),
+            Some(other) => Err(TelemetryError::LogFormat(other.to_owned())),
+            None if std::io::IsTerminal::is_terminal(&std::io::stderr()) => Ok(LogFormat::Text),
+            None => Ok(LogFormat::Json),
+        }
+    }
 }
 
 /// One process's telemetry: the instruments, what `/metrics` reads, and the providers to
@@ -63,6 +95,7 @@ pub struct Telemetry {
     registry: prometheus::Registry,
     meter_provider: SdkMeterProvider,
     tracer_provider: Option<SdkTracerProvider>,
+    log_format: LogFormat,
 }
 
 impl Telemetry {
@@ -74,6 +107,7 @@ impl Telemetry {
     /// From the `OTEL_*` settings in `env`. Must run inside the tokio runtime (the gRPC
     /// exporters' channels live on it).
     pub fn from_env(env: Env<'_>, backend: &'static str) -> Result<Telemetry, TelemetryError> {
+        let log_format = LogFormat::from_env(env)?;
         let resource = resource(env);
         let registry = prometheus::Registry::new();
         let prometheus = opentelemetry_prometheus::exporter()
@@ -112,6 +146,7 @@ impl Telemetry {
             registry,
             meter_provider,
             tracer_provider,
+            log_format,
         })
     }
 
@@ -139,13 +174,17 @@ impl Telemetry {
     /// Installs the log subscriber, with the span exporter's layer when traces are exported.
     /// Later calls in the same process do nothing.
     pub fn init_logs(&self) {
-        init_subscriber(self.tracer_provider.as_ref(), "info");
+        init_subscriber(self.tracer_provider.as_ref(), "info", self.log_format);
     }
 
     /// `init_logs`, showing only `default_filter` (say `warn`) unless `RUST_LOG` says more:
     /// for the demo, whose output is its table.
     pub fn init_logs_at(&self, default_filter: &str) {
-        init_subscriber(self.tracer_provider.as_ref(), default_filter);
+        init_subscriber(
+            self.tracer_provider.as_ref(),
+            default_filter,
+            self.log_format,
+        );
     }
 
     /// Sends what is queued (spans, a last metrics export), bounded by the exporters' own
@@ -291,22 +330,22 @@ impl Signal {
     }
 }
 
-/// Logs without exporters: the subscriber for tools (`inject`, `injector`, `keys`).
-pub fn init_logs() {
-    init_subscriber(None, "info");
+/// Logs without exporters: the subscriber for tools (`inject`, `injector`, `keys`), in the
+/// format `env` chooses.
+pub fn init_logs(env: Env<'_>) -> Result<(), TelemetryError> {
+    init_subscriber(None, "info", LogFormat::from_env(env)?);
+    Ok(())
 }
 
-fn init_subscriber(tracer_provider: Option<&SdkTracerProvider>, default_filter: &str) {
+fn init_subscriber(
+    tracer_provider: Option<&SdkTracerProvider>,
+    default_filter: &str,
+    format: LogFormat,
+) {
     use opentelemetry::trace::TracerProvider as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let json = match std::env::var("IDEMPROXY_LOG_FORMAT").as_deref() {
-        Ok("json") => true,
-        Ok("text") => false,
-        _ => !terminal,
-    };
-    let logs = if json {
+    let logs = if format == LogFormat::Json {
         // Span fields are never formatted (JSON lines carry the trace ids instead): formatting
         // every call span's fields was the largest cost of tracing in the profile.
         tracing_subscriber::fmt::layer()
@@ -317,7 +356,7 @@ fn init_subscriber(tracer_provider: Option<&SdkTracerProvider>, default_filter: 
     } else {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
-            .with_ansi(terminal)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .boxed()
     };
     // Only idemproxy's own spans are exported, whatever RUST_LOG says: never the HTTP/2 and

@@ -15,11 +15,11 @@ pub mod redis;
 pub mod tls;
 pub mod tmpfs;
 
-use idemproxy::config::{self, Settings, StoreKind};
+use idemproxy::config::{self, RunSettings, StoreKind};
 use idemproxy::pb::google::rpc::{ErrorInfo, Status as RpcStatus};
 use idemproxy::pb::idemproxy::testing::v1::ledger_client::LedgerClient;
 use idemproxy::pb::idemproxy::testing::v1::{ApplyReply, ApplyRequest};
-use idemproxy::server::Running;
+use idemproxy::server;
 use prost::Message;
 use std::ffi::OsStr;
 use std::future::Future;
@@ -33,7 +33,7 @@ use tonic::transport::Channel;
 /// one suite runs on every backend (`scripts/test` runs it on each).
 pub struct Sidecar {
     pub addr: SocketAddr,
-    pub running: Running,
+    pub running: server::Sidecar,
     pub dir: tempfile::TempDir,
     pub redis: Option<redis::TestRedis>,
 }
@@ -44,7 +44,7 @@ pub fn test_store() -> String {
 }
 
 /// Starts the Redis (or PostgreSQL) the current backend needs, and points `args` at it.
-pub fn use_test_store(args: &mut Settings) -> Option<redis::TestRedis> {
+pub fn use_test_store(args: &mut RunSettings) -> Option<redis::TestRedis> {
     let store = test_store();
     let redis = match store.as_str() {
         "sled" => return None,
@@ -76,7 +76,11 @@ pub fn use_test_store(args: &mut Settings) -> Option<redis::TestRedis> {
 
 /// Settings every test sidecar starts from: loopback, a fresh dir, fast sweeps; `extra` are
 /// more flags of `run` (a `--config` file, say), parsed as the binary parses them.
-pub fn test_args_with(upstream: SocketAddr, dir: &std::path::Path, extra: &[&OsStr]) -> Settings {
+pub fn test_args_with(
+    upstream: SocketAddr,
+    dir: &std::path::Path,
+    extra: &[&OsStr],
+) -> RunSettings {
     let upstream = format!("http://{upstream}");
     let flags = [
         "--listen",
@@ -98,12 +102,12 @@ pub fn test_args_with(upstream: SocketAddr, dir: &std::path::Path, extra: &[&OsS
 }
 
 /// `test_args_with` and no more flags.
-pub fn test_args(upstream: SocketAddr, dir: &std::path::Path) -> Settings {
+pub fn test_args(upstream: SocketAddr, dir: &std::path::Path) -> RunSettings {
     test_args_with(upstream, dir, &[])
 }
 
 /// Starts a sidecar in front of `upstream`; `tweak` adjusts the settings.
-pub async fn start_sidecar(upstream: SocketAddr, tweak: impl FnOnce(&mut Settings)) -> Sidecar {
+pub async fn start_sidecar(upstream: SocketAddr, tweak: impl FnOnce(&mut RunSettings)) -> Sidecar {
     start_sidecar_with(upstream, &[], tweak).await
 }
 
@@ -112,7 +116,7 @@ pub async fn start_sidecar(upstream: SocketAddr, tweak: impl FnOnce(&mut Setting
 pub async fn start_sidecar_with(
     upstream: SocketAddr,
     extra: &[&OsStr],
-    tweak: impl FnOnce(&mut Settings),
+    tweak: impl FnOnce(&mut RunSettings),
 ) -> Sidecar {
     let dir = tempfile::tempdir().expect("a temp dir");
     let mut args = test_args_with(upstream, dir.path(), extra);

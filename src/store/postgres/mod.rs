@@ -3,7 +3,8 @@
 //!
 //! One row per record (key, the record's protobuf bytes as the other stores keep them, its
 //! expiry, its caller) in a table the sidecar creates and versions itself (`schema`). A
-//! transition reads the record, lets `record.rs` decide, then applies the change as a
+//! transition reads the record (a claim first tries "absent" unread), lets `record.rs`
+//! decide, then applies the change as a
 //! compare-and-swap against the SHA-256 of what was read, in one statement: `INSERT … ON
 //! CONFLICT DO NOTHING` from "absent", `UPDATE … WHERE sha256(value) = …` or `DELETE …`
 //! from a record (`batch`, which puts every swap waiting at that moment into one statement:
@@ -22,7 +23,9 @@ mod settle;
 mod tls;
 mod upkeep;
 
-use super::{Maintenance, Page, Store, StoreError, Usage, CAS_ROUNDS_MAX, PAGE_RECORDS_MAX};
+use super::{
+    Maintenance, Operation, Page, Store, StoreError, Usage, CAS_ROUNDS_MAX, PAGE_RECORDS_MAX,
+};
 use crate::key::Key;
 use crate::record::{Change, Record};
 use batch::{Outcome, Pending, Swap};
@@ -453,21 +456,35 @@ fn swap_for(key: &Key, read: Option<&[u8]>, change: &Change) -> Option<Swap> {
 }
 
 impl Store for PostgresStore {
-    async fn update<T, F>(&self, key: &Key, mut transition: F) -> Result<T, StoreError>
+    async fn update<T, F>(
+        &self,
+        operation: Operation,
+        key: &Key,
+        mut transition: F,
+    ) -> Result<T, StoreError>
     where
         T: Send,
         F: FnMut(Option<&Record>) -> (Change, T) + Send,
     {
-        // The record as last seen; `None`: to be read.
+        // The record as last seen; `None`: to be read. A claim is first tried against
+        // "absent" without a read: a fresh key's claim is one statement, and a refused one
+        // hands back the record that is there (a duplicate's claim is one statement too).
         let mut seen: Option<Option<Vec<u8>>> = None;
+        let mut fresh = operation.tries_absent_first();
         for _ in 0..CAS_ROUNDS_MAX {
             let read = match seen.take() {
                 Some(read) => read,
+                None if fresh => None,
                 None => self.shared.read(key).await?,
             };
             let current = decode(key, read.as_deref())?;
             let (change, value) = transition(current.as_ref());
+            let unread = std::mem::take(&mut fresh);
             let Some(swap) = swap_for(key, read.as_deref(), &change) else {
+                if unread {
+                    // Decided on "absent" unread, and it writes nothing: read, decide again.
+                    continue;
+                }
                 return Ok(value);
             };
             if swap.expected.is_none() {

@@ -17,10 +17,10 @@
 //! marker that an operator purged a packed record (or that it changed while being packed),
 //! naming the newest slice it hides, kept until the packed copy expires.
 
-use super::durable;
-use super::StoreError;
 use crate::key::Key;
 use crate::pb::idemproxy::v1::{ChunkRef, SliceChunk, SliceEntry, SliceMeta};
+use crate::store::durable;
+use crate::store::StoreError;
 use prost::Message;
 use std::collections::HashMap;
 use std::fs::File;

@@ -1,0 +1,356 @@
+//! One keyed call's attempt, read as its three steps: claim the key, forward the call, record
+//! its outcome. The facts the steps share (key, token, lease, policy, method, origin) are
+//! fixed when the attempt starts; each step is a method. It never forwards without a landed
+//! claim, and never answers a forwarded call before its outcome is settled in the store.
+
+use super::wait::InFlightWait;
+use super::{Answer, Call, CallPolicy, Clock, Engine, Reply, Upstream};
+use crate::key::{self, Key};
+use crate::record::{self, ClaimRequest, Claimed, Disposition, Fenced, Response, Token};
+use crate::status::{KeyState, Reason, Refusal};
+use crate::store::{Operation, Store, StoreError};
+use crate::telemetry::metrics::Decision;
+use bytes::Bytes;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Why a call is not ours to forward.
+pub(super) enum Unclaimed<S> {
+    /// A duplicate, answered from (or refused by) the record; `waited`: it first waited on an
+    /// in-flight first attempt.
+    Answered {
+        /// The answer.
+        answer: Answer<S>,
+        /// Whether it waited.
+        waited: bool,
+    },
+    /// The store failed: refused, unless the method is fail-open.
+    StoreFailed(Refusal),
+}
+
+/// What one claim round found.
+enum Round<S> {
+    /// The key is ours.
+    Owned,
+    /// A first attempt holds the key until `lease_until_ms`: wait for it, or give up.
+    Running { lease_until_ms: u64 },
+    /// Answered without forwarding.
+    Answered(Answer<S>),
+    /// The store failed.
+    StoreFailed(Refusal),
+}
+
+/// One keyed call's attempt on `engine`.
+pub(super) struct Attempt<'e, S, U, C> {
+    engine: &'e Engine<S, U, C>,
+    /// The call's key.
+    pub(super) key: Key,
+    /// This attempt's claim token: only it may complete, release or doubt the record.
+    token: Token,
+    /// How long the call may run: its deadline (or the default) plus the margin.
+    pub(super) lease: Duration,
+    /// The method's policy.
+    pub(super) policy: CallPolicy,
+    /// `/package.Service/Method`.
+    pub(super) method: String,
+    caller: String,
+    fingerprint: [u8; 32],
+    /// The call's own deadline, if it sent one.
+    timeout: Option<Duration>,
+    /// The call's span, kept with its outcome so a replay can link to it.
+    origin: Option<[u8; 24]>,
+}
+
+impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
+    /// The attempt of `call` under `key`, and what is forwarded if it is ours.
+    pub(super) fn of(
+        engine: &'e Engine<S, U, C>,
+        key: Key,
+        call: Call<U::Request>,
+    ) -> (Self, U::Request, Bytes) {
+        let fingerprint = call
+            .fingerprint
+            .unwrap_or_else(|| key::fingerprint(&call.body));
+        let limits = &engine.limits;
+        let attempt = Attempt {
+            engine,
+            key,
+            token: engine.tokens.next(),
+            lease: call.timeout.unwrap_or(limits.lease_default) + limits.lease_margin,
+            policy: call
+                .policy
+                .unwrap_or_else(|| CallPolicy::from_limits(limits)),
+            method: call.method,
+            caller: call.caller,
+            fingerprint,
+            timeout: call.timeout,
+            origin: call.origin,
+        };
+        (attempt, call.request, call.body)
+    }
+
+    /// Claims the key, waiting on an in-flight first attempt within the call's budget.
+    /// `Ok`: ours to forward.
+    pub(super) async fn claim(
+        &self,
+        answered: &mut tokio::sync::oneshot::Sender<(Answer<U::Stream>, Decision)>,
+    ) -> Result<(), Unclaimed<U::Stream>> {
+        let at_quota = self.at_quota().await.map_err(Unclaimed::StoreFailed)?;
+        let mut wait = InFlightWait::new(&self.policy, self.timeout);
+        let answered_after = |answer, wait: &InFlightWait| Unclaimed::Answered {
+            answer,
+            waited: wait.waited(),
+        };
+        loop {
+            let now_ms = self.engine.clock.now_ms();
+            let lease_until_ms = match self.claim_round(now_ms, at_quota).await {
+                Round::Owned => return Ok(()),
+                Round::Answered(answer) => return Err(answered_after(answer, &wait)),
+                Round::StoreFailed(refusal) => return Err(Unclaimed::StoreFailed(refusal)),
+                Round::Running { lease_until_ms } => lease_until_ms,
+            };
+            let lease_left = Duration::from_millis(lease_until_ms.saturating_sub(now_ms));
+            if let Err(refusal) = wait
+                .until_changed(self.engine, &self.key, lease_left, answered)
+                .await
+            {
+                return Err(answered_after(Answer::Refused(refusal), &wait));
+            }
+        }
+    }
+
+    /// Whether the caller is at its cap of live records (always false without a cap).
+    async fn at_quota(&self) -> Result<bool, Refusal> {
+        let Some(max) = self.engine.limits.records_per_caller_max else {
+            return Ok(false);
+        };
+        let now_ms = self.engine.clock.now_ms();
+        match self.engine.store.caller_records(&self.caller, now_ms).await {
+            Ok(live) => Ok(live >= max),
+            Err(error) => Err(store_refusal(self.key, &error)),
+        }
+    }
+
+    /// One claim transition, and what it means for this attempt.
+    async fn claim_round(&self, now_ms: u64, at_quota: bool) -> Round<U::Stream> {
+        let engine = self.engine;
+        let request = ClaimRequest {
+            fingerprint: &self.fingerprint,
+            method: &self.method,
+            caller: &self.caller,
+            token: self.token,
+            now_ms,
+            lease_until_ms: now_ms + self.lease.as_millis() as u64,
+            expires_ms: now_ms + self.policy.retention.as_millis() as u64,
+            sole_owner: engine
+                .store
+                .is_sole_owner()
+                .then(|| engine.tokens.incarnation()),
+            retry_in_doubt: self.policy.retry_in_doubt,
+            origin: self.origin.as_ref(),
+            at_quota,
+        };
+        let claimed = engine
+            .store
+            .update(Operation::Claim, &self.key, |current| {
+                record::claim(current, &request)
+            })
+            .await;
+        let claimed = match claimed {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                // The claim may have landed in memory without reaching the disk: take it back
+                // if we can, so the key is not left blocked by a call never forwarded.
+                self.settle(Operation::Release, |current| {
+                    record::release(current, &self.token)
+                })
+                .await;
+                return Round::StoreFailed(store_refusal(self.key, &error));
+            }
+        };
+        let key = self.key;
+        let refused = |refusal| Round::Answered(Answer::Refused(refusal));
+        match claimed {
+            Claimed::Owned => Round::Owned,
+            Claimed::InProgress { .. } if self.policy.reject_duplicates => {
+                refused(Refusal::duplicate(key, KeyState::InFlight))
+            }
+            Claimed::Replay(_) | Claimed::ResponseNotKept if self.policy.reject_duplicates => {
+                refused(Refusal::duplicate(key, KeyState::Completed))
+            }
+            Claimed::InProgress { lease_until_ms } => Round::Running { lease_until_ms },
+            Claimed::Replay(response) => Round::Answered(Answer::Replay(response)),
+            Claimed::KeyReused { state } => refused(Refusal::key_reused(key, state)),
+            Claimed::InDoubt => refused(Refusal::earlier_outcome_unknown(key)),
+            Claimed::QuotaExceeded => refused(Refusal::caller_quota(key)),
+            Claimed::Unreadable => refused(Refusal::unreadable(key)),
+            Claimed::ResponseNotKept => refused(Refusal::response_not_kept(key)),
+        }
+    }
+
+    /// Forwards the claimed call within its lease and records what happened.
+    pub(super) async fn forward(&self, request: U::Request, body: Bytes) -> Answer<U::Stream> {
+        let engine = self.engine;
+        let started = Instant::now();
+        let reply = engine.call_within(self.lease, request, body).await;
+        let outcome = match &reply {
+            Reply::Complete(_) | Reply::Oversized(_) => "complete",
+            Reply::NotProcessed(_) => "not_processed",
+            Reply::Unknown(_) => "unknown",
+        };
+        engine
+            .metrics
+            .upstream(&self.method, outcome, started.elapsed());
+        match reply {
+            Reply::Complete(mut response) => {
+                if let Some(origin) = self.origin {
+                    response.origin_trace = origin.to_vec();
+                }
+                self.record(response).await
+            }
+            Reply::Oversized(stream) => {
+                self.record_not_kept().await;
+                Answer::Stream(stream)
+            }
+            Reply::NotProcessed(why) => {
+                self.release().await;
+                // Released: no record holds the key, so a retry runs.
+                Answer::Refused(Refusal::upstream_unavailable(
+                    self.key,
+                    why,
+                    KeyState::Absent,
+                ))
+            }
+            Reply::Unknown(why) => {
+                tracing::warn!(key = %self.key, method = %self.method, "the call's outcome is unknown ({why}); its key stays IN_DOUBT until an operator resolves it or it expires");
+                self.mark_in_doubt(&why).await;
+                Answer::Refused(Refusal::outcome_unknown(self.key, why))
+            }
+        }
+    }
+
+    /// Records the service's complete answer as the policy says: kept, released or doubted.
+    async fn record(&self, response: Response) -> Answer<U::Stream> {
+        let policy = &self.policy;
+        match record::classify_with(&response, policy.record_codes, policy.release_codes) {
+            Disposition::Record => self.complete(response).await,
+            Disposition::Release => {
+                self.release().await;
+                Answer::Fresh(response)
+            }
+            Disposition::InDoubt => {
+                let why = format!("the service answered grpc-status {}", response.grpc_status);
+                self.mark_in_doubt(&why).await;
+                Answer::Fresh(response)
+            }
+        }
+    }
+
+    /// Completes the record with `response`: the caller hears it once it is durable.
+    async fn complete(&self, response: Response) -> Answer<U::Stream> {
+        let (now_ms, expires_ms) = self.now_and_expiry();
+        let token = &self.token;
+        // One copy per attempt: the record keeps it, the caller gets `response`.
+        let result = self
+            .engine
+            .store
+            .update(Operation::Complete, &self.key, |current| {
+                let kept = Some(response.clone());
+                record::complete(current, token, kept, now_ms, expires_ms)
+            })
+            .await;
+        match result {
+            Ok(Fenced::Applied) => {
+                self.engine.metrics.record_stored();
+                Answer::Fresh(response)
+            }
+            Ok(Fenced::NotOwner) => {
+                tracing::warn!(key = %self.key, "the record changed hands before the outcome; answering unrecorded");
+                Answer::Fresh(response)
+            }
+            // The service acted, but no retry could learn it: say the outcome is unknown,
+            // never UNAVAILABLE (which means "not forwarded").
+            Err(error) => {
+                tracing::warn!(key = %self.key, %error, "the service acted but its outcome could not be stored");
+                Answer::Refused(Refusal::outcome_not_recorded(self.key, error))
+            }
+        }
+    }
+
+    /// Completes the record without the response, too large to keep: duplicates learn that
+    /// the call ran.
+    async fn record_not_kept(&self) {
+        let (now_ms, expires_ms) = self.now_and_expiry();
+        let token = &self.token;
+        let kept = self
+            .engine
+            .store
+            .update(Operation::Complete, &self.key, |current| {
+                record::complete(current, token, None, now_ms, expires_ms)
+            })
+            .await;
+        if let Err(error) = kept {
+            tracing::warn!(key = %self.key, %error, "could not record an oversized outcome");
+        }
+    }
+
+    /// Gives the key back: the service did not act.
+    async fn release(&self) {
+        self.settle(Operation::Release, |current| {
+            record::release(current, &self.token)
+        })
+        .await;
+    }
+
+    /// Marks the key IN_DOUBT: the service may have acted, `why` its outcome is unknown.
+    async fn mark_in_doubt(&self, why: &str) {
+        self.settle(Operation::MarkInDoubt, |current| {
+            record::mark_in_doubt(current, &self.token, why)
+        })
+        .await;
+    }
+
+    /// Applies a release or in-doubt mark; on failure the record stays IN_FLIGHT and becomes
+    /// IN_DOUBT when its lease runs out, which is safe, so the caller still gets its answer.
+    async fn settle(
+        &self,
+        operation: Operation,
+        transition: impl FnMut(Option<&record::Record>) -> (record::Change, Fenced) + Send,
+    ) {
+        let settled = self
+            .engine
+            .store
+            .update(operation, &self.key, transition)
+            .await;
+        if let Err(error) = settled {
+            tracing::warn!(key = %self.key, %error, "could not settle a record; it becomes IN_DOUBT at its lease");
+        }
+    }
+
+    /// Now, and when a record written now expires under the method's retention.
+    fn now_and_expiry(&self) -> (u64, u64) {
+        let now_ms = self.engine.clock.now_ms();
+        (now_ms, now_ms + self.policy.retention.as_millis() as u64)
+    }
+}
+
+/// The refusal of a call whose store failed before it was forwarded (fail closed).
+fn store_refusal(key: Key, error: &StoreError) -> Refusal {
+    if let StoreError::Full { .. } = error {
+        tracing::warn!(key = %key, %error, "store full; refusing a new key (fail closed)");
+        return Refusal::new(
+            Reason::StoreFull,
+            format!(
+                "the idempotency store is full and keeps every outcome for its retention, so it \
+                 takes no new key until records expire; nothing was forwarded: {error}"
+            ),
+        )
+        .about(key, KeyState::Absent);
+    }
+    tracing::warn!(key = %key, %error, "store failed; refusing the call (fail closed)");
+    Refusal::new(
+        Reason::StoreUnavailable,
+        format!("the idempotency store is unavailable: {error}"),
+    )
+    .about(key, KeyState::Unknown)
+}

@@ -511,3 +511,79 @@ async fn readiness_follows_the_synchronous_standby() {
     .await;
     assert!(claim(&store, &key(2), 2).await, "new keys are taken again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_is_honoured_as_libpq_reads_it() {
+    use std::os::unix::fs::PermissionsExt;
+    // Certificates PostgreSQL (as the postgres user) can read; the key its own, 0600.
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(certs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ca, cert, private_key) = support::tls::ca_and_server(certs.path());
+    std::fs::set_permissions(&private_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if let Some((uid, gid)) = support::postgres::run_as() {
+        for file in [&cert, &private_key] {
+            std::os::unix::fs::chown(file, Some(uid), Some(gid)).unwrap();
+        }
+    }
+    let cert_setting = format!("ssl_cert_file={}", cert.display());
+    let key_setting = format!("ssl_key_file={}", private_key.display());
+    let server = PostgresServer::start(&["ssl=on", &cert_setting, &key_setting]);
+    let url = |mode: &str| {
+        format!(
+            "postgres://{}@127.0.0.1:{}/postgres?sslmode={mode}",
+            support::postgres::USER,
+            server.port
+        )
+    };
+    let ca_pem = std::fs::read(&ca).unwrap();
+    let store_with = |mode: &str, ca: Option<Vec<u8>>| {
+        let options = PostgresOptions::new(
+            &url(mode),
+            None,
+            ca,
+            "records",
+            Duration::from_secs(5),
+            false,
+        )
+        .unwrap();
+        PostgresStore::new(&options).unwrap()
+    };
+    // verify-full against the server's CA: connects, encrypted.
+    let verified = store_with("verify-full", Some(ca_pem.clone()));
+    assert!(claim(&verified, &key(1), 1).await);
+    let client = server.connect().await;
+    let encrypted: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE application_name = 'idemproxy' AND ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "the sidecar's sessions are encrypted");
+    // verify-full against the system's roots, which never signed the server: refused.
+    let unverified = store_with("verify-full", None)
+        .update(Operation::Read, &key(1), |_| (Change::Keep, ()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(unverified.contains("unreachable"), "{unverified}");
+    // require: encrypted, the certificate not checked (libpq's meaning).
+    assert!(claim(&store_with("require", None), &key(2), 2).await);
+    // verify-ca against the right CA, connecting by a name the certificate does not carry.
+    let by_name = PostgresOptions::new(
+        &format!(
+            "host=localhost hostaddr=127.0.0.1 port={} user={} dbname=postgres sslmode=verify-ca",
+            server.port,
+            support::postgres::USER
+        ),
+        None,
+        Some(ca_pem),
+        "records",
+        Duration::from_secs(5),
+        false,
+    )
+    .unwrap();
+    assert!(claim(&PostgresStore::new(&by_name).unwrap(), &key(3), 3).await);
+}

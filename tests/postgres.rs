@@ -223,33 +223,36 @@ async fn a_swap_committed_without_an_answer_counts_as_applied_once() {
     );
     let store = store_at(&url, &fresh_table(), false);
     assert!(claim(&store, &key(0), 1).await, "the schema is ready");
-    let runs = AtomicUsize::new(0);
-    let owned = store
-        .update(Operation::Claim, &key(1), |current| {
-            runs.fetch_add(1, Ordering::SeqCst);
-            // The swap this run decides is the next thing sent: cut the connection after it.
-            relay.armed.store(true, Ordering::SeqCst);
-            match current {
-                None => (Change::Put(claim_record(7)), true),
-                Some(_) => (Change::Keep, false),
-            }
-        })
-        .await
-        .expect("the outcome is settled by reading the record again");
-    // Had the broken swap been taken as refused, the second run would have found the claim
-    // and called it another's.
-    assert!(owned, "the claim that committed is this call's");
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        1,
-        "decided once, on the record as read"
-    );
-    let stored = store
-        .update(Operation::Read, &key(1), |current| {
-            (Change::Keep, current.cloned())
-        })
-        .await;
-    assert_eq!(stored.unwrap(), Some(claim_record(7)));
+    // The cut statement commits, or is ended by the settling before it does (then the claim
+    // is decided again and made anew): try keys until the committed case has been seen.
+    for n in 1..=20 {
+        let runs = AtomicUsize::new(0);
+        let owned = store
+            .update(Operation::Claim, &key(n), |current| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                // The swap this run decides is the next thing sent: cut the connection after it.
+                relay.armed.store(true, Ordering::SeqCst);
+                match current {
+                    None => (Change::Put(claim_record(7)), true),
+                    Some(_) => (Change::Keep, false),
+                }
+            })
+            .await
+            .expect("the outcome is settled by reading the record again");
+        // Had the broken swap been taken as refused, the next run would have found the claim
+        // it committed and called it another's.
+        assert!(owned, "the claim that landed is this call's");
+        let stored = store
+            .update(Operation::Read, &key(n), |current| {
+                (Change::Keep, current.cloned())
+            })
+            .await;
+        assert_eq!(stored.unwrap(), Some(claim_record(7)));
+        if runs.load(Ordering::SeqCst) == 1 {
+            return; // Committed without an answer, and counted as applied once.
+        }
+    }
+    panic!("in 20 cut statements none committed before it was settled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,11 +459,16 @@ async fn without_a_synchronous_standby_a_required_one_keeps_new_keys_out() {
     assert_eq!(refused.code(), tonic::Code::Unavailable);
     assert_eq!(support::reason(&refused), "IDEMPOTENCY_STORE_UNAVAILABLE");
     assert_eq!(upstream.state.executions(), 0, "nothing forwarded");
-    let (_, metrics) = support::http::get(ops, "/metrics").await;
-    assert!(
-        metrics.contains("idemproxy_postgres_sync_standbys 0"),
-        "{metrics}"
-    );
+    // Shown once the first readiness check has read the standbys.
+    support::eventually(
+        Duration::from_secs(10),
+        "the standbys on /metrics",
+        || async move {
+            let (_, metrics) = support::http::get(ops, "/metrics").await;
+            metrics.contains("idemproxy_postgres_sync_standbys 0")
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

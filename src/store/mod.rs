@@ -13,6 +13,7 @@ pub mod memory;
 pub mod postgres;
 pub mod redis;
 pub mod sled;
+pub mod waiters;
 pub mod witness;
 
 use crate::key::Key;

@@ -76,7 +76,7 @@ pub struct Shared {
     /// One connection attempt at a time: the others wait for its outcome.
     connecting: Semaphore,
     schema_ready: AtomicBool,
-    notifier: Arc<notify::Notifier>,
+    notifier: Arc<super::waiters::Waiters>,
     /// Statements of swaps committed (or tried), and the swaps they carried.
     commits: AtomicU64,
     swaps: AtomicU64,
@@ -346,7 +346,7 @@ impl PostgresStore {
         let tls = tls::MakeRustls::new(options.verify, options.ca_pem.as_deref())
             .map_err(|error| StoreError::Io(format!("PostgreSQL TLS settings: {error}")))?;
         let table = schema::Table::new(&options.table);
-        let notifier = notify::Notifier::start(
+        let notifier = notify::start(
             options.config.clone(),
             tls.clone(),
             table.name.clone(),

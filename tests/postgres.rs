@@ -595,3 +595,62 @@ async fn sslmode_is_honoured_as_libpq_reads_it() {
     .unwrap();
     assert!(claim(&PostgresStore::new(&by_name).unwrap(), &key(3), 3).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_stays_near_its_live_bytes_over_fill_and_expire_rounds() {
+    // Autovacuum looks every second here (a minute by default), so that rounds are short.
+    let server = PostgresServer::start(&["autovacuum_naptime=1", "fsync=off"]);
+    let store = Arc::new(store_at(&server.url(), "records", false));
+    assert!(claim(&store, &key(0), 1).await, "the schema is ready");
+    let client = server.connect().await;
+    let (records, value_bytes) = (5_000_i64, 400_i32);
+    let mut sizes = Vec::new();
+    for round in 0..5_i64 {
+        // A round's records, all expiring at once, then expired by the sweeper's batches.
+        client
+            .execute(
+                "INSERT INTO records (key, value, expires_ms, caller) \
+                 SELECT sha256((g + $1::int8 * 1000000)::text::bytea), \
+                        decode(repeat('ab', $2), 'hex'), 1000, 'c' \
+                 FROM generate_series(1, $3::int8) AS g",
+                &[&round, &value_bytes, &records],
+            )
+            .await
+            .unwrap();
+        let filled: i64 = client
+            .query_one("SELECT pg_total_relation_size('records')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let vacuums = || async {
+            let count: i64 = client
+                .query_one(
+                    "SELECT autovacuum_count FROM pg_stat_user_tables WHERE relname = 'records'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            count
+        };
+        let before = vacuums().await;
+        let maintaining = store.clone();
+        let done = tokio::task::spawn_blocking(move || maintaining.maintain(2_000))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.expired, records as u64);
+        // PostgreSQL's own vacuum (not one the sidecar runs) makes the space free again.
+        support::eventually(Duration::from_secs(60), "autovacuum", || async {
+            vacuums().await > before
+        })
+        .await;
+        sizes.push(filled);
+    }
+    println!("table with indexes, full, per round (bytes): {sizes:?}");
+    // Each round's records take the space the last round's freed.
+    assert!(
+        sizes[4] <= sizes[0] * 3 / 2,
+        "the table grows round after round: {sizes:?}"
+    );
+}

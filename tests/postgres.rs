@@ -654,3 +654,40 @@ async fn the_table_stays_near_its_live_bytes_over_fill_and_expire_rounds() {
         "the table grows round after round: {sizes:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_claiming_the_same_keys_at_once_never_fail_each_other() {
+    // Hedged copies of the same calls reach two replicas at once: their batches hold the
+    // same keys, each in its own order.
+    let server = shared();
+    let table = fresh_table();
+    let stores = [
+        Arc::new(store_at(&server.url(), &table, false)),
+        Arc::new(store_at(&server.url(), &table, false)),
+    ];
+    assert!(claim(&stores[0], &key(0), 1).await, "the schema is ready");
+    for round in 0..10_u64 {
+        let mut claims = Vec::new();
+        for n in 1..=60_u64 {
+            for (replica, store) in stores.iter().enumerate() {
+                // Each replica sees the keys in another order.
+                let n = if replica == 0 { n } else { 61 - n };
+                let store = store.clone();
+                let key = key(round * 1_000 + n);
+                claims.push(tokio::spawn(async move {
+                    store
+                        .update(Operation::Claim, &key, |current| match current {
+                            None => (Change::Put(claim_record(replica as u8)), true),
+                            Some(_) => (Change::Keep, false),
+                        })
+                        .await
+                }));
+            }
+        }
+        let mut owners = 0;
+        for claimed in claims {
+            owners += usize::from(claimed.await.unwrap().expect("no claim fails another's"));
+        }
+        assert_eq!(owners, 60, "each key has one owner");
+    }
+}

@@ -48,6 +48,10 @@ pub const EXPIRE_BATCH_RECORDS: i64 = 1_000;
 /// Statements of expired records one maintenance round runs at most.
 pub const EXPIRE_BATCHES_MAX: usize = 10;
 
+/// Times one batch is sent again after PostgreSQL rolled it back for a conflict with another
+/// replica's (a deadlock).
+pub const CONFLICT_RETRIES_MAX: usize = 3;
+
 /// How often a waiting duplicate reads its record again when no notification came.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -251,45 +255,35 @@ impl Shared {
     /// Runs one batch of swaps (at most one per key) as one statement.
     async fn swap_all(&self, swaps: &[&Swap]) -> Result<Vec<Outcome>, StoreError> {
         let connected = self.connection().await?;
-        let positions: Vec<i32> = (0..swaps.len() as i32).collect();
-        let keys: Vec<&[u8]> = swaps.iter().map(|swap| &swap.key[..]).collect();
-        let expected: Vec<Option<&[u8]>> = swaps
-            .iter()
-            .map(|swap| swap.expected.as_ref().map(|digest| &digest[..]))
-            .collect();
-        let values: Vec<Option<&[u8]>> = swaps
-            .iter()
-            .map(|swap| swap.put.as_ref().map(|put| &put.0[..]))
-            .collect();
-        let expiries: Vec<i64> = swaps
-            .iter()
-            .map(|swap| swap.put.as_ref().map_or(0, |put| put.1))
-            .collect();
-        let callers: Vec<&str> = swaps
-            .iter()
-            .map(|swap| swap.put.as_ref().map_or("", |put| put.2.as_str()))
-            .collect();
+        let arrays = Arrays::of(swaps);
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
-            &positions,
-            &keys,
-            &expected,
-            &values,
-            &expiries,
-            &callers,
+            &arrays.positions,
+            &arrays.keys,
+            &arrays.expected,
+            &arrays.values,
+            &arrays.expiries,
+            &arrays.callers,
             &self.table.name,
         ];
-        let running = connected.client.query(&connected.swap, &params);
-        let rows = match tokio::time::timeout(self.timeout, running).await {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(error)) if !outcome_unknown(&error) => {
-                return Err(unavailable("refused a compare-and-swap", describe(&error)));
-            }
-            Ok(Err(_)) | Err(_) => {
-                self.discard(&connected);
-                return Ok(vec![
-                    Outcome::Unknown(connected.backend.clone());
-                    swaps.len()
-                ]);
+        let mut conflicts = 0;
+        let rows = loop {
+            let running = connected.client.query(&connected.swap, &params);
+            match tokio::time::timeout(self.timeout, running).await {
+                Ok(Ok(rows)) => break rows,
+                // Rolled back whole, so nothing of it landed: sent again.
+                Ok(Err(error)) if lost_a_conflict(&error) && conflicts < CONFLICT_RETRIES_MAX => {
+                    conflicts += 1;
+                }
+                Ok(Err(error)) if !outcome_unknown(&error) => {
+                    return Err(unavailable("refused a compare-and-swap", describe(&error)));
+                }
+                Ok(Err(_)) | Err(_) => {
+                    self.discard(&connected);
+                    return Ok(vec![
+                        Outcome::Unknown(connected.backend.clone());
+                        swaps.len()
+                    ]);
+                }
             }
         };
         // A row missing from the answer leaves its swap refused, to be read again.
@@ -310,6 +304,54 @@ impl Shared {
         }
         Ok(outcomes)
     }
+}
+
+/// A batch as the statement's arrays, in key order: every replica then locks the records of
+/// its batch in the same order, so two batches holding the same keys (hedged copies on two
+/// replicas) seldom deadlock; `positions` says where each swap was in the batch.
+struct Arrays<'a> {
+    positions: Vec<i32>,
+    keys: Vec<&'a [u8]>,
+    expected: Vec<Option<&'a [u8]>>,
+    values: Vec<Option<&'a [u8]>>,
+    expiries: Vec<i64>,
+    callers: Vec<&'a str>,
+}
+
+impl<'a> Arrays<'a> {
+    fn of(swaps: &[&'a Swap]) -> Arrays<'a> {
+        let mut order: Vec<usize> = (0..swaps.len()).collect();
+        order.sort_by_key(|&n| swaps[n].key);
+        let swaps: Vec<&'a Swap> = order.iter().map(|&n| swaps[n]).collect();
+        Arrays {
+            positions: order.iter().map(|&n| n as i32).collect(),
+            keys: swaps.iter().map(|swap| &swap.key[..]).collect(),
+            expected: swaps
+                .iter()
+                .map(|swap| swap.expected.as_ref().map(|digest| &digest[..]))
+                .collect(),
+            values: swaps
+                .iter()
+                .map(|swap| swap.put.as_ref().map(|put| &put.0[..]))
+                .collect(),
+            expiries: swaps
+                .iter()
+                .map(|swap| swap.put.as_ref().map_or(0, |put| put.1))
+                .collect(),
+            callers: swaps
+                .iter()
+                .map(|swap| swap.put.as_ref().map_or("", |put| put.2.as_str()))
+                .collect(),
+        }
+    }
+}
+
+/// Whether PostgreSQL rolled the statement back for a conflict with another (a deadlock, a
+/// serialization failure): nothing of it landed, and it may be sent again.
+fn lost_a_conflict(error: &tokio_postgres::Error) -> bool {
+    error
+        .code()
+        .is_some_and(|code| matches!(code.code(), "40P01" | "40001"))
 }
 
 /// A refused swap's outcome. The statement's snapshot may predate the change that refused

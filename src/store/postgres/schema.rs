@@ -81,7 +81,7 @@ impl Table {
              inserted AS (\
                INSERT INTO {table} (key, value, expires_ms, caller) \
                SELECT key, value, expires_ms, caller FROM input \
-               WHERE expected IS NULL AND value IS NOT NULL \
+               WHERE expected IS NULL AND value IS NOT NULL ORDER BY key \
                ON CONFLICT (key) DO NOTHING RETURNING key), \
              updated AS (\
                UPDATE {table} AS r \

@@ -105,13 +105,15 @@ impl Table {
         )
     }
 
-    /// Deletes up to $2 records that expired by $1 (Unix ms); returns how many.
+    /// Deletes up to $2 records that expired by $1 (Unix ms); returns how many. Records
+    /// another replica's sweeper or a swap holds are skipped, not waited for.
     pub fn expire(&self) -> String {
         let table = &self.quoted;
         format!(
             "WITH gone AS (\
                DELETE FROM {table} WHERE ctid = ANY(ARRAY(\
-                 SELECT ctid FROM {table} WHERE expires_ms <= $1 LIMIT $2)) \
+                 SELECT ctid FROM {table} WHERE expires_ms <= $1 LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED)) \
                AND expires_ms <= $1 RETURNING 1) \
              SELECT count(*) FROM gone"
         )

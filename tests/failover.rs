@@ -8,14 +8,16 @@
 //! answered. Then every answer a caller got is asked for again.
 //!
 //! With the standby synchronous: 0 keys executed twice, 0 acknowledged answers lost. With it
-//! asynchronous the same run must find losses, which shows that the check can fail.
+//! asynchronous the same run must find losses, which shows that the check can fail; and so
+//! must the same failover on Redis (a replica promoted with `REPLICAOF NO ONE`), whose
+//! replication is asynchronous: README's choice of store quotes what it loses.
 
 // A failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
-use idemproxy::config::StoreKind;
+use idemproxy::config::{RunSettings, StoreKind};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -123,15 +125,31 @@ async fn run(synchronous: bool) -> Verdict {
          target_session_attrs=read-write sslmode=disable connect_timeout=1",
         primary.port, standby.port
     );
+    let on_postgres = move |args: &mut RunSettings| {
+        args.store = StoreKind::Postgres;
+        args.postgres_url = Some(url.clone());
+        args.postgres_table = "records".into();
+    };
+    under_load(on_postgres, move || {
+        fail_over(&primary, &standby);
+        (primary, standby)
+    })
+    .await
+}
+
+/// Two sidecars set up by `store`, callers on both; `fail_over` runs once enough keys are
+/// answered; then every answer is asked for again.
+async fn under_load<T: Send + 'static>(
+    store: impl Fn(&mut RunSettings) + Clone + Send + 'static,
+    fail_over: impl FnOnce() -> T + Send + 'static,
+) -> Verdict {
     let upstream = ledger::start().await;
     let mut sidecars = Vec::new();
     for _ in 0..2 {
-        let url = url.clone();
+        let store = store.clone();
         sidecars.push(
             start_sidecar(upstream.addr, move |args| {
-                args.store = StoreKind::Postgres;
-                args.postgres_url = Some(url);
-                args.postgres_table = "records".into();
+                store(args);
                 args.store_timeout = Duration::from_secs(1);
                 args.default_lease = Duration::from_secs(2);
                 args.lease_margin = Duration::ZERO;
@@ -164,19 +182,13 @@ async fn run(synchronous: bool) -> Verdict {
         },
     )
     .await;
-    let (primary, standby) = tokio::task::spawn_blocking(move || {
-        fail_over(&primary, &standby);
-        (primary, standby)
-    })
-    .await
-    .unwrap();
+    // The servers are kept until the answers have been asked for again.
+    let _servers = tokio::task::spawn_blocking(fail_over).await.unwrap();
     for caller in callers {
         caller.await.unwrap();
     }
     let ended = ended.lock().unwrap().clone();
-    let verdict = check(addrs, &ended, &upstream.state).await;
-    drop((primary, standby));
-    verdict
+    check(addrs, &ended, &upstream.state).await
 }
 
 /// Asks again for every answer a caller got, through both sidecars.
@@ -241,5 +253,105 @@ async fn a_failover_to_an_asynchronous_standby_is_caught_losing_answers() {
     assert!(
         verdict.lost + verdict.executed_twice > 0,
         "the check found nothing lost with an asynchronous standby: it cannot fail ({verdict:?})"
+    );
+}
+
+/// A TCP relay to a server: a connection goes to `target` as it is when it connects; once
+/// `frozen`, what the server sends is read and dropped, so the far side gets nothing more.
+struct Relay {
+    port: u16,
+    target: Arc<std::sync::atomic::AtomicU16>,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn relay(target: u16) -> Relay {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let target = Arc::new(std::sync::atomic::AtomicU16::new(target));
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (to, freeze) = (target.clone(), frozen.clone());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let port = to.load(Ordering::SeqCst);
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue; // The client sees its connection closed, and connects again.
+            };
+            let freeze = freeze.clone();
+            tokio::spawn(async move {
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let up = tokio::io::copy(&mut from_client, &mut to_server);
+                let down = async {
+                    let mut buffer = vec![0; 64 * 1024];
+                    loop {
+                        let n = from_server.read(&mut buffer).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        if !freeze.load(Ordering::SeqCst)
+                            && to_client.write_all(&buffer[..n]).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = up => {}
+                    () = down => {}
+                }
+            });
+        }
+    });
+    Relay {
+        port,
+        target,
+        frozen,
+    }
+}
+
+/// The same failover on Redis: a replica fed through a relay that freezes (it receives
+/// nothing more), the primary SIGKILLed, the replica promoted (`REPLICAOF NO ONE`), the
+/// sidecars' relay turned to it.
+async fn run_on_redis() -> Verdict {
+    use support::redis::{command, RedisServer};
+    let mut primary = RedisServer::start();
+    let replication = relay(primary.port).await;
+    let replica_of = replication.port.to_string();
+    let replica = RedisServer::start_with(move |_, _| {
+        vec!["--replicaof".into(), "127.0.0.1".into(), replica_of]
+    });
+    support::eventually(Duration::from_secs(30), "the replica in sync", || {
+        let port = replica.port;
+        async move {
+            let info = command(port, &["INFO", "replication"]);
+            format!("{info:?}").contains("master_link_status:up")
+        }
+    })
+    .await;
+    let clients = relay(primary.port).await;
+    let url = format!("redis://127.0.0.1:{}", clients.port);
+    let on_redis = move |args: &mut RunSettings| {
+        args.store = StoreKind::Redis;
+        args.redis_url = Some(url.clone());
+    };
+    under_load(on_redis, move || {
+        replication.frozen.store(true, Ordering::SeqCst);
+        std::thread::sleep(STANDBY_BEHIND);
+        primary.kill();
+        command(replica.port, &["REPLICAOF", "NO", "ONE"]).expect("the replica is promoted");
+        clients.target.store(replica.port, Ordering::SeqCst);
+        (primary, replica, replication, clients)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_failover_loses_what_the_replica_had_not_received() {
+    let verdict = run_on_redis().await;
+    println!("Redis, replica promoted: {verdict:?}");
+    assert!(
+        verdict.lost + verdict.executed_twice > 0,
+        "Redis' replication is asynchronous: a promoted replica misses what it had not received ({verdict:?})"
     );
 }

@@ -691,3 +691,52 @@ async fn replicas_claiming_the_same_keys_at_once_never_fail_each_other() {
         assert_eq!(owners, 60, "each key has one owner");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_is_down_calls_fail_closed_and_resume_by_themselves() {
+    let server = PostgresServer::start(&["fsync=off"]);
+    let (url, port) = (server.url(), server.port);
+    let upstream = support::ledger::start().await;
+    let sidecar = support::start_sidecar(upstream.addr, move |args| {
+        args.store = idemproxy::config::StoreKind::Postgres;
+        args.postgres_url = Some(url);
+        args.postgres_table = "records".into();
+        args.store_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut client = support::client(sidecar.addr).await;
+    support::apply(&mut client, support::add("a", 1), Some("before"), None)
+        .await
+        .expect("served while PostgreSQL is up");
+    let dir = tokio::task::spawn_blocking(move || server.stop_keeping_files())
+        .await
+        .unwrap();
+    let refused = support::apply(&mut client, support::add("b", 1), Some("during"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(support::reason(&refused), "IDEMPOTENCY_STORE_UNAVAILABLE");
+    assert_eq!(
+        upstream.state.executions(),
+        1,
+        "nothing forwarded without a claim"
+    );
+    let _server =
+        tokio::task::spawn_blocking(move || PostgresServer::start_in(dir, port, &["fsync=off"]))
+            .await
+            .unwrap();
+    support::eventually(Duration::from_secs(30), "calls served again", || {
+        let mut client = client.clone();
+        async move {
+            support::apply(&mut client, support::add("b", 1), Some("after"), None)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let replay = support::apply(&mut client, support::add("a", 1), Some("before"), None)
+        .await
+        .expect("the answer from before is still there");
+    assert!(support::was_replayed(&replay));
+    assert_eq!(upstream.state.executions(), 2);
+}

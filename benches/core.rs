@@ -51,6 +51,7 @@ async fn claim_and_complete<S: Store>(store: &S, n: u64) {
         retry_in_doubt: false,
         origin: None,
         at_quota: false,
+        serial: None,
     };
     store
         .update(Operation::Claim, &key, |current| {

@@ -12,6 +12,7 @@ pub mod injector;
 pub mod key;
 pub mod ops;
 pub mod policy;
+pub mod probe;
 pub mod proxy;
 pub mod record;
 pub mod seal;

@@ -303,7 +303,7 @@ pub async fn start(config: &Config) -> Result<Sidecar, StartError> {
 
 /// Opens the store and starts serving, recording into `telemetry`.
 pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Sidecar, StartError> {
-    let policy = resolve_policy(config).await?;
+    let policy = Arc::new(resolve_policy(config).await?);
     let metrics = telemetry.metrics.clone();
     metrics.know_methods(policy.methods().iter().map(|rule| rule.path.as_str()));
     let tokens = Tokens::for_this_process();
@@ -320,7 +320,24 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
         tokens,
         config.limits.clone(),
     );
-    let engine = Arc::new(engine.with_metrics(metrics.clone()));
+    let caller_header = match &config.callers.source {
+        CallerSource::Header(name) => Some(name.clone()),
+        _ => None,
+    };
+    let prober = crate::probe::Prober::new(
+        records.clone(),
+        upstream.clone(),
+        policy.clone(),
+        caller_header,
+        metrics.clone(),
+    )
+    .map(Arc::new);
+    let engine = engine.with_metrics(metrics.clone()).with_prober(
+        prober
+            .clone()
+            .map(|p| p as Arc<dyn crate::engine::InDoubtProber>),
+    );
+    let engine = Arc::new(engine);
     let settings = ProxySettings {
         key_header: config.key_header.clone(),
         callers: config.callers.clone(),
@@ -357,7 +374,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
         telemetry.clone(),
         wait_for(ops_stopped),
     ));
-    let proxy = Proxy::new(settings, engine.clone(), upstream, Arc::new(policy));
+    let proxy = Proxy::new(settings, engine.clone(), upstream, policy);
     let proxy = Arc::new(proxy.with_metrics(metrics.clone()));
     let serving = tokio::spawn(proxy::serve(
         listener,
@@ -381,8 +398,15 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
         store.clone(),
         config.sweep_interval,
         metrics,
-        wait_for(stopped),
+        wait_for(stopped.clone()),
     ));
+    let mut tasks = vec![serving, sweeping, administering, watching];
+    if let Some(prober) = prober {
+        // The walk that finds unknown outcomes to look up, a crash's included.
+        tasks.push(tokio::spawn(
+            prober.run(config.sweep_interval, wait_for(stopped)),
+        ));
+    }
     Ok(Sidecar {
         proxy_addr,
         store,
@@ -393,7 +417,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
         stop,
         ops_stop,
         ops,
-        tasks: vec![serving, sweeping, administering, watching],
+        tasks,
     })
 }
 

@@ -139,6 +139,7 @@ fn claim_request(token: u8, now_ms: u64) -> ClaimRequest<'static> {
         retry_in_doubt: false,
         origin: None,
         at_quota: false,
+        serial: None,
     }
 }
 

@@ -44,6 +44,7 @@ fn claim_request(process: u8, n: u8, now_ms: u64) -> ClaimRequest<'static> {
         retry_in_doubt: false,
         origin: None,
         at_quota: false,
+        serial: None,
     }
 }
 

@@ -245,6 +245,7 @@ impl Model {
                     retry_in_doubt: false,
                     origin: None,
                     at_quota: false,
+                    serial: None,
                 };
                 self.both(Operation::Claim, &key(n), |current| {
                     record::claim(current, &request)

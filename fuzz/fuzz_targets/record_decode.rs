@@ -33,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
             retry_in_doubt,
             origin: None,
             at_quota,
+            serial: None,
         };
         if let (_, record::Claimed::Replay(response)) = record::claim(Some(&opened), &request) {
             let _ = idemproxy::proxy::recorded_response(response, true);

@@ -34,6 +34,8 @@ enum Round<S> {
     Owned,
     /// A first attempt holds the key until `lease_until_ms`: wait for it, or give up.
     Running { lease_until_ms: u64 },
+    /// The record's outcome is unknown and the method declares a probe: ask the service.
+    InDoubt,
     /// Answered without forwarding.
     Answered(Answer<S>),
     /// The store failed.
@@ -54,6 +56,8 @@ pub(super) struct Attempt<'e, S, U, C> {
     /// `/package.Service/Method`.
     pub(super) method: String,
     caller: String,
+    /// The serial number, kept in the record when the method's outcome is probed.
+    serial: Bytes,
     fingerprint: [u8; 32],
     /// The call's own deadline, if it sent one.
     timeout: Option<Duration>,
@@ -75,13 +79,14 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
         let attempt = Attempt {
             engine,
             key,
-            token: engine.tokens.next(),
+            token: engine.tokens.next_token(),
             lease: call.timeout.unwrap_or(limits.lease_default) + limits.lease_margin,
             policy: call
                 .policy
                 .unwrap_or_else(|| CallPolicy::from_limits(limits)),
             method: call.method,
             caller: call.caller,
+            serial: call.serial,
             fingerprint,
             timeout: call.timeout,
             origin: call.origin,
@@ -101,12 +106,20 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
             answer,
             waited: wait.waited(),
         };
+        let mut probed = false;
         loop {
             let now_ms = self.engine.clock.now_ms();
-            let lease_until_ms = match self.claim_round(now_ms, at_quota).await {
+            let lease_until_ms = match self.claim_round(now_ms, at_quota, probed).await {
                 Round::Owned => return Ok(()),
                 Round::Answered(answer) => return Err(answered_after(answer, &wait)),
                 Round::StoreFailed(refusal) => return Err(Unclaimed::StoreFailed(refusal)),
+                Round::InDoubt => {
+                    // Once: the probe settles the record (found, released, or still unknown)
+                    // and the next round answers from what it left.
+                    probed = true;
+                    self.probe_within(wait.left()).await;
+                    continue;
+                }
                 Round::Running { lease_until_ms } => lease_until_ms,
             };
             let lease_left = Duration::from_millis(lease_until_ms.saturating_sub(now_ms));
@@ -131,8 +144,18 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
         }
     }
 
-    /// One claim transition, and what it means for this attempt.
-    async fn claim_round(&self, now_ms: u64, at_quota: bool) -> Round<U::Stream> {
+    /// Asks the service about the key's unknown outcome, within what is left of this
+    /// duplicate's wait.
+    async fn probe_within(&self, left: Duration) {
+        let Some(prober) = &self.engine.prober else {
+            return;
+        };
+        let _ = tokio::time::timeout(left, prober.probe_now(self.key)).await;
+    }
+
+    /// One claim transition, and what it means for this attempt (`probed`: a probe was
+    /// asked already).
+    async fn claim_round(&self, now_ms: u64, at_quota: bool, probed: bool) -> Round<U::Stream> {
         let engine = self.engine;
         let request = ClaimRequest {
             fingerprint: &self.fingerprint,
@@ -149,6 +172,7 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
             retry_in_doubt: self.policy.retry_in_doubt,
             origin: self.origin.as_ref(),
             at_quota,
+            serial: self.policy.probe.then_some(&self.serial[..]),
         };
         let claimed = engine
             .store
@@ -181,6 +205,9 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
             Claimed::InProgress { lease_until_ms } => Round::Running { lease_until_ms },
             Claimed::Replay(response) => Round::Answered(Answer::Replay(response)),
             Claimed::KeyReused { state } => refused(Refusal::key_reused(key, state)),
+            Claimed::InDoubt if self.policy.probe && !probed && engine.prober.is_some() => {
+                Round::InDoubt
+            }
             Claimed::InDoubt => refused(Refusal::earlier_outcome_unknown(key)),
             Claimed::QuotaExceeded => refused(Refusal::caller_quota(key)),
             Claimed::Unreadable => refused(Refusal::unreadable(key)),

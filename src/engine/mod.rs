@@ -163,6 +163,9 @@ pub struct CallPolicy {
     pub release_codes: u32,
     /// The store failing, the call is forwarded without deduplication instead of refused.
     pub fail_open: bool,
+    /// An unknown outcome is looked up in the service (an in-doubt probe): the record keeps
+    /// the serial, and a duplicate of an IN_DOUBT record waits for a probe.
+    pub probe: bool,
 }
 
 impl CallPolicy {
@@ -177,6 +180,7 @@ impl CallPolicy {
             record_codes: 0,
             release_codes: 0,
             fail_open: false,
+            probe: false,
         }
     }
 }
@@ -213,7 +217,8 @@ impl Tokens {
         self.incarnation
     }
 
-    fn next(&self) -> Token {
+    /// A token no other claim of this process has.
+    pub fn next_token(&self) -> Token {
         let mut token = [0u8; 16];
         token[..8].copy_from_slice(&self.incarnation);
         token[8..].copy_from_slice(&self.next.fetch_add(1, Ordering::Relaxed).to_be_bytes());
@@ -238,6 +243,14 @@ impl Drop for RunningCall {
     }
 }
 
+/// Looks IN_DOUBT records up in the service (`probe.rs`); the engine asks it when a duplicate
+/// meets an unknown outcome.
+pub trait InDoubtProber: Send + Sync + 'static {
+    /// Probes the IN_DOUBT record of `key` now, if its call has ended and no other probe
+    /// holds it; resolves once the probe has settled the record (or could not be sent).
+    fn probe_now(&self, key: Key) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
 /// The dedup engine over one store, one upstream and one clock.
 pub struct Engine<S, U, C> {
     /// Calls still running (claimed or claiming, their outcome not yet recorded), for the
@@ -249,6 +262,8 @@ pub struct Engine<S, U, C> {
     tokens: Tokens,
     limits: Limits,
     metrics: Metrics,
+    /// Looks up unknown outcomes for the methods that declare a probe; `None`: none do.
+    prober: Option<Arc<dyn InDoubtProber>>,
 }
 
 impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
@@ -262,12 +277,19 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             tokens,
             limits,
             metrics: Metrics::disabled(),
+            prober: None,
         }
     }
 
     /// Records into `metrics` (store operations, waits, upstream durations).
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Asks `prober` when a duplicate of a probed method meets an unknown outcome.
+    pub fn with_prober(mut self, prober: Option<Arc<dyn InDoubtProber>>) -> Self {
+        self.prober = prober;
         self
     }
 

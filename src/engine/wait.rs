@@ -49,6 +49,11 @@ impl InFlightWait {
         }
     }
 
+    /// What is left of the wait (zero once it is over).
+    pub(super) fn left(&self) -> Duration {
+        self.until.saturating_duration_since(Instant::now())
+    }
+
     /// Whether the duplicate waited on a running first attempt.
     pub(super) fn waited(&self) -> bool {
         self.waited

@@ -7,6 +7,7 @@
 
 pub mod descriptors;
 pub mod message;
+pub mod probe;
 pub mod reflection;
 pub mod rules;
 
@@ -76,6 +77,8 @@ pub struct MethodRule {
     pub client_streaming: bool,
     /// Where the rule came from, for `check`.
     pub origin: &'static str,
+    /// How an unknown outcome is looked up in the service, when the method declares it.
+    pub probe: Option<probe::ProbeRule>,
 }
 
 impl MethodRule {
@@ -122,6 +125,13 @@ impl PolicyTable {
         };
         let mut errors = Vec::new();
         for (path, rule) in overrides {
+            if rule.in_doubt_probe.is_some() {
+                errors.push(error(
+                    path,
+                    "in-doubt-probe needs the service's descriptors (--descriptor-set, --proto or --reflection) to build the probe's request",
+                ));
+                continue;
+            }
             let built = build_rule(path.clone(), rule, false, None, Vec::new(), None, defaults);
             match built {
                 Ok(mut rule) => {
@@ -211,6 +221,11 @@ impl PolicyTable {
         for rule in rules.iter().copied().chain(default_row) {
             let _ = writeln!(out, "{}", render_row(rule));
         }
+        for rule in &rules {
+            if let Some(probe) = &rule.probe {
+                let _ = writeln!(out, "probe of {}: {}", rule.path, probe.describe());
+            }
+        }
         out
     }
 }
@@ -254,6 +269,8 @@ fn render_row(rule: &MethodRule) -> String {
                 in_flight,
                 if rule.call.retry_in_doubt {
                     "retry"
+                } else if rule.probe.is_some() {
+                    "probe"
                 } else {
                     "reject"
                 },
@@ -288,6 +305,7 @@ fn default_rule(defaults: CallPolicy) -> MethodRule {
         input: None,
         client_streaming: false,
         origin: "defaults",
+        probe: None,
     }
 }
 
@@ -363,6 +381,9 @@ fn merged(service: Option<&MethodPolicy>, method: Option<&MethodPolicy>) -> Meth
     }
     if method.fail_open.is_some() {
         out.fail_open = method.fail_open;
+    }
+    if method.in_doubt_probe.is_some() {
+        out.in_doubt_probe.clone_from(&method.in_doubt_probe);
     }
     out
 }
@@ -457,6 +478,17 @@ fn resolve_method(
             return Err(errors);
         }
     };
+    if let Some(spec) = &policy.in_doubt_probe {
+        if rule.dedup != Dedup::WhenKeyed || rule.call.retry_in_doubt {
+            return Err(vec![error(
+                &rule.path,
+                "in_doubt_probe on a method that is not deduplicated, or that runs an unknown outcome again (IN_DOUBT_RETRY): remove one",
+            )]);
+        }
+        let found = probe::resolve(pool, method, &rule.path, spec).map_err(|e| vec![e])?;
+        rule.probe = Some(found);
+        rule.call.probe = true;
+    }
     rule.origin = match (configured, annotation, service_defaults, safe) {
         (Some(_), _, _, _) => "config file",
         (None, _, _, true) if rule.dedup == Dedup::Off => "idempotency_level",
@@ -515,6 +547,7 @@ fn build_rule(
         record_codes,
         release_codes,
         fail_open: policy.fail_open == Some(true),
+        probe: false,
     };
     let inspects = dedup == Dedup::WhenKeyed && (key_field.is_some() || !ignored.is_empty());
     Ok(MethodRule {
@@ -527,6 +560,7 @@ fn build_rule(
         ignored,
         client_streaming: false,
         origin: "defaults",
+        probe: None,
     })
 }
 

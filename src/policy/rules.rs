@@ -24,6 +24,10 @@ pub struct MethodSettings {
     record_codes: Option<Vec<String>>,
     release_codes: Option<Vec<String>>,
     fail_open: Option<bool>,
+    in_doubt_probe: Option<String>,
+    in_doubt_probe_key: Option<String>,
+    in_doubt_probe_after: Option<String>,
+    in_doubt_probe_give_up_after: Option<String>,
 }
 
 /// A per-method rule of the config file that cannot be used.
@@ -132,6 +136,18 @@ pub fn method_rules(
             record_codes: settings.record_codes.unwrap_or_default(),
             release_codes: settings.release_codes.unwrap_or_default(),
             fail_open: settings.fail_open,
+            in_doubt_probe: match &settings.in_doubt_probe {
+                None => None,
+                Some(method) => Some(crate::pb::idemproxy::v1::InDoubtProbe {
+                    method: method.clone(),
+                    after: span("in-doubt-probe-after", &settings.in_doubt_probe_after)?,
+                    give_up_after: span(
+                        "in-doubt-probe-give-up-after",
+                        &settings.in_doubt_probe_give_up_after,
+                    )?,
+                    key_field: settings.in_doubt_probe_key.clone().unwrap_or_default(),
+                }),
+            },
         };
         rules.insert(path, policy);
     }

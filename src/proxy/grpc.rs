@@ -229,6 +229,7 @@ pub fn to_response(
         trailers_only,
         grpc_status,
         origin_trace: Default::default(),
+        resolved_by_probe: false,
     }
 }
 

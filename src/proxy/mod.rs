@@ -39,6 +39,10 @@ use upstream::{HttpUpstream, UpstreamError};
 /// The metadata a replayed answer carries.
 pub const REPLAYED_HEADER: &str = "idempotency-replayed";
 
+/// On a replay of an outcome an in-doubt probe recorded: `probe` (the service's lookup
+/// answered, not the call itself).
+pub const RESOLVED_BY_HEADER: &str = "idempotency-resolved-by";
+
 /// What the proxy reads from each call.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -122,6 +126,9 @@ pub fn recorded_response(recorded: Response, replayed: bool) -> HttpResponse {
     let mut headers = grpc::from_headers(&recorded.headers, 1);
     if replayed {
         headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+        if recorded.resolved_by_probe {
+            headers.insert(RESOLVED_BY_HEADER, HeaderValue::from_static("probe"));
+        }
     }
     let body = if recorded.trailers_only {
         ProxyBody::empty()

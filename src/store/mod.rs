@@ -101,6 +101,8 @@ pub enum Operation {
     Read,
     /// An operator resolves, completes or deletes a record.
     Operator,
+    /// An in-doubt probe takes or settles a record.
+    Probe,
 }
 
 impl Operation {
@@ -113,6 +115,7 @@ impl Operation {
             Operation::MarkInDoubt => "mark_in_doubt",
             Operation::Read => "read",
             Operation::Operator => "operator",
+            Operation::Probe => "probe",
         }
     }
 

@@ -25,6 +25,9 @@ pub const STORE_DURATION: &str = "idemproxy.store.operation.duration";
 pub const STORE_ERRORS: &str = "idemproxy.store.errors";
 /// Outcomes recorded (COMPLETED records written).
 pub const RECORDS_STORED: &str = "idemproxy.records.stored";
+/// In-doubt probes sent, by what the service answered (`answer`: found, not_found,
+/// failed), and probing given up (`gave_up`).
+pub const PROBES: &str = "idemproxy.probes";
 /// Records the sweeper deleted at the end of their retention.
 pub const RECORDS_EXPIRED: &str = "idemproxy.records.expired";
 /// COMPLETED records evicted to keep the store within `--max-store-bytes`.
@@ -120,6 +123,7 @@ pub struct Metrics {
     store_duration: Histogram<f64>,
     store_errors: Counter<u64>,
     records_stored: Counter<u64>,
+    probes: Counter<u64>,
     records_expired: Counter<u64>,
     records_evicted: Counter<u64>,
     in_flight_waits: Counter<u64>,
@@ -157,6 +161,7 @@ impl Metrics {
             store_duration: seconds(STORE_DURATION, "Duration of store operations"),
             store_errors: counter(STORE_ERRORS, "Store operations that failed"),
             records_stored: counter(RECORDS_STORED, "Outcomes recorded"),
+            probes: counter(PROBES, "In-doubt probes, by the service's answer"),
             records_expired: counter(RECORDS_EXPIRED, "Records deleted at retention"),
             records_evicted: counter(RECORDS_EVICTED, "Completed records evicted for space"),
             in_flight_waits: counter(
@@ -340,6 +345,11 @@ impl Metrics {
     /// An outcome recorded.
     pub fn record_stored(&self) {
         self.records_stored.add(1, &[]);
+    }
+
+    /// One in-doubt probe and what came of it (`found`, `not_found`, `failed`, `gave_up`).
+    pub fn probe(&self, answer: &'static str) {
+        self.probes.add(1, &[KeyValue::new("answer", answer)]);
     }
 
     /// What one sweep deleted.

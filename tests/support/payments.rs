@@ -3,13 +3,16 @@
 
 use idemproxy::pb::idemproxy::example::v1::payments_server::{Payments, PaymentsServer};
 use idemproxy::pb::idemproxy::example::v1::{
-    BalanceReply, BalanceRequest, ChargeReply, ChargeRequest, PayoutEvent, PayoutRequest,
-    RefundReply, RefundRequest,
+    BalanceReply, BalanceRequest, ChargeReply, ChargeRequest, GetChargeRequest, PayoutEvent,
+    PayoutRequest, RefundReply, RefundRequest,
 };
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -21,6 +24,13 @@ pub struct Executions {
     pub refunds: AtomicU64,
     pub balances: AtomicU64,
     pub payouts: AtomicU64,
+    /// GetCharge calls, and those that carried idemproxy's probe header and which caller.
+    pub lookups: AtomicU64,
+    pub probe_callers: Mutex<Vec<String>>,
+    /// GetCharge answers UNAVAILABLE while set.
+    pub lookups_unavailable: AtomicBool,
+    /// The charges made, by payment serial.
+    pub charged: Mutex<HashMap<String, ChargeReply>>,
 }
 
 impl Executions {
@@ -35,6 +45,9 @@ impl Executions {
     }
     pub fn payouts(&self) -> u64 {
         self.payouts.load(Ordering::SeqCst)
+    }
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::SeqCst)
     }
 }
 
@@ -61,6 +74,13 @@ impl Payments for Service {
         &self,
         request: Request<ChargeRequest>,
     ) -> Result<Response<ChargeReply>, Status> {
+        // A trace id of `fail-before-charge` or `fail-after-charge` (left out of the
+        // fingerprint, so a retry may differ) answers INTERNAL, an unknown outcome to the
+        // sidecar, without or after charging; `hang-after-charge` answers 3 s late.
+        let then = Some(request.get_ref().trace_id.clone());
+        if then.as_deref() == Some("fail-before-charge") {
+            return Err(Status::internal("the charge broke before it was made"));
+        }
         let execution = self.executions.charges.fetch_add(1, Ordering::SeqCst) + 1;
         let serial = request
             .get_ref()
@@ -68,10 +88,49 @@ impl Payments for Service {
             .as_ref()
             .map(|p| p.serial.clone())
             .unwrap_or_default();
-        Ok(Response::new(ChargeReply {
+        let reply = ChargeReply {
             charge_id: format!("ch-{serial}-{execution}"),
             execution,
-        }))
+        };
+        self.executions
+            .charged
+            .lock()
+            .unwrap()
+            .insert(serial, reply.clone());
+        if then.as_deref() == Some("fail-after-charge") {
+            return Err(Status::internal(
+                "the charge was made, then its answer broke",
+            ));
+        }
+        if then.as_deref() == Some("hang-after-charge") {
+            // Long enough for a test to kill the sidecar while the call runs.
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn get_charge(
+        &self,
+        request: Request<GetChargeRequest>,
+    ) -> Result<Response<ChargeReply>, Status> {
+        self.executions.lookups.fetch_add(1, Ordering::SeqCst);
+        if request.metadata().get("idempotency-probe").is_some() {
+            let caller = request
+                .metadata()
+                .get("x-caller-id")
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("-")
+                .to_owned();
+            self.executions.probe_callers.lock().unwrap().push(caller);
+        }
+        if self.executions.lookups_unavailable.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("the ledger is down"));
+        }
+        let charged = self.executions.charged.lock().unwrap();
+        match charged.get(&request.get_ref().serial) {
+            Some(reply) => Ok(Response::new(reply.clone())),
+            None => Err(Status::not_found("no charge under this serial")),
+        }
     }
 
     async fn refund(&self, _: Request<RefundRequest>) -> Result<Response<RefundReply>, Status> {

@@ -5,6 +5,8 @@
 //! compare-and-swap or one script) and never invent a state of their own. Nothing here does
 //! I/O or reads a clock: the instant is an argument.
 
+pub mod probe;
+
 pub use crate::pb::idemproxy::v1::{Header, Record, Response, State};
 
 /// The version written in every new record.
@@ -57,6 +59,8 @@ pub struct ClaimRequest<'a> {
     /// The caller holds as many live records as it may: a claim that would create a new
     /// record is refused (`Claimed::QuotaExceeded`); duplicates of its records are answered.
     pub at_quota: bool,
+    /// The serial number, kept in the record when the method's unknown outcome is probed.
+    pub serial: Option<&'a [u8]>,
 }
 
 /// What a claim learned.
@@ -195,6 +199,7 @@ fn new_in_flight(request: &ClaimRequest<'_>) -> Record {
             .origin
             .map(|origin| origin.to_vec())
             .unwrap_or_default(),
+        serial: request.serial.map(<[u8]>::to_vec).unwrap_or_default(),
         ..Record::default()
     }
 }
@@ -418,6 +423,7 @@ mod tests {
             retry_in_doubt: false,
             origin: None,
             at_quota: false,
+            serial: None,
         }
     }
 

@@ -4,16 +4,15 @@
 //! One row per record (key, the record's protobuf bytes as the other stores keep them, its
 //! expiry, its caller) in a table the sidecar creates and versions itself (`schema`). A
 //! transition reads the record (a claim first tries "absent" unread), lets `record.rs`
-//! decide, then applies the change as a
-//! compare-and-swap against the SHA-256 of what was read, in one statement: `INSERT … ON
-//! CONFLICT DO NOTHING` from "absent", `UPDATE … WHERE sha256(value) = …` or `DELETE …`
-//! from a record (`batch`, which puts every swap waiting at that moment into one statement:
-//! group commit). A refused swap hands back the record as it is, for the next round. A
-//! statement whose connection broke before PostgreSQL answered is neither applied nor
-//! refused: the store ends the old session, reconnects and reads the record again before
-//! anything is decided (`Store::update` in this file). Waiting duplicates are woken by
-//! LISTEN/NOTIFY (`notify`), polling as the fallback. This module never decides a state,
-//! never writes without comparing, and never answers a write it cannot confirm as done.
+//! decide, then applies the change as a compare-and-swap against the SHA-256 of what was
+//! read, in one statement: `INSERT … ON CONFLICT DO NOTHING` from "absent", `UPDATE … WHERE
+//! sha256(value) = …` or `DELETE …` from a record (`batch`, which puts every swap waiting at
+//! that moment into one statement: group commit). A refused swap hands back the record as
+//! it is, for the next round. A statement whose connection broke before PostgreSQL answered
+//! is neither applied nor refused until `settle` has waited its session out and read the
+//! record again. Waiting duplicates are woken by LISTEN/NOTIFY (`notify`), polling as the
+//! fallback. This module never decides a state, never writes without comparing, and never
+//! answers a write it cannot confirm as done.
 
 mod batch;
 mod notify;
@@ -55,7 +54,7 @@ pub const CONFLICT_RETRIES_MAX: usize = 3;
 /// How often a waiting duplicate reads its record again when no notification came.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// The session a statement ran on, to end it when its outcome is unknown.
+/// The session a statement ran on, to wait out when its outcome is unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     pid: i32,

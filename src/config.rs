@@ -209,8 +209,9 @@ pub struct RunSettings {
     /// How long to wait for the service's reflection at start.
     #[arg(long, env = "IDEMPROXY_REFLECTION_TIMEOUT", default_value = "60s", value_parser = span(ms(100), HOUR))]
     pub reflection_timeout: Duration,
-    /// Where records live: `sled` (embedded, one pod), `redis` (one Redis server shared by
-    /// every replica) or `redis-cluster`.
+    /// Where records live: `sled` (embedded, one pod), `postgres` (the store of record shared
+    /// by every replica), `redis` (one Redis server shared by every replica) or
+    /// `redis-cluster`.
     #[arg(
         long,
         env = "IDEMPROXY_STORE",
@@ -238,6 +239,28 @@ pub struct RunSettings {
     /// How often a waiting duplicate re-reads a Redis record when no change message came.
     #[arg(long, env = "IDEMPROXY_REDIS_POLL_INTERVAL", default_value = "100ms", value_parser = span(ms(1), 10 * SECOND))]
     pub redis_poll_interval: Duration,
+    /// `postgres://user@host[,host2]/db?sslmode=verify-full&target_session_attrs=read-write`
+    /// or `host=… dbname=…` (libpq's forms, several hosts included).
+    #[arg(long, env = "IDEMPROXY_POSTGRES_URL")]
+    pub postgres_url: Option<String>,
+    /// File holding the PostgreSQL password (kept out of the URL and the process list).
+    #[arg(long, env = "IDEMPROXY_POSTGRES_PASSWORD_FILE")]
+    pub postgres_password_file: Option<PathBuf>,
+    /// The PostgreSQL password, from the environment only.
+    #[arg(skip)]
+    pub postgres_password: Option<String>,
+    /// PEM file of the CA that PostgreSQL servers are verified against with `sslmode`
+    /// `verify-ca` or `verify-full` (without it, the system's roots).
+    #[arg(long, env = "IDEMPROXY_POSTGRES_CA_FILE")]
+    pub postgres_ca_file: Option<PathBuf>,
+    /// The records' table, `table` or `schema.table`; the sidecar creates it (and its schema
+    /// version table beside it) at its first start.
+    #[arg(long, env = "IDEMPROXY_POSTGRES_TABLE", default_value = "idemproxy_records", value_parser = postgres_table)]
+    pub postgres_table: String,
+    /// Not ready (new keys refused) while the PostgreSQL primary has no synchronous standby,
+    /// so that no acknowledged record can be lost in a failover.
+    #[arg(long, env = "IDEMPROXY_POSTGRES_REQUIRE_SYNC_REPLICA")]
+    pub postgres_require_sync_replica: bool,
     /// Per-method rules, from the config file only: `[methods."/pkg.Svc/Method"]`.
     #[arg(skip)]
     pub methods: BTreeMap<String, MethodSettings>,
@@ -265,6 +288,8 @@ pub enum StoreKind {
     Redis,
     /// A Redis Cluster.
     RedisCluster,
+    /// PostgreSQL.
+    Postgres,
 }
 
 /// A setting that cannot be used, by name.
@@ -316,6 +341,8 @@ pub enum StoreChoice {
     Sled,
     /// Redis, one server or a cluster.
     Redis(crate::store::redis::RedisOptions),
+    /// PostgreSQL (boxed: its connection settings are large).
+    Postgres(Box<crate::store::postgres::PostgresOptions>),
 }
 
 /// Every setting of `run`, validated.
@@ -535,6 +562,27 @@ fn key_prefix(value: &str) -> Result<String, String> {
     Ok(value.to_owned())
 }
 
+/// A PostgreSQL table name, `table` or `schema.table`: lowercase identifiers PostgreSQL
+/// would not fold or need quoted, short enough to leave room for the index names made from it.
+fn postgres_table(value: &str) -> Result<String, String> {
+    let identifier = |part: &str| {
+        let mut bytes = part.bytes();
+        let first = bytes.next();
+        first.is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+            && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && part.len() <= 48
+    };
+    let parts: Vec<&str> = value.split('.').collect();
+    // The whole name is the change channel, which PostgreSQL bounds at 63 bytes.
+    if parts.len() > 2 || !parts.iter().all(|part| identifier(part)) || value.len() > 63 {
+        return Err(
+            "write `table` or `schema.table`, each 1-48 of a-z, 0-9 and _, not starting with a digit, 63 in all"
+                .into(),
+        );
+    }
+    Ok(value.to_owned())
+}
+
 /// Parses the arguments after `run` (or `check`) with the environment, and the config file
 /// they name: its values become the settings' defaults, so a variable or a flag wins over
 /// them and the file wins over the declared default. A bad file value is refused as a bad
@@ -574,6 +622,7 @@ where
     };
     // Only from the environment: a password flag would show in the process list.
     settings.redis_password = std::env::var("IDEMPROXY_REDIS_PASSWORD").ok();
+    settings.postgres_password = std::env::var("IDEMPROXY_POSTGRES_PASSWORD").ok();
     settings.admin_token = std::env::var("IDEMPROXY_ADMIN_TOKEN").ok();
     Ok(settings)
 }
@@ -891,6 +940,7 @@ fn tls_files(settings: &RunSettings) -> Result<Option<crate::tls::Files>, Config
 fn store_choice(settings: &RunSettings) -> Result<StoreChoice, ConfigError> {
     let cluster = match settings.store {
         StoreKind::Sled => return Ok(StoreChoice::Sled),
+        StoreKind::Postgres => return postgres_choice(settings),
         StoreKind::Redis => false,
         StoreKind::RedisCluster => true,
     };
@@ -912,17 +962,7 @@ fn store_choice(settings: &RunSettings) -> Result<StoreChoice, ConfigError> {
     }
     let password = match (&settings.redis_password, &settings.redis_password_file) {
         (Some(password), _) => Some(password.clone()),
-        (None, Some(path)) => {
-            let text =
-                crate::files::read_text(path, crate::files::SECRET_BYTES_MAX).map_err(|error| {
-                    invalid(
-                        "redis-password-file",
-                        &path.display().to_string(),
-                        error.to_string(),
-                    )
-                })?;
-            Some(text.trim_end_matches(['\r', '\n']).to_owned())
-        }
+        (None, Some(path)) => Some(secret_file("redis-password-file", path)?),
         (None, None) => None,
     };
     let ca_pem = match &settings.redis_ca_file {
@@ -953,6 +993,51 @@ fn store_choice(settings: &RunSettings) -> Result<StoreChoice, ConfigError> {
             .map_err(|error| invalid("redis-url", url, error.to_string()))?;
     }
     Ok(StoreChoice::Redis(options))
+}
+
+/// The PostgreSQL settings, checked: the URL parses, the files read.
+fn postgres_choice(settings: &RunSettings) -> Result<StoreChoice, ConfigError> {
+    let url = settings
+        .postgres_url
+        .as_deref()
+        .ok_or(ConfigError::Missing("postgres-url", "POSTGRES_URL"))?;
+    let password = match (
+        &settings.postgres_password,
+        &settings.postgres_password_file,
+    ) {
+        (Some(password), _) => Some(password.clone()),
+        (None, Some(path)) => Some(secret_file("postgres-password-file", path)?),
+        (None, None) => None,
+    };
+    let ca_pem = match &settings.postgres_ca_file {
+        Some(path) => Some(
+            crate::files::read(path, crate::files::TEXT_BYTES_MAX).map_err(|error| {
+                invalid(
+                    "postgres-ca-file",
+                    &path.display().to_string(),
+                    error.to_string(),
+                )
+            })?,
+        ),
+        None => None,
+    };
+    let options = crate::store::postgres::PostgresOptions::new(
+        url,
+        password,
+        ca_pem,
+        &settings.postgres_table,
+        settings.store_timeout,
+        settings.postgres_require_sync_replica,
+    )
+    .map_err(|error| invalid("postgres-url", "(not shown: it may hold a password)", error))?;
+    Ok(StoreChoice::Postgres(Box::new(options)))
+}
+
+/// A secret file's text without its line end.
+fn secret_file(setting: &'static str, path: &Path) -> Result<String, ConfigError> {
+    let text = crate::files::read_text(path, crate::files::SECRET_BYTES_MAX)
+        .map_err(|error| invalid(setting, &path.display().to_string(), error.to_string()))?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
 }
 
 /// Parses the arguments after `run` with the environment and the config file, and resolves.
@@ -1258,7 +1343,47 @@ mod tests {
                 assert_eq!(options.urls, ["redis://a:7000", "redis://b:7001"]);
                 assert_eq!(options.key_prefix, "idemproxy");
             }
-            StoreChoice::Sled => panic!("the file chose redis-cluster"),
+            _ => panic!("the file chose redis-cluster"),
+        }
+    }
+
+    #[test]
+    fn postgres_settings_are_checked_before_start() {
+        let refused = |extra: &[&str]| error_text(resolved(extra));
+        assert!(refused(&["--store", "postgres"]).contains("--postgres-url is required"));
+        let postgres = ["--store", "postgres", "--postgres-url"];
+        let with = |more: &[&'static str]| [&postgres[..], more].concat();
+        assert!(refused(&with(&["host=a sslmode=sometimes"])).contains("--postgres-url"));
+        assert!(refused(&with(&["dbname=x"])).contains("names no host"));
+        for table in ["Records", "a.b.c", "1st", "x-y", ""] {
+            let error = refused(&with(&["host=a", "--postgres-table", table]));
+            assert!(error.contains("--postgres-table"), "{table}: {error}");
+        }
+        assert!(refused(&with(&[
+            "host=a",
+            "--postgres-password-file",
+            "/nonexistent/password"
+        ]))
+        .contains("--postgres-password-file"));
+
+        let url = "postgres://u@pg-1:5432,pg-2:5433/payments?target_session_attrs=read-write&sslmode=verify-full";
+        let config = resolved(&with(&[url, "--postgres-table", "billing.idem"]));
+        match config.expect("valid").store {
+            StoreChoice::Postgres(options) => {
+                assert_eq!(options.config.get_hosts().len(), 2);
+                assert_eq!(options.config.get_ports(), [5432, 5433]);
+                assert_eq!(
+                    options.config.get_target_session_attrs(),
+                    tokio_postgres::config::TargetSessionAttrs::ReadWrite
+                );
+                assert_eq!(
+                    options.config.get_ssl_mode(),
+                    tokio_postgres::config::SslMode::Require
+                );
+                assert_eq!(options.verify, crate::store::postgres::Verify::Full);
+                assert_eq!(options.table, "billing.idem");
+            }
+            _ => panic!("the settings chose postgres"),
         }
     }
 

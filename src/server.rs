@@ -9,6 +9,7 @@ use crate::policy::PolicyTable;
 use crate::proxy::upstream::HttpUpstream;
 use crate::proxy::{self, Proxy, ProxySettings};
 use crate::seal::{Sealed, Sealer};
+use crate::store::postgres::PostgresStore;
 use crate::store::redis::{RedisStore, RedisUrlError};
 use crate::store::sled::{SledOptions, SledStore};
 use crate::store::{AnyStore, Store};
@@ -147,6 +148,18 @@ async fn open_store(config: &Config) -> Result<AnyStore, StartError> {
             );
             AnyStore::Redis(RedisStore::new(options)?)
         }
+        StoreChoice::Postgres(options) => {
+            tracing::info!(
+                hosts = options.config.get_hosts().len(),
+                table = %options.table,
+                "store on PostgreSQL"
+            );
+            let store = PostgresStore::new(options).map_err(|source| StartError::Store {
+                dir: "PostgreSQL".into(),
+                source,
+            })?;
+            AnyStore::Postgres(store)
+        }
     })
 }
 
@@ -235,6 +248,7 @@ pub fn backend_name(config: &Config) -> &'static str {
     match &config.store {
         StoreChoice::Sled => "sled",
         StoreChoice::Redis(_) => "redis",
+        StoreChoice::Postgres(_) => "postgres",
     }
 }
 

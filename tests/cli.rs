@@ -193,15 +193,25 @@ fn the_example_config_file_is_valid() {
 #[test]
 fn the_kubernetes_config_files_are_valid() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes");
-    for (file, redis) in [
-        ("base/config.toml", false),
-        ("overlays/redis/config.toml", true),
+    for (file, store) in [
+        ("base/config.toml", "sled"),
+        ("overlays/redis/config.toml", "redis"),
+        ("overlays/postgres/config.toml", "postgres"),
     ] {
         let path = std::path::Path::new(dir).join(file);
-        let config = idemproxy::config::load(["--config".as_ref(), path.as_os_str()])
-            .unwrap_or_else(|error| panic!("{file}: {error}"));
-        let on_redis = matches!(config.store, idemproxy::config::StoreChoice::Redis(_));
-        assert_eq!(on_redis, redis, "{file} chooses its store");
+        let mut argv = vec!["--config".into(), path.into_os_string()];
+        if store == "postgres" {
+            // The URL comes from a Secret, by environment.
+            argv.extend(["--postgres-url".into(), "host=pg dbname=orders".into()]);
+        }
+        let config =
+            idemproxy::config::load(argv).unwrap_or_else(|error| panic!("{file}: {error}"));
+        let chosen = match config.store {
+            idemproxy::config::StoreChoice::Sled => "sled",
+            idemproxy::config::StoreChoice::Redis(_) => "redis",
+            idemproxy::config::StoreChoice::Postgres(_) => "postgres",
+        };
+        assert_eq!(chosen, store, "{file} chooses its store");
     }
 }
 

@@ -13,10 +13,12 @@ mod support;
 use idemproxy::key::Key;
 use idemproxy::record::{self, ClaimRequest, Response, Token};
 use idemproxy::store::memory::MemoryStore;
+use idemproxy::store::postgres::{PostgresOptions, PostgresStore};
 use idemproxy::store::redis::{RedisOptions, RedisStore};
 use idemproxy::store::sled::{SledOptions, SledStore};
 use idemproxy::store::{Operation, Store};
 use proptest::prelude::*;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Keys in play: few, so operations collide.
@@ -83,6 +85,7 @@ enum Durable {
     /// With how many records in `records` the sweeper packs (1: at every round).
     Sled(tempfile::TempDir, Option<SledStore>, u64),
     Redis(RedisOptions, Option<RedisStore>),
+    Postgres(PostgresOptions, Option<Arc<PostgresStore>>),
 }
 
 fn redis_options(url: String) -> RedisOptions {
@@ -124,6 +127,22 @@ impl Model {
         Model::over(Durable::Redis(options, Some(store)), now_ms)
     }
 
+    /// A table of its own on the test binary's PostgreSQL. PostgreSQL expires records by
+    /// the time `maintain` is given, so the model's time is used as it is on sled.
+    fn postgres() -> Model {
+        let options = PostgresOptions::new(
+            &support::postgres::shared().url(),
+            None,
+            None,
+            &support::postgres::fresh_table(),
+            Duration::from_secs(5),
+            false,
+        )
+        .unwrap();
+        let store = Arc::new(PostgresStore::new(&options).unwrap());
+        Model::over(Durable::Postgres(options, Some(store)), 1_000)
+    }
+
     fn over(durable: Durable, now_ms: u64) -> Model {
         Model {
             durable,
@@ -158,6 +177,13 @@ impl Model {
                     .await
             }
             Durable::Redis(_, store) => {
+                store
+                    .as_ref()
+                    .unwrap()
+                    .update(operation, key, transition)
+                    .await
+            }
+            Durable::Postgres(_, store) => {
                 store
                     .as_ref()
                     .unwrap()
@@ -275,6 +301,19 @@ impl Model {
                 // Redis expires by the wall clock, which the model's time runs ahead of: no
                 // record has expired for it yet, so the reference keeps them too.
                 Durable::Redis(..) => {}
+                Durable::Postgres(_, store) => {
+                    // Blocking, as the sweeper runs it: off the runtime's thread.
+                    let (store, now_ms) = (store.clone().unwrap(), self.now_ms);
+                    let from_postgres = tokio::task::spawn_blocking(move || store.maintain(now_ms))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let from_memory = self.memory.maintain(self.now_ms).unwrap();
+                    assert_eq!(
+                        from_postgres.expired, from_memory.expired,
+                        "maintenance expired differently"
+                    );
+                }
             },
             Op::Restart => {
                 self.process += 1;
@@ -291,6 +330,10 @@ impl Model {
                     Durable::Redis(options, store) => {
                         drop(store.take());
                         *store = Some(RedisStore::new(options).unwrap());
+                    }
+                    Durable::Postgres(options, store) => {
+                        drop(store.take());
+                        *store = Some(Arc::new(PostgresStore::new(options).unwrap()));
                     }
                 }
             }
@@ -340,6 +383,18 @@ proptest! {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
             let mut model = Model::sled(1);
+            for op in &ops {
+                model.step(op).await;
+                model.assert_same_records(op).await;
+            }
+        });
+    }
+
+    #[test]
+    fn postgres_behaves_as_the_reference_store(ops in proptest::collection::vec(op(), 1..60)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let mut model = Model::postgres();
             for op in &ops {
                 model.step(op).await;
                 model.assert_same_records(op).await;

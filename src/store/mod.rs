@@ -3,14 +3,17 @@
 //! A store applies the transitions that `record.rs` decides, atomically (one compare-and-swap)
 //! and durably (the change is on disk before `update` returns). It never decides a state
 //! itself and never reads-then-writes. Backends: `sled` (embedded default) and `memory` (the
-//! reference model the other backends are tested against), `redis` (shared by replicas), and
+//! reference model the other backends are tested against), `postgres` (the store of record
+//! shared by replicas), `redis` (shared by replicas, when a lost second is acceptable), and
 //! `AnyStore`, the one the server runs on, chosen by the settings.
 
 pub mod durable;
 pub mod flusher;
 pub mod memory;
+pub mod postgres;
 pub mod redis;
 pub mod sled;
+pub mod waiters;
 pub mod witness;
 
 use crate::key::Key;
@@ -190,8 +193,10 @@ pub trait Store: Send + Sync + 'static {
 pub enum AnyStore {
     /// The embedded store.
     Sled(sled::SledStore),
-    /// The shared store.
+    /// The shared store on Redis.
     Redis(redis::RedisStore),
+    /// The shared store of record on PostgreSQL.
+    Postgres(postgres::PostgresStore),
 }
 
 impl AnyStore {
@@ -200,6 +205,7 @@ impl AnyStore {
         match self {
             AnyStore::Sled(_) => "sled",
             AnyStore::Redis(_) => "redis",
+            AnyStore::Postgres(_) => "postgres",
         }
     }
 }
@@ -220,6 +226,7 @@ impl Store for AnyStore {
             // Boxed: a Redis round trip's future is five times a sled one's, and every
             // call's future would carry its size.
             AnyStore::Redis(store) => Box::pin(store.update(operation, key, transition)).await,
+            AnyStore::Postgres(store) => Box::pin(store.update(operation, key, transition)).await,
         }
     }
 
@@ -227,6 +234,7 @@ impl Store for AnyStore {
         let changed: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match self {
             AnyStore::Sled(store) => Box::pin(store.changed(key)),
             AnyStore::Redis(store) => Box::pin(store.changed(key)),
+            AnyStore::Postgres(store) => Box::pin(store.changed(key)),
         };
         changed
     }
@@ -235,6 +243,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.maintain(now_ms),
             AnyStore::Redis(store) => store.maintain(now_ms),
+            AnyStore::Postgres(store) => store.maintain(now_ms),
         }
     }
 
@@ -242,6 +251,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.usage(),
             AnyStore::Redis(store) => store.usage(),
+            AnyStore::Postgres(store) => store.usage(),
         }
     }
 
@@ -249,6 +259,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.is_sole_owner(),
             AnyStore::Redis(store) => store.is_sole_owner(),
+            AnyStore::Postgres(store) => store.is_sole_owner(),
         }
     }
 
@@ -256,6 +267,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.check().await,
             AnyStore::Redis(store) => store.check().await,
+            AnyStore::Postgres(store) => store.check().await,
         }
     }
 
@@ -263,6 +275,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.failed_for_good(),
             AnyStore::Redis(store) => store.failed_for_good(),
+            AnyStore::Postgres(store) => store.failed_for_good(),
         }
     }
 
@@ -270,6 +283,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.scan(cursor, limit).await,
             AnyStore::Redis(store) => store.scan(cursor, limit).await,
+            AnyStore::Postgres(store) => store.scan(cursor, limit).await,
         }
     }
 
@@ -277,6 +291,7 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sled(store) => store.caller_records(caller, now_ms).await,
             AnyStore::Redis(store) => store.caller_records(caller, now_ms).await,
+            AnyStore::Postgres(store) => store.caller_records(caller, now_ms).await,
         }
     }
 }

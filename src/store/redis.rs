@@ -18,18 +18,17 @@
 //! then fails closed. This module never decides a state and never retries a write whose
 //! result it does not know; the engine's release settles that.
 
+use super::waiters::{Subscription, Waiters};
 use super::{Maintenance, Operation, Store, StoreError, Usage, CAS_ROUNDS_MAX};
 use crate::key::Key;
 use crate::record::{Change, Record};
 use futures_util::StreamExt;
 use prost::Message;
-use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch, OnceCell};
+use tokio::sync::{mpsc, OnceCell};
 
 /// Longest pause between two attempts to reconnect the subscriber.
 const RESUBSCRIBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -160,7 +159,7 @@ pub struct RedisStore {
     caller_records: redis::Script,
     key_prefix: String,
     command_timeout: Duration,
-    notifier: Arc<Notifier>,
+    notifier: Arc<Waiters>,
     records: AtomicU64,
 }
 
@@ -245,7 +244,7 @@ impl RedisStore {
             }
             Target::Single(client_for(first, options)?)
         };
-        let notifier = Notifier::start(subscriber_clients, options.poll_interval);
+        let notifier = start_notifier(subscriber_clients, options.poll_interval);
         Ok(RedisStore {
             target,
             connection: OnceCell::new(),
@@ -589,113 +588,18 @@ impl Store for RedisStore {
 
 /// Wakes waiting duplicates when their record changes: one subscriber connection per
 /// process, subscribed to the channels of the records someone here waits on.
-struct Notifier {
-    channels: Mutex<HashMap<String, Channel>>,
-    commands: mpsc::UnboundedSender<Subscription>,
-    poll_interval: Duration,
-}
-
-struct Channel {
-    changes: watch::Sender<u64>,
-    waiters: usize,
-}
-
-enum Subscription {
-    Subscribe(String),
-    Unsubscribe(String),
-}
-
-/// Unregisters one waiter when its wait ends, however it ends.
-struct Waiting {
-    notifier: Arc<Notifier>,
-    channel: String,
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        let mut channels = self
-            .notifier
-            .channels
-            .lock()
-            .expect("no panic holds this lock");
-        if let Some(channel) = channels.get_mut(&self.channel) {
-            channel.waiters -= 1;
-            if channel.waiters == 0 {
-                channels.remove(&self.channel);
-                let _ = self
-                    .notifier
-                    .commands
-                    .send(Subscription::Unsubscribe(self.channel.clone()));
-            }
-        }
-    }
-}
-
-impl Notifier {
-    fn start(clients: Vec<redis::Client>, poll_interval: Duration) -> Arc<Notifier> {
-        let (commands, requests) = mpsc::unbounded_channel();
-        let notifier = Arc::new(Notifier {
-            channels: Mutex::new(HashMap::new()),
-            commands,
-            poll_interval,
-        });
-        tokio::spawn(subscribe(clients, Arc::downgrade(&notifier), requests));
-        notifier
-    }
-
-    /// Registers a waiter now (so no change after this call is missed) and returns the wait.
-    fn watch(self: &Arc<Self>, channel: String) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        let mut changes = {
-            let mut channels = self.channels.lock().expect("no panic holds this lock");
-            let entry = channels.entry(channel.clone()).or_insert_with(|| {
-                let _ = self.commands.send(Subscription::Subscribe(channel.clone()));
-                Channel {
-                    changes: watch::channel(0).0,
-                    waiters: 0,
-                }
-            });
-            entry.waiters += 1;
-            entry.changes.subscribe()
-        };
-        let waiting = Waiting {
-            notifier: self.clone(),
-            channel,
-        };
-        let poll_interval = self.poll_interval;
-        Box::pin(async move {
-            let _waiting = waiting;
-            tokio::select! {
-                _ = changes.changed() => {}
-                () = tokio::time::sleep(poll_interval) => {}
-            }
-        })
-    }
-
-    fn wake(&self, channel: &str) {
-        let channels = self.channels.lock().expect("no panic holds this lock");
-        if let Some(channel) = channels.get(channel) {
-            channel.changes.send_modify(|n| *n += 1);
-        }
-    }
-
-    fn wake_all(&self) {
-        let channels = self.channels.lock().expect("no panic holds this lock");
-        for channel in channels.values() {
-            channel.changes.send_modify(|n| *n += 1);
-        }
-    }
-
-    fn subscribed(&self) -> Vec<String> {
-        let channels = self.channels.lock().expect("no panic holds this lock");
-        channels.keys().cloned().collect()
-    }
+fn start_notifier(clients: Vec<redis::Client>, poll_interval: Duration) -> Arc<Waiters> {
+    let (commands, requests) = mpsc::unbounded_channel();
+    let notifier = Waiters::new(Some(commands), poll_interval);
+    tokio::spawn(subscribe(clients, Arc::downgrade(&notifier), requests));
+    notifier
 }
 
 /// The subscriber task: keeps one pub/sub connection up (rotating through the seed nodes)
 /// and follows the waiters' subscriptions. Ends when the store is dropped.
 async fn subscribe(
     clients: Vec<redis::Client>,
-    notifier: std::sync::Weak<Notifier>,
+    notifier: std::sync::Weak<Waiters>,
     mut requests: mpsc::UnboundedReceiver<Subscription>,
 ) {
     let mut backoff = Duration::from_millis(50);
@@ -716,7 +620,7 @@ async fn subscribe(
             return;
         };
         let mut healthy = true;
-        for channel in current.subscribed() {
+        for channel in current.names() {
             healthy &= sink.subscribe(&channel).await.is_ok();
         }
         // Changes may have been published while no connection listened.

@@ -42,6 +42,9 @@ pub const STORE_BYTES: &str = "idemproxy.store.size";
 pub const GROUP_COMMIT_FLUSHES: &str = "idemproxy.group_commit.flushes";
 /// Writes made durable by group-commit flushes.
 pub const GROUP_COMMIT_WRITES: &str = "idemproxy.group_commit.writes";
+/// Synchronous standbys of the PostgreSQL primary at the last readiness check (0: a failover
+/// can lose acknowledged records).
+pub const POSTGRES_SYNC_STANDBYS: &str = "idemproxy.postgres.sync_standbys";
 
 /// Distinct methods not in the policy table that get their own label value.
 pub const METHOD_LABELS_MAX: usize = 64;
@@ -191,7 +194,6 @@ impl Metrics {
     /// when metrics are collected, nothing per call.
     pub fn observe_store(meter: &Meter, store: Arc<crate::store::AnyStore>) {
         use crate::store::Store as _;
-        use std::sync::atomic::Ordering;
         let records = store.clone();
         let _ = meter
             .u64_observable_gauge(STORE_RECORDS)
@@ -205,7 +207,57 @@ impl Metrics {
             .with_description("Logical bytes of the records in the store")
             .with_callback(move |observer| observer.observe(bytes.usage().bytes, &[]))
             .build();
-        let crate::store::AnyStore::Sled(sled) = &*store else {
+        match &*store {
+            crate::store::AnyStore::Sled(_) => Metrics::observe_sled_group_commit(meter, &store),
+            crate::store::AnyStore::Postgres(_) => Metrics::observe_postgres(meter, store),
+            crate::store::AnyStore::Redis(_) => {}
+        }
+    }
+
+    /// PostgreSQL's group commits (statements and the swaps they carried) and its
+    /// synchronous standbys.
+    fn observe_postgres(meter: &Meter, store: Arc<crate::store::AnyStore>) {
+        let postgres = |store: &crate::store::AnyStore| match store {
+            crate::store::AnyStore::Postgres(postgres) => Some(postgres.commits()),
+            _ => None,
+        };
+        let flushes = store.clone();
+        let _ = meter
+            .u64_observable_counter(GROUP_COMMIT_FLUSHES)
+            .with_description("Group-commit flushes (PostgreSQL: statements)")
+            .with_callback(move |observer| {
+                if let Some((statements, _)) = postgres(&flushes) {
+                    observer.observe(statements, &[]);
+                }
+            })
+            .build();
+        let writes = store.clone();
+        let _ = meter
+            .u64_observable_counter(GROUP_COMMIT_WRITES)
+            .with_description("Writes made durable by group-commit flushes")
+            .with_callback(move |observer| {
+                if let Some((_, swaps)) = postgres(&writes) {
+                    observer.observe(swaps, &[]);
+                }
+            })
+            .build();
+        let _ = meter
+            .u64_observable_gauge(POSTGRES_SYNC_STANDBYS)
+            .with_description("Synchronous standbys of the PostgreSQL primary (0: a failover can lose acknowledged records)")
+            .with_callback(move |observer| {
+                if let crate::store::AnyStore::Postgres(postgres) = &*store {
+                    if let Some(standbys) = postgres.sync_standbys() {
+                        observer.observe(standbys, &[]);
+                    }
+                }
+            })
+            .build();
+    }
+
+    /// The sled store's group-commit flushes and the writes they made durable.
+    fn observe_sled_group_commit(meter: &Meter, store: &crate::store::AnyStore) {
+        use std::sync::atomic::Ordering;
+        let crate::store::AnyStore::Sled(sled) = store else {
             return;
         };
         let counts = sled.group_commit_counts();

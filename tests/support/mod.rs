@@ -9,6 +9,7 @@ pub mod crash;
 pub mod http;
 pub mod ledger;
 pub mod payments;
+pub mod postgres;
 pub mod raw;
 pub mod redis;
 pub mod tls;
@@ -26,8 +27,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tonic::transport::Channel;
 
-/// A sidecar running in this process on a fresh store: a sled directory, or — when
-/// `IDEMPROXY_TEST_STORE` is `redis` or `redis-cluster` — a Redis started for it alone, so
+/// A sidecar running in this process on a fresh store: a sled directory, a table of its own
+/// on the test binary's PostgreSQL when `IDEMPROXY_TEST_STORE` is `postgres`, or — when it
+/// is `redis` or `redis-cluster` — a Redis started for it alone, so
 /// one suite runs on every backend (`scripts/test` runs it on each).
 pub struct Sidecar {
     pub addr: SocketAddr,
@@ -41,7 +43,7 @@ pub fn test_store() -> String {
     std::env::var("IDEMPROXY_TEST_STORE").unwrap_or_else(|_| "sled".to_owned())
 }
 
-/// Starts the Redis the current backend needs, and points `args` at it.
+/// Starts the Redis (or PostgreSQL) the current backend needs, and points `args` at it.
 pub fn use_test_store(args: &mut RunSettings) -> Option<redis::TestRedis> {
     let store = test_store();
     let redis = match store.as_str() {
@@ -58,7 +60,16 @@ pub fn use_test_store(args: &mut RunSettings) -> Option<redis::TestRedis> {
             args.redis_url = Some(cluster.urls());
             redis::TestRedis::Cluster(cluster)
         }
-        other => panic!("IDEMPROXY_TEST_STORE={other}: use sled, redis or redis-cluster"),
+        "postgres" => {
+            // One PostgreSQL per test binary; a table of its own per sidecar.
+            args.store = StoreKind::Postgres;
+            args.postgres_url = Some(postgres::shared().url());
+            args.postgres_table = postgres::fresh_table();
+            return None;
+        }
+        other => {
+            panic!("IDEMPROXY_TEST_STORE={other}: use sled, postgres, redis or redis-cluster")
+        }
     };
     Some(redis)
 }

@@ -11,13 +11,12 @@
 use crate::key::Key;
 use crate::pb::idemproxy::v1::{Record, Sealed as SealedResponse};
 use crate::record::Change;
-use crate::store::{Maintenance, Operation, Page, Store, StoreError, Usage};
+use crate::store::{Operation, Page, Store, StoreError};
 use base64::Engine as _;
 use prost::Message;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use std::borrow::Cow;
-use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -229,6 +228,13 @@ impl<S: Store> Sealed<S> {
     }
 }
 
+impl<S: Store> Sealed<S> {
+    /// The store this layer wraps.
+    fn inner_store(&self) -> &S {
+        &self.inner
+    }
+}
+
 impl<S: Store> Store for Sealed<S> {
     async fn update<T, F>(
         &self,
@@ -249,26 +255,6 @@ impl<S: Store> Store for Sealed<S> {
         }
     }
 
-    fn changed(&self, key: &Key) -> impl Future<Output = ()> + Send + 'static {
-        self.inner.changed(key)
-    }
-
-    fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
-        self.inner.maintain(now_ms)
-    }
-
-    fn usage(&self) -> Usage {
-        self.inner.usage()
-    }
-
-    fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.inner.check()
-    }
-
-    fn failed_for_good(&self) -> Option<String> {
-        self.inner.failed_for_good()
-    }
-
     async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<Page, StoreError> {
         let mut page = self.inner.scan(cursor, limit).await?;
         if let Some(sealer) = &self.sealer {
@@ -281,17 +267,7 @@ impl<S: Store> Store for Sealed<S> {
         Ok(page)
     }
 
-    fn caller_records(
-        &self,
-        caller: &str,
-        now_ms: u64,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
-        self.inner.caller_records(caller, now_ms)
-    }
-
-    fn is_sole_owner(&self) -> bool {
-        self.inner.is_sole_owner()
-    }
+    crate::delegate_store!(inner_store);
 }
 
 #[cfg(test)]

@@ -296,6 +296,53 @@ impl Store for AnyStore {
     }
 }
 
+/// The methods of `Store` a layer passes to the store it wraps unchanged (all but `update`
+/// and `scan`), written once: `$inner` is the method that gives the wrapped store.
+#[macro_export]
+macro_rules! delegate_store {
+    ($inner:ident) => {
+        fn changed(
+            &self,
+            key: &$crate::key::Key,
+        ) -> impl std::future::Future<Output = ()> + Send + 'static {
+            self.$inner().changed(key)
+        }
+
+        fn maintain(
+            &self,
+            now_ms: u64,
+        ) -> Result<$crate::store::Maintenance, $crate::store::StoreError> {
+            self.$inner().maintain(now_ms)
+        }
+
+        fn usage(&self) -> $crate::store::Usage {
+            self.$inner().usage()
+        }
+
+        fn check(
+            &self,
+        ) -> impl std::future::Future<Output = Result<(), $crate::store::StoreError>> + Send {
+            self.$inner().check()
+        }
+
+        fn failed_for_good(&self) -> Option<String> {
+            self.$inner().failed_for_good()
+        }
+
+        fn caller_records(
+            &self,
+            caller: &str,
+            now_ms: u64,
+        ) -> impl std::future::Future<Output = Result<u64, $crate::store::StoreError>> + Send {
+            self.$inner().caller_records(caller, now_ms)
+        }
+
+        fn is_sole_owner(&self) -> bool {
+            self.$inner().is_sole_owner()
+        }
+    };
+}
+
 /// A shared store is a store: the layers hold their inner store by value, and the server
 /// keeps the bare store for what only it does (reconciling, gauges).
 impl<S: Store> Store for std::sync::Arc<S> {
@@ -312,26 +359,6 @@ impl<S: Store> Store for std::sync::Arc<S> {
         (**self).update(operation, key, transition)
     }
 
-    fn changed(&self, key: &Key) -> impl Future<Output = ()> + Send + 'static {
-        (**self).changed(key)
-    }
-
-    fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
-        (**self).maintain(now_ms)
-    }
-
-    fn usage(&self) -> Usage {
-        (**self).usage()
-    }
-
-    fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
-        (**self).check()
-    }
-
-    fn failed_for_good(&self) -> Option<String> {
-        (**self).failed_for_good()
-    }
-
     fn scan(
         &self,
         cursor: Option<Vec<u8>>,
@@ -340,15 +367,5 @@ impl<S: Store> Store for std::sync::Arc<S> {
         (**self).scan(cursor, limit)
     }
 
-    fn caller_records(
-        &self,
-        caller: &str,
-        now_ms: u64,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
-        (**self).caller_records(caller, now_ms)
-    }
-
-    fn is_sole_owner(&self) -> bool {
-        (**self).is_sole_owner()
-    }
+    delegate_store!(as_ref);
 }

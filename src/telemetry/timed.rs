@@ -7,7 +7,7 @@ use super::metrics::Metrics;
 use super::trace;
 use crate::key::Key;
 use crate::record::{Change, Record};
-use crate::store::{Maintenance, Operation, Page, Store, StoreError, Usage};
+use crate::store::{Operation, Page, Store, StoreError};
 use std::future::Future;
 use std::time::Instant;
 use tracing::Instrument as _;
@@ -22,6 +22,13 @@ impl<S: Store> Timed<S> {
     /// `inner`, recording into `metrics`.
     pub fn new(inner: S, metrics: Metrics) -> Timed<S> {
         Timed { inner, metrics }
+    }
+}
+
+impl<S: Store> Timed<S> {
+    /// The store this layer wraps.
+    fn inner_store(&self) -> &S {
+        &self.inner
     }
 }
 
@@ -48,26 +55,6 @@ impl<S: Store> Store for Timed<S> {
         result
     }
 
-    fn changed(&self, key: &Key) -> impl Future<Output = ()> + Send + 'static {
-        self.inner.changed(key)
-    }
-
-    fn maintain(&self, now_ms: u64) -> Result<Maintenance, StoreError> {
-        self.inner.maintain(now_ms)
-    }
-
-    fn usage(&self) -> Usage {
-        self.inner.usage()
-    }
-
-    fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.inner.check()
-    }
-
-    fn failed_for_good(&self) -> Option<String> {
-        self.inner.failed_for_good()
-    }
-
     fn scan(
         &self,
         cursor: Option<Vec<u8>>,
@@ -76,15 +63,5 @@ impl<S: Store> Store for Timed<S> {
         self.inner.scan(cursor, limit)
     }
 
-    fn caller_records(
-        &self,
-        caller: &str,
-        now_ms: u64,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
-        self.inner.caller_records(caller, now_ms)
-    }
-
-    fn is_sole_owner(&self) -> bool {
-        self.inner.is_sole_owner()
-    }
+    crate::delegate_store!(inner_store);
 }

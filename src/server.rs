@@ -179,6 +179,29 @@ fn sealer(config: &Config) -> Result<Option<Arc<Sealer>>, StartError> {
     Ok(Some(Arc::new(sealer)))
 }
 
+/// The in-doubt prober over the store stack, when some method declares a probe; a probe
+/// carries the original caller in the caller header when that is the caller source.
+fn prober(
+    config: &Config,
+    records: &Arc<Records>,
+    upstream: &HttpUpstream,
+    policy: &Arc<PolicyTable>,
+    metrics: &Metrics,
+) -> Option<Arc<crate::probe::Prober<Records>>> {
+    let caller_header = match &config.callers.source {
+        CallerSource::Header(name) => Some(name.clone()),
+        _ => None,
+    };
+    crate::probe::Prober::new(
+        records.clone(),
+        upstream.clone(),
+        policy.clone(),
+        caller_header,
+        metrics.clone(),
+    )
+    .map(Arc::new)
+}
+
 /// A started sidecar.
 pub struct Sidecar {
     /// The address the proxy listens on (the real port when 0 was asked for).
@@ -320,18 +343,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
         tokens,
         config.limits.clone(),
     );
-    let caller_header = match &config.callers.source {
-        CallerSource::Header(name) => Some(name.clone()),
-        _ => None,
-    };
-    let prober = crate::probe::Prober::new(
-        records.clone(),
-        upstream.clone(),
-        policy.clone(),
-        caller_header,
-        metrics.clone(),
-    )
-    .map(Arc::new);
+    let prober = prober(config, &records, &upstream, &policy, &metrics);
     let engine = engine.with_metrics(metrics.clone()).with_prober(
         prober
             .clone()
@@ -352,19 +364,8 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
             crate::tls::RELOAD_POLL,
         )?),
     };
-    // Bound before anything serves, so a taken port stops the start with its name.
-    let (ops_listener, ops_addr) = bind(config.ops_listen).await?;
-    let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
-    let (listener, proxy_addr) = bind(config.listen).await?;
-    // The address is in the message, where the ready-line readers (tests, bench) find it in
-    // either log format.
-    tracing::info!("ops listening on {ops_addr}");
-    tracing::info!(
-        token = config.admin_token.is_some(),
-        "admin listening on {admin_addr}"
-    );
-    let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    tracing::info!(upstream = %config.upstream, workers, "proxy listening on {proxy_addr}");
+    let [(ops_listener, ops_addr), (admin_listener, admin_addr), (listener, proxy_addr)] =
+        bind_all(config).await?;
     let (stop, stopped) = watch::channel(false);
     let (ops_stop, ops_stopped) = watch::channel(false);
     let health = Health::new();
@@ -419,6 +420,28 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
         ops,
         tasks,
     })
+}
+
+/// The ops, admin and proxy listeners, bound before anything serves, so a taken port stops
+/// the start with its name; each address logged.
+async fn bind_all(config: &Config) -> Result<[(TcpListener, SocketAddr); 3], StartError> {
+    let (ops_listener, ops_addr) = bind(config.ops_listen).await?;
+    let (admin_listener, admin_addr) = bind(config.admin_listen).await?;
+    let (listener, proxy_addr) = bind(config.listen).await?;
+    // The address is in the message, where the ready-line readers (tests, bench) find it in
+    // either log format.
+    tracing::info!("ops listening on {ops_addr}");
+    tracing::info!(
+        token = config.admin_token.is_some(),
+        "admin listening on {admin_addr}"
+    );
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(upstream = %config.upstream, workers, "proxy listening on {proxy_addr}");
+    Ok([
+        (ops_listener, ops_addr),
+        (admin_listener, admin_addr),
+        (listener, proxy_addr),
+    ])
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {

@@ -104,6 +104,7 @@ pub fn method_rules(
                 }
             }
         }
+        let in_doubt_probe = probe_of(&settings, &span)?;
         let policy = crate::pb::idemproxy::v1::MethodPolicy {
             enabled: settings.enabled,
             mode: choice(
@@ -136,20 +137,33 @@ pub fn method_rules(
             record_codes: settings.record_codes.unwrap_or_default(),
             release_codes: settings.release_codes.unwrap_or_default(),
             fail_open: settings.fail_open,
-            in_doubt_probe: match &settings.in_doubt_probe {
-                None => None,
-                Some(method) => Some(crate::pb::idemproxy::v1::InDoubtProbe {
-                    method: method.clone(),
-                    after: span("in-doubt-probe-after", &settings.in_doubt_probe_after)?,
-                    give_up_after: span(
-                        "in-doubt-probe-give-up-after",
-                        &settings.in_doubt_probe_give_up_after,
-                    )?,
-                    key_field: settings.in_doubt_probe_key.clone().unwrap_or_default(),
-                }),
-            },
+            in_doubt_probe,
         };
         rules.insert(path, policy);
     }
     Ok(rules)
+}
+
+/// Reads a duration key of a rule (`None`: not given).
+type SpanReader<'a> =
+    dyn Fn(&str, &Option<String>) -> Result<Option<prost_types::Duration>, MethodRuleError> + 'a;
+
+/// The rule's `in-doubt-probe*` keys as the annotation's `InDoubtProbe`; `span` reads a
+/// duration key.
+fn probe_of(
+    settings: &MethodSettings,
+    span: &SpanReader<'_>,
+) -> Result<Option<crate::pb::idemproxy::v1::InDoubtProbe>, MethodRuleError> {
+    let Some(method) = &settings.in_doubt_probe else {
+        return Ok(None);
+    };
+    Ok(Some(crate::pb::idemproxy::v1::InDoubtProbe {
+        method: method.clone(),
+        after: span("in-doubt-probe-after", &settings.in_doubt_probe_after)?,
+        give_up_after: span(
+            "in-doubt-probe-give-up-after",
+            &settings.in_doubt_probe_give_up_after,
+        )?,
+        key_field: settings.in_doubt_probe_key.clone().unwrap_or_default(),
+    }))
 }

@@ -15,7 +15,7 @@ use crate::policy::probe::ProbeRule;
 use crate::policy::PolicyTable;
 use crate::proxy::upstream::HttpUpstream;
 use crate::record::probe::{settle_probe, take_probe, ProbeAnswer, ProbeTake, ProbeTiming};
-use crate::record::{self, Change, State};
+use crate::record::{self, State};
 use crate::store::{Operation, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -111,8 +111,8 @@ impl<S: Store> Prober<S> {
             }
             let doubted = record::effective_state(found, now_ms) == State::InDoubt;
             if doubted && !found.serial.is_empty() && found.next_probe_ms <= now_ms {
-                if let Some(rule) = self.policy.get(&found.method).probe.clone() {
-                    sent += usize::from(self.probe(*key, &found.method, &rule, false).await);
+                if let Some(rule) = &self.policy.get(&found.method).probe {
+                    sent += usize::from(self.probe(*key, &found.method, rule, false).await);
                 }
             }
         }
@@ -220,17 +220,15 @@ impl<S: Store> Prober<S> {
 }
 
 impl<S: Store> InDoubtProber for Prober<S> {
-    fn probe_now(&self, key: Key) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    fn probe_now<'a>(
+        &'a self,
+        key: Key,
+        method: &'a str,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        // The duplicate knows its method (the key is derived from it): no read to learn it.
         Box::pin(async move {
-            let read = self
-                .store
-                .update(Operation::Read, &key, |current| {
-                    (Change::Keep, current.map(|record| record.method.clone()))
-                })
-                .await;
-            let Ok(Some(method)) = read else { return };
-            if let Some(rule) = self.policy.get(&method).probe.clone() {
-                self.probe(key, &method, &rule, true).await;
+            if let Some(rule) = &self.policy.get(method).probe {
+                self.probe(key, method, rule, true).await;
             }
         })
     }

@@ -150,7 +150,7 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
         let Some(prober) = &self.engine.prober else {
             return;
         };
-        let _ = tokio::time::timeout(left, prober.probe_now(self.key)).await;
+        let _ = tokio::time::timeout(left, prober.probe_now(self.key, &self.method)).await;
     }
 
     /// One claim transition, and what it means for this attempt (`probed`: a probe was

@@ -246,9 +246,14 @@ impl Drop for RunningCall {
 /// Looks IN_DOUBT records up in the service (`probe.rs`); the engine asks it when a duplicate
 /// meets an unknown outcome.
 pub trait InDoubtProber: Send + Sync + 'static {
-    /// Probes the IN_DOUBT record of `key` now, if its call has ended and no other probe
-    /// holds it; resolves once the probe has settled the record (or could not be sent).
-    fn probe_now(&self, key: Key) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Probes the IN_DOUBT record of `key` (a call of `method`) now, if its call has ended
+    /// and no other probe holds it; resolves once the probe has settled the record (or could
+    /// not be sent).
+    fn probe_now<'a>(
+        &'a self,
+        key: Key,
+        method: &'a str,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 }
 
 /// The dedup engine over one store, one upstream and one clock.

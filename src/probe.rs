@@ -14,8 +14,9 @@ use crate::key::{self, Key};
 use crate::policy::probe::ProbeRule;
 use crate::policy::PolicyTable;
 use crate::proxy::upstream::HttpUpstream;
-use crate::record::probe::{settle_probe, take_probe, ProbeAnswer, ProbeTake, ProbeTiming};
-use crate::record::{self, State};
+use crate::record::probe::{
+    settle_probe, take_probe, waiting_for, ProbeAnswer, ProbeTake, ProbeTiming, Waiting,
+};
 use crate::store::{Operation, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -109,8 +110,8 @@ impl<S: Store> Prober<S> {
                 // The rest next round: start again from here.
                 return Ok(Some(key.as_bytes().to_vec()));
             }
-            let doubted = record::effective_state(found, now_ms) == State::InDoubt;
-            if doubted && !found.serial.is_empty() && found.next_probe_ms <= now_ms {
+            let waits_for_probe = waiting_for(found, now_ms) == Some(Waiting::Probe);
+            if waits_for_probe && found.next_probe_ms <= now_ms {
                 if let Some(rule) = &self.policy.get(&found.method).probe {
                     sent += usize::from(self.probe(*key, &found.method, rule, false).await);
                 }

@@ -218,6 +218,80 @@ async fn the_walk_asks_again_without_a_retry() {
     assert_eq!(service.executions.lookups(), 2, "the walk asked once more");
 }
 
+/// Probing that never gets an answer gives up at the rule's `give_up_after`, once: the
+/// record then waits for an operator, `keys ls --waiting-for operator` lists it, and no
+/// probe goes any more.
+#[tokio::test]
+async fn probing_gives_up_once_and_the_record_waits_for_an_operator() {
+    if support::test_store() == "redis-cluster" {
+        return; // No walk there (no listing): only duplicates probe.
+    }
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let set = files.path().join("payments.binpb");
+    std::fs::write(&set, idemproxy::pb::EXAMPLE_DESCRIPTOR_SET).unwrap();
+    let rule = "[methods.\"/idemproxy.example.v1.Payments/Charge\"]\nin-doubt-probe = \"GetCharge\"\nin-doubt-probe-after = \"100ms\"\nin-doubt-probe-give-up-after = \"1500ms\"\n";
+    let (_, methods) = idemproxy::config::parse_file(rule).unwrap();
+    let sidecar = start_sidecar(service.addr, |args| {
+        args.descriptor_set = vec![set];
+        args.default_lease = LEASE;
+        args.lease_margin = Duration::from_millis(50);
+        args.sweep_interval = Duration::from_millis(50);
+        args.methods = methods;
+    })
+    .await;
+    let mut client = client(sidecar.addr).await;
+    broken_while_lookups_fail(&service, &mut client, "pay-g1").await;
+    service
+        .executions
+        .lookups_unavailable
+        .store(true, Ordering::SeqCst);
+    let admin = sidecar.running.admin_addr.to_string();
+    let waiting = |what: &'static str| {
+        let admin = admin.clone();
+        async move {
+            // Off the runtime: the sidecar answering it runs on this test's one thread.
+            tokio::task::spawn_blocking(move || {
+                support::binary::keys(&admin, &["ls", "--waiting-for", what, "--json"])
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let (code, out, err) = waiting("probe").await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        support::binary::json(&out)["records"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    support::eventually(Duration::from_secs(10), "probing to give up", || {
+        let waiting = waiting("operator");
+        async move {
+            let (_, out, _) = waiting.await;
+            support::binary::json(&out)["records"]
+                .as_array()
+                .is_some_and(|records| records.len() == 1)
+        }
+    })
+    .await;
+    let asked = service.executions.lookups();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        service.executions.lookups(),
+        asked,
+        "no probe after giving up"
+    );
+    let refused = client.charge(charge("pay-g1", "ok")).await.unwrap_err();
+    assert_eq!(reason(&refused), "IDEMPOTENCY_OUTCOME_UNKNOWN");
+    assert_eq!(service.executions.lookups(), asked, "nor for a duplicate");
+    let (code, out, err) = waiting("sometime").await;
+    assert_ne!(code, 0, "a typo is refused, not an empty list: {out}");
+    assert!(err.contains("probe, operator"), "{err}");
+}
+
 /// A sidecar SIGKILLed while a charge runs: at the restart the record is IN_DOUBT (its
 /// process ended), and the walk's probe finds the charge, so the retry gets it.
 #[tokio::test]

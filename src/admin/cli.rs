@@ -86,6 +86,10 @@ struct ListArgs {
     /// Only this caller.
     #[arg(long)]
     caller: Option<String>,
+    /// Only IN_DOUBT records waiting for this: `operator` (no probe will settle them: resolve
+    /// them) or `probe`.
+    #[arg(long)]
+    waiting_for: Option<String>,
     /// Only records at least this old (e.g. 10m).
     #[arg(long)]
     older_than: Option<String>,
@@ -178,6 +182,7 @@ fn record_json(record: &pb::RecordView) -> serde_json::Value {
         "resolved_by": record.resolved_by,
         "probes": record.probes,
         "next_probe_ms": record.next_probe_ms,
+        "waiting_for": record.waiting_for,
     })
 }
 
@@ -223,6 +228,13 @@ fn record_text(record: &pb::RecordView, serial: Option<&str>) -> String {
             record.probes,
             time(record.next_probe_ms)
         ));
+    }
+    match record.waiting_for.as_str() {
+        "operator" => lines.push(
+            "waiting for  an operator (idemproxy keys resolve): no probe will settle it".into(),
+        ),
+        "probe" => lines.push("waiting for  a probe (the service's lookup)".into()),
+        _ => {}
     }
     if !record.trace_id.is_empty() {
         lines.push(format!("trace        {}", record.trace_id));
@@ -411,6 +423,7 @@ fn list_request(args: ListArgs) -> Result<pb::ListRecordsRequest, Failure> {
         state,
         method,
         caller,
+        waiting_for,
         older_than,
         limit,
         page_token,
@@ -429,6 +442,7 @@ fn list_request(args: ListArgs) -> Result<pb::ListRecordsRequest, Failure> {
         older_than_ms,
         page_size: limit,
         page_token: page_token.unwrap_or_default(),
+        waiting_for: waiting_for.unwrap_or_default().to_ascii_lowercase(),
     })
 }
 
@@ -495,20 +509,25 @@ fn list_text(page: &pb::ListRecordsResponse, json: bool) -> String {
         .to_string();
     }
     let mut out = format!(
-        "{:<16} {:<10} {:<40} {:<16} {:<6} {}",
-        "key hash", "state", "method", "caller", "status", "created"
+        "{:<16} {:<10} {:<40} {:<16} {:<6} {:<8} {}",
+        "key hash", "state", "method", "caller", "status", "waits", "created"
     );
     for record in &page.records {
         let status = record
             .grpc_status
             .map_or("-".to_owned(), |code| code.to_string());
         out.push_str(&format!(
-            "\n{:<16} {:<10} {:<40} {:<16} {:<6} {}",
+            "\n{:<16} {:<10} {:<40} {:<16} {:<6} {:<8} {}",
             &record.key_hash[..16.min(record.key_hash.len())],
             record.state,
             record.method,
             record.caller,
             status,
+            if record.waiting_for.is_empty() {
+                "-"
+            } else {
+                &record.waiting_for
+            },
             time(record.created_ms)
         ));
     }

@@ -10,6 +10,7 @@ use crate::engine::{Clock, SystemClock};
 use crate::key::{self, Key};
 use crate::pb::idemproxy::v1 as pb;
 use crate::pb::idemproxy::v1::admin_server::{Admin, AdminServer};
+use crate::record::probe::Waiting;
 use crate::record::{self, Change, Header, Record, Resolved, Response, State};
 use crate::store::{Operation, Store, StoreError, PAGE_RECORDS_MAX};
 use std::sync::Arc;
@@ -101,6 +102,9 @@ fn view(key: &Key, record: &Record, now_ms: u64) -> pb::RecordView {
         },
         probes: record.probes,
         next_probe_ms: record.next_probe_ms,
+        waiting_for: record::probe::waiting_for(record, now_ms)
+            .map(|waiting| waiting.name().to_owned())
+            .unwrap_or_default(),
     }
 }
 
@@ -205,6 +209,14 @@ impl<S: Store> Admin for AdminService<S> {
                 record::STATE_NAMES.join(", ")
             )));
         }
+        let waits = [Waiting::Probe, Waiting::Operator].map(Waiting::name);
+        if !filter.waiting_for.is_empty() && !waits.contains(&filter.waiting_for.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "waiting_for {:?} is not what a record waits for; use one of {}",
+                filter.waiting_for,
+                waits.join(", ")
+            )));
+        }
         let page_size = match filter.page_size {
             0 => 100,
             size => (size as usize).min(PAGE_RECORDS_MAX),
@@ -228,6 +240,7 @@ impl<S: Store> Admin for AdminService<S> {
                 if (filter.state.is_empty() || filter.state == shown.state)
                     && (filter.method.is_empty() || filter.method == shown.method)
                     && (filter.caller.is_empty() || filter.caller == shown.caller)
+                    && (filter.waiting_for.is_empty() || filter.waiting_for == shown.waiting_for)
                     && old_enough
                 {
                     records.push(shown);

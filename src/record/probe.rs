@@ -40,9 +40,10 @@ pub enum ProbeTake {
     },
     /// Another prober holds it.
     Busy,
-    /// Probing stopped: an operator decides.
+    /// Probing stops now (the record says so from here on): an operator decides.
     GaveUp,
-    /// Nothing to probe: no IN_DOUBT record whose call has ended (or it kept no serial).
+    /// Nothing to probe: no IN_DOUBT record whose call has ended (or it kept no serial, or
+    /// probing gave up on it before).
     Nothing,
 }
 
@@ -55,6 +56,38 @@ pub enum ProbeAnswer {
     NotFound,
     /// Anything else: ask again later.
     Failed,
+}
+
+/// What an IN_DOUBT record waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// Its method's probe will ask the service.
+    Probe,
+    /// Nothing settles it but an operator: its method keeps no serial (no probe), or probing
+    /// gave up.
+    Operator,
+}
+
+impl Waiting {
+    /// As the admin API writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Waiting::Probe => "probe",
+            Waiting::Operator => "operator",
+        }
+    }
+}
+
+/// What `record` waits for at `now_ms`; `None` unless it is IN_DOUBT.
+pub fn waiting_for(record: &Record, now_ms: u64) -> Option<Waiting> {
+    if effective_state(record, now_ms) != State::InDoubt {
+        return None;
+    }
+    if record.serial.is_empty() || record.probing_stopped {
+        Some(Waiting::Operator)
+    } else {
+        Some(Waiting::Probe)
+    }
 }
 
 /// A prober asks to probe the record: it takes it with `token` when the record is IN_DOUBT,
@@ -70,14 +103,20 @@ pub fn take_probe(
             if !is_expired(record, now_ms)
                 && effective_state(record, now_ms) == State::InDoubt
                 && record.lease_until_ms <= now_ms
-                && !record.serial.is_empty() =>
+                && !record.serial.is_empty()
+                && !record.probing_stopped =>
         {
             record
         }
         _ => return (Change::Keep, ProbeTake::Nothing),
     };
     if now_ms >= record.lease_until_ms.saturating_add(at.give_up_after_ms) {
-        return (Change::Keep, ProbeTake::GaveUp);
+        // Said once, in the record: it now waits for an operator, and no walk takes it again.
+        let stopped = Record {
+            probing_stopped: true,
+            ..record.clone()
+        };
+        return (Change::Put(stopped), ProbeTake::GaveUp);
     }
     if record.probe_lease_until_ms > now_ms {
         return (Change::Keep, ProbeTake::Busy);
@@ -217,8 +256,22 @@ mod tests {
         let held = applied(change);
         let (_, other) = take_probe(Some(&held), &[3; 16], &timing(LEASE_END + 20, true));
         assert_eq!(other, ProbeTake::Busy, "one prober per key");
-        let (_, late) = take_probe(Some(&record), &[2; 16], &timing(LEASE_END + 100_000, true));
+        let (stop, late) = take_probe(Some(&record), &[2; 16], &timing(LEASE_END + 100_000, true));
         assert_eq!(late, ProbeTake::GaveUp);
+        let stopped = applied(stop);
+        assert!(stopped.probing_stopped && stopped.state() == State::InDoubt);
+        let (_, after) = take_probe(Some(&stopped), &[2; 16], &timing(LEASE_END + 100_001, true));
+        assert_eq!(after, ProbeTake::Nothing, "given up once, and said once");
+        assert_eq!(
+            waiting_for(&stopped, LEASE_END + 100_001),
+            Some(Waiting::Operator)
+        );
+        assert_eq!(waiting_for(&record, LEASE_END), Some(Waiting::Probe));
+        let unprobed = Record {
+            serial: Vec::new(),
+            ..record
+        };
+        assert_eq!(waiting_for(&unprobed, LEASE_END), Some(Waiting::Operator));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::record::probe::{
 };
 use crate::store::{Operation, Store, StoreError};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderName, HeaderValue};
 use prost::Message;
@@ -27,6 +28,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// The header that tells the service a call is idemproxy's probe.
 pub const PROBE_HEADER: &str = "idempotency-probe";
@@ -137,8 +139,12 @@ impl<S: Store> Prober<S> {
                 take_probe(current, &token, &timing)
             })
             .await;
-        let (serial, caller) = match taken {
-            Ok(ProbeTake::Taken { serial, caller }) => (serial, caller),
+        let (serial, caller, origin) = match taken {
+            Ok(ProbeTake::Taken {
+                serial,
+                caller,
+                origin,
+            }) => (serial, caller, origin),
             Ok(ProbeTake::GaveUp) => {
                 tracing::warn!(key = %key.short(), %method, "in-doubt probes gave up: the outcome stays unknown until an operator resolves it (idemproxy keys resolve)");
                 self.metrics.probe("gave_up");
@@ -150,12 +156,17 @@ impl<S: Store> Prober<S> {
                 return false;
             }
         };
-        let answer = self.ask(rule, &serial, &caller).await;
+        let span = trace::probe_span(method, &rule.path, &origin);
+        let answer = self
+            .ask(rule, &serial, &caller)
+            .instrument(span.clone())
+            .await;
         let label = match &answer {
             ProbeAnswer::Found(_) => "found",
             ProbeAnswer::NotFound => "not_found",
             ProbeAnswer::Failed => "failed",
         };
+        span.record("idemproxy.probe.answer", label);
         self.metrics.probe(label);
         let now_ms = self.clock.now_ms();
         let retention = self.policy.get(method).call.retention;

@@ -359,6 +359,106 @@ fn dashboard_queries_only_exported_metrics(metrics: &str) {
     );
 }
 
+/// An in-doubt probe (issue 34) has a span of its own, linked to the span of the call whose
+/// outcome it asks about; the lookup sent to the service is its CLIENT child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_span_links_to_the_call_whose_outcome_it_asks_about() {
+    use idemproxy::pb::idemproxy::example::v1::payments_client::PaymentsClient;
+    use idemproxy::pb::idemproxy::example::v1::{ChargeRequest, Payment};
+    let service = support::payments::start().await;
+    let (collector, received, _collector_task) = start_collector().await;
+    let dir = tempfile::tempdir().unwrap();
+    let set = dir.path().join("payments.binpb");
+    std::fs::write(&set, idemproxy::pb::EXAMPLE_DESCRIPTOR_SET).unwrap();
+    let extra = [
+        "--descriptor-set",
+        set.to_str().unwrap(),
+        "--default-lease",
+        "200ms",
+        "--lease-margin",
+        "50ms",
+    ];
+    let args = binary::run_args(service.addr, &dir.path().join("data"), &extra);
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()),
+        ("OTEL_SERVICE_NAME", "payments-sidecar".to_owned()),
+    ];
+    let sidecar = binary::start_with_env(&args, &env).await;
+    let mut client = PaymentsClient::connect(format!("http://{}", sidecar.addr))
+        .await
+        .unwrap();
+    let charge = |behaviour: &str, traceparent: Option<&str>| {
+        let mut request = tonic::Request::new(ChargeRequest {
+            payment: Some(Payment {
+                serial: "pay-t1".into(),
+                card: "4242".into(),
+            }),
+            amount_cents: 500,
+            trace_id: behaviour.into(),
+            ..ChargeRequest::default()
+        });
+        request
+            .metadata_mut()
+            .insert("x-caller-id", "alice".parse().unwrap());
+        if let Some(traceparent) = traceparent {
+            let value = traceparent.parse().unwrap();
+            request.metadata_mut().insert("traceparent", value);
+        }
+        request
+    };
+    let caller_trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let traceparent = format!("00-{caller_trace}-00f067aa0ba902b8-01");
+    let broken = client
+        .charge(charge("fail-after-charge", Some(&traceparent)))
+        .await;
+    assert_eq!(broken.unwrap_err().code(), tonic::Code::Internal);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let retry = client.charge(charge("ok", None)).await.unwrap();
+    assert_eq!(
+        retry.metadata().get("idempotency-resolved-by").unwrap(),
+        "probe"
+    );
+    eventually(Duration::from_secs(20), "the probe's span", || {
+        let spans = received.spans.clone();
+        async move {
+            let spans = spans.lock().unwrap();
+            spans.iter().any(|s| s.name == "idemproxy.probe")
+                && spans.iter().any(|s| s.name.ends_with("Payments/GetCharge"))
+        }
+    })
+    .await;
+    let spans = received.spans.lock().unwrap().clone();
+    let original = spans
+        .iter()
+        .find(|s| s.kind == SPAN_KIND_SERVER && hex(&s.trace_id) == caller_trace)
+        .expect("the original call's SERVER span");
+    let probe = spans.iter().find(|s| s.name == "idemproxy.probe").unwrap();
+    let link = probe
+        .links
+        .first()
+        .expect("the probe links to the original");
+    assert_eq!(hex(&link.trace_id), caller_trace);
+    assert_eq!(link.span_id, original.span_id);
+    assert_eq!(
+        attribute(probe, "idemproxy.probe.answer").as_deref(),
+        Some("found")
+    );
+    assert_eq!(
+        attribute(probe, "idemproxy.probe.of").as_deref(),
+        Some("/idemproxy.example.v1.Payments/Charge")
+    );
+    let lookup = spans
+        .iter()
+        .find(|s| s.kind == SPAN_KIND_CLIENT && s.name.ends_with("Payments/GetCharge"))
+        .unwrap();
+    assert_eq!(
+        lookup.parent_span_id, probe.span_id,
+        "the lookup is its child"
+    );
+    assert_eq!(service.executions.charges(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_collector_neither_fails_nor_holds_up_calls() {
     let ledger = ledger::start().await;

@@ -32,6 +32,8 @@ pub enum ProbeTake {
         serial: Vec<u8>,
         /// Who made it.
         caller: String,
+        /// The call's span (`Record::origin_trace`), which the probe's span links to.
+        origin: Vec<u8>,
     },
     /// Not yet: the next probe may go at `at_ms`.
     NotDue {
@@ -144,6 +146,7 @@ pub fn take_probe(
     let what = ProbeTake::Taken {
         serial: record.serial.clone(),
         caller: record.caller.clone(),
+        origin: record.origin_trace.clone(),
     };
     (Change::Put(taken), what)
 }

@@ -170,6 +170,28 @@ pub fn store_span(operation: &'static str, backend: &'static str) -> Span {
     )
 }
 
+/// The INTERNAL span of one in-doubt probe (issue 34) of a call of `method`, linked to that
+/// call's span (`origin`, as its record keeps it). A duplicate's probe is a child of the
+/// duplicate's span; the walk's starts a trace of its own. The probe's CLIENT span to the
+/// service is its child.
+pub fn probe_span(method: &str, probe: &str, origin: &[u8]) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        target: SPAN_TARGET,
+        "probe",
+        otel.name = "idemproxy.probe",
+        otel.kind = "internal",
+        otel.status_code = Empty,
+        idemproxy.probe.of = method,
+        idemproxy.probe.method = probe,
+        idemproxy.probe.answer = Empty,
+    );
+    link_to_origin(&span, origin);
+    span
+}
+
 /// The trace id and span id of `span`, as a record keeps them (24 bytes), when it is a
 /// sampled, exported span.
 pub fn origin_of(span: &Span) -> Option<[u8; 24]> {

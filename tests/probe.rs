@@ -124,6 +124,40 @@ async fn a_charge_whose_answer_broke_is_found_by_the_probe_and_replayed() {
     assert_eq!(view["probes"], 1);
 }
 
+/// A retry that comes at once, while the broken call's lease still runs (the service may yet
+/// act on it), waits for the lease to end within its own wait, then asks: it gets the charge,
+/// not IDEMPOTENCY_OUTCOME_UNKNOWN.
+#[tokio::test]
+async fn a_retry_before_the_lease_ends_waits_for_it_and_gets_the_probe_answer() {
+    let service = payments::start().await;
+    let files = tempfile::tempdir().unwrap();
+    let sidecar = sidecar_for(service.addr, &files).await;
+    let mut client = client(sidecar.addr).await;
+    let broken = client.charge(charge("pay-p5", "fail-after-charge")).await;
+    assert_eq!(broken.unwrap_err().code(), tonic::Code::Internal);
+    let started = std::time::Instant::now();
+    let retry = client
+        .charge(charge("pay-p5", "ok"))
+        .await
+        .expect("the retry waits for the lease and gets the charge the probe found");
+    assert_eq!(retry.get_ref().charge_id, "ch-pay-p5-1");
+    assert_eq!(
+        header(&retry, "idempotency-resolved-by").as_deref(),
+        Some("probe")
+    );
+    assert!(started.elapsed() < LEASE * 4, "{:?}", started.elapsed());
+    assert_eq!(service.executions.charges(), 1, "charged once");
+    assert_eq!(service.executions.lookups(), 1, "asked once");
+    // A retry whose own deadline ends before the lease does is answered at once.
+    let mut again = charge("pay-p6", "fail-after-charge");
+    again.set_timeout(Duration::from_secs(5));
+    let _ = client.charge(again).await;
+    let mut hurried = charge("pay-p6", "ok");
+    hurried.set_timeout(LEASE / 10);
+    let refused = client.charge(hurried).await.unwrap_err();
+    assert_eq!(reason(&refused), "IDEMPOTENCY_OUTCOME_UNKNOWN");
+}
+
 #[tokio::test]
 async fn a_charge_never_made_is_not_found_released_and_runs_once_on_retry() {
     let service = payments::start().await;
@@ -333,8 +367,9 @@ async fn a_call_cut_by_a_crash_is_resolved_by_a_probe_after_the_restart() {
     );
     let restarted = support::binary::start(&args).await;
     let retry = client(restarted.addr).await;
-    // Its lease and the rule's `after` (1 s) pass; then the walk asks.
-    support::eventually(Duration::from_secs(30), "the probe's answer", || {
+    // Its lease (6 s) ends, then a retry or the walk asks. A probe whose duplicate stopped
+    // waiting must still settle the record, not hold it for its own 15 s lease.
+    support::eventually(Duration::from_secs(13), "the probe's answer", || {
         let mut retry = retry.clone();
         async move { retry.charge(charge("pay-k1", "ok")).await.is_ok() }
     })

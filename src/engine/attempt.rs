@@ -34,8 +34,9 @@ enum Round<S> {
     Owned,
     /// A first attempt holds the key until `lease_until_ms`: wait for it, or give up.
     Running { lease_until_ms: u64 },
-    /// The record's outcome is unknown and the method declares a probe: ask the service.
-    InDoubt,
+    /// The record's outcome is unknown and the method declares a probe: ask the service once
+    /// the call that made it can no longer be running (`lease_until_ms`).
+    InDoubt { lease_until_ms: u64 },
     /// Answered without forwarding.
     Answered(Answer<S>),
     /// The store failed.
@@ -113,11 +114,22 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
                 Round::Owned => return Ok(()),
                 Round::Answered(answer) => return Err(answered_after(answer, &wait)),
                 Round::StoreFailed(refusal) => return Err(Unclaimed::StoreFailed(refusal)),
-                Round::InDoubt => {
-                    // Once: the probe settles the record (found, released, or still unknown)
-                    // and the next round answers from what it left.
-                    probed = true;
-                    self.probe_within(wait.left()).await;
+                Round::InDoubt { lease_until_ms } => {
+                    let lease_left = Duration::from_millis(lease_until_ms.saturating_sub(now_ms));
+                    if lease_left.is_zero() {
+                        // Once: the probe settles the record (found, released, or still
+                        // unknown) and the next round answers from what it left.
+                        probed = true;
+                        self.probe_within(wait.left()).await;
+                    } else if lease_left < wait.left() {
+                        // The call may still act until its lease ends: wait for that (or for
+                        // its late outcome), then read again and ask.
+                        let changed = self.engine.store.changed(&self.key);
+                        let _ = tokio::time::timeout(lease_left, changed).await;
+                    } else {
+                        let refusal = Refusal::earlier_outcome_unknown(self.key);
+                        return Err(answered_after(Answer::Refused(refusal), &wait));
+                    }
                     continue;
                 }
                 Round::Running { lease_until_ms } => lease_until_ms,
@@ -145,12 +157,15 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
     }
 
     /// Asks the service about the key's unknown outcome, within what is left of this
-    /// duplicate's wait.
+    /// duplicate's wait. The probe runs as a task of its own: a duplicate that stops waiting
+    /// (its wait over, its caller gone) never leaves a probe holding the record unsettled.
     async fn probe_within(&self, left: Duration) {
-        let Some(prober) = &self.engine.prober else {
+        let Some(prober) = self.engine.prober.clone() else {
             return;
         };
-        let _ = tokio::time::timeout(left, prober.probe_now(self.key, &self.method)).await;
+        let (key, method) = (self.key, self.method.clone());
+        let probe = tokio::spawn(async move { prober.probe_now(key, &method).await });
+        let _ = tokio::time::timeout(left, probe).await;
     }
 
     /// One claim transition, and what it means for this attempt (`probed`: a probe was
@@ -205,10 +220,12 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
             Claimed::InProgress { lease_until_ms } => Round::Running { lease_until_ms },
             Claimed::Replay(response) => Round::Answered(Answer::Replay(response)),
             Claimed::KeyReused { state } => refused(Refusal::key_reused(key, state)),
-            Claimed::InDoubt if self.policy.probe && !probed && engine.prober.is_some() => {
-                Round::InDoubt
+            Claimed::InDoubt { lease_until_ms }
+                if self.policy.probe && !probed && engine.prober.is_some() =>
+            {
+                Round::InDoubt { lease_until_ms }
             }
-            Claimed::InDoubt => refused(Refusal::earlier_outcome_unknown(key)),
+            Claimed::InDoubt { .. } => refused(Refusal::earlier_outcome_unknown(key)),
             Claimed::QuotaExceeded => refused(Refusal::caller_quota(key)),
             Claimed::Unreadable => refused(Refusal::unreadable(key)),
             Claimed::ResponseNotKept => refused(Refusal::response_not_kept(key)),

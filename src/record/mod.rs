@@ -77,8 +77,12 @@ pub enum Claimed {
         /// When that owner's lease runs out.
         lease_until_ms: u64,
     },
-    /// The service may have acted and its outcome is unknown.
-    InDoubt,
+    /// The service may have acted and its outcome is unknown; the call that made it may run
+    /// until `lease_until_ms` (a probe goes only after).
+    InDoubt {
+        /// When the claiming call's lease runs out.
+        lease_until_ms: u64,
+    },
     /// The same key arrived with another request payload; the record is in `state`.
     KeyReused {
         /// The record's state as of the claim (an IN_FLIGHT one past its lease: IN_DOUBT).
@@ -160,7 +164,7 @@ pub fn claim(current: Option<&Record>, request: &ClaimRequest<'_>) -> (Change, C
     if let Some(incarnation) = request.sole_owner {
         if record.state() == State::InFlight && !record.token.starts_with(&incarnation) {
             let change = Change::Put(in_doubt(record, ENDED_OWNER));
-            return (change, Claimed::InDoubt);
+            return (change, in_doubt_until(record));
         }
     }
     match effective_state(record, request.now_ms) {
@@ -173,9 +177,9 @@ pub fn claim(current: Option<&Record>, request: &ClaimRequest<'_>) -> (Change, C
         State::InDoubt if record.state() == State::InFlight => {
             // The lease ran out: the owner crashed or hung. Record that, never re-execute.
             let change = Change::Put(in_doubt(record, "the owner's lease expired"));
-            (change, Claimed::InDoubt)
+            (change, in_doubt_until(record))
         }
-        State::InDoubt | State::Unspecified => (Change::Keep, Claimed::InDoubt),
+        State::InDoubt | State::Unspecified => (Change::Keep, in_doubt_until(record)),
         State::Completed if record.response_not_kept => (Change::Keep, Claimed::ResponseNotKept),
         State::Completed => match &record.response {
             Some(response) => (Change::Keep, Claimed::Replay(response.clone())),
@@ -201,6 +205,12 @@ fn new_in_flight(request: &ClaimRequest<'_>) -> Record {
             .unwrap_or_default(),
         serial: request.serial.map(<[u8]>::to_vec).unwrap_or_default(),
         ..Record::default()
+    }
+}
+
+fn in_doubt_until(record: &Record) -> Claimed {
+    Claimed::InDoubt {
+        lease_until_ms: record.lease_until_ms,
     }
 }
 
@@ -516,7 +526,7 @@ mod tests {
     fn lease_expiry_makes_in_doubt_never_owned() {
         let record = put(claim(None, &request(1, 100)).0);
         let (change, claimed) = claim(Some(&record), &request(2, 1_100));
-        assert_eq!(claimed, Claimed::InDoubt);
+        assert!(matches!(claimed, Claimed::InDoubt { .. }));
         assert_eq!(put(change).state(), State::InDoubt);
     }
 
@@ -533,9 +543,8 @@ mod tests {
         let mut restarted = request(2, 200);
         restarted.sole_owner = Some([2; 8]);
         let (change, claimed) = claim(Some(&record), &restarted);
-        assert_eq!(
-            claimed,
-            Claimed::InDoubt,
+        assert!(
+            matches!(claimed, Claimed::InDoubt { .. }),
             "never re-run, though the lease is live"
         );
         assert_eq!(put(change).state(), State::InDoubt);

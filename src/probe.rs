@@ -46,40 +46,71 @@ const WALK_RECORDS_MAX: usize = 1_000;
 /// Probes sent in one round of the walk at most.
 const WALK_PROBES_MAX: usize = 64;
 
-/// Sends the probes of one sidecar.
-pub struct Prober<S> {
-    store: Arc<S>,
+/// Where a probe's question goes: the service itself (`ServiceLookup`), or a model of it in
+/// the simulation.
+pub trait Lookup: Send + Sync + 'static {
+    /// Asks about the call of `serial` made by `caller` with the probe of `rule`.
+    fn ask(
+        &self,
+        rule: &ProbeRule,
+        serial: &[u8],
+        caller: &str,
+    ) -> impl Future<Output = ProbeAnswer> + Send;
+}
+
+/// The service's probe method, called through the sidecar's upstream connection.
+pub struct ServiceLookup {
     upstream: HttpUpstream,
-    policy: Arc<PolicyTable>,
     /// The caller header, when the caller source is one: the probe carries the original's.
     caller_header: Option<HeaderName>,
+}
+
+impl ServiceLookup {
+    /// Lookups sent on `upstream`, carrying the caller in `caller_header` when there is one.
+    pub fn new(upstream: HttpUpstream, caller_header: Option<HeaderName>) -> ServiceLookup {
+        ServiceLookup {
+            upstream,
+            caller_header,
+        }
+    }
+}
+
+/// Sends the probes of one sidecar.
+pub struct Prober<S, L = ServiceLookup, C = SystemClock> {
+    store: Arc<S>,
+    lookup: L,
+    policy: Arc<PolicyTable>,
     tokens: Tokens,
-    clock: SystemClock,
+    clock: C,
     metrics: Metrics,
 }
 
-impl<S: Store> Prober<S> {
-    /// A prober over the sidecar's store stack and service; `None` when no method declares a
-    /// probe.
+impl<S: Store, L: Lookup, C: Clock> Prober<S, L, C> {
+    /// A prober over the sidecar's store stack, asking `lookup` and reading `clock`; `None`
+    /// when no method declares a probe.
     pub fn new(
         store: Arc<S>,
-        upstream: HttpUpstream,
+        lookup: L,
         policy: Arc<PolicyTable>,
-        caller_header: Option<HeaderName>,
+        clock: C,
         metrics: Metrics,
-    ) -> Option<Prober<S>> {
+    ) -> Option<Prober<S, L, C>> {
         if policy.methods().iter().all(|rule| rule.probe.is_none()) {
             return None;
         }
         Some(Prober {
             store,
-            upstream,
+            lookup,
             policy,
-            caller_header,
             tokens: Tokens::for_this_process(),
-            clock: SystemClock::new(),
+            clock,
             metrics,
         })
+    }
+
+    /// Where its probes' questions go.
+    pub fn lookup(&self) -> &L {
+        &self.lookup
     }
 
     /// Walks the store every `interval` until `stop`, probing the IN_DOUBT records that are
@@ -158,6 +189,7 @@ impl<S: Store> Prober<S> {
         };
         let span = trace::probe_span(method, &rule.path, &origin);
         let answer = self
+            .lookup
             .ask(rule, &serial, &caller)
             .instrument(span.clone())
             .await;
@@ -190,7 +222,9 @@ impl<S: Store> Prober<S> {
         }
         true
     }
+}
 
+impl Lookup for ServiceLookup {
     /// Sends the probe for `serial` as `caller`, and reads what its answer means.
     async fn ask(&self, rule: &ProbeRule, serial: &[u8], caller: &str) -> ProbeAnswer {
         let body = match probe_body(rule, serial) {
@@ -231,7 +265,7 @@ impl<S: Store> Prober<S> {
     }
 }
 
-impl<S: Store> InDoubtProber for Prober<S> {
+impl<S: Store, L: Lookup, C: Clock> InDoubtProber for Prober<S, L, C> {
     fn probe_now<'a>(
         &'a self,
         key: Key,

@@ -192,11 +192,12 @@ fn prober(
         CallerSource::Header(name) => Some(name.clone()),
         _ => None,
     };
+    let lookup = crate::probe::ServiceLookup::new(upstream.clone(), caller_header);
     crate::probe::Prober::new(
         records.clone(),
-        upstream.clone(),
+        lookup,
         policy.clone(),
-        caller_header,
+        SystemClock::new(),
         metrics.clone(),
     )
     .map(Arc::new)

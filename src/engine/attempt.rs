@@ -30,8 +30,8 @@ pub(super) enum Unclaimed<S> {
 
 /// What one claim round found.
 enum Round<S> {
-    /// The key is ours.
-    Owned,
+    /// The key is ours until `lease_until_ms`.
+    Owned { lease_until_ms: u64 },
     /// A first attempt holds the key until `lease_until_ms`: wait for it, or give up.
     Running { lease_until_ms: u64 },
     /// The record's outcome is unknown and the method declares a probe: ask the service once
@@ -96,11 +96,11 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
     }
 
     /// Claims the key, waiting on an in-flight first attempt within the call's budget.
-    /// `Ok`: ours to forward.
+    /// `Ok`: ours to forward until the lease it names (Unix ms).
     pub(super) async fn claim(
         &self,
         answered: &mut tokio::sync::oneshot::Sender<(Answer<U::Stream>, Decision)>,
-    ) -> Result<(), Unclaimed<U::Stream>> {
+    ) -> Result<u64, Unclaimed<U::Stream>> {
         let at_quota = self.at_quota().await.map_err(Unclaimed::StoreFailed)?;
         let mut wait = InFlightWait::new(&self.policy, self.timeout);
         let answered_after = |answer, wait: &InFlightWait| Unclaimed::Answered {
@@ -111,7 +111,7 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
         loop {
             let now_ms = self.engine.clock.now_ms();
             let lease_until_ms = match self.claim_round(now_ms, at_quota, probed).await {
-                Round::Owned => return Ok(()),
+                Round::Owned { lease_until_ms } => return Ok(lease_until_ms),
                 Round::Answered(answer) => return Err(answered_after(answer, &wait)),
                 Round::StoreFailed(refusal) => return Err(Unclaimed::StoreFailed(refusal)),
                 Round::InDoubt { lease_until_ms } => {
@@ -195,6 +195,7 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
                 record::claim(current, &request)
             })
             .await;
+        let lease_until_ms = request.lease_until_ms;
         let claimed = match claimed {
             Ok(claimed) => claimed,
             Err(error) => {
@@ -210,7 +211,7 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
         let key = self.key;
         let refused = |refusal| Round::Answered(Answer::Refused(refusal));
         match claimed {
-            Claimed::Owned => Round::Owned,
+            Claimed::Owned => Round::Owned { lease_until_ms },
             Claimed::InProgress { .. } if self.policy.reject_duplicates => {
                 refused(Refusal::duplicate(key, KeyState::InFlight))
             }
@@ -232,11 +233,25 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
         }
     }
 
-    /// Forwards the claimed call within its lease and records what happened.
-    pub(super) async fn forward(&self, request: U::Request, body: Bytes) -> Answer<U::Stream> {
+    /// Forwards the claimed call within what is left of its lease (which ends at
+    /// `lease_until_ms`, as the record says) and records what happened. Past the lease a
+    /// probe may ask the service about the call and release the key, so the call is never
+    /// sent once it is over, nor left running past it.
+    pub(super) async fn forward(
+        &self,
+        request: U::Request,
+        body: Bytes,
+        lease_until_ms: u64,
+    ) -> Answer<U::Stream> {
         let engine = self.engine;
         let started = Instant::now();
-        let reply = engine.call_within(self.lease, request, body).await;
+        let left = lease_until_ms.saturating_sub(engine.clock.now_ms());
+        let reply = if left == 0 {
+            Reply::NotProcessed("the claim landed after the call's lease ran out".into())
+        } else {
+            let left = Duration::from_millis(left).min(self.lease);
+            engine.call_within(left, request, body).await
+        };
         let outcome = match &reply {
             Reply::Complete(_) | Reply::Oversized(_) => "complete",
             Reply::NotProcessed(_) => "not_processed",

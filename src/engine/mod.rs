@@ -375,7 +375,10 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     ) -> (Answer<U::Stream>, Decision) {
         let (attempt, request, body) = Attempt::of(self, key, call);
         match attempt.claim(answered).await {
-            Ok(()) => (attempt.forward(request, body).await, Decision::Miss),
+            Ok(lease_until_ms) => (
+                attempt.forward(request, body, lease_until_ms).await,
+                Decision::Miss,
+            ),
             Err(Unclaimed::Answered { answer, waited }) => {
                 let decision = decision_of(&answer, waited);
                 (answer, decision)

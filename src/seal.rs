@@ -1,8 +1,9 @@
 //! Records at rest: the recorded response sealed with AES-256-GCM (ring), so a copy of the
 //! data dir or of Redis does not give away payment details or personal data.
 //!
-//! Only the response (headers, messages, trailers) is secret; the rest of a record is what
-//! the engine and operators must read without a key (state, fingerprint hash, times). The
+//! Only the response (headers, messages, trailers) and the serial a probed method keeps are
+//! secret; the rest of a record is what the engine and operators must read without a key
+//! (state, fingerprint hash, times). The
 //! associated data binds a sealed response to its key hash, fingerprint, method, caller,
 //! creation time and key id, so it opens under no other record. A record that cannot be
 //! opened (its key removed from the file, or its bytes altered) is never treated as absent:
@@ -103,32 +104,53 @@ impl Sealer {
         &self.keys[0].0
     }
 
-    /// The record as the engine reads it: its response opened. A record that cannot be
-    /// opened keeps `sealed` set and no response (`record::claim` answers it IN_DOUBT).
+    /// The record as the engine reads it: its response and serial opened. A record whose
+    /// response cannot be opened keeps `sealed` set and no response (`record::claim` answers
+    /// it IN_DOUBT); one whose serial cannot be opened has none (no probe can ask about it:
+    /// it waits for an operator).
     pub fn open<'a>(&self, key: &Key, record: &'a Record) -> Cow<'a, Record> {
-        let Some(sealed) = &record.sealed else {
+        if record.sealed.is_none() && record.sealed_serial.is_none() {
             return Cow::Borrowed(record);
-        };
-        match self.open_response(key, record, sealed) {
-            Ok(response) => {
-                let mut opened = record.clone();
-                opened.sealed = None;
-                opened.response = Some(response);
-                Cow::Owned(opened)
-            }
-            Err(why) => {
-                tracing::warn!(key = %key, key_id = %sealed.key_id, "a recorded response cannot be opened: {why}; its key answers IN_DOUBT");
-                Cow::Borrowed(record)
+        }
+        let mut opened = record.clone();
+        if let Some(sealed) = &record.sealed {
+            let response = self
+                .open_part(key, record, sealed, Part::Response)
+                .and_then(|plain| {
+                    crate::record::Response::decode(&plain[..])
+                        .map_err(|_| "its plaintext does not decode")
+                });
+            match response {
+                Ok(response) => {
+                    opened.sealed = None;
+                    opened.response = Some(response);
+                }
+                Err(why) => {
+                    tracing::warn!(key = %key, key_id = %sealed.key_id, "a recorded response cannot be opened: {why}; its key answers IN_DOUBT");
+                }
             }
         }
+        if let Some(sealed) = &record.sealed_serial {
+            match self.open_part(key, record, sealed, Part::Serial) {
+                Ok(serial) => {
+                    opened.sealed_serial = None;
+                    opened.serial = serial;
+                }
+                Err(why) => {
+                    tracing::warn!(key = %key, key_id = %sealed.key_id, "a probed call's serial cannot be opened: {why}; no probe can ask about it");
+                }
+            }
+        }
+        Cow::Owned(opened)
     }
 
-    fn open_response(
+    fn open_part(
         &self,
         key: &Key,
         record: &Record,
         sealed: &SealedResponse,
-    ) -> Result<crate::record::Response, &'static str> {
+        part: Part,
+    ) -> Result<Vec<u8>, &'static str> {
         let (_, cipher) = self
             .keys
             .iter()
@@ -136,11 +158,11 @@ impl Sealer {
             .ok_or("its key is not in the key file")?;
         let nonce = Nonce::try_assume_unique_for_key(&sealed.nonce).map_err(|_| "a bad nonce")?;
         let mut buffer = sealed.ciphertext.clone();
-        let aad = associated_data(key, record, &sealed.key_id);
+        let aad = associated_data(key, record, &sealed.key_id, part);
         let plain = cipher
             .open_in_place(nonce, Aad::from(&aad), &mut buffer)
             .map_err(|_| "it was altered, or moved from another record")?;
-        crate::record::Response::decode(&plain[..]).map_err(|_| "its plaintext does not decode")
+        Ok(plain.to_vec())
     }
 
     /// `transition` as a store applies it: it sees the current record opened, and its change
@@ -157,48 +179,87 @@ impl Sealer {
         }
     }
 
-    /// The change as the store writes it: a record's response sealed under the first key.
+    /// The change as the store writes it: a record's response and serial sealed under the
+    /// first key.
     pub fn seal(&self, key: &Key, change: Change) -> Change {
         let Change::Put(mut record) = change else {
             return change;
         };
-        let Some(response) = record.response.take() else {
-            return Change::Put(record);
-        };
+        if let Some(response) = record.response.take() {
+            match self.seal_part(key, &record, Part::Response, response.encode_to_vec()) {
+                Some(sealed) => record.sealed = Some(sealed),
+                None => {
+                    // The system's random source failed: keep the outcome rather than lose
+                    // it, and say so.
+                    tracing::error!(key = %key, "could not seal a response; it is kept unsealed");
+                    record.response = Some(response);
+                }
+            }
+        }
+        if !record.serial.is_empty() {
+            let serial = std::mem::take(&mut record.serial);
+            match self.seal_part(key, &record, Part::Serial, serial.clone()) {
+                Some(sealed) => record.sealed_serial = Some(sealed),
+                None => {
+                    tracing::error!(key = %key, "could not seal a serial; it is kept unsealed");
+                    record.serial = serial;
+                }
+            }
+        }
+        Change::Put(record)
+    }
+
+    /// `plain` sealed as `part` of `record` under the first key; `None` when the random
+    /// source failed.
+    fn seal_part(
+        &self,
+        key: &Key,
+        record: &Record,
+        part: Part,
+        mut plain: Vec<u8>,
+    ) -> Option<SealedResponse> {
         let (id, cipher) = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
-        let mut buffer = response.encode_to_vec();
-        let sealed = self.random.fill(&mut nonce).ok().and_then(|()| {
-            let aad = associated_data(key, &record, id);
-            cipher
-                .seal_in_place_append_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::from(&aad),
-                    &mut buffer,
-                )
-                .ok()
-        });
-        if sealed.is_none() {
-            // The system's random source failed: keep the outcome rather than lose it, and say so.
-            tracing::error!(key = %key, "could not seal a response; it is kept unsealed");
-            record.response = Some(response);
-            return Change::Put(record);
-        }
-        record.sealed = Some(SealedResponse {
+        self.random.fill(&mut nonce).ok()?;
+        let aad = associated_data(key, record, id, part);
+        cipher
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad),
+                &mut plain,
+            )
+            .ok()?;
+        Some(SealedResponse {
             key_id: id.clone(),
             nonce: nonce.to_vec(),
-            ciphertext: buffer,
-        });
-        Change::Put(record)
+            ciphertext: plain,
+        })
     }
 }
 
-/// What a sealed response is bound to: length-prefixed, so no two records' data coincide.
-fn associated_data(key: &Key, record: &Record, key_id: &str) -> Vec<u8> {
+/// What a sealed part of a record is: named in the associated data, so a sealed serial never
+/// opens as a response, nor a response as a serial.
+#[derive(Clone, Copy)]
+enum Part {
+    Response,
+    Serial,
+}
+
+impl Part {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Part::Response => b"idemproxy/v1 sealed response",
+            Part::Serial => b"idemproxy/v1 sealed serial",
+        }
+    }
+}
+
+/// What a sealed part is bound to: length-prefixed, so no two records' data coincide.
+fn associated_data(key: &Key, record: &Record, key_id: &str, what: Part) -> Vec<u8> {
     let mut aad = Vec::with_capacity(128);
     let created = record.created_ms.to_be_bytes();
     for part in [
-        b"idemproxy/v1 sealed response".as_slice(),
+        what.label(),
         key.as_bytes(),
         &record.fingerprint,
         record.method.as_bytes(),
@@ -304,6 +365,35 @@ mod tests {
             Change::Put(record) => record,
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn a_probed_calls_serial_is_sealed_and_opens_only_as_a_serial() {
+        let sealer = Sealer::parse(&keyfile(&[("k1", 1)])).unwrap();
+        let key = Key::derive("/p.S/M", "alice", b"order-7f3a-payment-1");
+        let in_doubt = Record {
+            serial: b"order-7f3a-payment-1".to_vec(),
+            response: None,
+            ..completed(b"")
+        };
+        let record = sealed(&sealer, &key, in_doubt);
+        assert!(record.serial.is_empty() && record.sealed_serial.is_some());
+        let stored = record.encode_to_vec();
+        assert!(!stored.windows(10).any(|w| w == b"order-7f3a"));
+        let opened = sealer.open(&key, &record);
+        assert_eq!(opened.serial, b"order-7f3a-payment-1");
+        assert!(opened.sealed_serial.is_none());
+        // Put where a response goes, it does not open as one.
+        let swapped = Record {
+            sealed: record.sealed_serial.clone(),
+            sealed_serial: None,
+            ..record.clone()
+        };
+        assert!(sealer.open(&key, &swapped).response.is_none());
+        // Altered: no serial, so no probe can ask about it.
+        let mut altered = record.clone();
+        altered.sealed_serial.as_mut().unwrap().ciphertext[0] ^= 1;
+        assert!(sealer.open(&key, &altered).serial.is_empty());
     }
 
     #[test]

@@ -106,6 +106,71 @@ async fn with_a_key_file_no_recorded_plaintext_reaches_the_data_dir() {
     assert_eq!(upstream.state.executions(), 2);
 }
 
+/// A method with an in-doubt probe keeps the call's serial to ask the service about it: with
+/// a key file the serial is sealed too, and the probe still finds the charge.
+#[tokio::test]
+async fn a_probed_calls_serial_is_sealed_and_still_probed() {
+    use idemproxy::pb::idemproxy::example::v1::payments_client::PaymentsClient;
+    use idemproxy::pb::idemproxy::example::v1::{ChargeRequest, Payment};
+    const SERIAL: &str = "order-7f3a-payment-of-alice";
+    let service = support::payments::start().await;
+    for sealed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        write_keys(&keys, &[("k1", 7)]);
+        let set = dir.path().join("payments.binpb");
+        std::fs::write(&set, idemproxy::pb::EXAMPLE_DESCRIPTOR_SET).unwrap();
+        let mut extra = vec![
+            "--descriptor-set".to_owned(),
+            set.display().to_string(),
+            "--default-lease".to_owned(),
+            "200ms".to_owned(),
+            "--lease-margin".to_owned(),
+            "50ms".to_owned(),
+        ];
+        if sealed {
+            extra.extend([
+                "--encryption-key-file".to_owned(),
+                keys.display().to_string(),
+            ]);
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let data = dir.path().join("data");
+        let sidecar = binary::start(&binary::run_args(service.addr, &data, &extra)).await;
+        let mut client = PaymentsClient::connect(format!("http://{}", sidecar.addr))
+            .await
+            .unwrap();
+        let charge = |behaviour: &str| {
+            let mut request = tonic::Request::new(ChargeRequest {
+                payment: Some(Payment {
+                    serial: SERIAL.into(),
+                    card: "4242".into(),
+                }),
+                amount_cents: 500,
+                trace_id: behaviour.into(),
+                ..ChargeRequest::default()
+            });
+            request
+                .metadata_mut()
+                .insert("x-caller-id", format!("alice-{sealed}").parse().unwrap());
+            request
+        };
+        let broken = client.charge(charge("fail-after-charge")).await;
+        assert_eq!(broken.unwrap_err().code(), tonic::Code::Internal);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let retry = client.charge(charge("ok")).await.unwrap();
+        assert_eq!(
+            retry.metadata().get("idempotency-resolved-by").unwrap(),
+            "probe"
+        );
+        stop(sidecar).await;
+        // The control run shows the search finds a serial kept in the clear.
+        let visible = data_dir_contains(&data, SERIAL.as_bytes());
+        assert_eq!(visible, !sealed, "sealed: {sealed}");
+    }
+    assert_eq!(service.executions.charges(), 2, "one charge per caller");
+}
+
 #[tokio::test]
 async fn an_altered_record_answers_in_doubt_and_is_never_run_again() {
     let upstream = ledger::start().await;

@@ -228,11 +228,6 @@ async fn a_lookup_that_fails_leaves_the_outcome_unknown_and_a_later_retry_asks_a
 
 #[tokio::test]
 async fn the_walk_asks_again_without_a_retry() {
-    if support::test_store() == "redis-cluster" {
-        // Listing records is not supported on Redis Cluster (`RedisStore::scan`), so the
-        // walk cannot find records there; duplicates still ask (the test above).
-        return;
-    }
     let service = payments::start().await;
     let files = tempfile::tempdir().unwrap();
     let sidecar = sidecar_for(service.addr, &files).await;
@@ -257,9 +252,6 @@ async fn the_walk_asks_again_without_a_retry() {
 /// probe goes any more.
 #[tokio::test]
 async fn probing_gives_up_once_and_the_record_waits_for_an_operator() {
-    if support::test_store() == "redis-cluster" {
-        return; // No walk there (no listing): only duplicates probe.
-    }
     let service = payments::start().await;
     let files = tempfile::tempdir().unwrap();
     let set = files.path().join("payments.binpb");

@@ -445,43 +445,91 @@ async fn a_fresh_key_is_claimed_and_a_duplicate_answered_without_a_get() {
     assert_eq!(upstream.state.executions(), CALLS + 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operators_list_and_purge_records_on_redis() {
-    let redis = RedisServer::start();
+/// `keys ls` pages through every record (on a cluster, every master's), `keys stats` counts
+/// them, and `purge` removes one.
+async fn operators_list_and_purge_records(store: &str, redis_url: &str) {
     let upstream = ledger::start().await;
     let admin = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().to_string()
     };
-    let mut args = replica_args(upstream.addr, "redis", &redis.url());
+    let mut args = replica_args(upstream.addr, store, redis_url);
     args.extend(["--admin-listen".to_owned(), admin.clone()]);
     let sidecar = binary::start(&args).await;
     let mut client = client(sidecar.addr).await;
-    for serial in ["r-1", "r-2"] {
+    let serials: Vec<String> = (0..12).map(|n| format!("r-{n}")).collect();
+    for serial in &serials {
         apply(&mut client, add(serial, 1), Some(serial), None)
             .await
             .unwrap();
     }
-    let keys = |args: &[&str]| {
-        let output = std::process::Command::new(binary::path())
-            .args(["keys", "--admin", &admin, "--json"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "{output:?}");
-        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    let admin_at = admin.clone();
+    let keys = move |args: Vec<String>| {
+        let admin = admin_at.clone();
+        async move {
+            // Off the runtime's threads: the command blocks.
+            tokio::task::spawn_blocking(move || {
+                let output = std::process::Command::new(binary::path())
+                    .args(["keys", "--admin", &admin, "--json"])
+                    .args(&args)
+                    .output()
+                    .unwrap();
+                assert!(output.status.success(), "{output:?}");
+                serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+            })
+            .await
+            .unwrap()
+        }
     };
-    let listed = keys(&["ls"]);
-    let records = listed["records"].as_array().unwrap();
-    assert_eq!(records.len(), 2, "{listed}");
-    assert_eq!(keys(&["stats"])["backend"], "redis");
-    let hash = records[0]["key_hash"].as_str().unwrap();
-    assert_eq!(
-        keys(&["purge", "--key-hash", hash, "--operator", "ops"])["purged"],
-        1
-    );
-    assert_eq!(keys(&["ls"])["records"].as_array().unwrap().len(), 1);
+    let words = |words: &[&str]| words.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>();
+    // Pages of 5: the walk goes on across pages (and, on a cluster, across masters).
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    loop {
+        let mut args = words(&["ls", "--limit", "5"]);
+        if !token.is_empty() {
+            args.extend(words(&["--page-token", &token]));
+        }
+        let page = keys(args).await;
+        listed.extend(page["records"].as_array().unwrap().iter().cloned());
+        token = page["next_page_token"].as_str().unwrap().to_owned();
+        if token.is_empty() {
+            break;
+        }
+    }
+    let mut hashes: Vec<String> = listed
+        .iter()
+        .map(|r| r["key_hash"].as_str().unwrap().to_owned())
+        .collect();
+    hashes.sort_unstable();
+    hashes.dedup();
+    assert_eq!(hashes.len(), serials.len(), "every record once: {listed:?}");
+    let stats = keys(words(&["stats"])).await;
+    assert_eq!(stats["backend"], "redis");
+    assert_eq!(stats["records"], 12, "{stats}");
+    let purged = keys(words(&[
+        "purge",
+        "--key-hash",
+        &hashes[0],
+        "--operator",
+        "ops",
+    ]))
+    .await;
+    assert_eq!(purged["purged"], 1);
+    assert_eq!(keys(words(&["stats"])).await["records"], 11);
     sidecar.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_list_and_purge_records_on_redis() {
+    let redis = RedisServer::start();
+    operators_list_and_purge_records("redis", &redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_list_and_purge_records_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    operators_list_and_purge_records("redis-cluster", &cluster.urls()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -312,6 +312,68 @@ impl RedisStore {
         format!("{}:{{{}}}", self.key_prefix, key.hex())
     }
 
+    /// One SCAN of the records' names from `at`, and where the next starts (`None`: done).
+    /// On a cluster each master is scanned in turn, through the cluster connection.
+    async fn scan_names(
+        &self,
+        connection: &mut RedisConnection,
+        at: ScanAt,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<ScanAt>), StoreError> {
+        let pattern = format!("{}:{{*}}", self.key_prefix);
+        let command = redis::cmd("SCAN")
+            .arg(at.position)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(limit)
+            .to_owned();
+        let cluster = match connection {
+            RedisConnection::Single(_) => {
+                let (next, names): (u64, Vec<String>) = self
+                    .bounded("SCAN failed", connection.query(&command))
+                    .await?;
+                let next = (next != 0).then_some(ScanAt {
+                    master: 0,
+                    position: next,
+                });
+                return Ok((names, next));
+            }
+            RedisConnection::Cluster(cluster) => cluster,
+        };
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let slots = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
+        let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+        let slots = self
+            .bounded("CLUSTER SLOTS failed", cluster.route_command(slots, any))
+            .await?;
+        let masters = masters_of(&slots);
+        let Some((host, port)) = masters.get(at.master) else {
+            return Ok((Vec::new(), None));
+        };
+        let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: host.clone(),
+            port: *port,
+        });
+        let reply = self
+            .bounded("SCAN failed", cluster.route_command(command, node))
+            .await?;
+        let (next, names): (u64, Vec<String>) = redis::from_redis_value(reply)
+            .map_err(|error| StoreError::Io(format!("SCAN answered {error}")))?;
+        let next = match next {
+            0 if at.master + 1 < masters.len() => Some(ScanAt {
+                master: at.master + 1,
+                position: 0,
+            }),
+            0 => None,
+            position => Some(ScanAt {
+                master: at.master,
+                position,
+            }),
+        };
+        Ok((names, next))
+    }
+
     async fn connection(&self) -> Result<RedisConnection, StoreError> {
         let connecting = self.connection.get_or_try_init(|| async {
             match &self.target {
@@ -540,29 +602,8 @@ impl Store for RedisStore {
     async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
         let limit = limit.clamp(1, super::PAGE_RECORDS_MAX);
         let mut connection = self.connection().await?;
-        if matches!(connection, RedisConnection::Cluster(_)) {
-            return Err(StoreError::Io(
-                "listing records is not supported on Redis Cluster yet; get, resolve and purge work by key".into(),
-            ));
-        }
-        let position = match cursor {
-            Some(bytes) => String::from_utf8(bytes)
-                .ok()
-                .and_then(|text| text.parse::<u64>().ok())
-                .ok_or_else(|| StoreError::Io("not a Redis scan position".into()))?,
-            None => 0,
-        };
-        let pattern = format!("{}:{{*}}", self.key_prefix);
-        let command = redis::cmd("SCAN")
-            .arg(position)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(limit)
-            .to_owned();
-        let (next, names): (u64, Vec<String>) = self
-            .bounded("SCAN failed", connection.query(&command))
-            .await?;
+        let at = ScanAt::parse(cursor)?;
+        let (names, next) = self.scan_names(&mut connection, at, limit).await?;
         let mut records = Vec::with_capacity(names.len());
         for name in names {
             let hex = name
@@ -581,9 +622,68 @@ impl Store for RedisStore {
                 records.push((key, record));
             }
         }
-        let next = (next != 0).then(|| next.to_string().into_bytes());
-        Ok(super::Page { records, next })
+        Ok(super::Page {
+            records,
+            next: next.map(ScanAt::encode),
+        })
     }
+}
+
+/// Where a walk of the records is: a SCAN position, on a cluster on one master at a time
+/// (its index among the masters sorted by address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ScanAt {
+    master: usize,
+    position: u64,
+}
+
+impl ScanAt {
+    /// `"P"` on one server, `"M:P"` on a cluster; the start when there is no cursor.
+    fn parse(cursor: Option<Vec<u8>>) -> Result<ScanAt, StoreError> {
+        let Some(bytes) = cursor else {
+            return Ok(ScanAt {
+                master: 0,
+                position: 0,
+            });
+        };
+        let text = String::from_utf8(bytes).unwrap_or_default();
+        let (master, position) = text.split_once(':').unwrap_or(("0", &text));
+        match (master.parse(), position.parse()) {
+            (Ok(master), Ok(position)) => Ok(ScanAt { master, position }),
+            _ => Err(StoreError::Io("not a Redis scan position".into())),
+        }
+    }
+
+    fn encode(self) -> Vec<u8> {
+        format!("{}:{}", self.master, self.position).into_bytes()
+    }
+}
+
+/// The masters of a cluster, from `CLUSTER SLOTS` (each slot range's first node), sorted by
+/// address so that every page of a walk counts them alike.
+fn masters_of(slots: &redis::Value) -> Vec<(String, u16)> {
+    let mut masters = std::collections::BTreeSet::new();
+    let redis::Value::Array(ranges) = slots else {
+        return Vec::new();
+    };
+    for range in ranges {
+        let redis::Value::Array(parts) = range else {
+            continue;
+        };
+        let Some(redis::Value::Array(master)) = parts.get(2) else {
+            continue;
+        };
+        let host = master
+            .first()
+            .and_then(|v| redis::from_redis_value_ref(v).ok());
+        let port = master
+            .get(1)
+            .and_then(|v| redis::from_redis_value_ref(v).ok());
+        if let (Some(host), Some(port)) = (host, port) {
+            masters.insert((host, port));
+        }
+    }
+    masters.into_iter().collect()
 }
 
 /// Wakes waiting duplicates when their record changes: one subscriber connection per

@@ -111,7 +111,6 @@ async fn with_a_key_file_no_recorded_plaintext_reaches_the_data_dir() {
 #[tokio::test]
 async fn a_probed_calls_serial_is_sealed_and_still_probed() {
     use idemproxy::pb::idemproxy::example::v1::payments_client::PaymentsClient;
-    use idemproxy::pb::idemproxy::example::v1::{ChargeRequest, Payment};
     const SERIAL: &str = "order-7f3a-payment-of-alice";
     let service = support::payments::start().await;
     for sealed in [false, true] {
@@ -140,21 +139,8 @@ async fn a_probed_calls_serial_is_sealed_and_still_probed() {
         let mut client = PaymentsClient::connect(format!("http://{}", sidecar.addr))
             .await
             .unwrap();
-        let charge = |behaviour: &str| {
-            let mut request = tonic::Request::new(ChargeRequest {
-                payment: Some(Payment {
-                    serial: SERIAL.into(),
-                    card: "4242".into(),
-                }),
-                amount_cents: 500,
-                trace_id: behaviour.into(),
-                ..ChargeRequest::default()
-            });
-            request
-                .metadata_mut()
-                .insert("x-caller-id", format!("alice-{sealed}").parse().unwrap());
-            request
-        };
+        let caller = format!("alice-{sealed}");
+        let charge = |behaviour: &str| support::payments::charge(SERIAL, &caller, behaviour);
         let broken = client.charge(charge("fail-after-charge")).await;
         assert_eq!(broken.unwrap_err().code(), tonic::Code::Internal);
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;

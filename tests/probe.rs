@@ -10,7 +10,7 @@
 mod support;
 
 use idemproxy::pb::idemproxy::example::v1::payments_client::PaymentsClient;
-use idemproxy::pb::idemproxy::example::v1::{ChargeRequest, Payment};
+use idemproxy::pb::idemproxy::example::v1::ChargeRequest;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -41,24 +41,9 @@ async fn client(addr: SocketAddr) -> PaymentsClient<Channel> {
     PaymentsClient::new(channel)
 }
 
-/// A charge of `serial` as `alice`; `behaviour` is the service's trace id
-/// (`fail-after-charge`, `fail-before-charge`, or anything: charge and answer), which the
-/// fingerprint leaves out, so a retry may carry another.
+/// A charge of `serial` as `alice` (`payments::charge`).
 fn charge(serial: &str, behaviour: &str) -> tonic::Request<ChargeRequest> {
-    let mut request = tonic::Request::new(ChargeRequest {
-        payment: Some(Payment {
-            serial: serial.into(),
-            card: "4242".into(),
-        }),
-        amount_cents: 500,
-        client_timestamp: String::new(),
-        trace_id: behaviour.into(),
-        labels: Default::default(),
-    });
-    request
-        .metadata_mut()
-        .insert("x-caller-id", "alice".parse().unwrap());
-    request
+    payments::charge(serial, "alice", behaviour)
 }
 
 fn header<T>(response: &tonic::Response<T>, name: &str) -> Option<String> {

@@ -364,7 +364,6 @@ fn dashboard_queries_only_exported_metrics(metrics: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_span_links_to_the_call_whose_outcome_it_asks_about() {
     use idemproxy::pb::idemproxy::example::v1::payments_client::PaymentsClient;
-    use idemproxy::pb::idemproxy::example::v1::{ChargeRequest, Payment};
     let service = support::payments::start().await;
     let (collector, received, _collector_task) = start_collector().await;
     let dir = tempfile::tempdir().unwrap();
@@ -389,18 +388,7 @@ async fn a_probe_span_links_to_the_call_whose_outcome_it_asks_about() {
         .await
         .unwrap();
     let charge = |behaviour: &str, traceparent: Option<&str>| {
-        let mut request = tonic::Request::new(ChargeRequest {
-            payment: Some(Payment {
-                serial: "pay-t1".into(),
-                card: "4242".into(),
-            }),
-            amount_cents: 500,
-            trace_id: behaviour.into(),
-            ..ChargeRequest::default()
-        });
-        request
-            .metadata_mut()
-            .insert("x-caller-id", "alice".parse().unwrap());
+        let mut request = support::payments::charge("pay-t1", "alice", behaviour);
         if let Some(traceparent) = traceparent {
             let value = traceparent.parse().unwrap();
             request.metadata_mut().insert("traceparent", value);

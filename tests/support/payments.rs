@@ -3,8 +3,8 @@
 
 use idemproxy::pb::idemproxy::example::v1::payments_server::{Payments, PaymentsServer};
 use idemproxy::pb::idemproxy::example::v1::{
-    BalanceReply, BalanceRequest, ChargeReply, ChargeRequest, GetChargeRequest, PayoutEvent,
-    PayoutRequest, RefundReply, RefundRequest,
+    BalanceReply, BalanceRequest, ChargeReply, ChargeRequest, GetChargeRequest, Payment,
+    PayoutEvent, PayoutRequest, RefundReply, RefundRequest,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -148,6 +148,26 @@ impl Payments for Service {
             execution,
         }))
     }
+}
+
+/// A charge of 500 cents on card 4242 under `serial`, as `caller` (the `x-caller-id`
+/// header); `behaviour` is the service's trace id (`fail-after-charge`,
+/// `fail-before-charge`, `hang-after-charge`, or anything: charge and answer), which the
+/// fingerprint leaves out, so a retry may carry another.
+pub fn charge(serial: &str, caller: &str, behaviour: &str) -> Request<ChargeRequest> {
+    let mut request = Request::new(ChargeRequest {
+        payment: Some(Payment {
+            serial: serial.into(),
+            card: "4242".into(),
+        }),
+        amount_cents: 500,
+        trace_id: behaviour.into(),
+        ..ChargeRequest::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-caller-id", caller.parse().unwrap());
+    request
 }
 
 /// A running payments service.

@@ -322,7 +322,8 @@ impl Tools<'_> {
 /// A store server a variant started: its CPU is counted, and it is stopped after.
 enum StoreServer {
     Redis(Redis),
-    Postgres(postgres_server::Postgres),
+    /// Boxed: a primary and a standby are large beside the other variants.
+    Postgres(Box<postgres_server::Postgres>),
 }
 
 impl StoreServer {
@@ -346,9 +347,9 @@ impl StoreServer {
                     .postgres
                     .as_deref()
                     .context("PostgreSQL is not installed")?;
-                Some(StoreServer::Postgres(
+                Some(StoreServer::Postgres(Box::new(
                     postgres_server::Postgres::start(bin_dir, replication).await?,
-                ))
+                )))
             }
         })
     }

@@ -48,7 +48,11 @@ mod tests {
         let written = Written::default();
         written.keep([1; 32], b"claimed".to_vec());
         assert_eq!(written.take(&[1; 32]).as_deref(), Some(&b"claimed"[..]));
-        assert_eq!(written.take(&[1; 32]), None, "a guess serves one transition");
+        assert_eq!(
+            written.take(&[1; 32]),
+            None,
+            "a guess serves one transition"
+        );
         assert_eq!(written.take(&[2; 32]), None);
     }
 

@@ -10,7 +10,7 @@ use crate::h2load;
 use crate::load::{self, KeyMode, LoadResult};
 use crate::pb::echo_server::{Echo, EchoServer};
 use crate::pb::EchoMessage;
-use crate::postgres_server;
+use crate::postgres_server::{self, Replication};
 use crate::procs::{self, Process};
 use crate::redis_server::{Fsync, Redis};
 use crate::sled_alone;
@@ -65,8 +65,9 @@ pub struct BenchArgs {
     /// own: see `procs::pin`).
     #[arg(long)]
     pub no_pin: bool,
-    /// Runs only the variants whose name holds one of these (comma-separated; "direct" is
-    /// always run, as every ratio's reference).
+    /// Runs only the variants whose name holds one of these, in any case (comma-separated:
+    /// `--only postgres`, `--only "standby,sled"`; "direct" is always run, as every ratio's
+    /// reference; "h2load" runs the h2load paths). The default runs every variant.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -134,19 +135,23 @@ enum Variant {
     RedisDuplicate(Fsync),
     /// The sidecar on three Redis Cluster masters.
     RedisClusterFresh,
+    /// The sidecar on PostgreSQL (`--store postgres`).
+    PostgresFresh(Replication),
+    PostgresDuplicate(Replication),
     /// No sidecar: the service's own Redis flag (`cures.rs`).
     RedisFlagFresh(Fsync),
     RedisFlagDuplicate(Fsync),
     /// No sidecar: the service's own PostgreSQL dedup table (`cures.rs`).
-    DedupTableFresh,
-    DedupTableDuplicate,
+    DedupTableFresh(Replication),
+    DedupTableDuplicate(Replication),
 }
 
 /// What a variant's calls go through, besides the echo service.
 enum Setup {
     Direct,
     Nginx,
-    /// The sidecar with this `--flush`, on the sled store or on the Redis the variant starts.
+    /// The sidecar with this `--flush`, on the sled store or on the store server the variant
+    /// starts.
     Sidecar(&'static str),
     /// The service's own cure, on the store the variant starts.
     Cure,
@@ -158,11 +163,11 @@ enum Backing {
     None,
     Redis(Fsync),
     RedisCluster,
-    Postgres,
+    Postgres(Replication),
 }
 
 impl Variant {
-    const ALL: [Variant; 17] = [
+    const ALL: [Variant; 23] = [
         Variant::Direct,
         Variant::Nginx,
         Variant::Passthrough,
@@ -174,12 +179,18 @@ impl Variant {
         Variant::RedisFresh(Fsync::Everysec),
         Variant::RedisDuplicate(Fsync::Everysec),
         Variant::RedisClusterFresh,
+        Variant::PostgresFresh(Replication::Alone),
+        Variant::PostgresDuplicate(Replication::Alone),
         Variant::RedisFlagFresh(Fsync::Always),
         Variant::RedisFlagDuplicate(Fsync::Always),
         Variant::RedisFlagFresh(Fsync::Everysec),
         Variant::RedisFlagDuplicate(Fsync::Everysec),
-        Variant::DedupTableFresh,
-        Variant::DedupTableDuplicate,
+        Variant::DedupTableFresh(Replication::Alone),
+        Variant::DedupTableDuplicate(Replication::Alone),
+        Variant::PostgresFresh(Replication::SyncStandby),
+        Variant::PostgresDuplicate(Replication::SyncStandby),
+        Variant::DedupTableFresh(Replication::SyncStandby),
+        Variant::DedupTableDuplicate(Replication::SyncStandby),
     ];
 
     fn name(self) -> &'static str {
@@ -199,6 +210,16 @@ impl Variant {
                 "idemproxy on Redis (fsync once a second), duplicate hits"
             }
             Variant::RedisClusterFresh => "idemproxy on Redis Cluster (3 masters), fresh keys",
+            Variant::PostgresFresh(Replication::Alone) => "idemproxy on PostgreSQL, fresh keys",
+            Variant::PostgresDuplicate(Replication::Alone) => {
+                "idemproxy on PostgreSQL, duplicate hits"
+            }
+            Variant::PostgresFresh(Replication::SyncStandby) => {
+                "idemproxy on PostgreSQL (synchronous standby), fresh keys"
+            }
+            Variant::PostgresDuplicate(Replication::SyncStandby) => {
+                "idemproxy on PostgreSQL (synchronous standby), duplicate hits"
+            }
             Variant::RedisFlagFresh(Fsync::Always) => "cure: Redis flag, fresh keys",
             Variant::RedisFlagDuplicate(Fsync::Always) => "cure: Redis flag, duplicate hits",
             Variant::RedisFlagFresh(Fsync::Everysec) => {
@@ -207,8 +228,18 @@ impl Variant {
             Variant::RedisFlagDuplicate(Fsync::Everysec) => {
                 "cure: Redis flag (fsync once a second), duplicate hits"
             }
-            Variant::DedupTableFresh => "cure: PostgreSQL dedup table, fresh keys",
-            Variant::DedupTableDuplicate => "cure: PostgreSQL dedup table, duplicate hits",
+            Variant::DedupTableFresh(Replication::Alone) => {
+                "cure: PostgreSQL dedup table, fresh keys"
+            }
+            Variant::DedupTableDuplicate(Replication::Alone) => {
+                "cure: PostgreSQL dedup table, duplicate hits"
+            }
+            Variant::DedupTableFresh(Replication::SyncStandby) => {
+                "cure: PostgreSQL dedup table (synchronous standby), fresh keys"
+            }
+            Variant::DedupTableDuplicate(Replication::SyncStandby) => {
+                "cure: PostgreSQL dedup table (synchronous standby), duplicate hits"
+            }
         }
     }
 
@@ -218,12 +249,14 @@ impl Variant {
             | Variant::FreshPerWrite
             | Variant::RedisFresh(_)
             | Variant::RedisClusterFresh
+            | Variant::PostgresFresh(_)
             | Variant::RedisFlagFresh(_)
-            | Variant::DedupTableFresh => KeyMode::Fresh,
+            | Variant::DedupTableFresh(_) => KeyMode::Fresh,
             Variant::Duplicate
             | Variant::RedisDuplicate(_)
+            | Variant::PostgresDuplicate(_)
             | Variant::RedisFlagDuplicate(_)
-            | Variant::DedupTableDuplicate => KeyMode::Duplicate,
+            | Variant::DedupTableDuplicate(_) => KeyMode::Duplicate,
             Variant::Direct | Variant::Nginx | Variant::Passthrough => KeyMode::None,
         }
     }
@@ -238,11 +271,13 @@ impl Variant {
             | Variant::Duplicate
             | Variant::RedisFresh(_)
             | Variant::RedisDuplicate(_)
-            | Variant::RedisClusterFresh => Setup::Sidecar("group"),
+            | Variant::RedisClusterFresh
+            | Variant::PostgresFresh(_)
+            | Variant::PostgresDuplicate(_) => Setup::Sidecar("group"),
             Variant::RedisFlagFresh(_)
             | Variant::RedisFlagDuplicate(_)
-            | Variant::DedupTableFresh
-            | Variant::DedupTableDuplicate => Setup::Cure,
+            | Variant::DedupTableFresh(_)
+            | Variant::DedupTableDuplicate(_) => Setup::Cure,
         }
     }
 
@@ -253,7 +288,10 @@ impl Variant {
             | Variant::RedisFlagFresh(fsync)
             | Variant::RedisFlagDuplicate(fsync) => Backing::Redis(fsync),
             Variant::RedisClusterFresh => Backing::RedisCluster,
-            Variant::DedupTableFresh | Variant::DedupTableDuplicate => Backing::Postgres,
+            Variant::PostgresFresh(replication)
+            | Variant::PostgresDuplicate(replication)
+            | Variant::DedupTableFresh(replication)
+            | Variant::DedupTableDuplicate(replication) => Backing::Postgres(replication),
             _ => Backing::None,
         }
     }
@@ -275,7 +313,7 @@ impl Tools<'_> {
         match (variant.setup(), variant.backing()) {
             (Setup::Nginx, _) => self.nginx.is_some(),
             (_, Backing::Redis(_) | Backing::RedisCluster) => self.redis_server.is_some(),
-            (_, Backing::Postgres) => self.postgres.is_some(),
+            (_, Backing::Postgres(_)) => self.postgres.is_some(),
             _ => true,
         }
     }
@@ -284,7 +322,8 @@ impl Tools<'_> {
 /// A store server a variant started: its CPU is counted, and it is stopped after.
 enum StoreServer {
     Redis(Redis),
-    Postgres(postgres_server::Postgres),
+    /// Boxed: a primary and a standby are large beside the other variants.
+    Postgres(Box<postgres_server::Postgres>),
 }
 
 impl StoreServer {
@@ -303,28 +342,29 @@ impl StoreServer {
             Backing::RedisCluster => Some(StoreServer::Redis(
                 Redis::cluster(redis_server()?, Fsync::Always).await?,
             )),
-            Backing::Postgres => {
+            Backing::Postgres(replication) => {
                 let bin_dir = tools
                     .postgres
                     .as_deref()
                     .context("PostgreSQL is not installed")?;
-                Some(StoreServer::Postgres(
-                    postgres_server::Postgres::start(bin_dir).await?,
-                ))
+                Some(StoreServer::Postgres(Box::new(
+                    postgres_server::Postgres::start(bin_dir, replication).await?,
+                )))
             }
         })
     }
 
-    /// CPU seconds of the server's processes (PostgreSQL's backends are its children).
+    /// CPU seconds of the server's processes: every redis-server; every postmaster
+    /// (primary and standby) with its children (backends, WAL writer and sender, the
+    /// standby's startup process and WAL receiver).
     fn cpu_seconds(&self) -> f64 {
-        match self {
-            StoreServer::Redis(redis) => redis
-                .pids()
-                .iter()
-                .map(|&pid| procs::cpu_seconds(pid, false))
-                .sum(),
-            StoreServer::Postgres(postgres) => procs::cpu_seconds(postgres.pid(), true),
-        }
+        let (pids, with_children) = match self {
+            StoreServer::Redis(redis) => (redis.pids(), false),
+            StoreServer::Postgres(postgres) => (postgres.pids(), true),
+        };
+        pids.iter()
+            .map(|&pid| procs::cpu_seconds(pid, with_children))
+            .sum()
     }
 
     /// The sidecar's flags for this store.
@@ -346,7 +386,13 @@ impl StoreServer {
                     redis.url(),
                 ]
             }
-            (StoreServer::Postgres(_), _) => Vec::new(),
+            // Loopback: no TLS to measure, as the cure's connections have none.
+            (StoreServer::Postgres(postgres), _) => vec![
+                "--store".into(),
+                "postgres".into(),
+                "--postgres-url".into(),
+                format!("{} sslmode=disable", postgres.config()),
+            ],
         }
     }
 
@@ -871,17 +917,12 @@ async fn measure_rounds(
     let mut figures: BTreeMap<(usize, Variant), Figures> = BTreeMap::new();
     let mut run_id = 0;
     for round in 1..=args.rounds {
-        if args.only.is_empty() || args.only.iter().any(|part| part == "h2load") {
+        if is_chosen(&args.only, "h2load") {
             measure_h2load(args, tools, h2load_runs).await?;
         }
         for &in_flight in &args.in_flight {
             for variant in Variant::ALL {
-                let chosen = variant == Variant::Direct
-                    || args.only.is_empty()
-                    || args
-                        .only
-                        .iter()
-                        .any(|part| variant.name().contains(part.as_str()));
+                let chosen = variant == Variant::Direct || is_chosen(&args.only, variant.name());
                 if !chosen || !tools.can_run(variant) {
                     continue;
                 }
@@ -904,6 +945,16 @@ async fn measure_rounds(
         figure.load.finish();
     }
     Ok(figures)
+}
+
+/// Whether `--only` (`only`) chooses what is named `name`: every name when it is empty, else
+/// the names holding one of its parts, in any case.
+fn is_chosen(only: &[String], name: &str) -> bool {
+    let name = name.to_lowercase();
+    only.is_empty()
+        || only
+            .iter()
+            .any(|part| name.contains(part.to_lowercase().as_str()))
 }
 
 /// `idemproxy-bench`: every variant, then the report.
@@ -1252,14 +1303,14 @@ fn targets(
             "fresh keys",
             Variant::Fresh,
             Variant::RedisFlagFresh(Fsync::Always),
-            Variant::DedupTableFresh,
+            Variant::DedupTableFresh(Replication::Alone),
         ),
         (
             "C2",
             "duplicate hits",
             Variant::Duplicate,
             Variant::RedisFlagDuplicate(Fsync::Always),
-            Variant::DedupTableDuplicate,
+            Variant::DedupTableDuplicate(Replication::Alone),
         ),
     ] {
         let measured = (|| {
@@ -1294,6 +1345,9 @@ fn targets(
         )
         .map(|r| (format!("{r:.2}×"), r <= 1.2)),
     );
+    for (id, what, target, measured) in postgres_targets(figures, high) {
+        row(id, what, target, measured);
+    }
     let stored = store.map_or(args.records, |s| s.records);
     row(
         "P6",
@@ -1322,10 +1376,80 @@ fn targets(
     out
 }
 
+/// One row of the Targets table: id, measure, target, and the measured value with its
+/// verdict (`None`: not measured).
+type TargetRow = (&'static str, String, &'static str, Option<(String, bool)>);
+
+/// Q1–Q4: idemproxy on PostgreSQL against the PostgreSQL dedup table on the same server, at
+/// `high` in flight, without and with a synchronous standby (issue 32, item 10).
+fn postgres_targets(figures: &BTreeMap<(usize, Variant), Figures>, high: usize) -> Vec<TargetRow> {
+    let measured = |ours: Variant, cure: Variant| {
+        let (ours, cure) = (figures.get(&(high, ours))?, figures.get(&(high, cure))?);
+        let (t, cure_t) = (ours.load.throughput(), cure.load.throughput());
+        let (c, cure_c) = (ours.total_cpu_us_per_call()?, cure.total_cpu_us_per_call()?);
+        let shown = format!(
+            "{:.2}× the throughput ({t:.0} against {cure_t:.0} calls/s); {:.2}× the total CPU per call ({c:.0} against {cure_c:.0} µs)",
+            t / cure_t,
+            c / cure_c,
+        );
+        Some((shown, t / cure_t, c / cure_c))
+    };
+    let mut rows = Vec::new();
+    for (replication, fresh_id, duplicate_id, with) in [
+        (Replication::Alone, "Q1", "Q2", ""),
+        (
+            Replication::SyncStandby,
+            "Q3",
+            "Q4",
+            ", both with a synchronous standby",
+        ),
+    ] {
+        rows.push((
+            fresh_id,
+            format!("idemproxy on PostgreSQL against the PostgreSQL dedup table in the service on the same server{with}, fresh keys at {high} in flight"),
+            "≥ 2× the throughput and ≤ 0.7× the total CPU per call",
+            measured(
+                Variant::PostgresFresh(replication),
+                Variant::DedupTableFresh(replication),
+            )
+            .map(|(shown, t, c)| (shown, t >= 2.0 && c <= 0.7)),
+        ));
+        rows.push((
+            duplicate_id,
+            format!("idemproxy on PostgreSQL against the PostgreSQL dedup table in the service on the same server{with}, duplicate hits at {high} in flight"),
+            "ahead in throughput and total CPU per call",
+            measured(
+                Variant::PostgresDuplicate(replication),
+                Variant::DedupTableDuplicate(replication),
+            )
+            .map(|(shown, t, c)| (shown, t > 1.0 && c < 1.0)),
+        ));
+    }
+    rows
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures_core::Stream;
+
+    #[test]
+    fn only_chooses_by_part_of_the_name_in_any_case() {
+        let only = |parts: &[&str]| parts.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let chosen = |parts: &[&str]| {
+            Variant::ALL
+                .into_iter()
+                .filter(|v| is_chosen(&only(parts), v.name()))
+                .count()
+        };
+        assert_eq!(chosen(&[]), Variant::ALL.len(), "no --only: every variant");
+        // Two sidecar and two cure variants, each alone and with a standby.
+        assert_eq!(chosen(&["postgres"]), 8);
+        assert_eq!(chosen(&["synchronous standby"]), 4);
+        assert_eq!(chosen(&["nginx", "STANDBY"]), 5);
+        assert!(!is_chosen(&only(&["postgres"]), "h2load"));
+        assert!(is_chosen(&[], "h2load"));
+    }
 
     #[tokio::test]
     async fn the_echo_service_accepts_with_nagle_off() {

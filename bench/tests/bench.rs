@@ -130,8 +130,14 @@ fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
     }
     if postgres_found {
         variants.extend([
+            "idemproxy on PostgreSQL, fresh keys",
+            "idemproxy on PostgreSQL, duplicate hits",
             "cure: PostgreSQL dedup table, fresh keys",
             "cure: PostgreSQL dedup table, duplicate hits",
+            "idemproxy on PostgreSQL (synchronous standby), fresh keys",
+            "idemproxy on PostgreSQL (synchronous standby), duplicate hits",
+            "cure: PostgreSQL dedup table (synchronous standby), fresh keys",
+            "cure: PostgreSQL dedup table (synchronous standby), duplicate hits",
         ]);
     }
     let mut store_cpu_seen = BTreeSet::new();
@@ -208,8 +214,22 @@ fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
     }
     for target in [
         "| P1 |", "| P2 |", "| P3 |", "| P4 |", "| P5 |", "| P6 |", "| C1 |", "| C2 |", "| C3 |",
+        "| Q1 |", "| Q2 |", "| Q3 |", "| Q4 |",
     ] {
         assert!(report.contains(target), "no row {target}:\n{report}");
+    }
+    // The PostgreSQL targets are judged from the run's own figures when PostgreSQL is there.
+    if postgres_found {
+        for target in ["| Q1 |", "| Q2 |", "| Q3 |", "| Q4 |"] {
+            let row = report
+                .lines()
+                .find(|line| line.starts_with(target))
+                .expect("the row is there");
+            assert!(
+                !row.contains("not measured"),
+                "{target} has no figures: {row}"
+            );
+        }
     }
     assert!(
         report.contains("(300 records found)"),

@@ -66,7 +66,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_pin: bool,
     /// Runs only the variants whose name holds one of these, in any case (comma-separated:
-    /// `--only postgres`, `--only "standby,sled"`; "direct" is always run, as every ratio's
+    /// `--only postgres`, `--only "standby,nginx"`; "direct" is always run, as every ratio's
     /// reference; "h2load" runs the h2load paths). The default runs every variant.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,

@@ -103,10 +103,8 @@ pub fn take_probe(
     let record = match current {
         Some(record)
             if !is_expired(record, now_ms)
-                && effective_state(record, now_ms) == State::InDoubt
-                && record.lease_until_ms <= now_ms
-                && !record.serial.is_empty()
-                && !record.probing_stopped =>
+                && waiting_for(record, now_ms) == Some(Waiting::Probe)
+                && record.lease_until_ms <= now_ms =>
         {
             record
         }

@@ -201,8 +201,10 @@ fn a_short_benchmark_reports_every_variant_and_leaves_nothing_running() {
             "no P1 row for h2load:\n{report}"
         );
     }
-    // CPU time comes in 10 ms ticks: a short run of cheap calls may show none, but the
-    // store server of every fresh-key variant on a server shows some in one section at least.
+    // A process of several threads shows CPU time in 10 ms ticks, so a short run of cheap
+    // calls may show none; but the store server of every fresh-key variant on a server
+    // (PostgreSQL's single-threaded processes read in nanoseconds) shows some in one
+    // section at least.
     for variant in &variants {
         let on_server = variant.contains("Redis") || variant.contains("PostgreSQL");
         if on_server && variant.contains("fresh keys") {

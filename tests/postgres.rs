@@ -365,6 +365,187 @@ async fn without_a_synchronous_standby_the_store_is_not_ready_when_one_is_requir
 }
 
 #[tokio::test]
+async fn a_table_of_schema_version_1_is_migrated_in_place() {
+    let server = shared();
+    let schema = fresh_table();
+    let table = format!("{schema}.records");
+    let client = server.connect().await;
+    // What the first release made: its table, a record in it, its version row.
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema}; \
+             CREATE TABLE {table} (key bytea PRIMARY KEY, value bytea NOT NULL, \
+               expires_ms bigint NOT NULL, caller text NOT NULL); \
+             CREATE INDEX records_expires ON {table} (expires_ms); \
+             CREATE INDEX records_caller ON {table} (caller, expires_ms); \
+             CREATE TABLE {schema}.idemproxy_schema \
+               (table_name text PRIMARY KEY, version integer NOT NULL); \
+             INSERT INTO {schema}.idemproxy_schema VALUES ('{table}', 1)"
+        ))
+        .await
+        .unwrap();
+    let kept = claim_record(7).encode_to_vec();
+    client
+        .execute(
+            &format!("INSERT INTO {table} VALUES ($1, $2, 1000000000000000, 'caller')"),
+            &[&&key(1).as_bytes()[..], &kept],
+        )
+        .await
+        .unwrap();
+    let store = store_at(&server.url(), &table, false);
+    assert!(
+        !claim(&store, &key(1), 8).await,
+        "the first release's record is read"
+    );
+    assert!(claim(&store, &key(2), 8).await);
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT version FROM {schema}.idemproxy_schema), \
+                        (SELECT reloptions::text FROM pg_class WHERE oid = '{table}'::regclass), \
+                        (SELECT bool_or(watched) FROM {table})"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (version, options, watched): (i32, String, bool) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(version, idemproxy::store::postgres::schema::SCHEMA_VERSION);
+    assert_eq!(
+        options,
+        format!(
+            "{{fillfactor={}}}",
+            idemproxy::store::postgres::schema::FILLFACTOR
+        )
+    );
+    assert!(!watched, "nobody waits on either record");
+}
+
+/// A record as an attempt completes it: the claim's, with an answer of `body_bytes`.
+fn completed_record(token: u8, expires_ms: u64, body_bytes: usize) -> Record {
+    Record {
+        state: State::Completed as i32,
+        expires_ms,
+        response: Some(idemproxy::record::Response {
+            body: vec![7; body_bytes].into(),
+            ..Default::default()
+        }),
+        ..claim_record(token)
+    }
+}
+
+#[tokio::test]
+async fn a_completion_writes_no_index_entry() {
+    let server = shared();
+    let table = fresh_table();
+    let store = store_at(&server.url(), &table, false);
+    // A claim and its completion within one second: their expiries differ, the rows'
+    // expiry column does not.
+    let claimed_until = 4_000_000_000_001;
+    let records = 400_u64;
+    for n in 0..records {
+        let put = Record {
+            expires_ms: claimed_until,
+            lease_until_ms: claimed_until,
+            ..claim_record(1)
+        };
+        store
+            .update(Operation::Claim, &key(n), |_| {
+                (Change::Put(put.clone()), ())
+            })
+            .await
+            .unwrap();
+    }
+    for n in 0..records {
+        let done = completed_record(1, claimed_until + 900, 100);
+        store
+            .update(Operation::Complete, &key(n), |_| {
+                (Change::Put(done.clone()), ())
+            })
+            .await
+            .unwrap();
+    }
+    // The store's sessions end, and with them PostgreSQL's counts of their updates are in.
+    drop(store);
+    let client = server.connect().await;
+    let counts = || async {
+        let row = client
+            .query_one(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables \
+                 WHERE relid = $1::text::regclass",
+                &[&table],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+    support::eventually(Duration::from_secs(30), "the updates counted", || async {
+        counts().await.0 >= records as i64
+    })
+    .await;
+    let (updates, heap_only) = counts().await;
+    assert_eq!(
+        (updates, heap_only),
+        (records as i64, records as i64),
+        "completions that wrote index entries: not heap-only updates"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_change_somebody_waits_for_is_announced() {
+    let server = shared();
+    let table = fresh_table();
+    let store = store_at(&server.url(), &table, false);
+    assert!(claim(&store, &key(1), 1).await);
+    assert!(claim(&store, &key(2), 1).await);
+    // A listener of the table's channel, as every replica's is.
+    let (listener, mut connection) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (heard, mut announced) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(notification) = message {
+                let _ = heard.send(notification.payload().to_owned());
+            }
+        }
+    });
+    listener
+        .batch_execute(&format!("LISTEN \"{table}\""))
+        .await
+        .unwrap();
+    let complete = |n: u64| {
+        let store = &store;
+        async move {
+            store
+                .update(Operation::Complete, &key(n), |_| {
+                    (Change::Put(completed_record(1, u64::MAX / 4, 10)), ())
+                })
+                .await
+                .unwrap()
+        }
+    };
+    complete(1).await;
+    // A duplicate waits on the second record (the mark is its own statement: the wait may
+    // end at once, when the mark finds it unmarked).
+    let waiting = store.changed(&key(2));
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap();
+    complete(2).await;
+    let first = tokio::time::timeout(Duration::from_secs(10), announced.recv())
+        .await
+        .expect("the change of the record waited on is announced")
+        .unwrap();
+    assert_eq!(
+        first,
+        key(2).hex(),
+        "only the record waited on is announced"
+    );
+}
+
+#[tokio::test]
 async fn records_keep_the_bytes_the_other_stores_keep() {
     let server = shared();
     let table = fresh_table();

@@ -1,12 +1,12 @@
 //! Waking waiting duplicates on PostgreSQL (issue 32 item 6): one connection per process
-//! LISTENs on the table's channel; each replaced or deleted record is announced there (by
-//! the swap's own statement, so on its commit) with its key in hex, and wakes the waiters of
-//! that key (`store::waiters`, which also polls, so a lost connection or notification only
+//! LISTENs on the table's channel; each replaced or deleted record that a duplicate waits
+//! on (`watch`) is announced there (by the swap's own statement, so on its commit) with its
+//! key in hex, and wakes the waiters of that key (`store::waiters`, which also polls, so a lost connection or notification only
 //! delays a waiter); a reconnected listener wakes them all, as it may have missed changes.
 //! This module never reads or writes a record.
 
 use super::tls::MakeRustls;
-use crate::store::waiters::Waiters;
+use crate::store::waiters::{Subscription, Waiters};
 use futures_util::StreamExt;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -21,14 +21,15 @@ const RELISTEN_BACKOFF_MAX: Duration = Duration::from_secs(2);
 const NOTIFICATIONS_QUEUED_MAX: usize = 4_096;
 
 /// Starts the listener, which connects with `config`, LISTENs on `channel` and wakes the
-/// returned waiters.
+/// returned waiters; `subscriptions` hears each key's first waiter (`watch`).
 pub fn start(
     config: tokio_postgres::Config,
     tls: MakeRustls,
     channel: String,
     poll_interval: Duration,
+    subscriptions: mpsc::UnboundedSender<Subscription>,
 ) -> Arc<Waiters> {
-    let waiters = Waiters::new(None, poll_interval);
+    let waiters = Waiters::new(Some(subscriptions), poll_interval);
     tokio::spawn(listen(config, tls, channel, Arc::downgrade(&waiters)));
     waiters
 }

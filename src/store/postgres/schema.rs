@@ -10,7 +10,18 @@
 use tokio_postgres::Client;
 
 /// The schema version this release writes and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
+
+/// The records table's fillfactor (version 2): each page takes new rows up to this share and
+/// keeps the rest for their completions, which PostgreSQL then writes on the same page with
+/// no index entry (a heap-only tuple: a completion leaves every indexed column as its claim
+/// wrote it, `expiry_column`). Measured in BENCHMARKS.md against 70 and the default 100.
+pub const FILLFACTOR: u32 = 40;
+
+/// How long a migration waits for the table's lock before it gives up (and the next
+/// connection tries again): a migration never queues the service's statements behind a long
+/// one of someone else's.
+const MIGRATION_LOCK_WAIT: &str = "5s";
 
 /// The names of one records table and of what belongs to it, quoted for SQL.
 #[derive(Debug, Clone)]
@@ -59,6 +70,18 @@ impl Table {
         )
     }
 
+    /// Version 2: room on every page for the completions of its claims (`FILLFACTOR`; pages
+    /// written before keep theirs), and a record's `watched` flag: set by a duplicate that
+    /// waits on it, so that only a change somebody waits for is announced. Adding a column
+    /// with a constant default rewrites nothing.
+    fn v2(&self) -> String {
+        format!(
+            "ALTER TABLE {} SET (fillfactor = {FILLFACTOR}), \
+               ADD COLUMN watched boolean NOT NULL DEFAULT false",
+            self.quoted
+        )
+    }
+
     /// Reads one record.
     pub fn read(&self) -> String {
         format!("SELECT value FROM {} WHERE key = $1", self.quoted)
@@ -67,10 +90,11 @@ impl Table {
     /// One group commit: every swap of the batch in one statement (one transaction).
     ///
     /// $1 positions, $2 keys, $3 SHA-256 of the record each swap was decided on (NULL: it
-    /// was absent), $4 the new record (NULL: delete), $5 its expiry (Unix ms), $6 its caller,
+    /// was absent), $4 the new record (NULL: delete), $5 its expiry column, $6 its caller,
     /// $7 the change channel. Returns per position whether it was applied and, when not, the
-    /// record as the statement's snapshot saw it. A replaced or deleted record is announced
-    /// on the channel, delivered when the statement commits.
+    /// record as the statement's snapshot saw it (looked up only for those). A replaced or
+    /// deleted record that a duplicate waits on (`watched`) is announced on the channel,
+    /// delivered when the statement commits.
     pub fn swap(&self) -> String {
         let table = &self.quoted;
         format!(
@@ -89,19 +113,34 @@ impl Table {
                FROM input AS i \
                WHERE i.expected IS NOT NULL AND i.value IS NOT NULL \
                  AND r.key = i.key AND sha256(r.value) = i.expected \
-               RETURNING r.key), \
+               RETURNING r.key, r.watched), \
              deleted AS (\
                DELETE FROM {table} AS r USING input AS i \
                WHERE i.expected IS NOT NULL AND i.value IS NULL \
                  AND r.key = i.key AND sha256(r.value) = i.expected \
-               RETURNING r.key), \
-             changed AS (SELECT key FROM updated UNION ALL SELECT key FROM deleted), \
-             notified AS (SELECT count(pg_notify($7, encode(key, 'hex'))) AS n FROM changed), \
+               RETURNING r.key, r.watched), \
+             changed AS (SELECT * FROM updated UNION ALL SELECT * FROM deleted), \
+             notified AS (SELECT count(pg_notify($7, encode(key, 'hex'))) AS n \
+                          FROM changed WHERE watched), \
              applied AS (SELECT key FROM inserted UNION ALL SELECT key FROM changed) \
-             SELECT i.n, a.key IS NOT NULL, r.value, (SELECT n FROM notified) \
-             FROM input AS i \
-             LEFT JOIN applied AS a ON a.key = i.key \
-             LEFT JOIN {table} AS r ON r.key = i.key AND a.key IS NULL"
+             SELECT i.n, a.key IS NOT NULL, \
+                    CASE WHEN a.key IS NULL \
+                      THEN (SELECT r.value FROM {table} AS r WHERE r.key = i.key) END, \
+                    (SELECT n FROM notified) \
+             FROM input AS i LEFT JOIN applied AS a ON a.key = i.key"
+        )
+    }
+
+    /// Marks record $1 as waited on, so that its next change is announced. Returns true
+    /// when a change before it may have gone unannounced: the record was not marked yet, or
+    /// is gone.
+    pub fn watch(&self) -> String {
+        let table = &self.quoted;
+        format!(
+            "WITH marked AS (\
+               UPDATE {table} SET watched = true WHERE key = $1 AND NOT watched RETURNING 1) \
+             SELECT EXISTS (SELECT 1 FROM marked) \
+                 OR NOT EXISTS (SELECT 1 FROM {table} WHERE key = $1)"
         )
     }
 
@@ -171,6 +210,9 @@ pub enum SchemaError {
 /// the transaction. Returns the version found before (0: none).
 pub async fn ensure(client: &mut Client, table: &Table) -> Result<i32, SchemaError> {
     let transaction = client.transaction().await?;
+    transaction
+        .batch_execute(&format!("SET LOCAL lock_timeout = '{MIGRATION_LOCK_WAIT}'"))
+        .await?;
     // One lock per schema, not per table: the version table is shared by every records
     // table of the schema, and two services starting together would both create it.
     let lock = format!("idemproxy:{}", table.versions);
@@ -203,9 +245,12 @@ pub async fn ensure(client: &mut Client, table: &Table) -> Result<i32, SchemaErr
             found,
         });
     }
-    // Each step takes the table from one version to the next; there is one step so far.
+    // Each step takes the table from one version to the next.
     if found < 1 {
         transaction.batch_execute(&table.create_v1()).await?;
+    }
+    if found < 2 {
+        transaction.batch_execute(&table.v2()).await?;
     }
     if found < SCHEMA_VERSION {
         let upsert = format!(

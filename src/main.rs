@@ -3,12 +3,6 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-/// mimalloc, not glibc's malloc: allocation and freeing took 15 % of the sidecar's CPU on a
-/// fresh call (the two HTTP/2 hops' buffers and headers, the futures of the call's path);
-/// mimalloc takes 3-5 µs a call less, for 1.6 MB more resident (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A gRPC idempotency sidecar: each keyed request takes effect once.
 #[derive(Debug, Parser)]
 #[command(name = "idemproxy", version, about)]

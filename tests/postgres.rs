@@ -11,7 +11,9 @@ mod support;
 
 use idemproxy::key::Key;
 use idemproxy::record::{Change, Record, State};
-use idemproxy::store::postgres::{PostgresOptions, PostgresStore, EXPIRE_BATCH_RECORDS};
+use idemproxy::store::postgres::{
+    PostgresOptions, PostgresStore, EXPECTED_BYTES_MAX, EXPIRE_BATCH_RECORDS,
+};
 use idemproxy::store::{Operation, Store};
 use prost::Message;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -498,6 +500,74 @@ async fn a_completion_writes_no_index_entry() {
         (records as i64, records as i64),
         "completions that wrote index entries: not heap-only updates"
     );
+}
+
+/// Replaces the record of `key` in `table` behind the store's back, from a thread of its own
+/// (the store's transition closures cannot wait), as another replica's swap would.
+fn replace_behind(url: &str, table: &str, key: &Key, record: &Record) {
+    let (url, table) = (url.to_owned(), table.to_owned());
+    let (key, value) = (key.as_bytes().to_vec(), record.encode_to_vec());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            let update = format!("UPDATE {table} SET value = $1 WHERE key = $2");
+            assert_eq!(client.execute(&update, &[&value, &key]).await.unwrap(), 1);
+        });
+    })
+    .join()
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_applies_only_to_the_record_it_was_decided_on_small_or_large() {
+    let server = shared();
+    let table = fresh_table();
+    let store = store_at(&server.url(), &table, false);
+    // A swap names a small record whole and a large one by its SHA-256
+    // (`EXPECTED_BYTES_MAX`): both are refused once the record changed, and applied after.
+    for (n, body_bytes) in [(1_u64, 16_usize), (2, 4 * EXPECTED_BYTES_MAX)] {
+        assert!(claim(&store, &key(n), 1).await);
+        let done = completed_record(1, u64::MAX / 4, body_bytes);
+        store
+            .update(Operation::Complete, &key(n), |_| {
+                (Change::Put(done.clone()), ())
+            })
+            .await
+            .unwrap();
+        let other = completed_record(2, u64::MAX / 4, body_bytes);
+        let mut seen = Vec::new();
+        store
+            .update(Operation::Operator, &key(n), |current| {
+                let current = current.expect("the record is there");
+                if seen.is_empty() {
+                    replace_behind(&server.url(), &table, &key(n), &other);
+                }
+                seen.push(current.token.clone());
+                (Change::Delete, ())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![vec![1; 16], vec![2; 16]],
+            "{body_bytes}-byte body: the deletion decided on the replaced record was refused, \
+             and applied when decided again on the record there now"
+        );
+        let absent = store
+            .update(Operation::Read, &key(n), |current| {
+                (Change::Keep, current.is_none())
+            })
+            .await
+            .unwrap();
+        assert!(absent, "{body_bytes}-byte body: the record is deleted");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

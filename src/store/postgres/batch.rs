@@ -27,8 +27,8 @@ pub const QUEUE_SWAPS_MAX: usize = 4 * BATCH_SWAPS_MAX;
 pub struct Swap {
     /// The record's key.
     pub key: [u8; 32],
-    /// SHA-256 of the record the change was decided on; `None`: it was absent.
-    pub expected: Option<[u8; 32]>,
+    /// The record the change was decided on, as `expected` gives it; `None`: it was absent.
+    pub expected: Option<Vec<u8>>,
     /// The new record, its expiry (Unix ms) and caller; `None`: delete it.
     pub put: Option<(Vec<u8>, i64, String)>,
 }

@@ -341,10 +341,7 @@ impl<'a> Arrays<'a> {
         Arrays {
             positions: order.iter().map(|&n| n as i32).collect(),
             keys: swaps.iter().map(|swap| &swap.key[..]).collect(),
-            expected: swaps
-                .iter()
-                .map(|swap| swap.expected.as_ref().map(|digest| &digest[..]))
-                .collect(),
+            expected: swaps.iter().map(|swap| swap.expected.as_deref()).collect(),
             values: swaps
                 .iter()
                 .map(|swap| swap.put.as_ref().map(|put| &put.0[..]))
@@ -372,16 +369,29 @@ fn lost_a_conflict(error: &tokio_postgres::Error) -> bool {
 /// A refused swap's outcome. The statement's snapshot may predate the change that refused
 /// it: a record still as expected there is not the record now, so it is to be read.
 fn refused(swap: &Swap, now: Option<Vec<u8>>) -> Outcome {
-    let digest = now.as_deref().map(sha256);
-    if digest == swap.expected {
+    if now.as_deref().map(expected) == swap.expected {
         Outcome::Refused(None)
     } else {
         Outcome::Refused(Some(now))
     }
 }
 
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
+/// Records up to this size are compared whole by a swap; larger ones by their SHA-256.
+pub const EXPECTED_BYTES_MAX: usize = 1024;
+
+/// What a swap sends to say which record it was decided on: the record itself when it has
+/// at most `EXPECTED_BYTES_MAX` bytes (a claim's, which every completion replaces: comparing
+/// it costs PostgreSQL less than hashing it, BENCHMARKS.md), its SHA-256 when larger (a
+/// completed answer: a batch carries at most 32 bytes for it). The statement compares a
+/// record of PostgreSQL's the same way, by its own size (`schema::Table::swap`): equal
+/// records are always compared alike; unequal ones of different kinds match only if a
+/// record's bytes are a SHA-256 of the other's.
+fn expected(record: &[u8]) -> Vec<u8> {
+    if record.len() <= EXPECTED_BYTES_MAX {
+        record.to_vec()
+    } else {
+        Sha256::digest(record).to_vec()
+    }
 }
 
 /// The PostgreSQL-backed store.
@@ -534,7 +544,7 @@ fn swap_for(key: &Key, read: Option<&[u8]>, change: &Change) -> Option<Swap> {
     };
     Some(Swap {
         key: *key.as_bytes(),
-        expected: read.map(sha256),
+        expected: read.map(expected),
         put,
     })
 }

@@ -7,6 +7,7 @@
 //! A table at a version newer than this release knows is refused, never downgraded. This
 //! module never touches a record.
 
+use super::EXPECTED_BYTES_MAX;
 use tokio_postgres::Client;
 
 /// The schema version this release writes and reads.
@@ -89,14 +90,20 @@ impl Table {
 
     /// One group commit: every swap of the batch in one statement (one transaction).
     ///
-    /// $1 positions, $2 keys, $3 SHA-256 of the record each swap was decided on (NULL: it
-    /// was absent), $4 the new record (NULL: delete), $5 its expiry column, $6 its caller,
-    /// $7 the change channel. Returns per position whether it was applied and, when not, the
+    /// $1 positions, $2 keys, $3 the record each swap was decided on (NULL: it was absent),
+    /// whole or its SHA-256 by its size (`EXPECTED_BYTES_MAX`), $4 the new record (NULL:
+    /// delete), $5 its expiry column, $6 its caller, $7 the change channel. Returns per position whether it was applied and, when not, the
     /// record as the statement's snapshot saw it (looked up only for those). A replaced or
     /// deleted record that a duplicate waits on (`watched`) is announced on the channel,
     /// delivered when the statement commits.
     pub fn swap(&self) -> String {
         let table = &self.quoted;
+        // The record as `expected` in mod.rs gives it: whole up to its size limit, else
+        // its SHA-256.
+        let same = format!(
+            "CASE WHEN octet_length(r.value) <= {EXPECTED_BYTES_MAX} \
+               THEN r.value = i.expected ELSE sha256(r.value) = i.expected END"
+        );
         format!(
             "WITH input AS (\
                SELECT * FROM unnest($1::int4[], $2::bytea[], $3::bytea[], $4::bytea[], \
@@ -112,12 +119,12 @@ impl Table {
                SET value = i.value, expires_ms = i.expires_ms, caller = i.caller \
                FROM input AS i \
                WHERE i.expected IS NOT NULL AND i.value IS NOT NULL \
-                 AND r.key = i.key AND sha256(r.value) = i.expected \
+                 AND r.key = i.key AND {same} \
                RETURNING r.key, r.watched), \
              deleted AS (\
                DELETE FROM {table} AS r USING input AS i \
                WHERE i.expected IS NOT NULL AND i.value IS NULL \
-                 AND r.key = i.key AND sha256(r.value) = i.expected \
+                 AND r.key = i.key AND {same} \
                RETURNING r.key, r.watched), \
              changed AS (SELECT * FROM updated UNION ALL SELECT * FROM deleted), \
              notified AS (SELECT count(pg_notify($7, encode(key, 'hex'))) AS n \

@@ -367,57 +367,45 @@ impl Model {
     }
 }
 
+/// Runs `ops` on the model `model` makes (inside the runtime: the stores start tasks),
+/// comparing the records after each.
+fn run(model: impl FnOnce() -> Model, ops: &[Op]) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut model = model();
+        for op in ops {
+            model.step(op).await;
+            model.assert_same_records(op).await;
+        }
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
     fn sled_behaves_as_the_reference_store(ops in proptest::collection::vec(op(), 1..60)) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            let mut model = Model::sled(1 << 16);
-            for op in &ops {
-                model.step(op).await;
-                model.assert_same_records(op).await;
-            }
-        });
+        run(|| Model::sled(1 << 16), &ops);
     }
 
     #[test]
     fn sled_packing_at_every_round_behaves_as_the_reference_store(ops in proptest::collection::vec(op(), 1..60)) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            let mut model = Model::sled(1);
-            for op in &ops {
-                model.step(op).await;
-                model.assert_same_records(op).await;
-            }
-        });
+        run(|| Model::sled(1), &ops);
     }
 
     #[test]
     fn postgres_behaves_as_the_reference_store(ops in proptest::collection::vec(op(), 1..60)) {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            let mut model = Model::postgres();
-            for op in &ops {
-                model.step(op).await;
-                model.assert_same_records(op).await;
-            }
-        });
+        run(Model::postgres, &ops);
     }
 
     #[test]
     fn redis_behaves_as_the_reference_store(ops in proptest::collection::vec(op(), 1..60)) {
         let server = support::redis::RedisServer::start();
         let options = redis_options(server.url());
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            let mut model = Model::redis(options);
-            for op in &ops {
-                model.step(op).await;
-                model.assert_same_records(op).await;
-            }
-        });
+        run(|| Model::redis(options), &ops);
     }
 }
 
@@ -439,15 +427,5 @@ fn postgres_expires_a_record_within_the_second_after_the_reference() {
         Op::Advance { ms: 693 },
         Op::Maintain,
     ];
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let mut model = Model::postgres();
-        for op in &ops {
-            model.step(op).await;
-            model.assert_same_records(op).await;
-        }
-    });
+    run(Model::postgres, &ops);
 }

@@ -94,9 +94,8 @@ impl Table {
     /// whole or its SHA-256 by its size (`EXPECTED_BYTES_MAX`), $4 the new record (NULL:
     /// delete), $5 its expiry column, $6 its caller, $7 the change channel. Returns per
     /// position whether it was applied and, when not, the record as the statement's snapshot
-    /// saw it (looked up only for those). A replaced or
-    /// deleted record that a duplicate waits on (`watched`) is announced on the channel,
-    /// delivered when the statement commits.
+    /// saw it (looked up only for those). A replaced or deleted record that a duplicate waits
+    /// on (`watched`) is announced on the channel, delivered when the statement commits.
     pub fn swap(&self) -> String {
         let table = &self.quoted;
         // The record as `expected` in mod.rs gives it: whole up to its size limit, else

@@ -2,18 +2,21 @@
 //! PostgreSQL as one statement, so one commit (one WAL flush, one standby round trip)
 //! serves them all.
 //!
-//! One task takes every swap queued (up to `BATCH_SWAPS_MAX`), sends the first swap of each
-//! key in one `unnest` statement, and answers each. A second swap of a key already in the
+//! One task takes every swap queued (up to `BATCH_SWAPS_MAX`; when fewer are queued than it
+//! expects back from the last statement, it waits a little for them: `pace`), sends the
+//! first swap of each key in one `unnest` statement, and answers each. A second swap of a key already in the
 //! batch is not sent: it could only lose to the first (both were decided on a record the
 //! first one replaces or finds changed), so it is answered as refused with what the first
 //! one learned. This module never decides a state and never retries a statement whose
 //! outcome it does not know: it says so (`Outcome::Unknown`) and the store settles it.
 
+use super::pace::{gather, Pace};
 use super::{Backend, Shared};
 use crate::store::StoreError;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 /// Swaps one statement carries at most.
@@ -54,17 +57,25 @@ pub struct Pending {
     pub reply: oneshot::Sender<Result<Outcome, StoreError>>,
 }
 
-/// Takes batches off `queue` and commits each, until every sender is gone.
+/// Takes batches off `queue` and commits each, until every sender is gone. A batch waits a
+/// little for the swaps the last statement's answers set going (`pace`).
 pub async fn run(shared: Arc<Shared>, mut queue: mpsc::Receiver<Pending>) {
     let mut waiting = Vec::with_capacity(BATCH_SWAPS_MAX);
+    let mut pace = Pace::default();
     while queue.recv_many(&mut waiting, BATCH_SWAPS_MAX).await > 0 {
+        if let Some(wait) = pace.wait_for(waiting.len()) {
+            let full = gather(&mut queue, &mut waiting, wait, BATCH_SWAPS_MAX).await;
+            pace.waited(full);
+        }
         let batch = std::mem::take(&mut waiting);
-        commit(&shared, batch).await;
+        let started = Instant::now();
+        let applied = commit(&shared, batch).await;
+        pace.sent(applied, started.elapsed(), queue.len());
     }
 }
 
-/// Commits one batch and answers every swap in it.
-async fn commit(shared: &Shared, batch: Vec<Pending>) {
+/// Commits one batch and answers every swap in it. Returns how many were applied.
+async fn commit(shared: &Shared, batch: Vec<Pending>) -> usize {
     // The first swap of each key is sent; the others follow it.
     let mut first_of: HashMap<[u8; 32], usize> = HashMap::with_capacity(batch.len());
     let mut sent: Vec<&Swap> = Vec::with_capacity(batch.len());
@@ -85,6 +96,13 @@ async fn commit(shared: &Shared, batch: Vec<Pending>) {
     shared
         .swaps
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    let applied = match &outcomes {
+        Ok(outcomes) => outcomes
+            .iter()
+            .filter(|outcome| **outcome == Outcome::Applied)
+            .count(),
+        Err(_) => 0,
+    };
     let answers: Vec<Result<Outcome, StoreError>> = positions
         .iter()
         .map(|&(position, first)| match &outcomes {
@@ -97,6 +115,7 @@ async fn commit(shared: &Shared, batch: Vec<Pending>) {
         // The writer may have given up waiting; the outcome is then settled by a read.
         let _ = pending.reply.send(answer);
     }
+    applied
 }
 
 /// The outcome of a swap of a key whose first swap in the batch had `outcome`: it was never

@@ -18,6 +18,7 @@
 mod batch;
 mod notify;
 mod options;
+mod pace;
 pub mod schema;
 mod settle;
 mod tls;

@@ -170,6 +170,52 @@ async fn claims_waiting_together_share_one_commit() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_going_again_together_are_gathered_into_one_statement() {
+    // Callers that each claim a key, complete it and go on to the next, as the calls of a
+    // busy service do: a statement's answers set them all going again at once. Sent as soon
+    // as the first of them is queued, the next statement would leave the others behind, and
+    // the callers would split into groups taking turns, each statement carrying about half
+    // of them (`store/postgres/pace.rs`).
+    let server = shared();
+    let store = Arc::new(store_at(&server.url(), &fresh_table(), false));
+    assert!(claim(&store, &key(0), 1).await, "the schema is ready");
+    let (callers, rounds) = (16_u64, 40_u64);
+    let before = store.commits();
+    let tasks: Vec<_> = (0..callers)
+        .map(|caller| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for round in 0..rounds {
+                    let key = key(1_000 + caller * rounds + round);
+                    assert!(claim(&store, &key, 1).await);
+                    let done = completed_record(1, u64::MAX / 4, 16);
+                    store
+                        .update(Operation::Complete, &key, |_| {
+                            (Change::Put(done.clone()), ())
+                        })
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let (statements, swaps) = store.commits();
+    let (statements, swaps) = (statements - before.0, swaps - before.1);
+    let per_statement = swaps as f64 / statements as f64;
+    println!(
+        "{callers} callers: {swaps} swaps in {statements} statements, {per_statement:.1} each"
+    );
+    assert_eq!(swaps, 2 * callers * rounds);
+    assert!(
+        per_statement >= 0.75 * callers as f64,
+        "{per_statement:.1} swaps a statement for {callers} callers: they were not gathered"
+    );
+}
+
 /// A TCP relay to PostgreSQL that, once armed, passes on the next bytes the client sends and
 /// then cuts both connections: the statement reaches the server, its answer never comes back.
 struct Cutter {

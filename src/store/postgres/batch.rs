@@ -4,10 +4,10 @@
 //!
 //! One task takes every swap queued (up to `BATCH_SWAPS_MAX`; when fewer are queued than it
 //! expects back from the last statement, it waits a little for them: `pace`), sends the
-//! first swap of each key in one `unnest` statement, and answers each. A second swap of a key already in the
-//! batch is not sent: it could only lose to the first (both were decided on a record the
-//! first one replaces or finds changed), so it is answered as refused with what the first
-//! one learned. This module never decides a state and never retries a statement whose
+//! first swap of each key in one `unnest` statement, and answers each. A second swap of a
+//! key already in the batch is not sent: it could only lose to the first (both were decided
+//! on a record the first one replaces or finds changed), so it is answered as refused with
+//! what the first one learned. This module never decides a state and never retries a statement whose
 //! outcome it does not know: it says so (`Outcome::Unknown`) and the store settles it.
 
 use super::pace::{gather, Pace};

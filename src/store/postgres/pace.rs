@@ -47,7 +47,7 @@ pub struct Pace {
 impl Pace {
     /// The swaps to wait for and how long, when `queued` are queued; `None`: send now.
     pub fn wait_for(&mut self, queued: usize) -> Option<(usize, Duration)> {
-        if queued >= self.expected || self.took.is_zero() {
+        if queued >= self.expected {
             return None;
         }
         if self.skip > 0 {

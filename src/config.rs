@@ -221,8 +221,8 @@ pub struct RunSettings {
     #[arg(long, env = "IDEMPROXY_REFLECTION_TIMEOUT", default_value = "60s", value_parser = span(ms(100), HOUR))]
     pub reflection_timeout: Duration,
     /// Where records live: `sled` (embedded, one pod), `postgres` (the store of record shared
-    /// by every replica), `redis` (one Redis server shared by every replica) or
-    /// `redis-cluster`.
+    /// by every replica), `redis` (one Redis server shared by every replica), `redis-cluster`
+    /// or `redis-sentinel` (the master that Redis Sentinel names, followed across failovers).
     #[arg(
         long,
         env = "IDEMPROXY_STORE",
@@ -250,6 +250,17 @@ pub struct RunSettings {
     /// How often a waiting duplicate re-reads a Redis record when no change message came.
     #[arg(long, env = "IDEMPROXY_REDIS_POLL_INTERVAL", default_value = "100ms", value_parser = span(ms(1), 10 * SECOND))]
     pub redis_poll_interval: Duration,
+    /// For `redis-sentinel`: the sentinels, `host:port` (or `redis://`, `rediss://` URLs)
+    /// separated by commas.
+    #[arg(long, env = "IDEMPROXY_REDIS_SENTINELS")]
+    pub redis_sentinels: Option<String>,
+    /// For `redis-sentinel`: the name the sentinels monitor the master under.
+    #[arg(long, env = "IDEMPROXY_REDIS_MASTER_NAME")]
+    pub redis_master_name: Option<String>,
+    /// Replicas that must have each write (Redis `WAIT`) before it counts; a write they do not
+    /// confirm within half of --store-timeout fails closed (`redis` and `redis-sentinel`).
+    #[arg(long, env = "IDEMPROXY_REDIS_WAIT_REPLICAS", default_value = "0", value_parser = count(0, 64))]
+    pub redis_wait_replicas: u64,
     /// `postgres://user@host[,host2]/db?sslmode=verify-full&target_session_attrs=read-write`
     /// or `host=… dbname=…` (libpq's forms, several hosts included).
     #[arg(long, env = "IDEMPROXY_POSTGRES_URL")]
@@ -299,6 +310,8 @@ pub enum StoreKind {
     Redis,
     /// A Redis Cluster.
     RedisCluster,
+    /// The master that Redis Sentinel names.
+    RedisSentinel,
     /// PostgreSQL.
     Postgres,
 }
@@ -976,23 +989,18 @@ fn store_choice(settings: &RunSettings) -> Result<StoreChoice, ConfigError> {
     let cluster = match settings.store {
         StoreKind::Sled => return Ok(StoreChoice::Sled),
         StoreKind::Postgres => return postgres_choice(settings),
-        StoreKind::Redis => false,
+        StoreKind::Redis | StoreKind::RedisSentinel => false,
         StoreKind::RedisCluster => true,
     };
-    let url_text = settings
-        .redis_url
-        .as_deref()
-        .ok_or(ConfigError::Missing("redis-url", "REDIS_URL"))?;
-    let urls: Vec<String> = url_text
-        .split(',')
-        .map(|url| url.trim().to_owned())
-        .filter(|url| !url.is_empty())
-        .collect();
-    if urls.is_empty() || (!cluster && urls.len() > 1) {
+    let (urls, master_name) = match settings.store {
+        StoreKind::RedisSentinel => sentinels(settings)?,
+        _ => (redis_urls(settings, cluster)?, None),
+    };
+    if cluster && settings.redis_wait_replicas > 0 {
         return Err(invalid(
-            "redis-url",
-            url_text,
-            "give one URL for `redis`, one or more seed nodes separated by commas for `redis-cluster`",
+            "redis-wait-replicas",
+            &settings.redis_wait_replicas.to_string(),
+            "WAIT counts the replicas of one node: use it with `redis` or `redis-sentinel`",
         ));
     }
     let password = match (&settings.redis_password, &settings.redis_password_file) {
@@ -1021,13 +1029,64 @@ fn store_choice(settings: &RunSettings) -> Result<StoreChoice, ConfigError> {
         command_timeout: settings.store_timeout,
         poll_interval: settings.redis_poll_interval,
         track_callers: false,
+        master_name,
+        wait_replicas: settings.redis_wait_replicas as u32,
     };
-    // Parse the URLs now, so a typo stops the start with the setting's name.
-    for url in &options.urls {
+    Ok(StoreChoice::Redis(options))
+}
+
+/// `--redis-url`: one URL, or for a cluster one or more seed nodes, each parsed now so that a
+/// typo stops the start with the setting's name.
+fn redis_urls(settings: &RunSettings, cluster: bool) -> Result<Vec<String>, ConfigError> {
+    let url_text = settings
+        .redis_url
+        .as_deref()
+        .ok_or(ConfigError::Missing("redis-url", "REDIS_URL"))?;
+    let urls: Vec<String> = url_text
+        .split(',')
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+        .collect();
+    if urls.is_empty() || (!cluster && urls.len() > 1) {
+        return Err(invalid(
+            "redis-url",
+            url_text,
+            "give one URL for `redis`, one or more seed nodes separated by commas for `redis-cluster`",
+        ));
+    }
+    for url in &urls {
         redis::IntoConnectionInfo::into_connection_info(url.as_str())
             .map_err(|error| invalid("redis-url", url, error.to_string()))?;
     }
-    Ok(StoreChoice::Redis(options))
+    Ok(urls)
+}
+
+/// `--redis-sentinels` as URLs (`host:port` is `redis://host:port`) and
+/// `--redis-master-name`, both required for `redis-sentinel`.
+fn sentinels(settings: &RunSettings) -> Result<(Vec<String>, Option<String>), ConfigError> {
+    let text = settings
+        .redis_sentinels
+        .as_deref()
+        .ok_or(ConfigError::Missing("redis-sentinels", "REDIS_SENTINELS"))?;
+    let urls = crate::store::sentinel::parse_sentinels(text)
+        .map_err(|reason| invalid("redis-sentinels", text, reason))?;
+    let name = settings
+        .redis_master_name
+        .as_deref()
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .ok_or(ConfigError::Missing(
+            "redis-master-name",
+            "REDIS_MASTER_NAME",
+        ))?;
+    if !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "redis-master-name",
+            name,
+            "a Sentinel master name is visible ASCII without spaces",
+        ));
+    }
+    Ok((urls, Some(name.to_owned())))
 }
 
 /// The PostgreSQL settings, checked: the URL parses, the files read.

@@ -50,6 +50,8 @@ pub enum Readiness {
 #[derive(Clone)]
 pub struct Health {
     readiness: watch::Sender<Readiness>,
+    /// What the last store check said of the store besides "ready" (the Redis master).
+    store_note: watch::Sender<Option<String>>,
     /// What failed for good (`Store::failed_for_good`): liveness fails from then on.
     failed: watch::Sender<Option<String>>,
     reporter: HealthReporter,
@@ -65,6 +67,7 @@ impl Health {
         );
         Health {
             readiness: watch::Sender::new(Readiness::NotReady("starting".into())),
+            store_note: watch::Sender::new(None),
             failed: watch::Sender::new(None),
             reporter,
             grpc,
@@ -128,6 +131,11 @@ impl Health {
         self.readiness.borrow().clone()
     }
 
+    /// What the last successful store check said of the store (the Redis master in use).
+    pub fn store_note(&self) -> Option<String> {
+        self.store_note.borrow().clone()
+    }
+
     /// Checks `store` every `READINESS_INTERVAL` until `stopped`, reporting what it finds.
     /// A store that takes no more writes until a restart fails liveness at once.
     pub async fn watch_store<S: Store>(self, store: Arc<S>, stopped: impl Future<Output = ()>) {
@@ -138,7 +146,9 @@ impl Health {
                 if let Some(why) = store.failed_for_good() {
                     health.fail_liveness(why).await;
                 }
-                store.check().await
+                let note = store.check().await?;
+                health.store_note.send_replace(note);
+                Ok::<_, crate::store::StoreError>(())
             }
         };
         self.watch_checks(check, stopped).await;
@@ -230,7 +240,10 @@ async fn answer(
             });
         }
         return Ok(match health.readiness() {
-            Readiness::Ready => text(StatusCode::OK, "ready\n".into()),
+            Readiness::Ready => match health.store_note() {
+                None => text(StatusCode::OK, "ready\n".into()),
+                Some(note) => text(StatusCode::OK, format!("ready: {note}\n")),
+            },
             Readiness::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
             Readiness::NotReady(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -241,8 +241,8 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    async fn check(&self) -> Result<(), StoreError> {
-        Ok(())
+    async fn check(&self) -> Result<Option<String>, StoreError> {
+        Ok(None)
     }
 
     async fn caller_records(&self, caller: &str, now_ms: u64) -> Result<u64, StoreError> {

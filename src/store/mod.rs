@@ -13,6 +13,7 @@ pub mod flusher;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
+pub mod sentinel;
 pub mod sled;
 pub mod waiters;
 pub mod witness;
@@ -155,8 +156,9 @@ pub trait Store: Send + Sync + 'static {
     /// What the store holds now.
     fn usage(&self) -> Usage;
 
-    /// Whether the store can take writes now (readiness): `Err` names what is wrong.
-    fn check(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Whether the store can take writes now (readiness): `Err` names what is wrong; `Some`
+    /// says what readiness should show of the store besides "ready" (the Redis master in use).
+    fn check(&self) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
 
     /// What failed, when the store can take no more writes until the process restarts (a
     /// failed flush on sled): liveness fails, so the kubelet restarts the container instead
@@ -264,7 +266,7 @@ impl Store for AnyStore {
         }
     }
 
-    async fn check(&self) -> Result<(), StoreError> {
+    async fn check(&self) -> Result<Option<String>, StoreError> {
         match self {
             AnyStore::Sled(store) => store.check().await,
             AnyStore::Redis(store) => store.check().await,
@@ -322,7 +324,9 @@ macro_rules! delegate_store {
 
         fn check(
             &self,
-        ) -> impl std::future::Future<Output = Result<(), $crate::store::StoreError>> + Send {
+        ) -> impl std::future::Future<
+            Output = Result<Option<String>, $crate::store::StoreError>,
+        > + Send {
             self.$inner().check()
         }
 

@@ -18,6 +18,7 @@
 //! then fails closed. This module never decides a state and never retries a write whose
 //! result it does not know; the engine's release settles that.
 
+use super::sentinel::{MasterConnection, Sentinel};
 use super::waiters::{Subscription, Waiters};
 use super::{Maintenance, Operation, Store, StoreError, Usage, CAS_ROUNDS_MAX};
 use crate::key::Key;
@@ -32,6 +33,10 @@ use tokio::sync::{mpsc, OnceCell};
 
 /// Longest pause between two attempts to reconnect the subscriber.
 const RESUBSCRIBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// How long the replication fence key (`PREFIX:replication-fence`, written before a `WAIT`
+/// that confirms a read) outlives its last write.
+const FENCE_TTL_MS: u64 = 3_600_000;
 
 /// Applies one change if the record is still the one that was read.
 ///
@@ -103,6 +108,12 @@ pub struct RedisOptions {
     /// Keep each caller's records in a sorted set, for the per-caller cap (one more command
     /// per new and per deleted record).
     pub track_callers: bool,
+    /// The master's name under Redis Sentinel: `urls` are then the sentinels, asked which
+    /// node is the master (`store::sentinel`).
+    pub master_name: Option<String>,
+    /// Replicas that must have each write (`WAIT`) before it counts, and before a record read
+    /// decides anything; 0: none asked (Redis' replication alone, asynchronous).
+    pub wait_replicas: u32,
 }
 
 /// Why the Redis settings cannot be used.
@@ -119,6 +130,8 @@ pub struct RedisUrlError {
 enum RedisConnection {
     Single(redis::aio::ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+    /// The master the sentinels named, forgotten on an error that says it may not be one.
+    Sentinel(MasterConnection),
 }
 
 impl RedisConnection {
@@ -129,6 +142,12 @@ impl RedisConnection {
         match self {
             RedisConnection::Single(connection) => command.query_async(connection).await,
             RedisConnection::Cluster(connection) => command.query_async(connection).await,
+            RedisConnection::Sentinel(master) => {
+                let watch = master.watch();
+                let result = command.query_async(&mut master.connection).await;
+                watch.settle(&result);
+                result
+            }
         }
     }
 
@@ -139,6 +158,12 @@ impl RedisConnection {
         match self {
             RedisConnection::Single(connection) => invocation.invoke_async(connection).await,
             RedisConnection::Cluster(connection) => invocation.invoke_async(connection).await,
+            RedisConnection::Sentinel(master) => {
+                let watch = master.watch();
+                let result = invocation.invoke_async(&mut master.connection).await;
+                watch.settle(&result);
+                result
+            }
         }
     }
 }
@@ -148,6 +173,7 @@ impl RedisConnection {
 enum Target {
     Single(redis::Client),
     Cluster(redis::cluster::ClusterClient),
+    Sentinel(Arc<Sentinel>),
 }
 
 /// The Redis-backed store.
@@ -159,6 +185,7 @@ pub struct RedisStore {
     caller_records: redis::Script,
     key_prefix: String,
     command_timeout: Duration,
+    wait_replicas: u32,
     notifier: Arc<Waiters>,
     records: AtomicU64,
 }
@@ -186,11 +213,11 @@ fn client_for(url: &str, options: &RedisOptions) -> Result<redis::Client, RedisU
 /// Nagle's algorithm off, as redis-server sets it on its side: with it on, a command written
 /// while the last one is unacknowledged waits for Redis's delayed ACK (the client library
 /// leaves it on by default).
-fn tcp_settings() -> redis::io::tcp::TcpSettings {
+pub(super) fn tcp_settings() -> redis::io::tcp::TcpSettings {
     redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
-fn certificates(ca_pem: &[u8]) -> redis::TlsCertificates {
+pub(super) fn certificates(ca_pem: &[u8]) -> redis::TlsCertificates {
     redis::TlsCertificates {
         client_tls: None,
         root_cert: Some(ca_pem.to_vec()),
@@ -214,12 +241,9 @@ impl RedisStore {
             // rustls needs one process-wide crypto provider; an error means one is set.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let subscriber_clients = options
-            .urls
-            .iter()
-            .map(|url| client_for(url, options))
-            .collect::<Result<Vec<_>, _>>()?;
-        let target = if options.cluster {
+        let target = if let Some(name) = &options.master_name {
+            Target::Sentinel(Sentinel::new(options, name)?)
+        } else if options.cluster {
             let mut builder = redis::cluster::ClusterClient::builder(options.urls.clone())
                 .connection_timeout(options.command_timeout)
                 .response_timeout(options.command_timeout)
@@ -244,7 +268,18 @@ impl RedisStore {
             }
             Target::Single(client_for(first, options)?)
         };
-        let notifier = start_notifier(subscriber_clients, options.poll_interval);
+        let subscribers = match &target {
+            Target::Sentinel(sentinel) => Subscribers::Sentinel(Arc::downgrade(sentinel)),
+            _ => Subscribers::Seeds(
+                options
+                    .urls
+                    .iter()
+                    .map(|url| client_for(url, options))
+                    .collect::<Result<Vec<_>, _>>()?,
+                0,
+            ),
+        };
+        let notifier = start_notifier(subscribers, options.poll_interval);
         Ok(RedisStore {
             target,
             connection: OnceCell::new(),
@@ -255,6 +290,7 @@ impl RedisStore {
             caller_records: redis::Script::new(CALLER_RECORDS),
             key_prefix: options.key_prefix.clone(),
             command_timeout: options.command_timeout,
+            wait_replicas: options.wait_replicas,
             notifier,
             records: AtomicU64::new(0),
         })
@@ -329,7 +365,7 @@ impl RedisStore {
             .arg(limit)
             .to_owned();
         let cluster = match connection {
-            RedisConnection::Single(_) => {
+            RedisConnection::Single(_) | RedisConnection::Sentinel(_) => {
                 let (next, names): (u64, Vec<String>) = self
                     .bounded("SCAN failed", connection.query(&command))
                     .await?;
@@ -375,6 +411,17 @@ impl RedisStore {
     }
 
     async fn connection(&self) -> Result<RedisConnection, StoreError> {
+        if let Target::Sentinel(sentinel) = &self.target {
+            // Bounded by the lookup itself, and here the wait for another call's lookup.
+            let found = tokio::time::timeout(self.command_timeout * 2, sentinel.connection());
+            return match found.await {
+                Ok(found) => found.map(RedisConnection::Sentinel),
+                Err(_) => Err(unavailable(
+                    "Sentinel did not answer",
+                    format!("no master within {:?}", self.command_timeout * 2),
+                )),
+            };
+        }
         let connecting = self.connection.get_or_try_init(|| async {
             match &self.target {
                 Target::Single(client) => {
@@ -391,6 +438,7 @@ impl RedisStore {
                     .get_async_connection()
                     .await
                     .map(RedisConnection::Cluster),
+                Target::Sentinel(_) => unreachable!("a master is looked up above"),
             }
         });
         match tokio::time::timeout(self.command_timeout, connecting).await {
@@ -476,6 +524,105 @@ impl RedisStore {
         }
     }
 
+    /// With `--redis-wait-replicas`: waits until that many replicas have every write this
+    /// connection sent so far (`WAIT`, for half the store timeout), so a write they do not
+    /// confirm is not taken as done and the call fails closed (the engine then releases a
+    /// claim; a completion's caller hears that its outcome was not recorded). It never
+    /// undoes the write: the master may keep it, and a retry is decided on it.
+    async fn replicated(&self, connection: &mut RedisConnection) -> Result<(), StoreError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let wait_ms = (self.command_timeout / 2).as_millis().max(1) as u64;
+        let command = redis::cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(wait_ms)
+            .to_owned();
+        let confirmed: u32 = self
+            .bounded("WAIT failed", connection.query(&command))
+            .await?;
+        if confirmed < self.wait_replicas {
+            return Err(StoreError::Io(format!(
+                "Redis: {confirmed} of the {} replicas --redis-wait-replicas asks for confirmed \
+                 the write within {wait_ms} ms",
+                self.wait_replicas
+            )));
+        }
+        Ok(())
+    }
+
+    /// With `--redis-wait-replicas`: makes sure a record that decided something without a
+    /// write (a replay, a duplicate told to wait) is on the replicas too, since another
+    /// sidecar may have written it without its `WAIT` confirmed. One write after the read
+    /// (the fence key), then `WAIT`: replication keeps the master's order, so replicas past
+    /// the fence have everything the read saw.
+    async fn read_replicated(&self, connection: &mut RedisConnection) -> Result<(), StoreError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let fence = redis::cmd("SET")
+            .arg(format!("{}:replication-fence", self.key_prefix))
+            .arg("")
+            .arg("PX")
+            .arg(FENCE_TTL_MS)
+            .to_owned();
+        let _: () = self
+            .bounded("the replication fence failed", connection.query(&fence))
+            .await?;
+        self.replicated(connection).await
+    }
+
+    /// Under Sentinel, or with `--redis-wait-replicas`: the node must say it is a master
+    /// (`ROLE`; a replica is forgotten, and the sentinels asked again), with at least the
+    /// replicas writes wait for connected. What readiness says of it.
+    async fn check_role(
+        &self,
+        connection: &mut RedisConnection,
+    ) -> Result<Option<String>, StoreError> {
+        let master = match connection {
+            RedisConnection::Sentinel(master) => Some(master.clone()),
+            _ if self.wait_replicas > 0 => None,
+            _ => return Ok(None),
+        };
+        let role: redis::Role = self
+            .bounded("ROLE failed", connection.query(&redis::cmd("ROLE")))
+            .await?;
+        let describe = || master.as_ref().map(MasterConnection::describe);
+        let node = describe().unwrap_or_else(|| "Redis".to_owned());
+        let replicas = match role {
+            redis::Role::Primary { replicas, .. } => replicas.len(),
+            redis::Role::Replica {
+                primary_ip,
+                primary_port,
+                ..
+            } => {
+                let why = format!(
+                    "{node} says it is a replica of {primary_ip}:{primary_port}: no write goes to it"
+                );
+                if let Some(master) = &master {
+                    master.forget(&why);
+                }
+                return Err(StoreError::Io(why));
+            }
+            _ => {
+                return Err(StoreError::Io(format!(
+                    "{node} is not a master: ROLE answered {role:?}"
+                )))
+            }
+        };
+        let wanted = self.wait_replicas as usize;
+        if replicas < wanted {
+            return Err(StoreError::Io(format!(
+                "{node} has {replicas} replicas connected; --redis-wait-replicas {wanted} needs \
+                 them to confirm every write"
+            )));
+        }
+        Ok(describe().map(|text| match wanted {
+            0 => text,
+            _ => format!("{text}, {replicas} replicas connected"),
+        }))
+    }
+
     async fn count_records(&self) -> Result<u64, StoreError> {
         let mut connection = self.connection().await?;
         let command = redis::cmd("DBSIZE");
@@ -528,6 +675,9 @@ impl Store for RedisStore {
                     };
                     let (change, value) = transition(current.as_ref());
                     if change == Change::Keep {
+                        if operation != Operation::Read {
+                            self.read_replicated(&mut connection).await?;
+                        }
                         return Ok(value);
                     }
                     (read, current, change, value)
@@ -538,6 +688,7 @@ impl Store for RedisStore {
                 .await?
             {
                 Swap::Applied => {
+                    self.replicated(&mut connection).await?;
                     self.count_after_swap(&mut connection, key, current.as_ref(), &change)
                         .await;
                     return Ok(value);
@@ -586,17 +737,19 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn check(&self) -> Result<(), StoreError> {
+    async fn check(&self) -> Result<Option<String>, StoreError> {
         // INFO answers as PING would, and says how Redis treats a full memory: any policy but
         // `noeviction` lets Redis delete records inside their retention (an `allkeys-lru`
         // eviction let a recorded charge run twice), so the sidecar stays not ready.
         let mut connection = self.connection().await?;
+        let note = self.check_role(&mut connection).await?;
         let mut command = redis::cmd("INFO");
         command.arg("memory");
         let info: redis::Value = self
             .bounded("INFO memory failed", connection.query(&command))
             .await?;
-        check_eviction_policy(&info)
+        check_eviction_policy(&info)?;
+        Ok(note)
     }
 
     async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<super::Page, StoreError> {
@@ -686,26 +839,53 @@ fn masters_of(slots: &redis::Value) -> Vec<(String, u16)> {
     masters.into_iter().collect()
 }
 
+/// Where the change subscriber connects: the seed nodes in turn, or the master the sentinels
+/// name (a change published there reaches its replicas' subscribers too).
+enum Subscribers {
+    /// The nodes of `--redis-url`, and the next one to try.
+    Seeds(Vec<redis::Client>, usize),
+    /// The master; ended with the store.
+    Sentinel(std::sync::Weak<Sentinel>),
+}
+
+impl Subscribers {
+    /// The node to subscribe on next; `None` when there is none now.
+    async fn next(&mut self) -> Option<redis::Client> {
+        match self {
+            Subscribers::Seeds(clients, at) => {
+                let client = clients.get(*at % clients.len().max(1)).cloned();
+                *at = at.wrapping_add(1);
+                client
+            }
+            Subscribers::Sentinel(sentinel) => sentinel.upgrade()?.client().await.ok(),
+        }
+    }
+}
+
 /// Wakes waiting duplicates when their record changes: one subscriber connection per
 /// process, subscribed to the channels of the records someone here waits on.
-fn start_notifier(clients: Vec<redis::Client>, poll_interval: Duration) -> Arc<Waiters> {
+fn start_notifier(clients: Subscribers, poll_interval: Duration) -> Arc<Waiters> {
     let (commands, requests) = mpsc::unbounded_channel();
     let notifier = Waiters::new(Some(commands), poll_interval);
     tokio::spawn(subscribe(clients, Arc::downgrade(&notifier), requests));
     notifier
 }
 
-/// The subscriber task: keeps one pub/sub connection up (rotating through the seed nodes)
-/// and follows the waiters' subscriptions. Ends when the store is dropped.
+/// The subscriber task: keeps one pub/sub connection up (rotating through the seed nodes, or
+/// on the master in use) and follows the waiters' subscriptions. Ends when the store is
+/// dropped.
 async fn subscribe(
-    clients: Vec<redis::Client>,
+    mut clients: Subscribers,
     notifier: std::sync::Weak<Waiters>,
     mut requests: mpsc::UnboundedReceiver<Subscription>,
 ) {
     let mut backoff = Duration::from_millis(50);
-    for client in clients.iter().cycle() {
-        let connected =
-            tokio::time::timeout(RESUBSCRIBE_BACKOFF_MAX, client.get_async_pubsub()).await;
+    loop {
+        let connecting = async {
+            let client = clients.next().await.ok_or(())?;
+            client.get_async_pubsub().await.map_err(|_| ())
+        };
+        let connected = tokio::time::timeout(RESUBSCRIBE_BACKOFF_MAX, connecting).await;
         let Ok(Ok(pubsub)) = connected else {
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
@@ -803,6 +983,8 @@ mod tests {
             command_timeout: Duration::from_secs(1),
             poll_interval: Duration::from_secs(1),
             track_callers: false,
+            master_name: None,
+            wait_replicas: 0,
         };
         let client = client_for(&options.urls[0], &options).unwrap();
         assert!(client.get_connection_info().tcp_settings().nodelay());

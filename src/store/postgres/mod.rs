@@ -646,8 +646,8 @@ impl Store for PostgresStore {
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
-    async fn check(&self) -> Result<(), StoreError> {
-        self.check_replication().await
+    async fn check(&self) -> Result<Option<String>, StoreError> {
+        self.check_replication().await.map(|()| None)
     }
 
     async fn scan(&self, cursor: Option<Vec<u8>>, limit: usize) -> Result<Page, StoreError> {

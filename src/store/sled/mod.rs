@@ -417,7 +417,7 @@ impl Store for SledStore {
         (!self.flusher.is_healthy()).then(|| SUSPECT.to_owned())
     }
 
-    async fn check(&self) -> Result<(), StoreError> {
+    async fn check(&self) -> Result<Option<String>, StoreError> {
         if !self.flusher.is_healthy() {
             return Err(StoreError::Io(SUSPECT.into()));
         }
@@ -436,7 +436,8 @@ impl Store for SledStore {
                 "the data dir {} is not writable: {error}",
                 self.dir.display()
             ))
-        })
+        })?;
+        Ok(None)
     }
 
     async fn scan(

@@ -18,22 +18,10 @@
 mod support;
 
 use idemproxy::config::{RunSettings, StoreKind};
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+use support::failover::{relay, under_load, Freezes, Verdict, ACKNOWLEDGED_BEFORE_FAILOVER};
 use support::postgres::{signal, PostgresServer, USER};
-use support::{add, apply, client, ledger, reason, start_sidecar, was_replayed};
-
-/// Keys each run sends.
-const KEYS: usize = 120;
-
-/// Keys in flight at once.
-const IN_FLIGHT: usize = 16;
-
-/// Acknowledged keys before the standby falls behind and the primary dies.
-const ACKNOWLEDGED_BEFORE_FAILOVER: usize = 40;
 
 /// How long the standby receives nothing before the primary dies: longer than twice the
 /// sidecars' `--store-timeout` (1 s), so that a claim and then a completion both time out
@@ -41,60 +29,6 @@ const ACKNOWLEDGED_BEFORE_FAILOVER: usize = 40;
 /// ending those sessions (which makes their commits visible without the standby) lost 2
 /// answers and ran a key twice in 3 failovers; waiting for them instead loses nothing.
 const STANDBY_BEHIND: Duration = Duration::from_millis(2_500);
-
-/// What one run saw.
-#[derive(Debug, Default)]
-struct Verdict {
-    acknowledged: usize,
-    in_doubt: usize,
-    executed_twice: usize,
-    lost: usize,
-}
-
-/// How one key ended: an answer (its execution number), or IN_DOUBT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
-    Answered(u64),
-    InDoubt,
-}
-
-/// Sends `key` until it is answered, alternating sidecars; its first try is two hedged
-/// copies, one to each.
-async fn until_answered(sidecars: [SocketAddr; 2], n: usize) -> Ended {
-    let (key, account) = (format!("key-{n}"), format!("account-{n}"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let mut clients = [client(sidecars[0]).await, client(sidecars[1]).await];
-    for attempt in 0.. {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{key} unanswered after 120 s"
-        );
-        let tries: Vec<_> = (0..if attempt == 0 { 2 } else { 1 })
-            .map(|copy| {
-                let mut client = clients[(n + attempt + copy) % 2].clone();
-                let (key, account) = (key.clone(), account.clone());
-                tokio::spawn(
-                    async move { apply(&mut client, add(&account, 1), Some(&key), None).await },
-                )
-            })
-            .collect();
-        for tried in tries {
-            match tried.await.unwrap() {
-                Ok(reply) => return Ended::Answered(reply.get_ref().execution),
-                Err(status) if reason(&status) == "IDEMPOTENCY_OUTCOME_UNKNOWN" => {
-                    return Ended::InDoubt;
-                }
-                Err(_) => {}
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        // A connection the failover broke is made again.
-        if attempt % 10 == 9 {
-            clients = [client(sidecars[0]).await, client(sidecars[1]).await];
-        }
-    }
-    unreachable!()
-}
 
 /// The primary stops sending WAL (its WAL sender stopped: what it already sent the standby
 /// still receives, from the socket's buffers), then dies; the standby takes over.
@@ -137,95 +71,6 @@ async fn run(synchronous: bool) -> Verdict {
     .await
 }
 
-/// Two sidecars set up by `store`, callers on both; `fail_over` runs once enough keys are
-/// answered; then every answer is asked for again.
-async fn under_load<T: Send + 'static>(
-    store: impl Fn(&mut RunSettings) + Clone + Send + 'static,
-    fail_over: impl FnOnce() -> T + Send + 'static,
-) -> Verdict {
-    let upstream = ledger::start().await;
-    let mut sidecars = Vec::new();
-    for _ in 0..2 {
-        let store = store.clone();
-        sidecars.push(
-            start_sidecar(upstream.addr, move |args| {
-                store(args);
-                args.store_timeout = Duration::from_secs(1);
-                args.default_lease = Duration::from_secs(2);
-                args.lease_margin = Duration::ZERO;
-                args.max_in_flight_wait = Duration::from_secs(1);
-            })
-            .await,
-        );
-    }
-    let addrs = [sidecars[0].addr, sidecars[1].addr];
-    let answered = Arc::new(AtomicUsize::new(0));
-    let ended = Arc::new(Mutex::new(HashMap::new()));
-    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let callers: Vec<_> = (0..KEYS)
-        .map(|n| {
-            let (answered, ended, slots) = (answered.clone(), ended.clone(), slots.clone());
-            tokio::spawn(async move {
-                let _slot = slots.acquire().await.unwrap();
-                let end = until_answered(addrs, n).await;
-                ended.lock().unwrap().insert(n, end);
-                answered.fetch_add(1, Ordering::SeqCst);
-            })
-        })
-        .collect();
-    support::eventually(
-        Duration::from_secs(60),
-        "answers before the failover",
-        || {
-            let answered = answered.clone();
-            async move { answered.load(Ordering::SeqCst) >= ACKNOWLEDGED_BEFORE_FAILOVER }
-        },
-    )
-    .await;
-    // The servers are kept until the answers have been asked for again.
-    let _servers = tokio::task::spawn_blocking(fail_over).await.unwrap();
-    for caller in callers {
-        caller.await.unwrap();
-    }
-    let ended = ended.lock().unwrap().clone();
-    check(addrs, &ended, &upstream.state).await
-}
-
-/// Asks again for every answer a caller got, through both sidecars.
-async fn check(
-    sidecars: [SocketAddr; 2],
-    ended: &HashMap<usize, Ended>,
-    ledger: &ledger::LedgerState,
-) -> Verdict {
-    let mut verdict = Verdict::default();
-    let mut clients = [client(sidecars[0]).await, client(sidecars[1]).await];
-    for (n, end) in ended {
-        let Ended::Answered(execution) = *end else {
-            verdict.in_doubt += 1;
-            continue;
-        };
-        verdict.acknowledged += 1;
-        for client in &mut clients {
-            let again = apply(
-                client,
-                add(&format!("account-{n}"), 1),
-                Some(&format!("key-{n}")),
-                None,
-            )
-            .await;
-            let kept = again
-                .is_ok_and(|reply| was_replayed(&reply) && reply.get_ref().execution == execution);
-            if !kept {
-                verdict.lost += 1;
-                break;
-            }
-        }
-    }
-    // After the answers were asked for again: a lost record makes its key run again.
-    verdict.executed_twice = ledger.executed_twice().len();
-    verdict
-}
-
 /// Failovers the synchronous test runs: 5, or `IDEMPROXY_FAILOVERS` (the soak in
 /// RELIABILITY.md runs 50).
 fn failovers() -> usize {
@@ -256,67 +101,13 @@ async fn a_failover_to_an_asynchronous_standby_is_caught_losing_answers() {
     );
 }
 
-/// A TCP relay to a server: a connection goes to `target` as it is when it connects; once
-/// `frozen`, what the server sends is read and dropped, so the far side gets nothing more.
-struct Relay {
-    port: u16,
-    target: Arc<std::sync::atomic::AtomicU16>,
-    frozen: Arc<std::sync::atomic::AtomicBool>,
-}
-
-async fn relay(target: u16) -> Relay {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let target = Arc::new(std::sync::atomic::AtomicU16::new(target));
-    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (to, freeze) = (target.clone(), frozen.clone());
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let port = to.load(Ordering::SeqCst);
-            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-                continue; // The client sees its connection closed, and connects again.
-            };
-            let freeze = freeze.clone();
-            tokio::spawn(async move {
-                let (mut from_client, mut to_client) = client.into_split();
-                let (mut from_server, mut to_server) = server.into_split();
-                let up = tokio::io::copy(&mut from_client, &mut to_server);
-                let down = async {
-                    let mut buffer = vec![0; 64 * 1024];
-                    loop {
-                        let n = from_server.read(&mut buffer).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        if !freeze.load(Ordering::SeqCst)
-                            && to_client.write_all(&buffer[..n]).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                };
-                tokio::select! {
-                    _ = up => {}
-                    () = down => {}
-                }
-            });
-        }
-    });
-    Relay {
-        port,
-        target,
-        frozen,
-    }
-}
-
 /// The same failover on Redis: a replica fed through a relay that freezes (it receives
 /// nothing more), the primary SIGKILLed, the replica promoted (`REPLICAOF NO ONE`), the
 /// sidecars' relay turned to it.
 async fn run_on_redis() -> Verdict {
     use support::redis::{command, RedisServer};
     let mut primary = RedisServer::start();
-    let replication = relay(primary.port).await;
+    let replication = relay(primary.port, Freezes::Everything);
     let replica_of = replication.port.to_string();
     let replica = RedisServer::start_with(move |_, _| {
         vec!["--replicaof".into(), "127.0.0.1".into(), replica_of]
@@ -329,7 +120,7 @@ async fn run_on_redis() -> Verdict {
         }
     })
     .await;
-    let clients = relay(primary.port).await;
+    let clients = relay(primary.port, Freezes::Everything);
     let url = format!("redis://127.0.0.1:{}", clients.port);
     let on_redis = move |args: &mut RunSettings| {
         args.store = StoreKind::Redis;

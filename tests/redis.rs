@@ -123,6 +123,8 @@ fn options(url: String) -> RedisOptions {
         command_timeout: Duration::from_secs(2),
         poll_interval: Duration::from_millis(100),
         track_callers: true,
+        master_name: None,
+        wait_replicas: 0,
     }
 }
 

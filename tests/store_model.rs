@@ -98,6 +98,8 @@ fn redis_options(url: String) -> RedisOptions {
         command_timeout: Duration::from_secs(5),
         poll_interval: Duration::from_millis(100),
         track_callers: false,
+        master_name: None,
+        wait_replicas: 0,
     }
 }
 

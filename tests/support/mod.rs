@@ -6,6 +6,7 @@
 
 pub mod binary;
 pub mod crash;
+pub mod failover;
 pub mod http;
 pub mod ledger;
 pub mod payments;
@@ -29,7 +30,7 @@ use tonic::transport::Channel;
 
 /// A sidecar running in this process on a fresh store: a sled directory, a table of its own
 /// on the test binary's PostgreSQL when `IDEMPROXY_TEST_STORE` is `postgres`, or — when it
-/// is `redis` or `redis-cluster` — a Redis started for it alone, so
+/// is `redis`, `redis-cluster` or `redis-sentinel` — a Redis started for it alone, so
 /// one suite runs on every backend (`scripts/test` runs it on each).
 pub struct Sidecar {
     pub addr: SocketAddr,
@@ -60,6 +61,13 @@ pub fn use_test_store(args: &mut RunSettings) -> Option<redis::TestRedis> {
             args.redis_url = Some(cluster.urls());
             redis::TestRedis::Cluster(cluster)
         }
+        "redis-sentinel" => {
+            args.store = StoreKind::RedisSentinel;
+            let sentinels = redis::RedisSentinels::start(&[], redis::SentinelTiming::default());
+            args.redis_sentinels = Some(sentinels.addresses());
+            args.redis_master_name = Some(redis::MASTER_NAME.to_owned());
+            redis::TestRedis::Sentinel(sentinels)
+        }
         "postgres" => {
             // One PostgreSQL per test binary; a table of its own per sidecar.
             args.store = StoreKind::Postgres;
@@ -68,7 +76,7 @@ pub fn use_test_store(args: &mut RunSettings) -> Option<redis::TestRedis> {
             return None;
         }
         other => {
-            panic!("IDEMPROXY_TEST_STORE={other}: use sled, postgres, redis or redis-cluster")
+            panic!("IDEMPROXY_TEST_STORE={other}: use sled, postgres, redis, redis-cluster or redis-sentinel")
         }
     };
     Some(redis)

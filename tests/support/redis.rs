@@ -1,7 +1,9 @@
-//! Real redis-server processes for the tests: one server, or a three-master cluster, each on
-//! free loopback ports in its own directory, killed when dropped. `scripts/test` installs
-//! redis-server when it is missing.
+//! Real redis-server processes for the tests: one server, a three-master cluster, or a master
+//! with a replica and three sentinels (`RedisSentinels`), each on free loopback ports in its own
+//! directory, killed when dropped. `scripts/test` installs redis-server and redis-sentinel when
+//! they are missing.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -162,6 +164,19 @@ impl RedisServer {
         }
     }
 
+    /// The process id, to stop and continue it (`kill -STOP`, `-CONT`).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Starts it again on the same port and directory as a replica of the server on `port`,
+    /// as a Redis pod restarted after a failover does.
+    pub fn restart_as_replica_of(&mut self, port: u16) {
+        self.extra
+            .extend(["--replicaof".into(), "127.0.0.1".into(), port.to_string()]);
+        self.restart();
+    }
+
     /// Starts it again on the same port and directory (its append-only file is kept).
     pub fn restart(&mut self) {
         self.kill();
@@ -226,4 +241,194 @@ impl RedisCluster {
 pub enum TestRedis {
     Single(RedisServer),
     Cluster(RedisCluster),
+    Sentinel(RedisSentinels),
+}
+
+/// The name the test sentinels monitor their master under.
+pub const MASTER_NAME: &str = "idemproxy-test";
+
+/// One redis-sentinel child process, with its config file (which it rewrites) in its own
+/// directory.
+pub struct SentinelNode {
+    child: Option<Child>,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelNode {
+    fn start(master_port: u16, timing: SentinelTiming) -> SentinelNode {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let port = free_port();
+        let config = dir.path().join("sentinel.conf");
+        let SentinelTiming {
+            down_after_ms,
+            failover_timeout_ms,
+        } = timing;
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {dir}\n\
+                 sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n\
+                 sentinel failover-timeout {MASTER_NAME} {failover_timeout_ms}\n\
+                 sentinel parallel-syncs {MASTER_NAME} 1\n",
+                dir = dir.path().display()
+            ),
+        )
+        .expect("writes the sentinel's config");
+        let found = Command::new("redis-sentinel")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        assert!(
+            found,
+            "redis-sentinel is not installed: run scripts/test, which installs Debian's redis-sentinel"
+        );
+        let child = Command::new("redis-sentinel")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-sentinel starts");
+        wait_until("redis-sentinel to answer PING", || {
+            command(port, &["PING"]).is_some()
+        });
+        SentinelNode {
+            child: Some(child),
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// What this sentinel says of the master (`SENTINEL MASTER`), field by field.
+    pub fn master_info(&self) -> HashMap<String, String> {
+        command(self.port, &["SENTINEL", "MASTER", MASTER_NAME])
+            .and_then(|reply| redis::from_redis_value(reply).ok())
+            .unwrap_or_default()
+    }
+
+    /// The port of the node this sentinel names master now.
+    pub fn master_port(&self) -> Option<u16> {
+        let reply = command(
+            self.port,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME],
+        )?;
+        let addr: Vec<String> = redis::from_redis_value(reply).ok()?;
+        addr.get(1)?.parse().ok()
+    }
+}
+
+impl Drop for SentinelNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// How fast the test sentinels fail over.
+#[derive(Debug, Clone, Copy)]
+pub struct SentinelTiming {
+    /// `down-after-milliseconds`: a master silent this long is down to a sentinel.
+    pub down_after_ms: u64,
+    /// `failover-timeout`: a failover stuck this long is tried again (after twice as long).
+    pub failover_timeout_ms: u64,
+}
+
+impl Default for SentinelTiming {
+    fn default() -> Self {
+        SentinelTiming {
+            down_after_ms: 1_000,
+            failover_timeout_ms: 3_000,
+        }
+    }
+}
+
+/// A master, one replica of it and three sentinels watching it (quorum 2), each on free
+/// loopback ports.
+pub struct RedisSentinels {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    pub sentinels: Vec<SentinelNode>,
+}
+
+impl RedisSentinels {
+    /// The nodes and sentinels, the replica in sync and every sentinel naming the master.
+    /// `data` are more settings of both data nodes (`--min-replicas-to-write 1`, say).
+    pub fn start(data: &[&str], timing: SentinelTiming) -> RedisSentinels {
+        RedisSentinels::start_through(data, timing, |port| port)
+    }
+
+    /// `start`, with the replica and the sentinels reaching the master at the port
+    /// `through(master port)` gives (a relay's), so that the sentinels take the replica's
+    /// master to be the one they watch.
+    pub fn start_through(
+        data: &[&str],
+        timing: SentinelTiming,
+        through: impl FnOnce(u16) -> u16,
+    ) -> RedisSentinels {
+        let extra: Vec<String> = data.iter().map(|arg| (*arg).to_owned()).collect();
+        let master_extra = extra.clone();
+        let master = RedisServer::start_with(move |_, _| master_extra);
+        let seen_at = through(master.port);
+        let master_port = seen_at.to_string();
+        let replica = RedisServer::start_with(move |_, _| {
+            let mut args = vec!["--replicaof".into(), "127.0.0.1".into(), master_port];
+            args.extend(extra);
+            args
+        });
+        wait_until("the replica in sync", || {
+            replication_info(replica.port).contains("master_link_status:up")
+        });
+        let sentinels: Vec<SentinelNode> = (0..3)
+            .map(|_| SentinelNode::start(seen_at, timing))
+            .collect();
+        RedisSentinels {
+            master,
+            replica,
+            sentinels,
+        }
+    }
+
+    /// Waits until each sentinel knows the other two and the replica: only then can they
+    /// agree on a failover and find a replica to promote.
+    pub fn wait_until_failover_ready(&self) {
+        for sentinel in &self.sentinels {
+            wait_until("every sentinel to know the others and the replica", || {
+                let info = sentinel.master_info();
+                info.get("num-other-sentinels").map(String::as_str) == Some("2")
+                    && info.get("num-slaves").map(String::as_str) == Some("1")
+            });
+        }
+    }
+
+    /// The sentinels, as `--redis-sentinels` takes them.
+    pub fn addresses(&self) -> String {
+        let addresses: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|sentinel| format!("127.0.0.1:{}", sentinel.port))
+            .collect();
+        addresses.join(",")
+    }
+
+    /// The port every sentinel names master, once they agree.
+    pub fn agreed_master_port(&self) -> Option<u16> {
+        let first = self.sentinels[0].master_port()?;
+        self.sentinels
+            .iter()
+            .all(|sentinel| sentinel.master_port() == Some(first))
+            .then_some(first)
+    }
+}
+
+/// `INFO replication` of the node on `port`, or "" while it cannot answer.
+pub fn replication_info(port: u16) -> String {
+    match command(port, &["INFO", "replication"]) {
+        Some(redis::Value::BulkString(info)) => String::from_utf8_lossy(&info).into_owned(),
+        Some(redis::Value::VerbatimString { text, .. }) => text,
+        _ => String::new(),
+    }
 }

@@ -116,6 +116,78 @@ fn environment_and_file_settings_are_read_and_named_when_bad() {
     assert!(stderr.contains("IDEMPROXY_LOG_FORMAT=jsno"), "{stderr}");
 }
 
+#[test]
+fn redis_sentinel_settings_that_cannot_work_stop_the_start_and_are_named() {
+    let sentinel = [
+        "run",
+        "--upstream",
+        "http://127.0.0.1:1",
+        "--store",
+        "redis-sentinel",
+    ];
+    let with = |more: &[&'static str]| [&sentinel[..], more].concat();
+    let cases: [(Vec<&str>, &[(&str, &str)], &str); 6] = [
+        (with(&[]), &[], "--redis-sentinels is required"),
+        (
+            with(&["--redis-sentinels", "s-0"]),
+            &[],
+            "--redis-sentinels",
+        ),
+        (
+            with(&["--redis-sentinels", "s-0:26379,s-1:26379"]),
+            &[],
+            "--redis-master-name is required",
+        ),
+        (
+            with(&["--redis-master-name", "orders"]),
+            &[("IDEMPROXY_REDIS_SENTINELS", "s-0:26379,http://s-1:26379")],
+            "--redis-sentinels",
+        ),
+        (
+            with(&[
+                "--redis-sentinels",
+                "s-0:26379",
+                "--redis-master-name",
+                "two words",
+            ]),
+            &[],
+            "--redis-master-name",
+        ),
+        (
+            vec![
+                "run",
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--store",
+                "redis-cluster",
+                "--redis-url",
+                "redis://127.0.0.1:7000",
+                "--redis-wait-replicas",
+                "1",
+            ],
+            &[],
+            "--redis-wait-replicas",
+        ),
+    ];
+    for (args, env, named) in cases {
+        let (code, stderr) = run(&args, env);
+        assert_ne!(code, 0, "{args:?} must fail");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(
+        &file,
+        "upstream = \"http://127.0.0.1:1\"\nstore = \"redis-sentinel\"\nredis-sentinels = \"s-0:26379\"\n",
+    )
+    .unwrap();
+    let (code, stderr) = run(&["run", "--config", file.to_str().unwrap()], &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("redis-master-name"), "{stderr}");
+}
+
 #[tokio::test]
 async fn flags_win_over_environment_which_wins_over_the_file() {
     let upstream = support::ledger::start().await;
@@ -196,6 +268,7 @@ fn the_kubernetes_config_files_are_valid() {
     for (file, store) in [
         ("base/config.toml", "sled"),
         ("overlays/redis/config.toml", "redis"),
+        ("overlays/redis-sentinel/config.toml", "redis"),
         ("overlays/postgres/config.toml", "postgres"),
     ] {
         let path = std::path::Path::new(dir).join(file);

@@ -256,26 +256,10 @@ pub struct SentinelNode {
 }
 
 impl SentinelNode {
+    /// A sentinel watching the master on `master_port`, answering PING. A port found free
+    /// may be taken before the sentinel binds it (it then exits): it is started again on
+    /// another.
     fn start(master_port: u16, timing: SentinelTiming) -> SentinelNode {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let port = free_port();
-        let config = dir.path().join("sentinel.conf");
-        let SentinelTiming {
-            down_after_ms,
-            failover_timeout_ms,
-        } = timing;
-        std::fs::write(
-            &config,
-            format!(
-                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {dir}\n\
-                 sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
-                 sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n\
-                 sentinel failover-timeout {MASTER_NAME} {failover_timeout_ms}\n\
-                 sentinel parallel-syncs {MASTER_NAME} 1\n",
-                dir = dir.path().display()
-            ),
-        )
-        .expect("writes the sentinel's config");
         let found = Command::new("redis-sentinel")
             .arg("--version")
             .stdout(Stdio::null())
@@ -285,20 +269,35 @@ impl SentinelNode {
             found,
             "redis-sentinel is not installed: run scripts/test, which installs Debian's redis-sentinel"
         );
-        let child = Command::new("redis-sentinel")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-sentinel starts");
-        wait_until("redis-sentinel to answer PING", || {
-            command(port, &["PING"]).is_some()
-        });
-        SentinelNode {
-            child: Some(child),
-            port,
-            _dir: dir,
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("a temp dir");
+            let port = free_port();
+            let config = dir.path().join("sentinel.conf");
+            std::fs::write(
+                &config,
+                sentinel_config(port, dir.path(), master_port, timing),
+            )
+            .expect("writes the sentinel's config");
+            let mut child = Command::new("redis-sentinel")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-sentinel starts");
+            let mut exited = false;
+            wait_until("redis-sentinel to answer PING", || {
+                exited = child.try_wait().is_ok_and(|status| status.is_some());
+                exited || command(port, &["PING"]).is_some()
+            });
+            if !exited {
+                return SentinelNode {
+                    child: Some(child),
+                    port,
+                    _dir: dir,
+                };
+            }
         }
+        panic!("redis-sentinel exited at start five times (ports taken?)")
     }
 
     /// What this sentinel says of the master (`SENTINEL MASTER`), field by field.
@@ -326,6 +325,23 @@ impl Drop for SentinelNode {
             let _ = child.wait();
         }
     }
+}
+
+/// A test sentinel's config file: loopback, its own directory, the master watched under
+/// `MASTER_NAME` with quorum 2.
+fn sentinel_config(port: u16, dir: &Path, master_port: u16, timing: SentinelTiming) -> String {
+    let SentinelTiming {
+        down_after_ms,
+        failover_timeout_ms,
+    } = timing;
+    format!(
+        "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {dir}\nlogfile {dir}/sentinel.log\n\
+         sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+         sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n\
+         sentinel failover-timeout {MASTER_NAME} {failover_timeout_ms}\n\
+         sentinel parallel-syncs {MASTER_NAME} 1\n",
+        dir = dir.display()
+    )
 }
 
 /// How fast the test sentinels fail over.
@@ -369,7 +385,12 @@ impl RedisSentinels {
         timing: SentinelTiming,
         through: impl FnOnce(u16) -> u16,
     ) -> RedisSentinels {
-        let extra: Vec<String> = data.iter().map(|arg| (*arg).to_owned()).collect();
+        // A replica's first sync starts at once, not after Redis' 5 s wait for more replicas.
+        let extra: Vec<String> = ["--repl-diskless-sync-delay", "0"]
+            .iter()
+            .chain(data)
+            .map(|arg| (*arg).to_owned())
+            .collect();
         let master_extra = extra.clone();
         let master = RedisServer::start_with(move |_, _| master_extra);
         let seen_at = through(master.port);

@@ -18,13 +18,12 @@
 mod support;
 
 use idemproxy::config::{RunSettings, StoreKind};
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
+use support::failover::{Load, Verdict};
 use support::postgres::{signal, PostgresServer, USER};
-use support::{add, apply, client, ledger, reason, start_sidecar, was_replayed};
+use support::{ledger, start_sidecar};
 
 /// Keys each run sends.
 const KEYS: usize = 120;
@@ -41,60 +40,6 @@ const ACKNOWLEDGED_BEFORE_FAILOVER: usize = 40;
 /// ending those sessions (which makes their commits visible without the standby) lost 2
 /// answers and ran a key twice in 3 failovers; waiting for them instead loses nothing.
 const STANDBY_BEHIND: Duration = Duration::from_millis(2_500);
-
-/// What one run saw.
-#[derive(Debug, Default)]
-struct Verdict {
-    acknowledged: usize,
-    in_doubt: usize,
-    executed_twice: usize,
-    lost: usize,
-}
-
-/// How one key ended: an answer (its execution number), or IN_DOUBT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
-    Answered(u64),
-    InDoubt,
-}
-
-/// Sends `key` until it is answered, alternating sidecars; its first try is two hedged
-/// copies, one to each.
-async fn until_answered(sidecars: [SocketAddr; 2], n: usize) -> Ended {
-    let (key, account) = (format!("key-{n}"), format!("account-{n}"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let mut clients = [client(sidecars[0]).await, client(sidecars[1]).await];
-    for attempt in 0.. {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{key} unanswered after 120 s"
-        );
-        let tries: Vec<_> = (0..if attempt == 0 { 2 } else { 1 })
-            .map(|copy| {
-                let mut client = clients[(n + attempt + copy) % 2].clone();
-                let (key, account) = (key.clone(), account.clone());
-                tokio::spawn(
-                    async move { apply(&mut client, add(&account, 1), Some(&key), None).await },
-                )
-            })
-            .collect();
-        for tried in tries {
-            match tried.await.unwrap() {
-                Ok(reply) => return Ended::Answered(reply.get_ref().execution),
-                Err(status) if reason(&status) == "IDEMPOTENCY_OUTCOME_UNKNOWN" => {
-                    return Ended::InDoubt;
-                }
-                Err(_) => {}
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        // A connection the failover broke is made again.
-        if attempt % 10 == 9 {
-            clients = [client(sidecars[0]).await, client(sidecars[1]).await];
-        }
-    }
-    unreachable!()
-}
 
 /// The primary stops sending WAL (its WAL sender stopped: what it already sent the standby
 /// still receives, from the socket's buffers), then dies; the standby takes over.
@@ -159,71 +104,12 @@ async fn under_load<T: Send + 'static>(
         );
     }
     let addrs = [sidecars[0].addr, sidecars[1].addr];
-    let answered = Arc::new(AtomicUsize::new(0));
-    let ended = Arc::new(Mutex::new(HashMap::new()));
-    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let callers: Vec<_> = (0..KEYS)
-        .map(|n| {
-            let (answered, ended, slots) = (answered.clone(), ended.clone(), slots.clone());
-            tokio::spawn(async move {
-                let _slot = slots.acquire().await.unwrap();
-                let end = until_answered(addrs, n).await;
-                ended.lock().unwrap().insert(n, end);
-                answered.fetch_add(1, Ordering::SeqCst);
-            })
-        })
-        .collect();
-    support::eventually(
-        Duration::from_secs(60),
-        "answers before the failover",
-        || {
-            let answered = answered.clone();
-            async move { answered.load(Ordering::SeqCst) >= ACKNOWLEDGED_BEFORE_FAILOVER }
-        },
-    )
-    .await;
+    let load = Load::start(addrs, "", KEYS, IN_FLIGHT, Duration::ZERO);
+    load.wait_for(ACKNOWLEDGED_BEFORE_FAILOVER, "answers before the failover")
+        .await;
     // The servers are kept until the answers have been asked for again.
     let _servers = tokio::task::spawn_blocking(fail_over).await.unwrap();
-    for caller in callers {
-        caller.await.unwrap();
-    }
-    let ended = ended.lock().unwrap().clone();
-    check(addrs, &ended, &upstream.state).await
-}
-
-/// Asks again for every answer a caller got, through both sidecars.
-async fn check(
-    sidecars: [SocketAddr; 2],
-    ended: &HashMap<usize, Ended>,
-    ledger: &ledger::LedgerState,
-) -> Verdict {
-    let mut verdict = Verdict::default();
-    let mut clients = [client(sidecars[0]).await, client(sidecars[1]).await];
-    for (n, end) in ended {
-        let Ended::Answered(execution) = *end else {
-            verdict.in_doubt += 1;
-            continue;
-        };
-        verdict.acknowledged += 1;
-        for client in &mut clients {
-            let again = apply(
-                client,
-                add(&format!("account-{n}"), 1),
-                Some(&format!("key-{n}")),
-                None,
-            )
-            .await;
-            let kept = again
-                .is_ok_and(|reply| was_replayed(&reply) && reply.get_ref().execution == execution);
-            if !kept {
-                verdict.lost += 1;
-                break;
-            }
-        }
-    }
-    // After the answers were asked for again: a lost record makes its key run again.
-    verdict.executed_twice = ledger.executed_twice().len();
-    verdict
+    load.finish(&upstream.state).await
 }
 
 /// Failovers the synchronous test runs: 5, or `IDEMPROXY_FAILOVERS` (the soak in

@@ -6,8 +6,11 @@
 
 pub mod binary;
 pub mod crash;
+pub mod failover;
 pub mod http;
 pub mod ledger;
+pub mod netns;
+pub mod patroni;
 pub mod payments;
 pub mod postgres;
 pub mod raw;

@@ -81,6 +81,8 @@ impl Network {
             rustix::process::geteuid().is_root(),
             "network namespaces need root: run the tests as root (CI does)"
         );
+        super::require("ip", "iproute2");
+        super::require("nft", "nftables");
         delete_stale_namespaces();
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let prefix = format!(

@@ -10,6 +10,7 @@
 
 use super::netns::Network;
 use super::postgres::{bin_dir, children_of, owned_dir, signal, USER};
+use super::require;
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,16 +47,6 @@ const WAL_PEER_TIMEOUT: &str = "5s";
 
 /// The longest wait for the cluster to settle (a leader and a streaming synchronous standby).
 const SETTLE_WAIT: Duration = Duration::from_secs(120);
-
-/// Fails with a message naming scripts/test when a program the cluster needs is missing.
-fn require(program: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
-    assert!(
-        found,
-        "{program} is not installed: run scripts/test, which installs Debian's {package}"
-    );
-}
 
 /// A process on a host of the network, beside the shell that stops it.
 struct Kept {
@@ -264,6 +255,7 @@ impl Cluster {
         require("etcd", "etcd-server");
         require("patroni", "patroni");
         require("patronictl", "patroni");
+        require("setpriv", "util-linux");
         assert!(
             bin_dir().join("pg_rewind").is_file(),
             "pg_rewind is not installed: run scripts/test, which installs PostgreSQL"

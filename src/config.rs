@@ -107,6 +107,17 @@ pub struct RunSettings {
     /// A client connection that starts no call for this long is closed gracefully (GOAWAY).
     #[arg(long, env = "IDEMPROXY_HTTP2_IDLE_TIMEOUT", default_value = "15m", value_parser = span(ms(100), 7 * DAY))]
     pub http2_idle_timeout: Duration,
+    /// What a duplicate gets where no annotation or config-file rule says: `replay` (the
+    /// recorded answer), `reject` (ALREADY_EXISTS), or `observe` (every call forwarded and
+    /// answered by the service; what enforcing would have done is only counted).
+    #[arg(
+        long,
+        env = "IDEMPROXY_MODE",
+        default_value = "replay",
+        value_enum,
+        hide_possible_values = true
+    )]
+    pub mode: ModeSetting,
     /// How long an outcome is kept and replayed.
     #[arg(long, env = "IDEMPROXY_RETENTION", default_value = "24h", value_parser = span(ms(1), RETENTION_MAX))]
     pub retention: Duration,
@@ -325,6 +336,27 @@ pub enum ConfigError {
     },
 }
 
+/// `--mode`: what a duplicate gets by default (`engine::Mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeSetting {
+    /// The recorded answer, byte for byte.
+    Replay,
+    /// ALREADY_EXISTS / IDEMPOTENCY_DUPLICATE.
+    Reject,
+    /// Forward every call; count what enforcing would have done.
+    Observe,
+}
+
+impl From<ModeSetting> for crate::engine::Mode {
+    fn from(setting: ModeSetting) -> Self {
+        match setting {
+            ModeSetting::Replay => crate::engine::Mode::Replay,
+            ModeSetting::Reject => crate::engine::Mode::Reject,
+            ModeSetting::Observe => crate::engine::Mode::Observe,
+        }
+    }
+}
+
 /// How writes reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FlushMode {
@@ -390,6 +422,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// Group commit or not.
     pub flush: FlushMode,
+    /// What a duplicate gets where no annotation or rule says (`--mode`).
+    pub mode: crate::engine::Mode,
     /// Where records live.
     pub store: StoreChoice,
     /// Where the service's descriptors (and so the per-method policy) come from.
@@ -773,6 +807,7 @@ pub fn resolve(settings: RunSettings) -> Result<Config, ConfigError> {
         // At most 256 by its declared range.
         worker_threads: settings.worker_threads as usize,
         flush: settings.flush,
+        mode: settings.mode.into(),
         store,
         descriptors,
         method_rules: crate::policy::rules::method_rules(settings.methods)?,

@@ -92,7 +92,10 @@ pub async fn resolve_policy(config: &Config) -> Result<PolicyTable, StartError> 
 /// Loads the descriptors the settings name (plus `reflected`, the service's reflection
 /// answer) and resolves the per-method policy. Blocking (reads and compiles files).
 pub fn load_policy(config: &Config, reflected: Option<&[u8]>) -> Result<PolicyTable, StartError> {
-    let defaults = CallPolicy::from_limits(&config.limits);
+    let defaults = CallPolicy {
+        mode: config.mode,
+        ..CallPolicy::from_limits(&config.limits)
+    };
     if config.descriptors.is_empty() {
         return PolicyTable::header_only(defaults, &config.method_rules)
             .map_err(StartError::Policy);
@@ -402,7 +405,20 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
         metrics,
         wait_for(stopped.clone()),
     ));
-    let mut tasks = vec![serving, sweeping, administering, watching];
+    let census = Arc::new(crate::store::census::Census::default());
+    telemetry.observe_census(census.clone());
+    let gauged = health.clone();
+    telemetry.observe_health(move || {
+        let ready = gauged.readiness() == crate::ops::Readiness::Ready;
+        (ready, gauged.failed_for_good().is_some())
+    });
+    let counting = tokio::spawn(census.run(
+        store.clone(),
+        config.sweep_interval,
+        SystemClock::new(),
+        wait_for(stopped.clone()),
+    ));
+    let mut tasks = vec![serving, sweeping, administering, watching, counting];
     if let Some(prober) = prober {
         // The walk that finds unknown outcomes to look up, a crash's included.
         tasks.push(tokio::spawn(

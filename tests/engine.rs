@@ -338,7 +338,7 @@ async fn refusals_about_a_key() -> Vec<idemproxy::status::Refusal> {
             .await,
     ); // CALLER_QUOTA
     let mut reject = CallPolicy::from_limits(&Limits::default());
-    reject.reject_duplicates = true;
+    reject.mode = idemproxy::engine::Mode::Reject;
     keep(
         engine
             .handle(Call {

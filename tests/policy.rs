@@ -649,11 +649,11 @@ message Req { string id = 1; }
     .unwrap();
     let table = idemproxy::server::load_policy(&resolved, None).unwrap();
     let place = table.get("/orders.v1.Orders/Place");
-    assert!(place.call.reject_duplicates);
+    assert!(place.call.rejects_duplicates());
     assert_eq!(place.call.retention, std::time::Duration::from_secs(3600));
     assert_eq!(place.origin, "service annotation");
     let amend = table.get("/orders.v1.Orders/Amend");
-    assert!(!amend.call.reject_duplicates, "the method wins");
+    assert!(!amend.call.rejects_duplicates(), "the method wins");
     assert_eq!(
         amend.call.retention,
         std::time::Duration::from_secs(3600),

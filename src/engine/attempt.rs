@@ -4,7 +4,7 @@
 //! claim, and never answers a forwarded call before its outcome is settled in the store.
 
 use super::wait::InFlightWait;
-use super::{Answer, Call, CallPolicy, Clock, Engine, Reply, Upstream};
+use super::{Answer, Call, CallPolicy, Clock, Engine, Mode, Reply, Upstream};
 use crate::key::{self, Key};
 use crate::record::{self, ClaimRequest, Claimed, Disposition, Fenced, Response, Token};
 use crate::status::{KeyState, Reason, Refusal};
@@ -168,9 +168,14 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
         let _ = tokio::time::timeout(left, probe).await;
     }
 
-    /// One claim transition, and what it means for this attempt (`probed`: a probe was
-    /// asked already).
-    async fn claim_round(&self, now_ms: u64, at_quota: bool, probed: bool) -> Round<U::Stream> {
+    /// One claim transition at `now_ms`: what the store holds for the key now, and the lease
+    /// the claim asked for (Unix ms). `Err`: the store failed (the claim taken back if it may
+    /// have landed).
+    pub(super) async fn claim_once(
+        &self,
+        now_ms: u64,
+        at_quota: bool,
+    ) -> Result<(Claimed, u64), Refusal> {
         let engine = self.engine;
         let request = ClaimRequest {
             fingerprint: &self.fingerprint,
@@ -195,9 +200,8 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
                 record::claim(current, &request)
             })
             .await;
-        let lease_until_ms = request.lease_until_ms;
-        let claimed = match claimed {
-            Ok(claimed) => claimed,
+        match claimed {
+            Ok(claimed) => Ok((claimed, request.lease_until_ms)),
             Err(error) => {
                 // The claim may have landed in memory without reaching the disk: take it back
                 // if we can, so the key is not left blocked by a call never forwarded.
@@ -205,17 +209,27 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
                     record::release(current, &self.token)
                 })
                 .await;
-                return Round::StoreFailed(store_refusal(self.key, &error));
+                Err(store_refusal(self.key, &error))
             }
+        }
+    }
+
+    /// One claim transition, and what it means for this attempt (`probed`: a probe was
+    /// asked already).
+    async fn claim_round(&self, now_ms: u64, at_quota: bool, probed: bool) -> Round<U::Stream> {
+        let engine = self.engine;
+        let (claimed, lease_until_ms) = match self.claim_once(now_ms, at_quota).await {
+            Ok(claimed) => claimed,
+            Err(refusal) => return Round::StoreFailed(refusal),
         };
         let key = self.key;
         let refused = |refusal| Round::Answered(Answer::Refused(refusal));
         match claimed {
             Claimed::Owned => Round::Owned { lease_until_ms },
-            Claimed::InProgress { .. } if self.policy.reject_duplicates => {
+            Claimed::InProgress { .. } if self.policy.rejects_duplicates() => {
                 refused(Refusal::duplicate(key, KeyState::InFlight))
             }
-            Claimed::Replay(_) | Claimed::ResponseNotKept if self.policy.reject_duplicates => {
+            Claimed::Replay(_) | Claimed::ResponseNotKept if self.policy.rejects_duplicates() => {
                 refused(Refusal::duplicate(key, KeyState::Completed))
             }
             Claimed::InProgress { lease_until_ms } => Round::Running { lease_until_ms },
@@ -325,6 +339,11 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
             }
             Ok(Fenced::NotOwner) => {
                 tracing::warn!(key = %self.key, "the record changed hands before the outcome; answering unrecorded");
+                Answer::Fresh(response)
+            }
+            // Observe mode answers as the service did, whatever the store says.
+            Err(error) if self.policy.mode == Mode::Observe => {
+                tracing::warn!(key = %self.key, %error, "observe mode: the outcome could not be stored; answering as the service did");
                 Answer::Fresh(response)
             }
             // The service acted, but no retry could learn it: say the outcome is unknown,

@@ -6,6 +6,7 @@
 //! outcome is durable, and never lets a client's cancel stop a call that was forwarded.
 
 mod attempt;
+mod observe;
 mod wait;
 
 use crate::key::{self, Key};
@@ -153,8 +154,8 @@ pub struct CallPolicy {
     pub in_flight_wait_max: Duration,
     /// A duplicate of a running first attempt is answered IN_PROGRESS at once.
     pub reject_in_flight: bool,
-    /// A duplicate gets ALREADY_EXISTS / IDEMPOTENCY_DUPLICATE instead of the replay.
-    pub reject_duplicates: bool,
+    /// What a duplicate gets: the replay, a refusal, or (observe mode) the service itself.
+    pub mode: Mode,
     /// An unknown outcome is run again by the next attempt.
     pub retry_in_doubt: bool,
     /// Status codes recorded whatever the default says (bit `1 << code`).
@@ -169,18 +170,49 @@ pub struct CallPolicy {
 }
 
 impl CallPolicy {
+    /// A duplicate is refused ALREADY_EXISTS instead of replayed (REJECT mode).
+    pub fn rejects_duplicates(&self) -> bool {
+        self.mode == Mode::Reject
+    }
+
     /// The policy of a method nobody configured: the command line's limits.
     pub fn from_limits(limits: &Limits) -> CallPolicy {
         CallPolicy {
             retention: limits.retention,
             in_flight_wait_max: limits.in_flight_wait_max,
             reject_in_flight: false,
-            reject_duplicates: false,
+            mode: Mode::Replay,
             retry_in_doubt: false,
             record_codes: 0,
             release_codes: 0,
             fail_open: false,
             probe: false,
+        }
+    }
+}
+
+/// What a method's duplicates get (design §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The recorded answer, byte for byte (the default).
+    #[default]
+    Replay,
+    /// ALREADY_EXISTS / IDEMPOTENCY_DUPLICATE: anti-duplicate, no replay.
+    Reject,
+    /// The rollout mode: every call is forwarded and answered as if the sidecar were not
+    /// there; the first attempt of a key is claimed and recorded as in REPLAY, and what
+    /// enforcing would have done to each later attempt is only counted. A switch to REPLAY
+    /// keeps the records.
+    Observe,
+}
+
+impl Mode {
+    /// The name settings and `check` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Replay => "replay",
+            Mode::Reject => "reject",
+            Mode::Observe => "observe",
         }
     }
 }
@@ -334,11 +366,23 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         self: &Arc<Self>,
         call: Call<U::Request>,
     ) -> (Answer<U::Stream>, Decision) {
+        let key = Key::derive(&call.method, &call.caller, &call.serial);
         if let Err(error) = key::validate_serial(&call.serial) {
+            if call
+                .policy
+                .is_some_and(|policy| policy.mode == Mode::Observe)
+            {
+                // Observe mode refuses nothing: the call goes on as without the sidecar.
+                let lease =
+                    call.timeout.unwrap_or(self.limits.lease_default) + self.limits.lease_margin;
+                let answer = self
+                    .forward_unprotected(key, lease, call.request, call.body)
+                    .await;
+                return (answer, Decision::Invalid);
+            }
             let refusal = Refusal::new(Reason::KeyInvalid, error.to_string());
             return (Answer::Refused(refusal), Decision::Invalid);
         }
-        let key = Key::derive(&call.method, &call.caller, &call.serial);
         trace::record_key(&key);
         let (mut answered, answer) = tokio::sync::oneshot::channel();
         let engine = self.clone();
@@ -374,6 +418,9 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         answered: &mut tokio::sync::oneshot::Sender<(Answer<U::Stream>, Decision)>,
     ) -> (Answer<U::Stream>, Decision) {
         let (attempt, request, body) = Attempt::of(self, key, call);
+        if attempt.policy.mode == Mode::Observe {
+            return self.observe(&attempt, request, body).await;
+        }
         match attempt.claim(answered).await {
             Ok(lease_until_ms) => (
                 attempt.forward(request, body, lease_until_ms).await,
@@ -385,6 +432,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             }
             Err(Unclaimed::StoreFailed(_)) if attempt.policy.fail_open => {
                 tracing::warn!(key = %key, method = %attempt.method, "store unavailable; forwarding without deduplication (fail_open)");
+                self.metrics.fail_open_forwarded(&attempt.method);
                 let answer = self
                     .forward_unprotected(key, attempt.lease, request, body)
                     .await;

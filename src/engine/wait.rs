@@ -33,7 +33,7 @@ pub(super) struct InFlightWait {
 impl InFlightWait {
     /// The wait of a call under `policy` that sent `timeout` (its `grpc-timeout`).
     pub(super) fn new(policy: &CallPolicy, timeout: Option<Duration>) -> InFlightWait {
-        let wait_max = if policy.reject_in_flight || policy.reject_duplicates {
+        let wait_max = if policy.reject_in_flight || policy.rejects_duplicates() {
             Duration::ZERO
         } else {
             policy.in_flight_wait_max

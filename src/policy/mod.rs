@@ -250,7 +250,7 @@ fn render_row(rule: &MethodRule) -> String {
             } else {
                 key
             };
-            let in_flight = if rule.call.reject_in_flight || rule.call.reject_duplicates {
+            let in_flight = if rule.call.reject_in_flight || rule.call.rejects_duplicates() {
                 "reject".to_owned()
             } else {
                 format!(
@@ -259,11 +259,7 @@ fn render_row(rule: &MethodRule) -> String {
                 )
             };
             (
-                if rule.call.reject_duplicates {
-                    "reject"
-                } else {
-                    "replay"
-                },
+                rule.call.mode.as_str(),
                 key,
                 humantime::format_duration(rule.call.retention).to_string(),
                 in_flight,
@@ -535,6 +531,23 @@ fn build_rule(
         errors.push(e);
         None
     });
+    let mode = match Mode::try_from(policy.mode) {
+        Ok(Mode::Replay) => crate::engine::Mode::Replay,
+        Ok(Mode::Reject) => crate::engine::Mode::Reject,
+        Ok(Mode::Observe) => crate::engine::Mode::Observe,
+        // Unset here: the command line's default mode.
+        Ok(Mode::Unspecified) => defaults.mode,
+        Err(_) => {
+            errors.push(error(
+                &path,
+                format!(
+                    "mode {} is not a mode this release knows (MODE_REPLAY, MODE_REJECT or MODE_OBSERVE)",
+                    policy.mode
+                ),
+            ));
+            defaults.mode
+        }
+    };
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -542,7 +555,7 @@ fn build_rule(
         retention: retention.unwrap_or(defaults.retention),
         in_flight_wait_max: max_wait.unwrap_or(defaults.in_flight_wait_max),
         reject_in_flight: policy.in_flight == InFlight::Reject as i32,
-        reject_duplicates: policy.mode == Mode::Reject as i32,
+        mode,
         retry_in_doubt: policy.in_doubt == InDoubt::Retry as i32,
         record_codes,
         release_codes,
@@ -630,9 +643,75 @@ mod tests {
         assert_eq!(charge.ignored.len(), 2);
         assert_eq!(charge.call.in_flight_wait_max, Duration::from_secs(5));
         let refund = table.get("/idemproxy.example.v1.Payments/Refund");
-        assert!(refund.call.reject_duplicates);
+        assert!(refund.call.rejects_duplicates());
         assert_eq!(refund.call.retention, Duration::from_secs(604_800));
         let balance = table.get("/idemproxy.example.v1.Payments/GetBalance");
         assert_eq!(balance.dedup, Dedup::Off);
+    }
+
+    #[test]
+    fn observe_is_a_mode_of_the_command_line_of_a_rule_and_of_an_annotation() {
+        let pool =
+            DescriptorPool::decode(crate::pb::EXAMPLE_DESCRIPTOR_SET).expect("the example loads");
+        let observing = CallPolicy {
+            mode: crate::engine::Mode::Observe,
+            ..CallPolicy::from_limits(&Limits::default())
+        };
+        let table = PolicyTable::resolve(&pool, observing, &Overrides::new())
+            .expect("the example is valid");
+        let charge = table.get("/idemproxy.example.v1.Payments/Charge");
+        assert_eq!(
+            charge.call.mode,
+            crate::engine::Mode::Observe,
+            "the default"
+        );
+        let refund = table.get("/idemproxy.example.v1.Payments/Refund");
+        assert!(refund.call.rejects_duplicates(), "the annotation wins");
+        assert!(table.render().contains(" observe "), "{}", table.render());
+
+        let rules = rules::method_rules(
+            toml::from_str::<std::collections::BTreeMap<String, rules::MethodSettings>>(
+                "[\"/idemproxy.example.v1.Payments/Refund\"]\nmode = \"observe\"",
+            )
+            .expect("a rule"),
+        )
+        .expect("observe is a mode");
+        let defaults = CallPolicy::from_limits(&Limits::default());
+        let table = PolicyTable::resolve(&pool, defaults, &rules).expect("valid");
+        let refund = table.get("/idemproxy.example.v1.Payments/Refund");
+        assert_eq!(
+            refund.call.mode,
+            crate::engine::Mode::Observe,
+            "the rule wins"
+        );
+
+        let mut unknown = MethodPolicy {
+            mode: 9,
+            ..MethodPolicy::default()
+        };
+        let built = build_rule(
+            "/a.B/C".into(),
+            &unknown,
+            false,
+            None,
+            Vec::new(),
+            None,
+            defaults,
+        );
+        assert!(built.is_err(), "an unknown mode number is refused");
+        unknown.mode = Mode::Observe as i32;
+        let built = build_rule(
+            "/a.B/C".into(),
+            &unknown,
+            false,
+            None,
+            Vec::new(),
+            None,
+            defaults,
+        );
+        assert_eq!(
+            built.expect("valid").call.mode,
+            crate::engine::Mode::Observe
+        );
     }
 }

@@ -113,6 +113,7 @@ pub fn method_rules(
                 &[
                     ("replay", Mode::Replay as i32),
                     ("reject", Mode::Reject as i32),
+                    ("observe", Mode::Observe as i32),
                 ],
             )?,
             retention: span("retention", &settings.retention)?,

@@ -13,7 +13,7 @@ pub mod grpc;
 pub mod upstream;
 
 use crate::caller::{Callers, Peer};
-use crate::engine::{Answer, Call, Clock, Engine};
+use crate::engine::{Answer, Call, Clock, Engine, Mode};
 use crate::policy::{self, message, Dedup, MethodRule, PolicyTable};
 use crate::record::Response;
 use crate::status::{Reason, Refusal};
@@ -73,6 +73,8 @@ struct Routed {
     decision: Decision,
     /// `None`: the status comes later, in the streamed trailers.
     grpc_status: Option<u32>,
+    /// Why the sidecar answered in the service's place, when it did.
+    refusal: Option<Reason>,
 }
 
 impl Routed {
@@ -96,6 +98,7 @@ impl Routed {
             response: refusal_response(refusal),
             decision: Decision::of_refusal(refusal.reason),
             grpc_status: Some(refusal.reason.code() as u32),
+            refusal: Some(refusal.reason),
         }
     }
 
@@ -110,6 +113,7 @@ impl Routed {
             response,
             decision,
             grpc_status,
+            refusal: None,
         }
     }
 }
@@ -199,6 +203,9 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             routed.grpc_status,
             started.elapsed(),
         );
+        if let Some(reason) = routed.refusal {
+            self.metrics.refused(reason);
+        }
         Ok(routed.response)
     }
 
@@ -209,8 +216,9 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             return self.pass_through(request).await;
         }
         let keyed = request.headers().contains_key(&self.settings.key_header);
+        let observing = rule.call.mode == Mode::Observe;
         if rule.dedup == Dedup::Unsupported {
-            if keyed {
+            if keyed && !observing {
                 return Routed::refused(&shape_unsupported(
                     "the method is a bidirectional stream, which cannot be deduplicated: send it without the idempotency key",
                 ));
@@ -220,7 +228,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         if keyed || rule.inspects_request() {
             return self.deduplicate(request, rule, peer, span).await;
         }
-        if rule.require_key {
+        if rule.require_key && !observing {
             return Routed::refused(&key_missing(&self.settings));
         }
         self.pass_through(request).await
@@ -237,13 +245,20 @@ impl<S: Store, C: Clock> Proxy<S, C> {
         peer: &Peer,
         span: &tracing::Span,
     ) -> Routed {
+        let observing = rule.call.mode == Mode::Observe;
         let (parts, incoming) = request.into_parts();
-        let header_serial = match self.header_serial(&parts.headers) {
-            Ok(serial) => serial,
-            Err(refusal) => return Routed::refused(&refusal),
-        };
-        let caller = match self.settings.callers.caller_of(&parts.headers, peer) {
-            Ok(caller) => caller,
+        let identified = self.header_serial(&parts.headers).and_then(|serial| {
+            let caller = self.settings.callers.caller_of(&parts.headers, peer)?;
+            Ok((serial, caller))
+        });
+        let (header_serial, caller) = match identified {
+            Ok(identified) => identified,
+            // Observe mode refuses nothing: the call goes on as without the sidecar.
+            Err(_) if observing => {
+                return self
+                    .pass_through(Request::from_parts(parts, incoming))
+                    .await
+            }
             Err(refusal) => return Routed::refused(&refusal),
         };
         // Without descriptors a body still open after a few seconds is taken for a stream
@@ -271,19 +286,18 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             .headers
             .get("grpc-encoding")
             .map(|value| value.to_str().unwrap_or("(not ASCII)"));
-        let messages = match grpc::check_framing(&body, encoding.is_some()) {
-            Ok(messages) => messages,
-            Err(error) => {
-                return Routed::refused(&Refusal::new(Reason::MalformedRequest, error.to_string()))
-            }
-        };
-        let inspected = self.inspect(rule, &body, messages, encoding, header_serial);
+        let inspected = grpc::check_framing(&body, encoding.is_some())
+            .map_err(|error| Refusal::new(Reason::MalformedRequest, error.to_string()))
+            .and_then(|messages| self.inspect(rule, &body, messages, encoding, header_serial));
         let (serial, fingerprint) = match inspected {
             Ok(found) => found,
+            Err(_) if observing => {
+                return Routed::passed_through(self.upstream.forward(parts, body).await)
+            }
             Err(refusal) => return Routed::refused(&refusal),
         };
         let Some(serial) = serial else {
-            if rule.require_key {
+            if rule.require_key && !observing {
                 return Routed::refused(&key_missing(&self.settings));
             }
             // Read to look for a key field and found none: forward what was read.
@@ -306,6 +320,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             origin: trace::origin_of(span),
         };
         let (answer, decision) = self.engine.handle_observed(call).await;
+        let mut refused = None;
         let (response, grpc_status) = match answer {
             Answer::Fresh(response) => {
                 let status = response.grpc_status;
@@ -319,6 +334,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             Answer::Stream(response) => return Routed::streamed(response, decision),
             Answer::Refused(refusal) => {
                 let status = refusal.reason.code() as u32;
+                refused = Some(refusal.reason);
                 (refusal_response(&refusal), Some(status))
             }
         };
@@ -326,6 +342,7 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             response,
             decision,
             grpc_status,
+            refusal: refused,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! shared by replicas), `redis` (shared by replicas, when a lost second is acceptable), and
 //! `AnyStore`, the one the server runs on, chosen by the settings.
 
+pub mod census;
 pub mod durable;
 pub mod flusher;
 pub mod memory;

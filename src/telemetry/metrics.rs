@@ -46,6 +46,26 @@ pub const GROUP_COMMIT_WRITES: &str = "idemproxy.group_commit.writes";
 /// can lose acknowledged records).
 pub const POSTGRES_SYNC_STANDBYS: &str = "idemproxy.postgres.sync_standbys";
 
+/// Later attempts of observe-mode methods, by `rpc.method` and what enforcing would have
+/// done (`decision`: replay, key_reused, in_flight, in_doubt), and first attempts (`fresh`).
+pub const OBSERVE_DECISIONS: &str = "idemproxy.observe.decisions";
+/// Calls forwarded without deduplication because the store failed (fail_open), by
+/// `rpc.method`.
+pub const FAIL_OPEN_FORWARDED: &str = "idemproxy.fail_open.forwarded";
+/// Answers given in the service's place, by `reason` (the ErrorInfo reason).
+pub const REFUSALS: &str = "idemproxy.refusals";
+/// Records in the store by `state` (in_flight, completed, in_doubt), as the store's own
+/// transitions count them.
+pub const RECORDS_BY_STATE: &str = "idemproxy.records";
+/// IN_DOUBT records that nothing but an operator will settle (no probe, or probing gave up).
+pub const IN_DOUBT_WAITING_FOR_OPERATOR: &str = "idemproxy.in_doubt.waiting_for_operator";
+/// Age of the oldest IN_DOUBT record, seconds (0 when there is none).
+pub const IN_DOUBT_OLDEST_AGE: &str = "idemproxy.in_doubt.oldest_age";
+/// 1 while the sidecar is ready (store writable, not draining), else 0.
+pub const READY: &str = "idemproxy.ready";
+/// 1 once the store failed for good (liveness fails until a restart), else 0.
+pub const STORE_FAILED_FOR_GOOD: &str = "idemproxy.store.failed_for_good";
+
 /// Distinct methods not in the policy table that get their own label value.
 pub const METHOD_LABELS_MAX: usize = 64;
 /// The label of every further method.
@@ -72,6 +92,38 @@ pub enum Decision {
     Invalid,
     /// The store failed: refused (fail closed) or forwarded unprotected (fail open).
     StoreError,
+    /// A later attempt of an observe-mode method: forwarded anyway (what enforcing would have
+    /// done is in `idemproxy.observe.decisions`).
+    Observed,
+}
+
+/// What enforcing would have done with an attempt of an observe-mode method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// A first attempt: claimed, forwarded and recorded, as enforcing does.
+    Fresh,
+    /// A duplicate of a recorded outcome: it would have been replayed (or, in REJECT mode,
+    /// refused), not run again.
+    Replay,
+    /// The same key with another request: it would have been refused.
+    KeyReused,
+    /// A duplicate while the first attempt ran: it would have waited for its outcome.
+    InFlight,
+    /// A duplicate of an unknown outcome: it would have been refused until it is known.
+    InDoubt,
+}
+
+impl Observed {
+    /// The attribute value (`decision`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Observed::Fresh => "fresh",
+            Observed::Replay => "replay",
+            Observed::KeyReused => "key_reused",
+            Observed::InFlight => "in_flight",
+            Observed::InDoubt => "in_doubt",
+        }
+    }
 }
 
 impl Decision {
@@ -110,6 +162,7 @@ impl Decision {
             Decision::Bypass => "bypass",
             Decision::Invalid => "invalid",
             Decision::StoreError => "store_error",
+            Decision::Observed => "observed",
         }
     }
 }
@@ -127,6 +180,9 @@ pub struct Metrics {
     records_expired: Counter<u64>,
     records_evicted: Counter<u64>,
     in_flight_waits: Counter<u64>,
+    observe_decisions: Counter<u64>,
+    fail_open_forwarded: Counter<u64>,
+    refusals: Counter<u64>,
     backend: &'static str,
     methods: Arc<MethodLabels>,
 }
@@ -168,6 +224,15 @@ impl Metrics {
                 IN_FLIGHT_WAITS,
                 "Duplicates that waited for a first attempt",
             ),
+            observe_decisions: counter(
+                OBSERVE_DECISIONS,
+                "Observe mode: attempts by what enforcing would have done",
+            ),
+            fail_open_forwarded: counter(
+                FAIL_OPEN_FORWARDED,
+                "Calls forwarded unprotected because the store failed (fail_open)",
+            ),
+            refusals: counter(REFUSALS, "Answers given in the service's place, by reason"),
             backend,
             methods: Arc::new(MethodLabels::default()),
         };
@@ -212,6 +277,73 @@ impl Metrics {
             crate::store::AnyStore::Postgres(_) => Metrics::observe_postgres(meter, store),
             crate::store::AnyStore::Redis(_) => {}
         }
+    }
+
+    /// The census's counts of records by state and of the IN_DOUBT records waiting for an
+    /// operator, read at each collection (the census walks the store on its own task).
+    pub fn observe_census(meter: &Meter, census: Arc<crate::store::census::Census>) {
+        let by_state = census.clone();
+        let _ = meter
+            .u64_observable_gauge(RECORDS_BY_STATE)
+            .with_description("Records in the store by state (the last whole census pass)")
+            .with_callback(move |observer| {
+                let counts = by_state.counts();
+                for (state, count) in [
+                    ("in_flight", counts.in_flight),
+                    ("completed", counts.completed),
+                    ("in_doubt", counts.in_doubt),
+                ] {
+                    observer.observe(count, &[KeyValue::new("state", state)]);
+                }
+            })
+            .build();
+        let waiting = census.clone();
+        let _ = meter
+            .u64_observable_gauge(IN_DOUBT_WAITING_FOR_OPERATOR)
+            .with_description(
+                "IN_DOUBT records that only an operator will settle (idemproxy keys resolve)",
+            )
+            .with_callback(move |observer| {
+                observer.observe(waiting.counts().waiting_for_operator, &[])
+            })
+            .build();
+        let _ = meter
+            .f64_observable_gauge(IN_DOUBT_OLDEST_AGE)
+            .with_unit("s")
+            .with_description("Age of the oldest IN_DOUBT record (0 when there is none)")
+            .with_callback(move |observer| {
+                let age_s = census
+                    .counts()
+                    .oldest_in_doubt_ms
+                    .map_or(0.0, |created_ms| {
+                        let now_ms = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+                        now_ms.saturating_sub(created_ms) as f64 / 1000.0
+                    });
+                observer.observe(age_s, &[])
+            })
+            .build();
+    }
+
+    /// Readiness and a store failed for good, as 1 or 0, read at each collection from
+    /// `health`: (ready, failed for good).
+    pub fn observe_health(
+        meter: &Meter,
+        health: impl Fn() -> (bool, bool) + Send + Sync + 'static,
+    ) {
+        let health = Arc::new(health);
+        let ready = health.clone();
+        let _ = meter
+            .u64_observable_gauge(READY)
+            .with_description("1 while the sidecar is ready (its store takes writes, not draining)")
+            .with_callback(move |observer| observer.observe(u64::from(ready().0), &[]))
+            .build();
+        let _ = meter
+            .u64_observable_gauge(STORE_FAILED_FOR_GOOD)
+            .with_description("1 once the store failed for good: liveness fails until a restart")
+            .with_callback(move |observer| observer.observe(u64::from(health().1), &[]))
+            .build();
     }
 
     /// PostgreSQL's group commits (statements and the swaps they carried) and its
@@ -356,6 +488,29 @@ impl Metrics {
     pub fn swept(&self, expired: u64, evicted: u64) {
         self.records_expired.add(expired, &[]);
         self.records_evicted.add(evicted, &[]);
+    }
+
+    /// An attempt of an observe-mode method, by what enforcing would have done.
+    pub fn observed(&self, method: &str, observed: Observed) {
+        self.observe_decisions.add(
+            1,
+            &[
+                KeyValue::new("rpc.method", self.method_label(method)),
+                KeyValue::new("decision", observed.as_str()),
+            ],
+        );
+    }
+
+    /// A call forwarded unprotected because its store failed (a fail-open method).
+    pub fn fail_open_forwarded(&self, method: &str) {
+        self.fail_open_forwarded
+            .add(1, &[KeyValue::new("rpc.method", self.method_label(method))]);
+    }
+
+    /// An answer given in the service's place.
+    pub fn refused(&self, reason: crate::status::Reason) {
+        self.refusals
+            .add(1, &[KeyValue::new("reason", reason.as_str())]);
     }
 
     /// A duplicate started waiting for a first attempt.

@@ -155,6 +155,16 @@ impl Telemetry {
         Metrics::observe_store(&self.meter_provider.meter("idemproxy"), store);
     }
 
+    /// Reports the census's counts of records by state, read at each collection.
+    pub fn observe_census(&self, census: Arc<crate::store::census::Census>) {
+        Metrics::observe_census(&self.meter_provider.meter("idemproxy"), census);
+    }
+
+    /// Reports readiness and a store failed for good (`health` answers both).
+    pub fn observe_health(&self, health: impl Fn() -> (bool, bool) + Send + Sync + 'static) {
+        Metrics::observe_health(&self.meter_provider.meter("idemproxy"), health);
+    }
+
     /// Whether spans are exported.
     pub fn traces_enabled(&self) -> bool {
         self.tracer_provider.is_some()

@@ -26,3 +26,29 @@ pub fn free_addr() -> SocketAddr {
         .local_addr()
         .unwrap()
 }
+
+/// The sum of every series of `name` in a `/metrics` text whose labels include each of
+/// `labels` (`name{...} value` or `name value`); `None` when no series matches.
+pub fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut sum = None;
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (series_labels, value) = match rest.strip_prefix('{') {
+            Some(rest) => match rest.split_once("} ") {
+                Some(split) => split,
+                None => continue,
+            },
+            None if rest.starts_with(' ') => ("", rest.trim_start()),
+            None => continue,
+        };
+        let matches = labels
+            .iter()
+            .all(|(label, value)| series_labels.contains(&format!("{label}=\"{value}\"")));
+        if let (true, Ok(value)) = (matches, value.trim().parse::<f64>()) {
+            *sum.get_or_insert(0.0) += value;
+        }
+    }
+    sum
+}

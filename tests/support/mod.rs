@@ -10,6 +10,7 @@ pub mod http;
 pub mod ledger;
 pub mod payments;
 pub mod postgres;
+pub mod prometheus;
 pub mod raw;
 pub mod redis;
 pub mod tls;

@@ -13,6 +13,7 @@ pub mod netns;
 pub mod patroni;
 pub mod payments;
 pub mod postgres;
+pub mod prometheus;
 pub mod raw;
 pub mod redis;
 pub mod tls;

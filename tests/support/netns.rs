@@ -132,26 +132,15 @@ impl Network {
             run("ip", &["-n", name, "link", "set", "eth0", "up"]);
             run("ip", &["-n", name, "link", "set", "lo", "up"]);
         }
-        let nft = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", &hub, "nft"];
-            all.extend_from_slice(args);
-            run("ip", &all);
-        };
-        nft(&["add", "table", "bridge", "partition"]);
-        nft(&[
-            "add",
-            "chain",
-            "bridge",
-            "partition",
-            "forward",
-            "{ type filter hook forward priority 0; }",
-        ]);
-        Network {
+        let net = Network {
             prefix,
             hosts: hosts.iter().map(|host| (*host).to_owned()).collect(),
             keeper: Some(keeper),
             relays: Mutex::new(Vec::new()),
-        }
+        };
+        net.nft("add table bridge partition");
+        net.nft("add chain bridge partition forward { type filter hook forward priority 0 ; }");
+        net
     }
 
     fn address(index: usize) -> Ipv4Addr {
@@ -196,53 +185,28 @@ impl Network {
 
     /// Cuts `host` off from each of `others`, both ways: the hub drops their packets.
     pub fn cut(&self, host: &str, others: &[&str]) {
-        let hub = format!("{}-hub", self.prefix);
-        let addr = self.addr(host).to_string();
+        let addr = self.addr(host);
         for other in others {
-            let other = self.addr(other).to_string();
-            for (from, to) in [(&addr, &other), (&other, &addr)] {
-                run(
-                    "ip",
-                    &[
-                        "netns",
-                        "exec",
-                        &hub,
-                        "nft",
-                        "add",
-                        "rule",
-                        "bridge",
-                        "partition",
-                        "forward",
-                        "ip",
-                        "saddr",
-                        from,
-                        "ip",
-                        "daddr",
-                        to,
-                        "drop",
-                    ],
-                );
+            let other = self.addr(other);
+            for (from, to) in [(addr, other), (other, addr)] {
+                self.nft(&format!(
+                    "add rule bridge partition forward ip saddr {from} ip daddr {to} drop"
+                ));
             }
         }
     }
 
     /// Ends every cut.
     pub fn heal(&self) {
+        self.nft("flush chain bridge partition forward");
+    }
+
+    /// Runs the nft command `command` (words separated by spaces) in the hub.
+    fn nft(&self, command: &str) {
         let hub = format!("{}-hub", self.prefix);
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &hub,
-                "nft",
-                "flush",
-                "chain",
-                "bridge",
-                "partition",
-                "forward",
-            ],
-        );
+        let mut args = vec!["netns", "exec", &hub, "nft"];
+        args.extend(command.split_whitespace());
+        run("ip", &args);
     }
 
     /// Runs `f` on a thread of its own that has joined `host`'s namespace: sockets it makes

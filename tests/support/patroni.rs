@@ -45,6 +45,11 @@ const RETRY_TIMEOUT_S: u32 = 2;
 /// PostgreSQL's default.
 const WAL_PEER_TIMEOUT: &str = "5s";
 
+/// A standby this close to its leader's WAL has caught up: under load the positions each
+/// member last reported (once a `loop_wait`) are seldom equal, but a standby that is still
+/// replaying a rewind or a backlog is further behind.
+const CAUGHT_UP_BYTES: u64 = 1024 * 1024;
+
 /// The longest wait for the cluster to settle (a leader and a streaming synchronous standby).
 const SETTLE_WAIT: Duration = Duration::from_secs(120);
 
@@ -356,7 +361,7 @@ impl Cluster {
     }
 
     /// Whether one member leads and the other is its standby (synchronous when the cluster
-    /// is), streaming on the leader's timeline with no lag, as both members see it.
+    /// is), streaming on the leader's timeline and caught up, as both members see it.
     fn is_settled(&self, net: &Network) -> Option<usize> {
         let standby_role = if self.synchronous {
             "sync_standby"
@@ -371,7 +376,7 @@ impl Cluster {
             let standby = members.iter().find(|m| m.role == standby_role)?;
             let in_step = matches!(standby.state.as_str(), "running" | "streaming")
                 && standby.timeline == leader.timeline
-                && standby.lag == Some(0);
+                && standby.lag.is_some_and(|lag| lag <= CAUGHT_UP_BYTES);
             in_step.then(|| self.members.iter().position(|m| m.name == leader.name))?
         });
         let first = leaders.next()??;

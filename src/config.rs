@@ -121,6 +121,11 @@ pub struct RunSettings {
     /// How long an outcome is kept and replayed.
     #[arg(long, env = "IDEMPROXY_RETENTION", default_value = "24h", value_parser = span(ms(1), RETENTION_MAX))]
     pub retention: Duration,
+    /// How far a caller's clock may be from this sidecar's: a retry whose
+    /// `idempotency-first-sent` is older than the retention less this is refused
+    /// (IDEMPOTENCY_KEY_EXPIRED), one further than this in the future is malformed.
+    #[arg(long, env = "IDEMPROXY_MAX_CLOCK_SKEW", default_value = "60s", value_parser = span(ZERO, HOUR))]
+    pub max_clock_skew: Duration,
     /// Longest wait of a duplicate for an in-flight first attempt.
     #[arg(long, env = "IDEMPROXY_MAX_IN_FLIGHT_WAIT", default_value = "10s", value_parser = span(ZERO, HOUR))]
     pub max_in_flight_wait: Duration,
@@ -437,6 +442,8 @@ pub struct Config {
     pub flush: FlushMode,
     /// What a duplicate gets where no annotation or rule says (`--mode`).
     pub mode: crate::engine::Mode,
+    /// How far a caller's clock may be from ours (`idempotency-first-sent`).
+    pub clock_skew_max: Duration,
     /// Where records live.
     pub store: StoreChoice,
     /// Where the service's descriptors (and so the per-method policy) come from.
@@ -821,6 +828,7 @@ pub fn resolve(settings: RunSettings) -> Result<Config, ConfigError> {
         worker_threads: settings.worker_threads as usize,
         flush: settings.flush,
         mode: settings.mode.into(),
+        clock_skew_max: settings.max_clock_skew,
         store,
         descriptors,
         method_rules: crate::policy::rules::method_rules(settings.methods)?,

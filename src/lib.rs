@@ -21,6 +21,7 @@ pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod window;
 
 /// Code generated from `proto/` at build time.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -359,6 +359,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
         callers: config.callers.clone(),
         request_bytes_max: config.request_bytes_max,
         budget: proxy::budget::Budget::new(config.buffered_bytes_max),
+        clock_skew_max: config.clock_skew_max,
     };
     let listening = listening(config)?;
     let admin_tls = match &config.admin_tls {

@@ -17,6 +17,21 @@ use std::time::Duration;
 /// The ErrorInfo domain of every refusal.
 pub const DOMAIN: &str = "idemproxy";
 
+/// The metadata that tells a caller how long a key protects it: the record's expiry, whole
+/// seconds since the Unix epoch (rounded down, so a caller never counts on a second the
+/// record does not have). A retry sent after it may run again (or, with
+/// `idempotency-first-sent`, is refused as `IDEMPOTENCY_KEY_EXPIRED`).
+pub const EXPIRES_HEADER: &str = "idempotency-expires";
+
+/// The metadata a caller may send with every attempt of a key: when it sent the first one,
+/// whole seconds since the Unix epoch.
+pub const FIRST_SENT_HEADER: &str = "idempotency-first-sent";
+
+/// `idempotency-expires`' value for a record expiring at `expires_ms`.
+pub fn expires_s(expires_ms: u64) -> u64 {
+    expires_ms / 1000
+}
+
 /// gRPC status codes, as the protocol numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
@@ -98,6 +113,14 @@ impl KeyState {
         }
     }
 
+    /// Whether a record holds the key in this state.
+    pub fn is_recorded(self) -> bool {
+        matches!(
+            self,
+            KeyState::InFlight | KeyState::Completed | KeyState::InDoubt
+        )
+    }
+
     /// A record's state as a refusal shows it.
     pub fn of(state: State) -> KeyState {
         match state {
@@ -152,11 +175,14 @@ pub enum Reason {
     /// Keyed calls together buffer all the bytes `--max-buffered-bytes` allows: a new one is
     /// refused at once, never queued.
     BuffersExhausted,
+    /// The caller's first attempt of this key (`idempotency-first-sent`) is older than the
+    /// method's retention: its record may be gone, so the retry is refused, never re-run.
+    KeyExpired,
 }
 
 impl Reason {
     /// Every reason, for tests and documentation checks that must cover them all.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::KeyReused,
         Reason::InProgress,
         Reason::OutcomeUnknown,
@@ -175,6 +201,7 @@ impl Reason {
         Reason::CallShapeUnsupported,
         Reason::StoreFull,
         Reason::BuffersExhausted,
+        Reason::KeyExpired,
     ];
 
     /// The stable reason string.
@@ -198,6 +225,7 @@ impl Reason {
             Reason::CallShapeUnsupported => "IDEMPOTENCY_CALL_SHAPE_UNSUPPORTED",
             Reason::StoreFull => "IDEMPOTENCY_STORE_FULL",
             Reason::BuffersExhausted => "IDEMPOTENCY_BUFFERS_EXHAUSTED",
+            Reason::KeyExpired => "IDEMPOTENCY_KEY_EXPIRED",
         }
     }
 
@@ -207,7 +235,8 @@ impl Reason {
             Reason::KeyReused
             | Reason::OutcomeUnknown
             | Reason::ResponseNotKept
-            | Reason::CallShapeUnsupported => Code::FailedPrecondition,
+            | Reason::CallShapeUnsupported
+            | Reason::KeyExpired => Code::FailedPrecondition,
             Reason::InProgress => Code::Aborted,
             Reason::Duplicate => Code::AlreadyExists,
             Reason::KeyInvalid | Reason::KeyMissing => Code::InvalidArgument,
@@ -237,6 +266,9 @@ pub struct Refusal {
     pub state: Option<KeyState>,
     /// How long a retry should wait.
     pub retry_after: Option<Duration>,
+    /// When the key's record stops protecting it (Unix ms), when a record holds the key: sent
+    /// as `idempotency-expires`.
+    pub expires_ms: Option<u64>,
 }
 
 impl Refusal {
@@ -248,7 +280,14 @@ impl Refusal {
             key: None,
             state: None,
             retry_after: None,
+            expires_ms: None,
         }
+    }
+
+    /// Says when the key's record expires (`None`: no record holds it).
+    pub fn expiring(mut self, expires_ms: Option<u64>) -> Refusal {
+        self.expires_ms = expires_ms;
+        self
     }
 
     /// Names the key concerned and where its record stands. One call for both, so that no
@@ -408,6 +447,9 @@ impl Refusal {
         if let Some(delay) = self.retry_after {
             let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
             headers.insert("grpc-retry-pushback-ms", HeaderValue::from(millis));
+        }
+        if let Some(expires_ms) = self.expires_ms {
+            headers.insert(EXPIRES_HEADER, HeaderValue::from(expires_s(expires_ms)));
         }
         headers
     }

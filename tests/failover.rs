@@ -69,6 +69,7 @@ async fn run(synchronous: bool) -> Verdict {
         (primary, standby)
     })
     .await
+    .0
 }
 
 /// Failovers the synchronous test runs: 5, or `IDEMPROXY_FAILOVERS` (the soak in
@@ -135,6 +136,7 @@ async fn run_on_redis() -> Verdict {
         (primary, replica, replication, clients)
     })
     .await
+    .0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,16 +132,27 @@ async fn answers_carry_only_what_the_service_sent_on_both_paths() {
     let key = [("idempotency-key", "exact-1")];
     let first = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &key, message()).await;
     let replay = support::raw::call(sidecar.addr, "/pkg.Svc/Echo", &key, message()).await;
-    for (path, answer) in [("passthrough", &passthrough), ("first keyed", &first)] {
-        assert_eq!(answer.headers, direct.headers, "{path}: head");
+    // A keyed answer adds only its key's window (issue 41), the same on the replay.
+    let window = first
+        .headers
+        .get("idempotency-expires")
+        .expect("a keyed answer says its key's window")
+        .clone();
+    let mut keyed_head = direct.headers.clone();
+    keyed_head.insert("idempotency-expires", window);
+    for (path, answer, head) in [
+        ("passthrough", &passthrough, &direct.headers),
+        ("first keyed", &first, &keyed_head),
+    ] {
+        assert_eq!(&answer.headers, head, "{path}: head");
         assert_eq!(answer.body, direct.body, "{path}: messages");
         assert_eq!(answer.trailers, direct.trailers, "{path}: trailers");
     }
-    let mut expected = direct.headers.clone();
+    let mut expected = keyed_head.clone();
     expected.insert("idempotency-replayed", "true".parse().unwrap());
     assert_eq!(
         replay.headers, expected,
-        "the recorded head plus the marker"
+        "the recorded head plus the marker and the window"
     );
     assert_eq!(replay.body, direct.body);
     assert_eq!(replay.trailers, direct.trailers);

@@ -3,6 +3,9 @@
 //! key is recorded, what enforcing would have done is counted, and a switch to replay keeps
 //! the records. Real sidecar, real store (`IDEMPROXY_TEST_STORE`), real counting upstream.
 
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use idemproxy::config::{self, ModeSetting, StoreKind};

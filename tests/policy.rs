@@ -402,7 +402,9 @@ service Broken {
   }
   rpc Upload(stream Req) returns (Req) { option (idemproxy.v1.method) = { mode: MODE_REJECT }; }
   rpc Talk(stream Req) returns (stream Req) { option (idemproxy.v1.method) = { mode: MODE_REJECT }; }
-  rpc TwoKeys(Two) returns (Req);
+  rpc TwoKeys(Two) returns (Two) {
+    option (idemproxy.v1.method) = { in_doubt_probe: { method: "TwoKeys" } };
+  }
   rpc NotScalar(Wrapped) returns (Req);
 }
 message Req { string id = 1 [(idemproxy.v1.field).key = true]; }
@@ -433,7 +435,7 @@ message Wrapped { repeated string ids = 1 [(idemproxy.v1.field).key = true]; }
     for expected in [
         "/broken.v1.Broken/Read: has a policy but is NO_SIDE_EFFECTS",
         "/broken.v1.Broken/Talk: bidirectional methods cannot carry a policy",
-        "/broken.v1.Broken/TwoKeys: more than one key field (a, b)",
+        "/broken.v1.Broken/TwoKeys: in_doubt_probe on a method with a composite key",
         "/broken.v1.Broken/NotScalar: key field ids must be a single",
         "/broken.v1.Broken/Missing: the config file has a rule for a method the descriptors do not have",
     ] {
@@ -706,4 +708,127 @@ async fn a_keyed_bidirectional_call_is_refused_at_once_by_its_descriptor() {
     tx.send(add("chat", 2)).await.unwrap();
     let reply = inbound.next().await.unwrap().unwrap();
     assert_eq!(reply.balance, 2, "without a key it streams through");
+}
+
+/// Issue 41, item 3: a key made of two request fields (order id and step), on a .proto the
+/// project has not seen before, written here and compiled at start: the same order with
+/// another step is a new key, the same pair a replay; `check` shows the composite; a key
+/// header still wins.
+#[tokio::test]
+async fn a_composite_key_of_order_and_step_keys_each_step_once() {
+    use support::{client, ledger};
+    let upstream = ledger::start().await;
+    let files = tempfile::tempdir().unwrap();
+    // Wire-compatible with the test upstream's ApplyRequest (1: account, 2: amount).
+    let proto = files.path().join("orders.proto");
+    std::fs::write(
+        &proto,
+        r#"syntax = "proto3";
+package idemproxy.testing.v1;
+import "idemproxy/v1/annotations.proto";
+service Ledger { rpc Apply(Step) returns (Step); }
+message Step {
+  int64 step = 2 [(idemproxy.v1.field).key = true];
+  string order_id = 1 [(idemproxy.v1.field).key = true];
+}
+"#,
+    )
+    .unwrap();
+    let (proto_for_sidecar, dir) = (proto.clone(), files.path().to_owned());
+    let sidecar = start_sidecar(upstream.addr, move |args| {
+        args.proto = vec![proto_for_sidecar];
+        args.proto_path = vec![dir];
+    })
+    .await;
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_idemproxy"))
+        .arg("check")
+        .args(["--upstream", "http://127.0.0.1:1", "--proto"])
+        .arg(&proto)
+        .arg("--proto-path")
+        .arg(files.path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        table.contains("header|order_id+step"),
+        "the composite in field-number order:\n{table}"
+    );
+    let mut ledger = client(sidecar.addr).await;
+    let step = |order: &str, step: i64| support::add(order, step);
+    let first = support::apply(&mut ledger, step("order-7", 1), None, None)
+        .await
+        .unwrap();
+    let second = support::apply(&mut ledger, step("order-7", 2), None, None)
+        .await
+        .unwrap();
+    assert!(!replayed(&second), "another step of the order is a new key");
+    let again = support::apply(&mut ledger, step("order-7", 1), None, None)
+        .await
+        .unwrap();
+    assert!(replayed(&again), "the same pair is a replay");
+    assert_eq!(again.get_ref(), first.get_ref());
+    let other = support::apply(&mut ledger, step("order-8", 1), None, None)
+        .await
+        .unwrap();
+    assert!(
+        !replayed(&other),
+        "another order with the same step is a new key"
+    );
+    // A key header wins over the fields: a new key, so it runs.
+    let headed = support::apply(&mut ledger, step("order-7", 1), Some("explicit"), None)
+        .await
+        .unwrap();
+    assert!(!replayed(&headed));
+    assert_eq!(upstream.state.executions_of("order-7"), 3);
+    assert_eq!(upstream.state.executions_of("order-8"), 1);
+    sidecar.running.stop().await;
+}
+
+/// The parts of a composite key are length-prefixed: ("ab", "c") and ("a", "bc") are two
+/// keys, and neither is the key of one field "abc".
+#[test]
+fn a_composite_keys_parts_cannot_run_together() {
+    use idemproxy::policy::message;
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(
+        files.path().join("pair.proto"),
+        r#"syntax = "proto3";
+package pair.v1;
+import "idemproxy/v1/annotations.proto";
+message Pair {
+  string a = 1 [(idemproxy.v1.field).key = true];
+  string b = 2 [(idemproxy.v1.field).key = true];
+}
+"#,
+    )
+    .unwrap();
+    let resolved = idemproxy::config::load([
+        "--upstream".as_ref(),
+        "http://127.0.0.1:1".as_ref(),
+        "--proto".as_ref(),
+        files.path().join("pair.proto").as_os_str(),
+        "--proto-path".as_ref(),
+        files.path().as_os_str(),
+    ] as [&std::ffi::OsStr; 6])
+    .unwrap();
+    let pool = idemproxy::policy::descriptors::load(&resolved.descriptors, None).unwrap();
+    let pair = pool.get_message_by_name("pair.v1.Pair").unwrap();
+    let (keys, _) = message::annotated_fields(&pool, &pair).unwrap();
+    let serial = |a: &str, b: &str| {
+        let mut message = prost_reflect::DynamicMessage::new(pair.clone());
+        message.set_field_by_name("a", prost_reflect::Value::String(a.into()));
+        message.set_field_by_name("b", prost_reflect::Value::String(b.into()));
+        let bytes = prost::Message::encode_to_vec(&message);
+        message::inspect(&pair, &bytes, &keys, &[])
+            .unwrap()
+            .serial
+            .unwrap()
+    };
+    assert_eq!(&serial("ab", "c")[..], b"2:ab1:c");
+    assert_ne!(serial("ab", "c"), serial("a", "bc"));
+    assert_eq!(
+        &serial("", "abc")[..],
+        b"0:3:abc",
+        "an unset part counts as empty"
+    );
 }

@@ -438,7 +438,7 @@ fn a_probe_that_cannot_be_sent_is_refused_at_start() {
         let text = format!("[methods.\"/idemproxy.example.v1.Payments/Charge\"]\n{rule}\n");
         let (_, methods) = idemproxy::config::parse_file(&text).unwrap();
         let overrides = idemproxy::policy::rules::method_rules(methods).unwrap();
-        let errors = PolicyTable::resolve(&pool, defaults, &overrides).unwrap_err();
+        let errors = PolicyTable::resolve(&pool, defaults.clone(), &overrides).unwrap_err();
         let said: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert!(
             said.iter().any(

@@ -307,7 +307,6 @@ async fn every_decision_is_exported_and_a_replay_links_to_its_original_execution
         "{metrics}"
     );
     assert!(!metrics.contains("k-1"), "no serial in the metrics");
-    dashboard_queries_only_exported_metrics(&metrics);
     eventually(Duration::from_secs(20), "metrics over OTLP", || {
         let names = received.metric_names.clone();
         async move {
@@ -318,45 +317,6 @@ async fn every_decision_is_exported_and_a_replay_links_to_its_original_execution
     })
     .await;
     sidecar.kill().await;
-}
-
-/// Every metric the shipped dashboard queries is one the sidecar exports.
-fn dashboard_queries_only_exported_metrics(metrics: &str) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/idemproxy.json");
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let families: std::collections::HashSet<&str> = metrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("# TYPE "))
-        .filter_map(|line| line.split(' ').next())
-        .collect();
-    let mut queried = 0;
-    for panel in dashboard["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().into_iter().flatten() {
-            let expr = target["expr"].as_str().unwrap();
-            let names = expr
-                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|word| word.starts_with("idemproxy_") || word.starts_with("rpc_server_"));
-            for name in names {
-                if metrics.contains(&format!("{name}=\"")) {
-                    continue; // a label (idemproxy_decision, ...), not a metric
-                }
-                let family = ["_bucket", "_sum", "_count"]
-                    .iter()
-                    .find_map(|suffix| name.strip_suffix(suffix))
-                    .unwrap_or(name);
-                assert!(
-                    families.contains(family),
-                    "the dashboard queries {name}, which is not exported"
-                );
-                queried += 1;
-            }
-        }
-    }
-    assert!(
-        queried >= 15,
-        "the dashboard queries the metrics ({queried} found)"
-    );
 }
 
 /// An in-doubt probe (issue 34) has a span of its own, linked to the span of the call whose

@@ -9,8 +9,8 @@ use crate::key::{self, Key};
 use crate::record::{self, ClaimRequest, Claimed, Disposition, Fenced, Response, Token};
 use crate::status::{KeyState, Reason, Refusal};
 use crate::store::{Operation, Store, StoreError};
-use crate::telemetry::metrics::Decision;
 use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -64,6 +64,9 @@ pub(super) struct Attempt<'e, S, U, C> {
     timeout: Option<Duration>,
     /// The call's span, kept with its outcome so a replay can link to it.
     origin: Option<[u8; 24]>,
+    /// When the key's record expires (Unix ms) as this attempt last saw or wrote it; 0: no
+    /// record holds the key.
+    expires_ms: AtomicU64,
 }
 
 impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
@@ -91,6 +94,7 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
             fingerprint,
             timeout: call.timeout,
             origin: call.origin,
+            expires_ms: AtomicU64::new(0),
         };
         (attempt, call.request, call.body)
     }
@@ -99,7 +103,7 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
     /// `Ok`: ours to forward until the lease it names (Unix ms).
     pub(super) async fn claim(
         &self,
-        answered: &mut tokio::sync::oneshot::Sender<(Answer<U::Stream>, Decision)>,
+        answered: &mut tokio::sync::oneshot::Sender<super::Handled<U::Stream>>,
     ) -> Result<u64, Unclaimed<U::Stream>> {
         let at_quota = self.at_quota().await.map_err(Unclaimed::StoreFailed)?;
         let mut wait = InFlightWait::new(&self.policy, self.timeout);
@@ -194,14 +198,25 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
             at_quota,
             serial: self.policy.probe.then_some(&self.serial[..]),
         };
+        // The record the landed run of the transition saw (the last run is the one that
+        // landed), so that the answer can say when it expires.
+        let mut seen_expires_ms = 0;
         let claimed = engine
             .store
             .update(Operation::Claim, &self.key, |current| {
+                seen_expires_ms = current.map_or(0, |record| record.expires_ms);
                 record::claim(current, &request)
             })
             .await;
         match claimed {
-            Ok(claimed) => Ok((claimed, request.lease_until_ms)),
+            Ok(claimed) => {
+                let expires_ms = match claimed {
+                    Claimed::Owned => request.expires_ms,
+                    _ => seen_expires_ms,
+                };
+                self.expires_ms.store(expires_ms, Ordering::Relaxed);
+                Ok((claimed, request.lease_until_ms))
+            }
             Err(error) => {
                 // The claim may have landed in memory without reaching the disk: take it back
                 // if we can, so the key is not left blocked by a call never forwarded.
@@ -328,13 +343,14 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
             .engine
             .store
             .update(Operation::Complete, &self.key, |current| {
-                let kept = Some(response.clone());
+                let kept = Some(self.kept(&response));
                 record::complete(current, token, kept, now_ms, expires_ms)
             })
             .await;
         match result {
             Ok(Fenced::Applied) => {
                 self.engine.metrics.record_stored();
+                self.expires_ms.store(expires_ms, Ordering::Relaxed);
                 Answer::Fresh(response)
             }
             Ok(Fenced::NotOwner) => {
@@ -353,6 +369,22 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
                 Answer::Refused(Refusal::outcome_not_recorded(self.key, error))
             }
         }
+    }
+
+    /// The copy of `response` the record keeps: all of it, less the metadata the method keeps
+    /// out of replays (`replay_drop_metadata`).
+    fn kept(&self, response: &Response) -> Response {
+        let mut kept = response.clone();
+        if let Some(dropped) = &self.policy.replay_drop_metadata {
+            let keep = |header: &crate::record::Header| {
+                !dropped
+                    .iter()
+                    .any(|name| header.name.eq_ignore_ascii_case(name))
+            };
+            kept.headers.retain(keep);
+            kept.trailers.retain(keep);
+        }
+        kept
     }
 
     /// Completes the record without the response, too large to keep: duplicates learn that
@@ -378,6 +410,13 @@ impl<'e, S: Store, U: Upstream, C: Clock> Attempt<'e, S, U, C> {
             record::release(current, &self.token)
         })
         .await;
+        self.expires_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// When the key's record expires (Unix ms), as this attempt last saw or wrote it; `None`
+    /// when no record holds the key.
+    pub(super) fn expires_ms(&self) -> Option<u64> {
+        Some(self.expires_ms.load(Ordering::Relaxed)).filter(|&expires_ms| expires_ms != 0)
     }
 
     /// Marks the key IN_DOUBT: the service may have acted, `why` its outcome is unknown.

@@ -146,7 +146,7 @@ pub struct Limits {
 }
 
 /// What one method's policy asks of the engine (design §4), resolved per method at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallPolicy {
     /// How long a record protects its key.
     pub retention: Duration,
@@ -167,6 +167,9 @@ pub struct CallPolicy {
     /// An unknown outcome is looked up in the service (an in-doubt probe): the record keeps
     /// the serial, and a duplicate of an IN_DOUBT record waits for a probe.
     pub probe: bool,
+    /// Response headers and trailers (lowercase names) kept out of the record, so out of
+    /// every replay; `None`: all are kept.
+    pub replay_drop_metadata: Option<Arc<[String]>>,
 }
 
 impl CallPolicy {
@@ -187,6 +190,7 @@ impl CallPolicy {
             release_codes: 0,
             fail_open: false,
             probe: false,
+            replay_drop_metadata: None,
         }
     }
 }
@@ -344,6 +348,11 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         *self.running.borrow()
     }
 
+    /// Now, by the engine's clock (Unix ms).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
     /// The store this engine records in.
     pub fn store(&self) -> &Arc<S> {
         &self.store
@@ -358,14 +367,12 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     /// dropping this future (the client cancelled) can never leave a claim landed and its call
     /// not forwarded; a forwarded call runs on and its outcome is recorded.
     pub async fn handle(self: &Arc<Self>, call: Call<U::Request>) -> Answer<U::Stream> {
-        self.handle_observed(call).await.0
+        self.handle_observed(call).await.answer
     }
 
-    /// `handle`, and what was decided for the call (telemetry's `idemproxy.decision`).
-    pub async fn handle_observed(
-        self: &Arc<Self>,
-        call: Call<U::Request>,
-    ) -> (Answer<U::Stream>, Decision) {
+    /// `handle`, what was decided for the call (telemetry's `idemproxy.decision`), and how
+    /// long its key's record protects it.
+    pub async fn handle_observed(self: &Arc<Self>, call: Call<U::Request>) -> Handled<U::Stream> {
         let key = Key::derive(&call.method, &call.caller, &call.serial);
         if let Err(error) = key::validate_serial(&call.serial) {
             if call
@@ -378,10 +385,10 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
                 let answer = self
                     .forward_unprotected(key, lease, call.request, call.body)
                     .await;
-                return (answer, Decision::Invalid);
+                return Handled::new(answer, Decision::Invalid, None);
             }
             let refusal = Refusal::new(Reason::KeyInvalid, error.to_string());
-            return (Answer::Refused(refusal), Decision::Invalid);
+            return Handled::new(Answer::Refused(refusal), Decision::Invalid, None);
         }
         trace::record_key(&key);
         let (mut answered, answer) = tokio::sync::oneshot::channel();
@@ -403,7 +410,7 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             Err(_) => {
                 tracing::error!(key = %key, "the call's task ended without an answer");
                 let refusal = Refusal::outcome_unknown(key, "the call's task ended");
-                (Answer::Refused(refusal), Decision::Miss)
+                Handled::new(Answer::Refused(refusal), Decision::Miss, None)
             }
         }
     }
@@ -415,12 +422,36 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
         &self,
         key: Key,
         call: Call<U::Request>,
-        answered: &mut tokio::sync::oneshot::Sender<(Answer<U::Stream>, Decision)>,
-    ) -> (Answer<U::Stream>, Decision) {
+        answered: &mut tokio::sync::oneshot::Sender<Handled<U::Stream>>,
+    ) -> Handled<U::Stream> {
         let (attempt, request, body) = Attempt::of(self, key, call);
         if attempt.policy.mode == Mode::Observe {
-            return self.observe(&attempt, request, body).await;
+            // Observe mode adds nothing to an answer: not even the key's window.
+            let (answer, decision) = self.observe(&attempt, request, body).await;
+            return Handled::new(answer, decision, None);
         }
+        let (answer, decision) = self.enforce(&attempt, request, body, answered).await;
+        let expires_ms = attempt.expires_ms();
+        let answer = match answer {
+            // A refusal about a key a record holds says when that record expires too.
+            Answer::Refused(refusal) if refusal.state.is_some_and(KeyState::is_recorded) => {
+                Answer::Refused(refusal.expiring(expires_ms))
+            }
+            answer => answer,
+        };
+        Handled::new(answer, decision, expires_ms)
+    }
+
+    /// Claims the attempt's key, waiting on a running first attempt as the policy says, and
+    /// forwards the call if the key is ours.
+    async fn enforce(
+        &self,
+        attempt: &Attempt<'_, S, U, C>,
+        request: U::Request,
+        body: Bytes,
+        answered: &mut tokio::sync::oneshot::Sender<Handled<U::Stream>>,
+    ) -> (Answer<U::Stream>, Decision) {
+        let key = attempt.key;
         match attempt.claim(answered).await {
             Ok(lease_until_ms) => (
                 attempt.forward(request, body, lease_until_ms).await,
@@ -477,6 +508,28 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
             Reply::Unknown(why) => {
                 Answer::Refused(Refusal::outcome_unknown(key, why).about(key, KeyState::Unknown))
             }
+        }
+    }
+}
+
+/// What the engine did with one call.
+#[derive(Debug)]
+pub struct Handled<S> {
+    /// What the caller gets.
+    pub answer: Answer<S>,
+    /// What was decided (telemetry's `idemproxy.decision`).
+    pub decision: Decision,
+    /// When the key's record stops protecting it (Unix ms), when a record holds the key and
+    /// the answer may say so (`idempotency-expires`); never in observe mode.
+    pub expires_ms: Option<u64>,
+}
+
+impl<S> Handled<S> {
+    fn new(answer: Answer<S>, decision: Decision, expires_ms: Option<u64>) -> Handled<S> {
+        Handled {
+            answer,
+            decision,
+            expires_ms,
         }
     }
 }

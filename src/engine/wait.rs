@@ -4,11 +4,10 @@
 //! read again so no change between the read and the wait is missed. It never reads or writes
 //! a record itself: the attempt does, between two waits.
 
-use super::{Answer, CallPolicy, Clock, Engine, Upstream};
+use super::{CallPolicy, Clock, Engine, Upstream};
 use crate::key::Key;
 use crate::status::Refusal;
 use crate::store::Store;
-use crate::telemetry::metrics::Decision;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -68,7 +67,7 @@ impl InFlightWait {
         engine: &Engine<S, U, C>,
         key: &Key,
         lease_left: Duration,
-        answered: &mut tokio::sync::oneshot::Sender<(Answer<U::Stream>, Decision)>,
+        answered: &mut tokio::sync::oneshot::Sender<super::Handled<U::Stream>>,
     ) -> Result<(), Refusal> {
         let Some(changed) = self.armed.take() else {
             // Arm the watch, then read again: a change between the two is never missed.

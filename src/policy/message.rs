@@ -1,5 +1,6 @@
 //! Request messages seen through their descriptors: where the annotated key and ignored fields
-//! are (at start), and per call the serial from the key field plus a canonical fingerprint.
+//! are (at start), and per call the serial from the key fields (one, or a composite of
+//! several) plus a canonical fingerprint.
 //!
 //! The fingerprint hashes a canonical form — fields in number order, map entries in key
 //! order, packed and unpacked lists alike, ignored fields left out — so a client library that
@@ -10,7 +11,9 @@
 use super::{is_key_kind, path_name, FieldPath, FIELD_EXTENSION};
 use crate::pb::idemproxy::v1::FieldPolicy;
 use bytes::Bytes;
-use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MapKey, MessageDescriptor, Value};
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, Value,
+};
 use sha2::{Digest, Sha256};
 
 /// Nesting followed when looking for annotated fields; deeper messages are not searched.
@@ -29,9 +32,9 @@ pub struct Inspected {
 pub fn annotated_fields(
     pool: &DescriptorPool,
     input: &MessageDescriptor,
-) -> Result<(Option<FieldPath>, Vec<FieldPath>), String> {
+) -> Result<(Vec<FieldPath>, Vec<FieldPath>), String> {
     let Some(extension) = pool.get_extension_by_name(FIELD_EXTENSION) else {
-        return Ok((None, Vec::new()));
+        return Ok((Vec::new(), Vec::new()));
     };
     let mut keys = Vec::new();
     let mut ignored = Vec::new();
@@ -68,15 +71,7 @@ pub fn annotated_fields(
             }
         }
     }
-    if keys.len() > 1 {
-        let names: Vec<String> = keys.iter().map(|path| path_name(path)).collect();
-        return Err(format!(
-            "more than one key field ({}): mark exactly one",
-            names.join(", ")
-        ));
-    }
-    let key = keys.pop();
-    if let Some(path) = &key {
+    for path in &keys {
         let field = path.last().expect("a path has a field");
         if !is_key_kind(field) {
             return Err(format!(
@@ -85,17 +80,19 @@ pub fn annotated_fields(
             ));
         }
     }
-    Ok((key, ignored))
+    // A composite key's parts in field-number order, a nested field by its path's numbers.
+    keys.sort_by_key(|path| path.iter().map(FieldDescriptor::number).collect::<Vec<_>>());
+    Ok((keys, ignored))
 }
 
 /// Decodes one unary request message and reads its key and fingerprint.
 pub fn inspect(
     input: &MessageDescriptor,
     message: &[u8],
-    key_field: Option<&FieldPath>,
+    key_fields: &[FieldPath],
     ignored: &[FieldPath],
 ) -> Result<Inspected, String> {
-    let (serial, decoded) = decode_masked(input, message, key_field, ignored)?;
+    let (serial, decoded) = decode_masked(input, message, key_fields, ignored)?;
     // Unchanged since 0.1.0: records already kept must still match their retries.
     let mut hasher = Sha256::new();
     hasher.update(b"idemproxy/v1/canonical");
@@ -113,7 +110,7 @@ pub fn inspect(
 pub fn inspect_stream(
     input: &MessageDescriptor,
     messages: &[Bytes],
-    key_field: Option<&FieldPath>,
+    key_fields: &[FieldPath],
     ignored: &[FieldPath],
 ) -> Result<Inspected, String> {
     let mut hasher = Sha256::new();
@@ -121,7 +118,7 @@ pub fn inspect_stream(
     hasher.update((messages.len() as u64).to_be_bytes());
     let mut serial = None;
     for (index, message) in messages.iter().enumerate() {
-        let (found, decoded) = decode_masked(input, message, key_field, ignored)
+        let (found, decoded) = decode_masked(input, message, key_fields, ignored)
             .map_err(|error| format!("message {} of the stream: {error}", index + 1))?;
         if index == 0 {
             serial = found;
@@ -141,16 +138,51 @@ pub fn inspect_stream(
 fn decode_masked(
     input: &MessageDescriptor,
     message: &[u8],
-    key_field: Option<&FieldPath>,
+    key_fields: &[FieldPath],
     ignored: &[FieldPath],
 ) -> Result<(Option<Bytes>, DynamicMessage), String> {
     let mut decoded = DynamicMessage::decode(input.clone(), message)
         .map_err(|error| format!("the request is not a valid {}: {error}", input.full_name()))?;
-    let serial = key_field.and_then(|path| serial_of(&decoded, path));
+    let serial = serial_of_all(&decoded, key_fields);
     for path in ignored {
         clear(&mut decoded, path);
     }
     Ok((serial, decoded))
+}
+
+/// The serial the key fields make: one field's value as it is; several fields' values each
+/// as its length in decimal, a colon and the value, in field-number order, so that
+/// ("ab", "c") and ("a", "bc") differ and the serial stays visible ASCII. An unset part of
+/// a composite counts as empty (an integer as 0), unless every part is unset: then there is
+/// no key.
+fn serial_of_all(message: &DynamicMessage, key_fields: &[FieldPath]) -> Option<Bytes> {
+    match key_fields {
+        [] => None,
+        [only] => serial_of(message, only),
+        parts => {
+            let values: Vec<Option<Bytes>> =
+                parts.iter().map(|path| serial_of(message, path)).collect();
+            if values.iter().all(Option::is_none) {
+                return None;
+            }
+            let mut serial = Vec::new();
+            for (path, value) in parts.iter().zip(values) {
+                let value = value.unwrap_or_else(|| default_of(path));
+                serial.extend_from_slice(value.len().to_string().as_bytes());
+                serial.push(b':');
+                serial.extend_from_slice(&value);
+            }
+            Some(Bytes::from(serial))
+        }
+    }
+}
+
+/// What an unset key field stands for in a composite: 0 for a number, empty otherwise.
+fn default_of(path: &FieldPath) -> Bytes {
+    match path.last().map(FieldDescriptor::kind) {
+        Some(Kind::String | Kind::Bytes) | None => Bytes::new(),
+        Some(_) => Bytes::from_static(b"0"),
+    }
 }
 
 fn serial_of(message: &DynamicMessage, path: &FieldPath) -> Option<Bytes> {

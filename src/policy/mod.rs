@@ -66,8 +66,11 @@ pub struct MethodRule {
     pub call: CallPolicy,
     /// A call without a key is refused instead of passing through.
     pub require_key: bool,
-    /// The request field that holds the serial, when the method has one.
-    pub key_field: Option<FieldPath>,
+    /// A keyed call without `idempotency-first-sent` is refused.
+    pub require_first_sent: bool,
+    /// The request fields that hold the serial, in field-number order: none, one, or several
+    /// (a composite key: order id and step, say).
+    pub key_fields: Vec<FieldPath>,
     /// Fields left out of the fingerprint.
     pub ignored: Vec<FieldPath>,
     /// The request message type, when the request is inspected (key field or ignored fields).
@@ -121,7 +124,7 @@ impl PolicyTable {
     ) -> Result<PolicyTable, Vec<PolicyError>> {
         let mut table = PolicyTable {
             rules: HashMap::new(),
-            default_rule: Arc::new(default_rule(defaults)),
+            default_rule: Arc::new(default_rule(defaults.clone())),
         };
         let mut errors = Vec::new();
         for (path, rule) in overrides {
@@ -132,7 +135,15 @@ impl PolicyTable {
                 ));
                 continue;
             }
-            let built = build_rule(path.clone(), rule, false, None, Vec::new(), None, defaults);
+            let built = build_rule(
+                path.clone(),
+                rule,
+                false,
+                Vec::new(),
+                Vec::new(),
+                None,
+                defaults.clone(),
+            );
             match built {
                 Ok(mut rule) => {
                     rule.origin = "config file";
@@ -155,7 +166,7 @@ impl PolicyTable {
         defaults: CallPolicy,
         overrides: &Overrides,
     ) -> Result<PolicyTable, Vec<PolicyError>> {
-        let mut table = PolicyTable::header_only(defaults, &Overrides::new())?;
+        let mut table = PolicyTable::header_only(defaults.clone(), &Overrides::new())?;
         let mut errors = Vec::new();
         for service in pool.services() {
             let service_policy = service_policy(pool, &service.options(), service.full_name());
@@ -172,7 +183,7 @@ impl PolicyTable {
                     &method,
                     service_defaults.as_ref(),
                     overrides,
-                    defaults,
+                    defaults.clone(),
                 ) {
                     Ok(rule) => {
                         table.rules.insert(rule.path.clone(), Arc::new(rule));
@@ -241,9 +252,11 @@ fn render_row(rule: &MethodRule) -> String {
             "-",
         ),
         Dedup::WhenKeyed => {
-            let key = match &rule.key_field {
-                Some(path) => format!("header|{}", path_name(path)),
-                None => "header".to_owned(),
+            let key = if rule.key_fields.is_empty() {
+                "header".to_owned()
+            } else {
+                let parts: Vec<String> = rule.key_fields.iter().map(|p| path_name(p)).collect();
+                format!("header|{}", parts.join("+"))
             };
             let key = if rule.require_key {
                 format!("{key} (required)")
@@ -296,7 +309,8 @@ fn default_rule(defaults: CallPolicy) -> MethodRule {
         dedup: Dedup::WhenKeyed,
         call: defaults,
         require_key: false,
-        key_field: None,
+        require_first_sent: false,
+        key_fields: Vec::new(),
         ignored: Vec::new(),
         input: None,
         client_streaming: false,
@@ -375,6 +389,13 @@ fn merged(service: Option<&MethodPolicy>, method: Option<&MethodPolicy>) -> Meth
     if method.require_key.is_some() {
         out.require_key = method.require_key;
     }
+    if method.require_first_sent.is_some() {
+        out.require_first_sent = method.require_first_sent;
+    }
+    if !method.replay_drop_metadata.is_empty() {
+        out.replay_drop_metadata
+            .clone_from(&method.replay_drop_metadata);
+    }
     if method.fail_open.is_some() {
         out.fail_open = method.fail_open;
     }
@@ -422,11 +443,11 @@ fn resolve_method(
         configured,
     );
     let mut errors = Vec::new();
-    let (key_field, ignored) = match message::annotated_fields(pool, &method.input()) {
+    let (key_fields, ignored) = match message::annotated_fields(pool, &method.input()) {
         Ok(found) => found,
         Err(problem) => {
             errors.push(error(&path, problem));
-            (None, Vec::new())
+            (Vec::new(), Vec::new())
         }
     };
     let has_policy = annotation.is_some() || configured.is_some();
@@ -444,7 +465,7 @@ fn resolve_method(
     // answers before it ends its input.
     let wants_dedup = policy.enabled != Some(false) && !(safe && policy.enabled != Some(true));
     let bidirectional = method.is_client_streaming() && method.is_server_streaming();
-    if wants_dedup && bidirectional && (annotated || key_field.is_some()) {
+    if wants_dedup && bidirectional && (annotated || !key_fields.is_empty()) {
         errors.push(error(
             &path,
             "bidirectional methods cannot carry a policy (remove the annotation, or set `enabled: false`): a keyed call is refused, a call without a key passes through",
@@ -454,7 +475,7 @@ fn resolve_method(
         path,
         &policy,
         safe,
-        key_field,
+        key_fields,
         ignored,
         Some(method.input()),
         defaults,
@@ -481,6 +502,12 @@ fn resolve_method(
                 "in_doubt_probe on a method that is not deduplicated, or that runs an unknown outcome again (IN_DOUBT_RETRY): remove one",
             )]);
         }
+        if rule.key_fields.len() > 1 {
+            return Err(vec![error(
+                &rule.path,
+                "in_doubt_probe on a method with a composite key: the probe's request has one key field to fill, so mark one key field, or remove the probe",
+            )]);
+        }
         let found = probe::resolve(pool, method, &rule.path, spec).map_err(|e| vec![e])?;
         rule.probe = Some(found);
         rule.call.probe = true;
@@ -500,7 +527,7 @@ fn build_rule(
     path: String,
     policy: &MethodPolicy,
     safe: bool,
-    key_field: Option<FieldPath>,
+    key_fields: Vec<FieldPath>,
     ignored: Vec<FieldPath>,
     input: Option<MessageDescriptor>,
     defaults: CallPolicy,
@@ -548,6 +575,7 @@ fn build_rule(
             defaults.mode
         }
     };
+    let replay_drop_metadata = dropped_metadata(&policy.replay_drop_metadata, &path, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -561,20 +589,49 @@ fn build_rule(
         release_codes,
         fail_open: policy.fail_open == Some(true),
         probe: false,
+        replay_drop_metadata,
     };
-    let inspects = dedup == Dedup::WhenKeyed && (key_field.is_some() || !ignored.is_empty());
+    let inspects = dedup == Dedup::WhenKeyed && (!key_fields.is_empty() || !ignored.is_empty());
     Ok(MethodRule {
         path,
         dedup,
         call,
         require_key: policy.require_key == Some(true) && dedup == Dedup::WhenKeyed,
+        require_first_sent: policy.require_first_sent == Some(true) && dedup == Dedup::WhenKeyed,
         input: if inspects { input } else { None },
-        key_field,
+        key_fields,
         ignored,
         client_streaming: false,
         origin: "defaults",
         probe: None,
     })
+}
+
+/// The `replay_drop_metadata` names, lowercased; gRPC's own and HTTP/2's pseudo-headers
+/// cannot be dropped (a replay needs them), and a name that is not a header name is an error.
+fn dropped_metadata(
+    names: &[String],
+    path: &str,
+    errors: &mut Vec<PolicyError>,
+) -> Option<Arc<[String]>> {
+    let mut dropped = Vec::new();
+    for name in names {
+        let lower = name.to_ascii_lowercase();
+        if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            errors.push(error(
+                path,
+                format!("replay_drop_metadata: {name:?} is not a header name"),
+            ));
+        } else if lower.starts_with("grpc-") || lower == "content-type" {
+            errors.push(error(
+                path,
+                format!("replay_drop_metadata: {name:?} is gRPC's own and every replay needs it"),
+            ));
+        } else {
+            dropped.push(lower);
+        }
+    }
+    (!dropped.is_empty()).then(|| dropped.into())
 }
 
 /// Status code names as a bit mask (`1 << code`); unknown names are errors.
@@ -637,7 +694,7 @@ mod tests {
         assert_eq!(charge.dedup, Dedup::WhenKeyed);
         assert!(charge.require_key);
         assert_eq!(
-            path_name(charge.key_field.as_ref().expect("a key field")),
+            path_name(charge.key_fields.first().expect("a key field")),
             "payment.serial"
         );
         assert_eq!(charge.ignored.len(), 2);
@@ -677,7 +734,7 @@ mod tests {
         )
         .expect("observe is a mode");
         let defaults = CallPolicy::from_limits(&Limits::default());
-        let table = PolicyTable::resolve(&pool, defaults, &rules).expect("valid");
+        let table = PolicyTable::resolve(&pool, defaults.clone(), &rules).expect("valid");
         let refund = table.get("/idemproxy.example.v1.Payments/Refund");
         assert_eq!(
             refund.call.mode,
@@ -693,10 +750,10 @@ mod tests {
             "/a.B/C".into(),
             &unknown,
             false,
-            None,
+            Vec::new(),
             Vec::new(),
             None,
-            defaults,
+            defaults.clone(),
         );
         assert!(built.is_err(), "an unknown mode number is refused");
         unknown.mode = Mode::Observe as i32;
@@ -704,7 +761,7 @@ mod tests {
             "/a.B/C".into(),
             &unknown,
             false,
-            None,
+            Vec::new(),
             Vec::new(),
             None,
             defaults,

@@ -114,8 +114,14 @@ fn key_field(
     named: &str,
 ) -> Result<FieldPath, String> {
     let field = if named.is_empty() {
-        let (key, _) = message::annotated_fields(pool, input)?;
-        key.ok_or_else(|| {
+        let (mut keys, _) = message::annotated_fields(pool, input)?;
+        if keys.len() > 1 {
+            return Err(format!(
+                "its request {} has more than one field marked key: name the one to fill with key_field",
+                input.full_name()
+            ));
+        }
+        keys.pop().ok_or_else(|| {
             format!(
                 "its request {} has no field marked key (mark one, or name it with key_field)",
                 input.full_name()

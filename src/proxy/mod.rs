@@ -54,6 +54,9 @@ pub struct ProxySettings {
     pub request_bytes_max: usize,
     /// The bytes all keyed calls together may buffer.
     pub budget: budget::Budget,
+    /// How far a caller's clock may be from ours when it says when it first sent a key
+    /// (`idempotency-first-sent`).
+    pub clock_skew_max: Duration,
 }
 
 /// The proxy: settings, the engine, and the upstream for passthrough.
@@ -125,9 +128,20 @@ pub fn refusal_response(refusal: &Refusal) -> HttpResponse {
     response
 }
 
-/// Writes a recorded (or fresh) response back as it was received.
-pub fn recorded_response(recorded: Response, replayed: bool) -> HttpResponse {
+/// Writes a recorded (or fresh) response back as it was received; `expires_ms`, when the
+/// key's record holds it, becomes `idempotency-expires`.
+pub fn recorded_response(
+    recorded: Response,
+    replayed: bool,
+    expires_ms: Option<u64>,
+) -> HttpResponse {
     let mut headers = grpc::from_headers(&recorded.headers, 1);
+    if let Some(expires_ms) = expires_ms {
+        headers.insert(
+            crate::status::EXPIRES_HEADER,
+            HeaderValue::from(crate::status::expires_s(expires_ms)),
+        );
+    }
     if replayed {
         headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
         if recorded.resolved_by_probe {
@@ -315,21 +329,27 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             body,
             timeout,
             fingerprint,
-            policy: Some(rule.call),
+            policy: Some(rule.call.clone()),
             request: parts,
             origin: trace::origin_of(span),
         };
-        let (answer, decision) = self.engine.handle_observed(call).await;
+        if !observing {
+            if let Some(refusal) = self.outside_window(&call, rule) {
+                return Routed::refused(&refusal);
+            }
+        }
+        let handled = self.engine.handle_observed(call).await;
+        let (decision, expires_ms) = (handled.decision, handled.expires_ms);
         let mut refused = None;
-        let (response, grpc_status) = match answer {
+        let (response, grpc_status) = match handled.answer {
             Answer::Fresh(response) => {
                 let status = response.grpc_status;
-                (recorded_response(response, false), Some(status))
+                (recorded_response(response, false, expires_ms), Some(status))
             }
             Answer::Replay(response) => {
                 trace::link_to_origin(span, &response.origin_trace);
                 let status = response.grpc_status;
-                (recorded_response(response, true), Some(status))
+                (recorded_response(response, true, expires_ms), Some(status))
             }
             Answer::Stream(response) => return Routed::streamed(response, decision),
             Answer::Refused(refusal) => {
@@ -417,6 +437,55 @@ async fn collect_within(
     }))
 }
 
+impl<S: Store, C: Clock> Proxy<S, C> {
+    /// The refusal of a keyed call whose `idempotency-first-sent` says it comes too late (or
+    /// is malformed, or from a clock too far ahead), or that lacks one its method requires.
+    fn outside_window(
+        &self,
+        call: &Call<http::request::Parts>,
+        rule: &MethodRule,
+    ) -> Option<Refusal> {
+        use crate::status::FIRST_SENT_HEADER;
+        let about = |refusal: Refusal| {
+            let key = crate::key::Key::derive(&call.method, &call.caller, &call.serial);
+            refusal.about(key, crate::status::KeyState::Unknown)
+        };
+        let value = match crate::caller::single_header(
+            &call.request.headers,
+            &HeaderName::from_static(FIRST_SENT_HEADER),
+        ) {
+            Ok(Some(value)) => value,
+            Ok(None) if rule.require_first_sent => {
+                return Some(about(Refusal::new(
+                    Reason::KeyMissing,
+                    format!("this method requires the {FIRST_SENT_HEADER} header on every keyed call: the time its first attempt was sent, whole seconds since the Unix epoch"),
+                )))
+            }
+            Ok(None) => return None,
+            Err(crate::caller::SentTwice) => {
+                return Some(about(Refusal::new(
+                    Reason::KeyInvalid,
+                    format!("more than one {FIRST_SENT_HEADER} header: send one per call"),
+                )))
+            }
+        };
+        let checked = crate::window::parse_first_sent(value.as_bytes()).and_then(|first_sent_s| {
+            crate::window::check_first_sent(
+                first_sent_s,
+                self.engine.now_ms(),
+                rule.call.retention,
+                self.settings.clock_skew_max,
+            )
+        });
+        let error = checked.err()?;
+        let reason = match error {
+            crate::window::FirstSentError::Expired { .. } => Reason::KeyExpired,
+            _ => Reason::KeyInvalid,
+        };
+        Some(about(Refusal::new(reason, error.to_string())))
+    }
+}
+
 impl<S, C> Proxy<S, C> {
     /// The key header's one value. Two are refused, never one picked: which one a gateway or
     /// client library would have meant cannot be known, and two calls that differ only there
@@ -448,15 +517,15 @@ impl<S, C> Proxy<S, C> {
         };
         let malformed = |why: String| Refusal::new(Reason::MalformedRequest, why);
         let bytes_max = self.settings.request_bytes_max;
-        let (key_field, ignored) = (rule.key_field.as_ref(), &rule.ignored);
+        let (key_fields, ignored) = (&rule.key_fields[..], &rule.ignored);
         let inspected = if rule.client_streaming {
             let all = grpc::stream_messages(body, encoding, bytes_max)
                 .map_err(|error| malformed(error.to_string()))?;
-            message::inspect_stream(input, &all, key_field, ignored)
+            message::inspect_stream(input, &all, key_fields, ignored)
         } else {
             let unary = grpc::unary_message(body, messages, encoding, bytes_max)
                 .map_err(|error| malformed(error.to_string()))?;
-            message::inspect(input, &unary, key_field, ignored)
+            message::inspect(input, &unary, key_fields, ignored)
         }
         .map_err(malformed)?;
         Ok((

@@ -11,6 +11,7 @@ pub mod census;
 pub mod durable;
 pub mod flusher;
 pub mod memory;
+pub mod pace;
 pub mod postgres;
 pub mod redis;
 pub mod sentinel;

@@ -145,7 +145,8 @@ impl Decision {
             | Reason::CallerMissing
             | Reason::CallerInvalid
             | Reason::CallShapeUnsupported
-            | Reason::BuffersExhausted => Decision::Invalid,
+            | Reason::BuffersExhausted
+            | Reason::KeyExpired => Decision::Invalid,
             Reason::CallerQuota => Decision::Conflict,
         }
     }

@@ -1,59 +1,71 @@
-//! A store failover under load, written once for every shared store (`tests/failover.rs`:
-//! PostgreSQL and Redis by hand; `tests/sentinel.rs`: Redis under Sentinel): two sidecars on
-//! the store in front of one counting upstream (two replicas of one service), callers with
-//! retries and hedged copies spread over both; once enough keys are answered the test's
-//! failure runs; every key is retried until it is answered; then every answer a caller got
-//! is asked for again, through both sidecars.
+//! The load and the check of the failover tests (`tests/failover.rs`, `tests/patroni.rs`,
+//! `tests/sentinel.rs`), written once: callers that send every key until it is answered,
+//! through two sidecars, its first try as two hedged copies (one to each); then every answer
+//! a caller got asked for again through both sidecars. Also a prober per sidecar that sends a
+//! fresh key after another, to measure how long the sidecars did not serve; `under_load`, the
+//! whole run on two in-process sidecars; and a relay that can cut what a server sends.
 
 use super::{add, apply, client, ledger, reason, start_sidecar, was_replayed};
 use idemproxy::config::RunSettings;
+use idemproxy::pb::idemproxy::testing::v1::ledger_client::LedgerClient;
+use idemproxy::pb::idemproxy::testing::v1::ApplyReply;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
+use tonic::transport::Channel;
 
-/// Keys each run sends.
+/// How long one key is sent again before the test gives up on it.
+const ANSWER_WAIT: Duration = Duration::from_secs(120);
+
+/// Calls a check asks again at once.
+const CHECKS_IN_FLIGHT: usize = 16;
+
+/// How long one probe waits for its answer.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// Keys `under_load` sends.
 pub const KEYS: usize = 120;
 
-/// Keys in flight at once.
+/// Keys `under_load` has in flight at once.
 const IN_FLIGHT: usize = 16;
 
-/// Acknowledged keys before the failure.
+/// Keys `under_load` has answered before the failure.
 pub const ACKNOWLEDGED_BEFORE_FAILOVER: usize = 40;
 
 /// What one run saw.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {
-    /// Keys answered.
     pub acknowledged: usize,
-    /// Keys that ended IN_DOUBT (`IDEMPOTENCY_OUTCOME_UNKNOWN`).
     pub in_doubt: usize,
-    /// Keys the service executed more than once.
     pub executed_twice: usize,
-    /// Answered keys that, asked again, ran again or were answered otherwise.
     pub lost: usize,
-    /// From the end of the failure to the first fresh key answered after it.
-    pub served_again_after: Duration,
 }
 
 /// How one key ended: an answer (its execution number), or IN_DOUBT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
+pub enum Ended {
     Answered(u64),
     InDoubt,
 }
 
-/// Sends `key` until it is answered, alternating sidecars; its first try is two hedged
+/// The serial and the account of key `n` of the run named `run`.
+fn key_and_account(run: &str, n: usize) -> (String, String) {
+    (format!("{run}key-{n}"), format!("{run}account-{n}"))
+}
+
+/// Sends key `n` until it is answered, alternating sidecars; its first try is two hedged
 /// copies, one to each.
-async fn until_answered(sidecars: [SocketAddr; 2], n: usize) -> Ended {
-    let (key, account) = (format!("key-{n}"), format!("account-{n}"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+async fn until_answered(sidecars: [SocketAddr; 2], run: &str, n: usize) -> Ended {
+    let (key, account) = key_and_account(run, n);
+    let deadline = Instant::now() + ANSWER_WAIT;
     let mut clients = [client(sidecars[0]).await, client(sidecars[1]).await];
     for attempt in 0.. {
         assert!(
-            tokio::time::Instant::now() < deadline,
-            "{key} unanswered after 120 s"
+            Instant::now() < deadline,
+            "{key} unanswered after {ANSWER_WAIT:?}"
         );
         let tries: Vec<_> = (0..if attempt == 0 { 2 } else { 1 })
             .map(|copy| {
@@ -82,37 +94,224 @@ async fn until_answered(sidecars: [SocketAddr; 2], n: usize) -> Ended {
     unreachable!()
 }
 
-/// How long after now a fresh key is first answered through `sidecar` (within 120 s).
-async fn served_again(sidecar: SocketAddr) -> Duration {
-    let started = tokio::time::Instant::now();
-    let mut client = client(sidecar).await;
-    for n in 0.. {
-        let (key, account) = (format!("probe-key-{n}"), format!("probe-{n}"));
-        if apply(&mut client, add(&account, 1), Some(&key), None)
-            .await
-            .is_ok()
-        {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no fresh key answered within 120 s of the failover"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if n % 10 == 9 {
-            client = super::client(sidecar).await;
-        }
-    }
-    unreachable!()
+/// Callers sending keys `0..keys_max` through two sidecars, `in_flight` at once, each key
+/// until it is answered (or IN_DOUBT), until the keys run out or `stop` is called.
+pub struct Load {
+    sidecars: [SocketAddr; 2],
+    run: String,
+    answered: Arc<AtomicUsize>,
+    stopped: Arc<AtomicBool>,
+    ended: Arc<Mutex<HashMap<usize, Ended>>>,
+    callers: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Two sidecars set up by `store`, callers on both; `fail_over` runs once enough keys are
-/// answered (its result is kept until the end, so the servers it hands back outlive the
-/// check); then every answer is asked for again.
+impl Load {
+    /// Starts the callers; keys are named for `run`, so that runs on one store and one
+    /// upstream do not meet. Each caller waits `pause` between its keys.
+    pub fn start(
+        sidecars: [SocketAddr; 2],
+        run: &str,
+        keys_max: usize,
+        in_flight: usize,
+        pause: Duration,
+    ) -> Load {
+        let next = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let stopped = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(Mutex::new(HashMap::new()));
+        let callers = (0..in_flight)
+            .map(|_| {
+                let (next, answered) = (next.clone(), answered.clone());
+                let (stopped, ended, run) = (stopped.clone(), ended.clone(), run.to_owned());
+                tokio::spawn(async move {
+                    while !stopped.load(Ordering::SeqCst) {
+                        let n = next.fetch_add(1, Ordering::SeqCst);
+                        if n >= keys_max {
+                            return;
+                        }
+                        let end = until_answered(sidecars, &run, n).await;
+                        ended.lock().unwrap().insert(n, end);
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            sidecars,
+            run: run.to_owned(),
+            answered,
+            stopped,
+            ended,
+            callers,
+        }
+    }
+
+    /// Keys that have ended so far (answered or IN_DOUBT).
+    pub fn ended_so_far(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `keys` keys have ended (60 s at most).
+    pub async fn wait_for(&self, keys: usize, what: &str) {
+        let answered = self.answered.clone();
+        super::eventually(Duration::from_secs(60), what, || {
+            let answered = answered.clone();
+            async move { answered.load(Ordering::SeqCst) >= keys }
+        })
+        .await;
+    }
+
+    /// From now on no caller takes a new key.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every key has ended (all of them, or those taken before `stop`); then
+    /// asks for every answer again through both sidecars.
+    pub async fn finish(self, ledger: &super::ledger::LedgerState) -> Verdict {
+        for caller in self.callers {
+            caller.await.unwrap();
+        }
+        let ended = self.ended.lock().unwrap().clone();
+        check(self.sidecars, &self.run, &ended, ledger).await
+    }
+}
+
+/// Asks again for every answer a caller got, through both sidecars; counts the keys of `run`
+/// that the upstream executed more than once.
+async fn check(
+    sidecars: [SocketAddr; 2],
+    run: &str,
+    ended: &HashMap<usize, Ended>,
+    ledger: &super::ledger::LedgerState,
+) -> Verdict {
+    let clients = [client(sidecars[0]).await, client(sidecars[1]).await];
+    let slots = Arc::new(tokio::sync::Semaphore::new(CHECKS_IN_FLIGHT));
+    let mut asked = Vec::new();
+    let mut verdict = Verdict::default();
+    for (&n, &end) in ended {
+        let Ended::Answered(execution) = end else {
+            verdict.in_doubt += 1;
+            continue;
+        };
+        verdict.acknowledged += 1;
+        let (mut clients, slots) = (clients.clone(), slots.clone());
+        let (key, account) = key_and_account(run, n);
+        asked.push(tokio::spawn(async move {
+            let _slot = slots.acquire().await.unwrap();
+            for client in &mut clients {
+                let again = ask_again(client, &account, &key).await;
+                let kept = again.is_ok_and(|reply| {
+                    was_replayed(&reply) && reply.get_ref().execution == execution
+                });
+                if !kept {
+                    return false;
+                }
+            }
+            true
+        }));
+    }
+    for kept in asked {
+        if !kept.await.unwrap() {
+            verdict.lost += 1;
+        }
+    }
+    // After the answers were asked for again: a lost record makes its key run again.
+    verdict.executed_twice = ledger
+        .executed_twice()
+        .iter()
+        .filter(|(account, _)| account.starts_with(run))
+        .count();
+    verdict
+}
+
+/// Asks for a key again; while the store is unavailable (the call refused, nothing forwarded:
+/// no answer, so neither a kept nor a lost one), again, for `ANSWER_WAIT` at most.
+async fn ask_again(
+    client: &mut LedgerClient<Channel>,
+    account: &str,
+    key: &str,
+) -> Result<tonic::Response<ApplyReply>, tonic::Status> {
+    let deadline = Instant::now() + ANSWER_WAIT;
+    loop {
+        let again = apply(client, add(account, 1), Some(key), None).await;
+        match again {
+            Err(status)
+                if reason(&status) == "IDEMPOTENCY_STORE_UNAVAILABLE"
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            again => return again,
+        }
+    }
+}
+
+/// Fresh keys sent through one sidecar one after another, each once (so none can run
+/// twice), to see when it serves.
+pub struct Prober {
+    stopped: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<Instant>>,
+}
+
+impl Prober {
+    /// Starts probing `sidecar` with keys named for `run` (`{run}probe-…`).
+    pub fn start(sidecar: SocketAddr, run: &str) -> Prober {
+        let stopped = Arc::new(AtomicBool::new(false));
+        let (stop, run) = (stopped.clone(), run.to_owned());
+        let task = tokio::spawn(async move {
+            let mut answers = Vec::new();
+            let mut probe = client(sidecar).await;
+            for n in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (key, account) = (format!("{run}probe-{n}"), format!("{run}probe-{n}"));
+                let answer = tokio::time::timeout(
+                    PROBE_WAIT,
+                    apply(&mut probe, add(&account, 1), Some(&key), None),
+                )
+                .await;
+                match answer {
+                    Ok(Ok(_)) => answers.push(Instant::now()),
+                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    // A call that hung: its connection may be what hangs.
+                    Err(_) => probe = client(sidecar).await,
+                }
+            }
+            answers
+        });
+        Prober { stopped, task }
+    }
+
+    /// Stops probing; the longest time from `since` on during which the sidecar answered no
+    /// probe.
+    pub async fn longest_silence_since(self, since: Instant) -> Duration {
+        self.stopped.store(true, Ordering::SeqCst);
+        let answers = self.task.await.unwrap();
+        let end = Instant::now();
+        let mut last = since;
+        let mut longest = Duration::ZERO;
+        for answer in answers.into_iter().filter(|answer| *answer >= since) {
+            longest = longest.max(answer - last);
+            last = answer;
+        }
+        longest.max(end - last)
+    }
+}
+
+/// Two in-process sidecars set up by `store` (a 1 s store timeout, 2 s leases), `KEYS` keys
+/// sent through both; once `ACKNOWLEDGED_BEFORE_FAILOVER` are answered `fail_over` runs (its
+/// result, the servers, kept until the answers have been asked for again). The verdict, and
+/// the longest time from the start of `fail_over` on during which the first sidecar answered
+/// no fresh key.
 pub async fn under_load<T: Send + 'static>(
     store: impl Fn(&mut RunSettings) + Clone + Send + 'static,
     fail_over: impl FnOnce() -> T + Send + 'static,
-) -> Verdict {
+) -> (Verdict, Duration) {
     let upstream = ledger::start().await;
     let mut sidecars = Vec::new();
     for _ in 0..2 {
@@ -129,73 +328,45 @@ pub async fn under_load<T: Send + 'static>(
         );
     }
     let addrs = [sidecars[0].addr, sidecars[1].addr];
-    let answered = Arc::new(AtomicUsize::new(0));
-    let ended = Arc::new(Mutex::new(HashMap::new()));
-    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let callers: Vec<_> = (0..KEYS)
-        .map(|n| {
-            let (answered, ended, slots) = (answered.clone(), ended.clone(), slots.clone());
-            tokio::spawn(async move {
-                let _slot = slots.acquire().await.unwrap();
-                let end = until_answered(addrs, n).await;
-                ended.lock().unwrap().insert(n, end);
-                answered.fetch_add(1, Ordering::SeqCst);
-            })
-        })
-        .collect();
-    super::eventually(
-        Duration::from_secs(60),
-        "answers before the failover",
-        || {
-            let answered = answered.clone();
-            async move { answered.load(Ordering::SeqCst) >= ACKNOWLEDGED_BEFORE_FAILOVER }
-        },
-    )
-    .await;
+    let load = Load::start(addrs, "", KEYS, IN_FLIGHT, Duration::ZERO);
+    load.wait_for(ACKNOWLEDGED_BEFORE_FAILOVER, "answers before the failover")
+        .await;
+    let prober = Prober::start(addrs[0], "");
+    let failing = Instant::now();
     let _servers = tokio::task::spawn_blocking(fail_over).await.unwrap();
-    let served_again_after = served_again(addrs[0]).await;
-    for caller in callers {
-        caller.await.unwrap();
+    // The answers are asked for again once both sidecars serve: a call refused meanwhile
+    // would count as a lost answer.
+    for sidecar in addrs {
+        serves_again(sidecar).await;
     }
-    let ended = ended.lock().unwrap().clone();
-    let mut verdict = check(addrs, &ended, &upstream.state).await;
-    verdict.served_again_after = served_again_after;
-    verdict
+    let unserved = prober.longest_silence_since(failing).await;
+    (load.finish(&upstream.state).await, unserved)
 }
 
-/// Asks again for every answer a caller got, through both sidecars.
-async fn check(
-    sidecars: [SocketAddr; 2],
-    ended: &HashMap<usize, Ended>,
-    ledger: &ledger::LedgerState,
-) -> Verdict {
-    let mut verdict = Verdict::default();
-    let mut clients = [client(sidecars[0]).await, client(sidecars[1]).await];
-    for (n, end) in ended {
-        let Ended::Answered(execution) = *end else {
-            verdict.in_doubt += 1;
-            continue;
-        };
-        verdict.acknowledged += 1;
-        for client in &mut clients {
-            let again = apply(
-                client,
-                add(&format!("account-{n}"), 1),
-                Some(&format!("key-{n}")),
-                None,
-            )
-            .await;
-            let kept = again
-                .is_ok_and(|reply| was_replayed(&reply) && reply.get_ref().execution == execution);
-            if !kept {
-                verdict.lost += 1;
-                break;
-            }
+/// Sends fresh keys through `sidecar` until one is answered (within `ANSWER_WAIT`).
+async fn serves_again(sidecar: SocketAddr) {
+    let deadline = Instant::now() + ANSWER_WAIT;
+    let mut probe = client(sidecar).await;
+    for n in 0.. {
+        let (key, account) = (
+            format!("again-{sidecar}-{n}"),
+            format!("again-{sidecar}-{n}"),
+        );
+        let answer = tokio::time::timeout(
+            PROBE_WAIT,
+            apply(&mut probe, add(&account, 1), Some(&key), None),
+        )
+        .await;
+        match answer {
+            Ok(Ok(_)) => return,
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(_) => probe = client(sidecar).await,
         }
+        assert!(
+            Instant::now() < deadline,
+            "{sidecar} answered no fresh key within {ANSWER_WAIT:?} of the failure"
+        );
     }
-    // After the answers were asked for again: a lost record makes its key run again.
-    verdict.executed_twice = ledger.executed_twice().len();
-    verdict
 }
 
 /// Which connections of a relay a freeze cuts.

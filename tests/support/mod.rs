@@ -9,8 +9,11 @@ pub mod crash;
 pub mod failover;
 pub mod http;
 pub mod ledger;
+pub mod netns;
+pub mod patroni;
 pub mod payments;
 pub mod postgres;
+pub mod prometheus;
 pub mod raw;
 pub mod redis;
 pub mod tls;
@@ -210,6 +213,16 @@ pub fn was_replayed<T>(response: &tonic::Response<T>) -> bool {
         .metadata()
         .get("idempotency-replayed")
         .is_some_and(|value| value == "true")
+}
+
+/// Fails with a message naming scripts/test when `program` is not on the PATH.
+pub fn require(program: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
+    assert!(
+        found,
+        "{program} is not installed: run scripts/test, which installs Debian's {package}"
+    );
 }
 
 /// Polls `condition` every 10 ms until it holds or `limit` passes.

@@ -83,6 +83,10 @@ async fn fail_over(min_replicas: bool, wait_replicas: u64) -> (Verdict, Duration
         replication.frozen.store(true, Ordering::SeqCst);
         std::thread::sleep(REPLICA_BEHIND);
         redis.master.kill();
+        // What the relay dropped is gone; from now on it passes everything, so that a node
+        // the sentinels later make a replica of the old master's address can sync (a second
+        // failover, when the new master looked down to them for a moment, did that).
+        replication.frozen.store(false, Ordering::SeqCst);
         let killed = std::time::Instant::now();
         let deadline = killed + SERVED_AGAIN_WITHIN;
         while redis.agreed_master_port() != Some(promoted) {

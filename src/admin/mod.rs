@@ -1,10 +1,10 @@
 //! The operators' API (`idemproxy.v1.Admin`, design: issue "operator tools"): find, list,
 //! resolve and purge records, and count them; `keys export` is `ListRecords` page after page.
-//! No answer carries a recorded response's bytes (only its status and size), and serials only
-//! to a listing that asks for them. Served on its own listener, loopback by default,
-//! with an optional bearer token; grpc.health.v1 and server reflection beside it so grpcurl
-//! works. Every change goes through `record.rs` transitions and one `Store::update`, and is
-//! logged with who, what and when. `cli.rs` is the `idemproxy keys` client.
+//! No answer carries a recorded response's bytes (only its status and size), and serials go
+//! only to a listing that asks for them. Served on its own listener, loopback by default, with
+//! an optional bearer token; grpc.health.v1 and server reflection beside it so grpcurl works.
+//! Every change goes through `record.rs` transitions and one `Store::update`, and is logged
+//! with who, what and when. `cli.rs` is the `idemproxy keys` client.
 
 pub mod cli;
 

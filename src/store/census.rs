@@ -112,9 +112,12 @@ impl Census {
     pub async fn pass<S: Store>(&self, store: &Arc<S>, clock: &impl Clock) -> Result<(), String> {
         let mut counts = Counts::default();
         let mut cursor = None;
+        let (pass_started, mut read, mut records) = (Instant::now(), Duration::ZERO, 0);
         loop {
             let started = Instant::now();
             let page = read_page(store, cursor.take()).await?;
+            read += started.elapsed();
+            records += page.records.len();
             let now_ms = clock.now_ms();
             for (_, record) in &page.records {
                 if !record::is_expired(record, now_ms) {
@@ -124,6 +127,12 @@ impl Census {
             cursor = page.next;
             if cursor.is_none() {
                 self.publish(counts);
+                tracing::debug!(
+                    records,
+                    read_ms = read.as_millis() as u64,
+                    pass_ms = pass_started.elapsed().as_millis() as u64,
+                    "census pass"
+                );
                 return Ok(());
             }
             tokio::time::sleep(started.elapsed() * PAUSE_PER_PAGE_FACTOR).await;

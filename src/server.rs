@@ -415,7 +415,7 @@ pub async fn start_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Si
     });
     let counting = tokio::spawn(census.run(
         store.clone(),
-        config.sweep_interval,
+        crate::store::census::pass_interval(config.sweep_interval),
         SystemClock::new(),
         wait_for(stopped.clone()),
     ));

@@ -193,3 +193,129 @@ fn no_two_modules_import_each_other() {
         "modules that import each other: {circles:?}"
     );
 }
+
+/// The type an `impl` line is for (`impl<T> Name<T>`, `impl Trait for Name`), or what a
+/// `struct`, `enum`, `trait` or `type` line declares.
+fn declared_type(line: &str) -> Option<String> {
+    let line = line
+        .trim_start()
+        .trim_start_matches("pub(crate) ")
+        .trim_start_matches("pub(super) ");
+    let line = line.trim_start_matches("pub ");
+    let rest = if let Some(rest) = line.strip_prefix("impl") {
+        // Past the generics, then past `Trait for`, if any.
+        let mut rest = rest.trim_start();
+        if rest.starts_with('<') {
+            let mut depth = 0;
+            let end = rest.char_indices().find_map(|(at, c)| {
+                match c {
+                    '<' => depth += 1,
+                    '>' => depth -= 1,
+                    _ => {}
+                }
+                (depth == 0).then_some(at + 1)
+            })?;
+            rest = rest[end..].trim_start();
+        }
+        match rest.split_once(" for ") {
+            Some((_, target)) => target.to_owned(),
+            None => rest.to_owned(),
+        }
+    } else {
+        ["struct ", "enum ", "trait ", "type "]
+            .iter()
+            .find_map(|keyword| line.strip_prefix(keyword))?
+            .to_owned()
+    };
+    let name: String = rest
+        .trim_start_matches('&')
+        .rsplit("::")
+        .next()?
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Whether `code` declares `item` (a function, constant, type, module, variant or field).
+fn declares(code: &str, item: &str) -> bool {
+    [
+        format!("fn {item}("),
+        format!("fn {item}<"),
+        format!("const {item}:"),
+        format!("static {item}:"),
+        format!("struct {item}"),
+        format!("enum {item}"),
+        format!("trait {item}"),
+        format!("mod {item};"),
+        format!("mod {item} "),
+        format!("type {item}"),
+        format!("    {item},"),
+        format!("    {item}("),
+        format!("    {item} {{"),
+        format!("pub {item}:"),
+        format!("macro_rules! {item}"),
+    ]
+    .iter()
+    .any(|declaration| code.contains(declaration.as_str()))
+}
+
+/// Issue 43: a qualified name is checked whole. `Type::item` must be declared in a file that
+/// declares or implements `Type`; `module::item` in that module's own file. ARCHITECTURE.md
+/// named `Engine::record` after the function had moved to `Attempt::record`, and the check of
+/// the last segment alone did not notice.
+#[test]
+fn every_qualified_name_it_uses_is_where_it_says() {
+    let files: Vec<String> = ["src", "bench/src", "tests"]
+        .iter()
+        .flat_map(|dir| sources(Path::new(dir)))
+        .collect();
+    let code: BTreeMap<&str, String> = files
+        .iter()
+        .map(|file| {
+            let text = std::fs::read_to_string(root().join(file)).expect("readable");
+            (file.as_str(), text)
+        })
+        .collect();
+    let all: String = code.values().map(String::as_str).collect();
+    let module_file = |module: &str, file: &str| {
+        let stem = file.trim_end_matches(".rs");
+        let stem = stem.strip_suffix("/mod").unwrap_or(stem);
+        stem.rsplit('/').next() == Some(module)
+    };
+    let misplaced: Vec<String> = named_items(&architecture())
+        .into_iter()
+        .filter(|name| name.contains("::"))
+        .filter(|name| {
+            let parts: Vec<&str> = name.split("::").collect();
+            let (qualifier, item) = (parts[parts.len() - 2], parts[parts.len() - 1]);
+            if all.contains(name.as_str()) && !code.values().any(|text| declares(text, item)) {
+                // Another crate's item, named in the code as it is (`tokio::spawn`).
+                return false;
+            }
+            let is_type = qualifier.starts_with(|c: char| c.is_ascii_uppercase());
+            let ours = code.values().any(|text| {
+                text.lines()
+                    .any(|line| declared_type(line).as_deref() == Some(qualifier))
+            });
+            if is_type && !ours {
+                // Another crate's type (sled's `Db::flush`).
+                return false;
+            }
+            !code.iter().any(|(file, text)| {
+                let holds_qualifier = if is_type {
+                    text.lines()
+                        .any(|line| declared_type(line).as_deref() == Some(qualifier))
+                } else {
+                    module_file(qualifier, file)
+                        || (qualifier == "crate" && file.ends_with("lib.rs"))
+                };
+                holds_qualifier && declares(text, item)
+            })
+        })
+        .collect();
+    assert!(
+        misplaced.is_empty(),
+        "ARCHITECTURE.md names items where the code does not have them: {misplaced:?}"
+    );
+}

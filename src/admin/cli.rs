@@ -1,7 +1,10 @@
 //! `idemproxy keys`: the operators' command line over the admin API. A table for people,
 //! `--json` for scripts, and exit codes scripts can branch on:
 //! 0 done, 1 no such record, 2 bad request, 3 admin API unreachable or store unavailable,
-//! 4 the record is not in a state that allows it, 5 refused (token) or anything else.
+//! 4 the record is not in a state that allows it, 5 refused (token) or anything else (an
+//! export's output that cannot be written). `export.rs` is `keys export`.
+
+mod export;
 
 use crate::pb::idemproxy::v1 as pb;
 use crate::pb::idemproxy::v1::admin_client::AdminClient;
@@ -72,6 +75,9 @@ enum KeysCommand {
     },
     /// Counts per state and what the store holds.
     Stats,
+    /// Every record, a line (JSON) or a row (CSV) each, for reconciliation: written a page at
+    /// a time as the pages arrive; never a recorded response, only its status code.
+    Export(export::ExportArgs),
 }
 
 /// `keys ls`: filters and paging.
@@ -316,10 +322,11 @@ pub async fn run(args: KeysArgs) -> ExitCode {
     let json = args.json;
     let outcome = execute(&mut client, &token, args.command, json).await;
     match outcome {
-        Ok(output) => {
+        Ok(Some(output)) => {
             println!("{output}");
             ExitCode::SUCCESS
         }
+        Ok(None) => ExitCode::SUCCESS,
         Err(Failure::Usage(message)) => {
             eprintln!("idemproxy keys: {message}");
             ExitCode::from(2)
@@ -328,12 +335,22 @@ pub async fn run(args: KeysArgs) -> ExitCode {
             eprintln!("idemproxy keys: {}: {}", status.code(), status.message());
             ExitCode::from(exit_code(&status))
         }
+        // The reader went away (`| head`): it has what it wanted.
+        Err(Failure::Output(error)) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
+        Err(Failure::Output(error)) => {
+            eprintln!("idemproxy keys: cannot write the output: {error}");
+            ExitCode::from(5)
+        }
     }
 }
 
 enum Failure {
     Usage(String),
     Status(tonic::Status),
+    /// Standard output could not be written.
+    Output(std::io::Error),
 }
 
 impl From<tonic::Status> for Failure {
@@ -347,7 +364,7 @@ async fn execute(
     token: &Option<String>,
     command: KeysCommand,
     json: bool,
-) -> Result<String, Failure> {
+) -> Result<Option<String>, Failure> {
     let one = |record: &pb::RecordView, serial: Option<&str>| {
         if json {
             record_json(record).to_string()
@@ -355,7 +372,7 @@ async fn execute(
             record_text(record, serial)
         }
     };
-    match command {
+    let output = match command {
         KeysCommand::Get(which) => {
             let serial = which.serial.clone();
             let key = selector(which).map_err(Failure::Usage)?;
@@ -364,7 +381,7 @@ async fn execute(
                 .get_record(authorized(request, token))
                 .await?
                 .into_inner();
-            Ok(one(&record, serial.as_deref()))
+            one(&record, serial.as_deref())
         }
         KeysCommand::Ls(args) => {
             let request = list_request(args)?;
@@ -372,7 +389,7 @@ async fn execute(
                 .list_records(authorized(request, token))
                 .await?
                 .into_inner();
-            Ok(list_text(&page, json))
+            list_text(&page, json)
         }
         KeysCommand::Resolve(args) => {
             let request = resolve_request(args)?;
@@ -380,7 +397,7 @@ async fn execute(
                 .resolve_record(authorized(request, token))
                 .await?
                 .into_inner();
-            Ok(one(&record, None))
+            one(&record, None)
         }
         KeysCommand::Purge {
             which,
@@ -401,20 +418,26 @@ async fn execute(
                 .purge_records(authorized(request, token))
                 .await?
                 .into_inner();
-            Ok(if json {
+            if json {
                 serde_json::json!({ "purged": purged.purged }).to_string()
             } else {
                 format!("purged {} record(s)", purged.purged)
-            })
+            }
         }
         KeysCommand::Stats => {
             let stats = client
                 .get_stats(authorized(pb::GetStatsRequest {}, token))
                 .await?
                 .into_inner();
-            Ok(stats_text(&stats, json))
+            stats_text(&stats, json)
         }
-    }
+        // Written as it comes, page by page, never gathered into one output.
+        KeysCommand::Export(args) => {
+            export::run(client, token, args).await?;
+            return Ok(None);
+        }
+    };
+    Ok(Some(output))
 }
 
 /// The `ListRecords` request of `keys ls`.
@@ -443,6 +466,9 @@ fn list_request(args: ListArgs) -> Result<pb::ListRecordsRequest, Failure> {
         page_size: limit,
         page_token: page_token.unwrap_or_default(),
         waiting_for: waiting_for.unwrap_or_default().to_ascii_lowercase(),
+        // `keys export` asks for these.
+        created_since_ms: 0,
+        with_serial: false,
     })
 }
 

@@ -1,8 +1,10 @@
 //! The operators' API (`idemproxy.v1.Admin`, design: issue "operator tools"): find, list,
-//! resolve and purge records, and count them. Served on its own listener, loopback by default,
-//! with an optional bearer token; grpc.health.v1 and server reflection beside it so grpcurl
-//! works. Every change goes through `record.rs` transitions and one `Store::update`, and is
-//! logged with who, what and when. `cli.rs` is the `idemproxy keys` client.
+//! resolve and purge records, and count them; `keys export` is `ListRecords` page after page.
+//! No answer carries a recorded response's bytes (only its status and size), and serials go
+//! only to a listing that asks for them. Served on its own listener, loopback by default, with
+//! an optional bearer token; grpc.health.v1 and server reflection beside it so grpcurl works.
+//! Every change goes through `record.rs` transitions and one `Store::update`, and is logged
+//! with who, what and when. `cli.rs` is the `idemproxy keys` client.
 
 pub mod cli;
 
@@ -105,6 +107,8 @@ fn view(key: &Key, record: &Record, now_ms: u64) -> pb::RecordView {
         waiting_for: record::probe::waiting_for(record, now_ms)
             .map(|waiting| waiting.name().to_owned())
             .unwrap_or_default(),
+        // Only a listing that asks for serials shows them (`list_records`).
+        serial: String::new(),
     }
 }
 
@@ -200,23 +204,9 @@ impl<S: Store> Admin for AdminService<S> {
         &self,
         request: Request<pb::ListRecordsRequest>,
     ) -> Result<Reply<pb::ListRecordsResponse>, Status> {
+        let peer = peer(&request);
         let filter = request.into_inner();
-        // A typo must not read as "no record is in that state": refuse what is no state.
-        if !filter.state.is_empty() && record::state_named(&filter.state).is_none() {
-            return Err(Status::invalid_argument(format!(
-                "state {:?} is not a record state; use one of {}",
-                filter.state,
-                record::STATE_NAMES.join(", ")
-            )));
-        }
-        let waits = [Waiting::Probe, Waiting::Operator].map(Waiting::name);
-        if !filter.waiting_for.is_empty() && !waits.contains(&filter.waiting_for.as_str()) {
-            return Err(Status::invalid_argument(format!(
-                "waiting_for {:?} is not what a record waits for; use one of {}",
-                filter.waiting_for,
-                waits.join(", ")
-            )));
-        }
+        refuse_unknown_names(&filter)?;
         let page_size = match filter.page_size {
             0 => 100,
             size => (size as usize).min(PAGE_RECORDS_MAX),
@@ -226,6 +216,10 @@ impl<S: Store> Admin for AdminService<S> {
         } else {
             Some(decode_token(&filter.page_token)?)
         };
+        if filter.with_serial && cursor.is_none() {
+            // Serials are what a caller sends to be answered from a record: say who read them.
+            tracing::warn!(%peer, "operator listed records with their serials");
+        }
         let now_ms = self.clock.now_ms();
         let mut records = Vec::new();
         for _ in 0..LIST_SCANS_MAX {
@@ -235,14 +229,11 @@ impl<S: Store> Admin for AdminService<S> {
                 .await
                 .map_err(store_status)?;
             for (key, record) in &page.records {
-                let shown = view(key, record, now_ms);
-                let old_enough = now_ms.saturating_sub(record.created_ms) >= filter.older_than_ms;
-                if (filter.state.is_empty() || filter.state == shown.state)
-                    && (filter.method.is_empty() || filter.method == shown.method)
-                    && (filter.caller.is_empty() || filter.caller == shown.caller)
-                    && (filter.waiting_for.is_empty() || filter.waiting_for == shown.waiting_for)
-                    && old_enough
-                {
+                let mut shown = view(key, record, now_ms);
+                if listed(&filter, &shown, now_ms) {
+                    if filter.with_serial {
+                        shown.serial = String::from_utf8_lossy(&record.serial).into_owned();
+                    }
                     records.push(shown);
                 }
             }
@@ -385,6 +376,38 @@ impl<S: Store> Admin for AdminService<S> {
         }
         Ok(Reply::new(stats))
     }
+}
+
+/// Refuses a state or a wait that is none: a typo must not read as "no record is in that
+/// state".
+fn refuse_unknown_names(filter: &pb::ListRecordsRequest) -> Result<(), Status> {
+    if !filter.state.is_empty() && record::state_named(&filter.state).is_none() {
+        return Err(Status::invalid_argument(format!(
+            "state {:?} is not a record state; use one of {}",
+            filter.state,
+            record::STATE_NAMES.join(", ")
+        )));
+    }
+    let waits = [Waiting::Probe, Waiting::Operator].map(Waiting::name);
+    if !filter.waiting_for.is_empty() && !waits.contains(&filter.waiting_for.as_str()) {
+        return Err(Status::invalid_argument(format!(
+            "waiting_for {:?} is not what a record waits for; use one of {}",
+            filter.waiting_for,
+            waits.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the record `shown` passes the filters of a `ListRecords` request at `now_ms`.
+fn listed(filter: &pb::ListRecordsRequest, shown: &pb::RecordView, now_ms: u64) -> bool {
+    let old_enough = now_ms.saturating_sub(shown.created_ms) >= filter.older_than_ms;
+    (filter.state.is_empty() || filter.state == shown.state)
+        && (filter.method.is_empty() || filter.method == shown.method)
+        && (filter.caller.is_empty() || filter.caller == shown.caller)
+        && (filter.waiting_for.is_empty() || filter.waiting_for == shown.waiting_for)
+        && old_enough
+        && shown.created_ms >= filter.created_since_ms
 }
 
 fn decode_token(token: &str) -> Result<Vec<u8>, Status> {

@@ -3,9 +3,12 @@
 //! alike. It walks the store page by page through `Store::scan`, a pass at a time, and
 //! publishes a pass's counts only once the pass is whole, so a gauge never shows half a walk.
 //!
-//! Its cost is bounded: after each page it pauses 19 times as long as the page took, so it
-//! holds at most a twentieth of a core (or of the shared store's time), and a pass over 1 M
-//! records spreads over tens of seconds rather than competing with calls. It reads only.
+//! Its cost is bounded: each page is read on a blocking thread, never on the threads that
+//! serve calls (sled's reads are synchronous: a page of 1,000 records decoded on the one
+//! runtime thread held every call behind it); after each page it pauses 49 times as long as
+//! the page took, so it holds at most a fiftieth of a core (or of the shared store's time);
+//! and passes start `pass_interval` apart (ten sweep intervals, 10 s by default). It reads
+//! only.
 
 use crate::engine::Clock;
 use crate::record::{self, probe::Waiting, State};
@@ -16,10 +19,18 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The pause after a page, as a multiple of the time the page took.
-const PAUSE_PER_PAGE_FACTOR: u32 = 19;
+const PAUSE_PER_PAGE_FACTOR: u32 = 49;
 
-/// The shortest wait between two passes.
-pub const PASS_INTERVAL_MIN: Duration = Duration::from_secs(1);
+/// The shortest and the longest wait between two passes.
+pub const PASS_INTERVAL_MIN: Duration = Duration::from_millis(500);
+/// See [`PASS_INTERVAL_MIN`].
+pub const PASS_INTERVAL_MAX: Duration = Duration::from_secs(60);
+
+/// The wait between two passes for a sweeper running every `sweep_interval`: ten of its
+/// rounds, within the bounds.
+pub fn pass_interval(sweep_interval: Duration) -> Duration {
+    (sweep_interval * 10).clamp(PASS_INTERVAL_MIN, PASS_INTERVAL_MAX)
+}
 
 /// What the last whole pass counted; zero until the first pass ends.
 #[derive(Debug, Default)]
@@ -98,15 +109,15 @@ impl Census {
 
     /// Walks `store` once, paced, and publishes what it counted. A page that fails ends the
     /// pass unpublished: the gauges keep the last whole count.
-    pub async fn pass<S: Store>(&self, store: &S, clock: &impl Clock) -> Result<(), String> {
+    pub async fn pass<S: Store>(&self, store: &Arc<S>, clock: &impl Clock) -> Result<(), String> {
         let mut counts = Counts::default();
         let mut cursor = None;
+        let (pass_started, mut read, mut records) = (Instant::now(), Duration::ZERO, 0);
         loop {
             let started = Instant::now();
-            let page = store
-                .scan(cursor.take(), PAGE_RECORDS_MAX)
-                .await
-                .map_err(|error| error.to_string())?;
+            let page = read_page(store, cursor.take()).await?;
+            read += started.elapsed();
+            records += page.records.len();
             let now_ms = clock.now_ms();
             for (_, record) in &page.records {
                 if !record::is_expired(record, now_ms) {
@@ -116,13 +127,19 @@ impl Census {
             cursor = page.next;
             if cursor.is_none() {
                 self.publish(counts);
+                tracing::debug!(
+                    records,
+                    read_ms = read.as_millis() as u64,
+                    pass_ms = pass_started.elapsed().as_millis() as u64,
+                    "census pass"
+                );
                 return Ok(());
             }
             tokio::time::sleep(started.elapsed() * PAUSE_PER_PAGE_FACTOR).await;
         }
     }
 
-    /// Makes a pass every `interval` (at least `PASS_INTERVAL_MIN`) until `stopped`.
+    /// Makes a pass every `interval` (`pass_interval`) until `stopped`.
     pub async fn run<S: Store>(
         self: Arc<Self>,
         store: Arc<S>,
@@ -130,12 +147,11 @@ impl Census {
         clock: impl Clock,
         stopped: impl std::future::Future<Output = ()>,
     ) {
-        let interval = interval.max(PASS_INTERVAL_MIN);
         tokio::pin!(stopped);
         loop {
             tokio::select! {
                 () = &mut stopped => return,
-                passed = self.pass(&*store, &clock) => {
+                passed = self.pass(&store, &clock) => {
                     if let Err(error) = passed {
                         tracing::warn!(%error, "the census of records by state could not read the store; the gauges keep the last whole count");
                     }
@@ -147,6 +163,19 @@ impl Census {
             }
         }
     }
+}
+
+/// One page of `store` from `cursor`, read on a blocking thread.
+async fn read_page<S: Store>(
+    store: &Arc<S>,
+    cursor: Option<Vec<u8>>,
+) -> Result<crate::store::Page, String> {
+    let store = store.clone();
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || runtime.block_on(store.scan(cursor, PAGE_RECORDS_MAX)))
+        .await
+        .map_err(|error| format!("the census's read failed: {error}"))?
+        .map_err(|error| error.to_string())
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@
 //! then fails closed. This module never decides a state and never retries a write whose
 //! result it does not know; the engine's release settles that.
 
-use super::sentinel::{MasterConnection, Sentinel};
+use super::sentinel::{MasterConnection, Sentinel, SentinelSettings};
 use super::waiters::{Subscription, Waiters};
 use super::{Maintenance, Operation, Store, StoreError, Usage, CAS_ROUNDS_MAX};
 use crate::key::Key;
@@ -213,11 +213,11 @@ fn client_for(url: &str, options: &RedisOptions) -> Result<redis::Client, RedisU
 /// Nagle's algorithm off, as redis-server sets it on its side: with it on, a command written
 /// while the last one is unacknowledged waits for Redis's delayed ACK (the client library
 /// leaves it on by default).
-pub(super) fn tcp_settings() -> redis::io::tcp::TcpSettings {
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
     redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
-pub(super) fn certificates(ca_pem: &[u8]) -> redis::TlsCertificates {
+fn certificates(ca_pem: &[u8]) -> redis::TlsCertificates {
     redis::TlsCertificates {
         client_tls: None,
         root_cert: Some(ca_pem.to_vec()),
@@ -242,7 +242,18 @@ impl RedisStore {
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
         let target = if let Some(name) = &options.master_name {
-            Target::Sentinel(Sentinel::new(options, name)?)
+            let settings = SentinelSettings {
+                urls: &options.urls,
+                name,
+                password: options.password.as_deref(),
+                certificates: options.ca_pem.as_deref().map(certificates),
+                tcp: tcp_settings(),
+                timeout: options.command_timeout,
+            };
+            Target::Sentinel(Sentinel::new(settings).map_err(|error| RedisUrlError {
+                url: options.urls.join(","),
+                reason: error.to_string(),
+            })?)
         } else if options.cluster {
             let mut builder = redis::cluster::ClusterClient::builder(options.urls.clone())
                 .connection_timeout(options.command_timeout)

@@ -16,7 +16,6 @@
 //! Never held across an await: the lock of the current master. Lookups go one at a time (an
 //! async mutex), so a failover does not send every waiting call to the sentinels at once.
 
-use super::redis::{RedisOptions, RedisUrlError};
 use super::StoreError;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
@@ -122,70 +121,89 @@ pub struct Sentinel {
     _stop: oneshot::Sender<()>,
 }
 
+/// How to reach the sentinels and the master they name: `--redis-sentinels` (as
+/// `parse_sentinels` gave them), the master's name, its password, the certificates a
+/// `rediss://` node is verified against (`None`: the system's roots), the connections' TCP
+/// settings, and the bound of one lookup.
+pub struct SentinelSettings<'a> {
+    /// The sentinels' URLs.
+    pub urls: &'a [String],
+    /// The name they monitor the master under.
+    pub name: &'a str,
+    /// The data nodes' password.
+    pub password: Option<&'a str>,
+    /// The CA of `rediss://` nodes and sentinels.
+    pub certificates: Option<redis::TlsCertificates>,
+    /// Every connection's TCP settings.
+    pub tcp: redis::io::tcp::TcpSettings,
+    /// Longest wait for one lookup (the sentinels, then the master they name).
+    pub timeout: Duration,
+}
+
 impl Sentinel {
-    /// The master of `name` behind the sentinels of `options.urls`, looked up at the first
-    /// call; subscribes to `+switch-master` at once. Must run inside a tokio runtime.
-    pub fn new(options: &RedisOptions, name: &str) -> Result<Arc<Sentinel>, RedisUrlError> {
-        let invalid = |error: RedisError| RedisUrlError {
-            url: options.urls.join(","),
-            reason: error.to_string(),
-        };
-        let infos = options
-            .urls
+    /// The master behind `settings`' sentinels, looked up at the first call; subscribes to
+    /// `+switch-master` at once. Must run inside a tokio runtime. Errors only on settings that
+    /// can never work.
+    pub fn new(settings: SentinelSettings<'_>) -> RedisResult<Arc<Sentinel>> {
+        let SentinelSettings {
+            urls,
+            name,
+            password,
+            certificates,
+            tcp,
+            timeout,
+        } = settings;
+        let infos = urls
             .iter()
             .map(|url| url.as_str().into_connection_info())
-            .collect::<RedisResult<Vec<_>>>()
-            .map_err(invalid)?;
+            .collect::<RedisResult<Vec<_>>>()?;
         let Some(first) = infos.first() else {
-            return Err(RedisUrlError {
-                url: String::new(),
-                reason: "no sentinel given".into(),
-            });
+            return Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "no sentinel given",
+            )));
         };
         let addrs = infos.iter().map(|info| info.addr().clone());
-        let mut builder = SentinelClientBuilder::new(addrs, name, SentinelServerType::Master)
-            .map_err(invalid)?
-            .set_client_to_redis_tcp_settings(super::redis::tcp_settings())
-            .set_client_to_sentinel_tcp_settings(super::redis::tcp_settings());
+        let mut builder = SentinelClientBuilder::new(addrs, name, SentinelServerType::Master)?
+            .set_client_to_redis_tcp_settings(tcp.clone())
+            .set_client_to_sentinel_tcp_settings(tcp.clone());
         if let Some(user) = first.redis_settings().username() {
             builder = builder.set_client_to_sentinel_username(user);
         }
         if let Some(password) = first.redis_settings().password() {
             builder = builder.set_client_to_sentinel_password(password);
         }
-        if let Some(password) = &options.password {
+        if let Some(password) = password {
             builder = builder.set_client_to_redis_password(password);
         }
+        let tls = tls(first);
         let mut subscribers = Vec::with_capacity(infos.len());
         for info in infos.iter().cloned() {
-            let info = info.set_tcp_settings(super::redis::tcp_settings());
-            subscribers.push(
-                match (&options.ca_pem, tls(first)) {
-                    (Some(ca_pem), true) => {
-                        redis::Client::build_with_tls(info, super::redis::certificates(ca_pem))
-                    }
-                    _ => redis::Client::open(info),
+            let info = info.set_tcp_settings(tcp.clone());
+            subscribers.push(match (&certificates, tls) {
+                (Some(certificates), true) => {
+                    redis::Client::build_with_tls(info, certificates.clone())?
                 }
-                .map_err(invalid)?,
-            );
+                _ => redis::Client::open(info)?,
+            });
         }
-        if tls(first) {
+        if tls {
             // The master speaks TLS when its sentinels do.
             builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
-            if let Some(ca_pem) = &options.ca_pem {
+            if let Some(certificates) = certificates {
                 builder = builder
-                    .set_client_to_redis_certificates(super::redis::certificates(ca_pem))
-                    .set_client_to_sentinel_certificates(super::redis::certificates(ca_pem));
+                    .set_client_to_redis_certificates(certificates.clone())
+                    .set_client_to_sentinel_certificates(certificates);
             }
         }
         let (stop, stopped) = oneshot::channel();
         let sentinel = Arc::new(Sentinel {
             name: name.to_owned(),
-            lookup: tokio::sync::Mutex::new(builder.build().map_err(invalid)?),
+            lookup: tokio::sync::Mutex::new(builder.build()?),
             current: Mutex::new(None),
             last_addr: Mutex::new(String::new()),
             generations: AtomicU64::new(0),
-            timeout: options.command_timeout,
+            timeout,
             _stop: stop,
         });
         tokio::spawn(follow(

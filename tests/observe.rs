@@ -89,17 +89,9 @@ async fn observe_mode_runs_every_delivery_counts_what_it_would_stop_and_a_switch
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_can_observe_one_method_and_its_refusals_become_plain_calls() {
     let upstream = ledger::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("config.toml");
-    std::fs::write(
-        &rules,
-        "[methods.\"/idemproxy.testing.v1.Ledger/Apply\"]\nmode = \"observe\"\nrequire-key = true\n",
-    )
-    .unwrap();
-    let sidecar = support::start_sidecar_with(
+    let sidecar = support::start_sidecar_with_apply_rule(
         upstream.addr,
-        &["--config".as_ref(), rules.as_ref()],
-        |_| {},
+        "mode = \"observe\"\nrequire-key = true",
     )
     .await;
     let mut ledger_client = client(sidecar.addr).await;

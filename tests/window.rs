@@ -11,9 +11,7 @@ mod support;
 
 use idemproxy::pb::idemproxy::testing::v1::ledger_client::LedgerClient;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use support::{
-    add, apply, client, ledger, reason, start_sidecar, start_sidecar_with, was_replayed,
-};
+use support::{add, apply, client, ledger, reason, start_sidecar, was_replayed};
 use tonic::metadata::MetadataMap;
 
 fn now_s() -> u64 {
@@ -139,19 +137,8 @@ async fn a_retry_later_than_the_retention_is_refused_and_never_runs_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_method_may_require_the_first_sent_time() {
     let upstream = ledger::start().await;
-    let files = tempfile::tempdir().unwrap();
-    let rules = files.path().join("config.toml");
-    std::fs::write(
-        &rules,
-        "[methods.\"/idemproxy.testing.v1.Ledger/Apply\"]\nrequire-first-sent = true\n",
-    )
-    .unwrap();
-    let sidecar = start_sidecar_with(
-        upstream.addr,
-        &["--config".as_ref(), rules.as_ref()],
-        |_| {},
-    )
-    .await;
+    let sidecar =
+        support::start_sidecar_with_apply_rule(upstream.addr, "require-first-sent = true").await;
     let mut ledger_client = client(sidecar.addr).await;
     let missing = apply_sent(&mut ledger_client, 1, "k-1", None)
         .await
@@ -167,17 +154,9 @@ async fn a_method_may_require_the_first_sent_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_a_method_drops_from_replays_reaches_only_the_first_caller() {
     let upstream = ledger::start().await;
-    let files = tempfile::tempdir().unwrap();
-    let rules = files.path().join("config.toml");
-    std::fs::write(
-        &rules,
-        "[methods.\"/idemproxy.testing.v1.Ledger/Apply\"]\nreplay-drop-metadata = [\"X-Ledger-Execution\"]\n",
-    )
-    .unwrap();
-    let sidecar = start_sidecar_with(
+    let sidecar = support::start_sidecar_with_apply_rule(
         upstream.addr,
-        &["--config".as_ref(), rules.as_ref()],
-        |_| {},
+        "replay-drop-metadata = [\"X-Ledger-Execution\"]",
     )
     .await;
     let mut ledger_client = client(sidecar.addr).await;

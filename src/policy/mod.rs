@@ -742,33 +742,24 @@ mod tests {
             "the rule wins"
         );
 
-        let mut unknown = MethodPolicy {
-            mode: 9,
-            ..MethodPolicy::default()
+        let rule_of = |mode: i32| {
+            let policy = MethodPolicy {
+                mode,
+                ..MethodPolicy::default()
+            };
+            let (keys, ignored) = (Vec::new(), Vec::new());
+            build_rule(
+                "/a.B/C".into(),
+                &policy,
+                false,
+                keys,
+                ignored,
+                None,
+                defaults.clone(),
+            )
         };
-        let built = build_rule(
-            "/a.B/C".into(),
-            &unknown,
-            false,
-            Vec::new(),
-            Vec::new(),
-            None,
-            defaults.clone(),
-        );
-        assert!(built.is_err(), "an unknown mode number is refused");
-        unknown.mode = Mode::Observe as i32;
-        let built = build_rule(
-            "/a.B/C".into(),
-            &unknown,
-            false,
-            Vec::new(),
-            Vec::new(),
-            None,
-            defaults,
-        );
-        assert_eq!(
-            built.expect("valid").call.mode,
-            crate::engine::Mode::Observe
-        );
+        assert!(rule_of(9).is_err(), "an unknown mode number is refused");
+        let observed = rule_of(Mode::Observe as i32).expect("valid");
+        assert_eq!(observed.call.mode, crate::engine::Mode::Observe);
     }
 }

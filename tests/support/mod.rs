@@ -145,6 +145,17 @@ pub async fn start_sidecar_with(
     }
 }
 
+/// Starts a sidecar in front of `upstream` whose config file holds the rule `settings` (TOML
+/// lines) for the test upstream's Apply.
+pub async fn start_sidecar_with_apply_rule(upstream: SocketAddr, settings: &str) -> Sidecar {
+    let files = tempfile::tempdir().expect("a temp dir");
+    let rules = files.path().join("config.toml");
+    let text = format!("[methods.\"/idemproxy.testing.v1.Ledger/Apply\"]\n{settings}\n");
+    std::fs::write(&rules, text).expect("the config file is written");
+    // Read at start only: the file may go with `files` once the sidecar runs.
+    start_sidecar_with(upstream, &["--config".as_ref(), rules.as_ref()], |_| {}).await
+}
+
 /// A tonic client of the ledger at `addr` (the sidecar or the upstream itself).
 pub async fn client(addr: SocketAddr) -> LedgerClient<Channel> {
     let channel = Channel::from_shared(format!("http://{addr}"))

@@ -5,8 +5,8 @@
 //!
 //! Its cost is bounded: each page is read on a blocking thread, never on the threads that
 //! serve calls (sled's reads are synchronous: a page of 1,000 records decoded on the one
-//! runtime thread held every call behind it); after each page it pauses 49 times as long as
-//! the page took, so it holds at most a fiftieth of a core (or of the shared store's time);
+//! runtime thread held every call behind it); after each page it pauses 19 times as long as
+//! the page took, so it holds at most a twentieth of a core (or of the shared store's time);
 //! and passes start `pass_interval` apart (ten sweep intervals, 10 s by default). It reads
 //! only.
 
@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The pause after a page, as a multiple of the time the page took.
-const PAUSE_PER_PAGE_FACTOR: u32 = 49;
+const PAUSE_PER_PAGE_FACTOR: u32 = 19;
 
 /// The shortest and the longest wait between two passes.
 pub const PASS_INTERVAL_MIN: Duration = Duration::from_millis(500);

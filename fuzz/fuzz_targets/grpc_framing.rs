@@ -45,5 +45,6 @@ fuzz_target!(|data: &[u8]| {
     let trailers = halves.next().map(header_map);
     let status = [200, 404, 503, 100, 999][usize::from(selector) % 5];
     let response = grpc::to_response(status, &head, body.clone(), trailers.as_ref());
-    let _ = idemproxy::proxy::recorded_response(response, selector & 1 == 1);
+    let expires_ms = Some(u64::from(selector) << 20);
+    let _ = idemproxy::proxy::recorded_response(response, selector & 1 == 1, expires_ms);
 });

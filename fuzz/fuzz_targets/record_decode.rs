@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
             serial: None,
         };
         if let (_, record::Claimed::Replay(response)) = record::claim(Some(&opened), &request) {
-            let _ = idemproxy::proxy::recorded_response(response, true);
+            let _ = idemproxy::proxy::recorded_response(response, true, None);
         }
     }
     let _ = record::recover(Some(&stored), Some(&[1; 8]));

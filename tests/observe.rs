@@ -69,9 +69,19 @@ async fn observe_mode_runs_every_delivery_counts_what_it_would_stop_and_a_switch
     // Switched to replay on the same store: the first delivery's record answers the next.
     let mut replaying = args;
     replaying.mode = ModeSetting::Replay;
-    let sidecar = idemproxy::server::start(&config::resolve(replaying).unwrap())
-        .await
-        .unwrap();
+    let replaying = config::resolve(replaying).unwrap();
+    // sled gives its lock back once its threads have ended, a moment after the stop.
+    let mut started = idemproxy::server::start(&replaying).await;
+    for _ in 0..100 {
+        match &started {
+            Err(error) if error.to_string().contains("could not acquire lock") => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                started = idemproxy::server::start(&replaying).await;
+            }
+            _ => break,
+        }
+    }
+    let sidecar = started.unwrap();
     let mut ledger_client = client(sidecar.proxy_addr).await;
     let sixth = apply(&mut ledger_client, add("acct", 10), Some("sub-1"), None)
         .await

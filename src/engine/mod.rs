@@ -373,23 +373,11 @@ impl<S: Store, U: Upstream, C: Clock> Engine<S, U, C> {
     /// `handle`, what was decided for the call (telemetry's `idemproxy.decision`), and how
     /// long its key's record protects it.
     pub async fn handle_observed(self: &Arc<Self>, call: Call<U::Request>) -> Handled<U::Stream> {
-        let key = Key::derive(&call.method, &call.caller, &call.serial);
         if let Err(error) = key::validate_serial(&call.serial) {
-            if call
-                .policy
-                .is_some_and(|policy| policy.mode == Mode::Observe)
-            {
-                // Observe mode refuses nothing: the call goes on as without the sidecar.
-                let lease =
-                    call.timeout.unwrap_or(self.limits.lease_default) + self.limits.lease_margin;
-                let answer = self
-                    .forward_unprotected(key, lease, call.request, call.body)
-                    .await;
-                return Handled::new(answer, Decision::Invalid, None);
-            }
             let refusal = Refusal::new(Reason::KeyInvalid, error.to_string());
             return Handled::new(Answer::Refused(refusal), Decision::Invalid, None);
         }
+        let key = Key::derive(&call.method, &call.caller, &call.serial);
         trace::record_key(&key);
         let (mut answered, answer) = tokio::sync::oneshot::channel();
         let engine = self.clone();

@@ -318,6 +318,10 @@ impl<S: Store, C: Clock> Proxy<S, C> {
             let forwarded = self.upstream.forward(parts, body).await;
             return Routed::passed_through(forwarded);
         };
+        if observing && crate::key::validate_serial(&serial).is_err() {
+            // Observe mode refuses nothing, not even a malformed key: forwarded unrecorded.
+            return Routed::passed_through(self.upstream.forward(parts, body).await);
+        }
         let timeout = parts
             .headers
             .get("grpc-timeout")

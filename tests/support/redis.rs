@@ -30,17 +30,22 @@ fn free_port() -> u16 {
     }
 }
 
-fn redis_server() -> &'static str {
-    let found = Command::new("redis-server")
+/// `binary`, once it answers `--version`; else the test fails saying how to get it (`package`).
+fn installed(binary: &'static str, package: &str) -> &'static str {
+    let found = Command::new(binary)
         .arg("--version")
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|status| status.success());
     assert!(
         found,
-        "redis-server is not installed: run scripts/test, which installs it"
+        "{binary} is not installed: run scripts/test, which installs Debian's {package}"
     );
-    "redis-server"
+    binary
+}
+
+fn redis_server() -> &'static str {
+    installed("redis-server", "redis-server")
 }
 
 fn spawn(port: u16, dir: &Path, cluster: bool, extra: &[String]) -> Child {
@@ -260,15 +265,7 @@ impl SentinelNode {
     /// may be taken before the sentinel binds it (it then exits): it is started again on
     /// another.
     fn start(master_port: u16, timing: SentinelTiming) -> SentinelNode {
-        let found = Command::new("redis-sentinel")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-        assert!(
-            found,
-            "redis-sentinel is not installed: run scripts/test, which installs Debian's redis-sentinel"
-        );
+        installed("redis-sentinel", "redis-sentinel");
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("a temp dir");
             let port = free_port();

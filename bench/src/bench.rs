@@ -112,9 +112,10 @@ pub async fn run_load(args: LoadArgs) -> anyhow::Result<()> {
     .await?;
     result.finish();
     println!(
-        "{:.0} calls/s, p50 {} µs, p99 {} µs, {} errors",
+        "{:.0} calls/s, p50 {} µs, p90 {} µs, p99 {} µs, {} errors",
         result.throughput(),
         result.percentile_us(0.5),
+        result.percentile_us(0.9),
         result.percentile_us(0.99),
         result.errors
     );

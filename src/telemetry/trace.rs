@@ -133,6 +133,11 @@ pub fn client_span(path: &str, authority: &str, headers: &mut HeaderMap) -> Span
     headers.remove("traceparent");
     headers.remove("tracestate");
     TraceContextPropagator::new().inject_context(&span.context(), &mut HeadersMut(headers));
+    // New with every call: kept out of the connection's HPACK table, as the key is
+    // (`proxy::never_indexed`).
+    if let Some(traceparent) = headers.get_mut("traceparent") {
+        traceparent.set_sensitive(true);
+    }
     remember_ids(&span);
     span
 }

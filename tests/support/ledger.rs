@@ -20,6 +20,7 @@ pub const RESET_AFTER_ACTING: u32 = 1000;
 #[derive(Default)]
 pub struct LedgerState {
     executions: AtomicU64,
+    arrivals: AtomicU64,
     balances: Mutex<HashMap<String, i64>>,
     per_account: Mutex<HashMap<String, u64>>,
     traceparents: Mutex<Vec<String>>,
@@ -29,6 +30,11 @@ impl LedgerState {
     /// Executions of every method, in total.
     pub fn executions(&self) -> u64 {
         self.executions.load(Ordering::SeqCst)
+    }
+
+    /// Apply calls that reached the service, counted as they arrive (before any delay).
+    pub fn arrivals(&self) -> u64 {
+        self.arrivals.load(Ordering::SeqCst)
     }
 
     /// Executions for one account.
@@ -103,6 +109,7 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<ApplyReply, Status>> + Send>
 #[tonic::async_trait]
 impl Ledger for LedgerService {
     async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyReply>, Status> {
+        self.state.arrivals.fetch_add(1, Ordering::SeqCst);
         if let Some(traceparent) = request.metadata().get("traceparent") {
             let traceparent = traceparent.to_str().unwrap_or("(not ASCII)").to_owned();
             self.state.traceparents.lock().unwrap().push(traceparent);

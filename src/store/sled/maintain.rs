@@ -4,7 +4,7 @@
 //! through `apply`.
 
 use super::slices::{self, Packer};
-use super::{decode, store_error, SledStore, SUSPECT};
+use super::{decode, decode_head, store_error, SledStore, SUSPECT};
 use crate::key::Key;
 use crate::record::{self, Change, Record, State};
 use crate::store::{Maintenance, StoreError};
@@ -68,7 +68,7 @@ impl SledStore {
             walk.from = Some(raw_key.clone());
             let key = Key::from_slice(&raw_key)
                 .ok_or_else(|| StoreError::Corrupt("a record key is not 32 bytes".into()))?;
-            let record = decode(&key, &value)?;
+            let record = decode_head(&key, &value)?;
             if record.expires_ms <= now_ms {
                 let sweep = |current: Option<&Record>| record::sweep(current, now_ms);
                 if self.maintain_record(&key, record.expires_ms, sweep)? {

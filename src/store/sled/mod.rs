@@ -22,6 +22,7 @@ mod scan;
 mod slices;
 
 use crate::key::Key;
+use crate::pb::idemproxy::v1::RecordHead;
 use crate::record::{self, Change, Record};
 use crate::store::durable::{self, DataDirSync, PROBE_FILE};
 use crate::store::flusher::Flusher;
@@ -129,6 +130,15 @@ pub struct Recovery {
 
 fn decode(key: &Key, bytes: &[u8]) -> Result<Record, StoreError> {
     Record::decode(bytes).map_err(|error| StoreError::Undecodable {
+        key: *key,
+        reason: error.to_string(),
+    })
+}
+
+/// The state, caller and expiry of a stored record, read without copying the rest (its
+/// response above all): what the sweeper's walk decides on.
+fn decode_head(key: &Key, bytes: &[u8]) -> Result<RecordHead, StoreError> {
+    RecordHead::decode(bytes).map_err(|error| StoreError::Undecodable {
         key: *key,
         reason: error.to_string(),
     })

@@ -3,7 +3,9 @@
 
 mod support;
 
+use std::sync::{Arc, Mutex};
 use support::{add, apply, client, ledger, reason, start_sidecar, was_replayed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_key_executes_once_however_often_it_arrives() {
@@ -242,4 +244,139 @@ async fn a_response_too_large_to_keep_reaches_the_caller_and_is_never_rerun() {
             .await
             .unwrap()
     ));
+}
+
+/// The sidecar-to-service bytes, copied by a relay in front of `upstream`.
+async fn relay_copying(
+    upstream: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let copied = sent.clone();
+    tokio::spawn(async move {
+        // One connection: the sidecar's to the service.
+        let (inbound, _) = listener.accept().await.unwrap();
+        let outbound = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        let (mut from_sidecar, mut to_sidecar) = inbound.into_split();
+        let (mut from_service, mut to_service) = outbound.into_split();
+        tokio::spawn(async move { tokio::io::copy(&mut from_service, &mut to_sidecar).await });
+        let mut buffer = vec![0; 16 * 1024];
+        loop {
+            let read = from_sidecar.read(&mut buffer).await.unwrap_or(0);
+            if read == 0 {
+                return;
+            }
+            copied.lock().unwrap().extend_from_slice(&buffer[..read]);
+            if to_service.write_all(&buffer[..read]).await.is_err() {
+                return;
+            }
+        }
+    });
+    (addr, sent)
+}
+
+/// The HPACK blocks of the HEADERS frames in a client connection's bytes (RFC 9113 §6.2).
+fn header_blocks(sent: &[u8]) -> Vec<Vec<u8>> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    assert!(sent.starts_with(PREFACE), "an HTTP/2 client connection");
+    let (mut at, mut blocks) = (PREFACE.len(), Vec::new());
+    while at + 9 <= sent.len() {
+        let len = u32::from_be_bytes([0, sent[at], sent[at + 1], sent[at + 2]]) as usize;
+        let (kind, flags) = (sent[at + 3], sent[at + 4]);
+        let payload = &sent[at + 9..at + 9 + len];
+        assert_ne!(kind, 0x9, "no CONTINUATION: each block fits one frame");
+        if kind == 0x1 {
+            assert_ne!(flags & 0x4, 0, "END_HEADERS");
+            let padding = if flags & 0x8 != 0 {
+                payload[0] as usize
+            } else {
+                0
+            };
+            let start = usize::from(flags & 0x8 != 0) + if flags & 0x20 != 0 { 5 } else { 0 };
+            blocks.push(payload[start..payload.len() - padding].to_vec());
+        }
+        at += 9 + len;
+    }
+    blocks
+}
+
+/// An HPACK integer with an `prefix`-bit prefix (RFC 7541 §5.1).
+fn hpack_int(block: &[u8], at: &mut usize, prefix: u32) -> usize {
+    let mask = (1usize << prefix) - 1;
+    let mut value = usize::from(block[*at]) & mask;
+    *at += 1;
+    if value < mask {
+        return value;
+    }
+    let mut shift = 0;
+    loop {
+        let byte = block[*at];
+        *at += 1;
+        value += usize::from(byte & 0x7f) << shift;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            return value;
+        }
+    }
+}
+
+/// How many fields of an HPACK block are literals with incremental indexing (they enter the
+/// table), and how many are never-indexed literals (RFC 7541 §6).
+fn literals(block: &[u8]) -> (usize, usize) {
+    let (mut at, mut indexing, mut never) = (0, 0, 0);
+    let skip_string = |at: &mut usize| {
+        let len = hpack_int(block, at, 7);
+        *at += len;
+    };
+    while at < block.len() {
+        let first = block[at];
+        let prefix = if first & 0x80 != 0 {
+            hpack_int(block, &mut at, 7);
+            continue;
+        } else if first & 0xc0 == 0x40 {
+            indexing += 1;
+            6
+        } else if first & 0xe0 == 0x20 {
+            hpack_int(block, &mut at, 5);
+            continue;
+        } else {
+            if first & 0xf0 == 0x10 {
+                never += 1;
+            }
+            4
+        };
+        if hpack_int(block, &mut at, prefix) == 0 {
+            skip_string(&mut at);
+        }
+        skip_string(&mut at);
+    }
+    (indexing, never)
+}
+
+#[tokio::test]
+async fn a_key_goes_to_the_service_as_a_never_indexed_literal() {
+    // Every call's key is new: entered in the connection's HPACK table, each one would evict
+    // an entry worth keeping and be compared against by every later call. Sent never
+    // indexed (RFC 7541 §6.2.3), the table holds what repeats, so a call after the first
+    // adds nothing to it.
+    let upstream = ledger::start().await;
+    let (relay, sent) = relay_copying(upstream.addr).await;
+    let sidecar = start_sidecar(relay, |_| {}).await;
+    let mut client = client(sidecar.addr).await;
+    let calls = 60;
+    for n in 0..calls {
+        let key = format!("order-{n:04}-{}", "k".repeat(40));
+        apply(&mut client, add(&format!("acct-{n}"), 1), Some(&key), None)
+            .await
+            .expect("answered");
+    }
+    assert_eq!(upstream.state.executions(), calls);
+    let blocks = header_blocks(&sent.lock().unwrap());
+    assert_eq!(blocks.len() as u64, calls, "one request head a call");
+    for (n, block) in blocks.iter().enumerate().skip(1) {
+        let (indexing, never) = literals(block);
+        assert_eq!(indexing, 0, "call {n} added to the HPACK table");
+        assert_eq!(never, 1, "call {n}'s key is the one never-indexed literal");
+    }
 }

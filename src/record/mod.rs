@@ -437,6 +437,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_record_head_reads_the_state_caller_and_expiry_of_the_stored_bytes() {
+        use prost::Message;
+        let record = Record {
+            version: 1,
+            state: State::Completed as i32,
+            fingerprint: FP.to_vec(),
+            method: "/s.S/M".into(),
+            caller: "billing".into(),
+            created_ms: 5,
+            expires_ms: 10_005,
+            token: vec![1; 16],
+            response: Some(Response {
+                body: vec![9; 4_096].into(),
+                ..Response::default()
+            }),
+            ..Record::default()
+        };
+        let head = crate::pb::idemproxy::v1::RecordHead::decode(&record.encode_to_vec()[..])
+            .expect("a record's bytes are a head's");
+        assert_eq!(head.state(), State::Completed);
+        assert_eq!(head.caller, "billing");
+        assert_eq!(head.expires_ms, 10_005);
+    }
+
     fn put(change: Change) -> Record {
         match change {
             Change::Put(record) => record,

@@ -250,14 +250,18 @@ async fn a_response_too_large_to_keep_reaches_the_caller_and_is_never_rerun() {
 async fn relay_copying(
     upstream: std::net::SocketAddr,
 ) -> (std::net::SocketAddr, Arc<Mutex<Vec<u8>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("the relay binds");
+    let addr = listener.local_addr().expect("the relay's address");
     let sent = Arc::new(Mutex::new(Vec::new()));
     let copied = sent.clone();
     tokio::spawn(async move {
         // One connection: the sidecar's to the service.
-        let (inbound, _) = listener.accept().await.unwrap();
-        let outbound = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        let (inbound, _) = listener.accept().await.expect("the sidecar connects");
+        let outbound = tokio::net::TcpStream::connect(upstream)
+            .await
+            .expect("the service is there");
         let (mut from_sidecar, mut to_sidecar) = inbound.into_split();
         let (mut from_service, mut to_service) = outbound.into_split();
         tokio::spawn(async move { tokio::io::copy(&mut from_service, &mut to_sidecar).await });
@@ -267,7 +271,10 @@ async fn relay_copying(
             if read == 0 {
                 return;
             }
-            copied.lock().unwrap().extend_from_slice(&buffer[..read]);
+            copied
+                .lock()
+                .expect("never poisoned")
+                .extend_from_slice(&buffer[..read]);
             if to_service.write_all(&buffer[..read]).await.is_err() {
                 return;
             }

@@ -3,9 +3,8 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
+use support::failover::copying_relay;
 use support::{add, apply, client, ledger, reason, start_sidecar, was_replayed};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_key_executes_once_however_often_it_arrives() {
@@ -246,43 +245,6 @@ async fn a_response_too_large_to_keep_reaches_the_caller_and_is_never_rerun() {
     ));
 }
 
-/// The sidecar-to-service bytes, copied by a relay in front of `upstream`.
-async fn relay_copying(
-    upstream: std::net::SocketAddr,
-) -> (std::net::SocketAddr, Arc<Mutex<Vec<u8>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("the relay binds");
-    let addr = listener.local_addr().expect("the relay's address");
-    let sent = Arc::new(Mutex::new(Vec::new()));
-    let copied = sent.clone();
-    tokio::spawn(async move {
-        // One connection: the sidecar's to the service.
-        let (inbound, _) = listener.accept().await.expect("the sidecar connects");
-        let outbound = tokio::net::TcpStream::connect(upstream)
-            .await
-            .expect("the service is there");
-        let (mut from_sidecar, mut to_sidecar) = inbound.into_split();
-        let (mut from_service, mut to_service) = outbound.into_split();
-        tokio::spawn(async move { tokio::io::copy(&mut from_service, &mut to_sidecar).await });
-        let mut buffer = vec![0; 16 * 1024];
-        loop {
-            let read = from_sidecar.read(&mut buffer).await.unwrap_or(0);
-            if read == 0 {
-                return;
-            }
-            copied
-                .lock()
-                .expect("never poisoned")
-                .extend_from_slice(&buffer[..read]);
-            if to_service.write_all(&buffer[..read]).await.is_err() {
-                return;
-            }
-        }
-    });
-    (addr, sent)
-}
-
 /// The HPACK blocks of the HEADERS frames in a client connection's bytes (RFC 9113 §6.2).
 fn header_blocks(sent: &[u8]) -> Vec<Vec<u8>> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -368,8 +330,8 @@ async fn a_key_goes_to_the_service_as_a_never_indexed_literal() {
     // indexed (RFC 7541 §6.2.3), the table holds what repeats, so a call after the first
     // adds nothing to it.
     let upstream = ledger::start().await;
-    let (relay, sent) = relay_copying(upstream.addr).await;
-    let sidecar = start_sidecar(relay, |_| {}).await;
+    let relay = copying_relay(upstream.addr.port());
+    let sidecar = start_sidecar(([127, 0, 0, 1], relay.port).into(), |_| {}).await;
     let mut client = client(sidecar.addr).await;
     let calls = 60;
     for n in 0..calls {
@@ -379,6 +341,7 @@ async fn a_key_goes_to_the_service_as_a_never_indexed_literal() {
             .expect("answered");
     }
     assert_eq!(upstream.state.executions(), calls);
+    let sent = relay.sent.expect("a copying relay keeps what is sent");
     let blocks = header_blocks(&sent.lock().unwrap());
     assert_eq!(blocks.len() as u64, calls, "one request head a call");
     for (n, block) in blocks.iter().enumerate().skip(1) {

@@ -386,16 +386,28 @@ pub struct Relay {
     pub port: u16,
     pub target: Arc<AtomicU16>,
     pub frozen: Arc<AtomicBool>,
+    /// Every byte its clients sent, in order, when made by `copying_relay`.
+    pub sent: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
 /// A relay to `target` on a free loopback port, served on the current tokio runtime.
 pub fn relay(target: u16, freezes: Freezes) -> Relay {
+    relay_keeping(target, freezes, None)
+}
+
+/// A relay that also keeps a copy of what its clients send (`Relay::sent`): for a test that
+/// reads the bytes a client wrote. Never frozen unless asked.
+pub fn copying_relay(target: u16) -> Relay {
+    relay_keeping(target, Freezes::Everything, Some(Arc::default()))
+}
+
+fn relay_keeping(target: u16, freezes: Freezes, sent: Option<Arc<Mutex<Vec<u8>>>>) -> Relay {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
     let target = Arc::new(AtomicU16::new(target));
     let frozen = Arc::new(AtomicBool::new(false));
-    let (to, freeze) = (target.clone(), frozen.clone());
+    let (to, freeze, copy) = (target.clone(), frozen.clone(), sent.clone());
     tokio::spawn(async move {
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         while let Ok((client, _)) = listener.accept().await {
@@ -403,13 +415,20 @@ pub fn relay(target: u16, freezes: Freezes) -> Relay {
             let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
                 continue; // The client sees its connection closed, and connects again.
             };
-            tokio::spawn(relay_connection(client, server, freeze.clone(), freezes));
+            tokio::spawn(relay_connection(
+                client,
+                server,
+                freeze.clone(),
+                freezes,
+                copy.clone(),
+            ));
         }
     });
     Relay {
         port,
         target,
         frozen,
+        sent,
     }
 }
 
@@ -418,6 +437,7 @@ async fn relay_connection(
     server: tokio::net::TcpStream,
     freeze: Arc<AtomicBool>,
     freezes: Freezes,
+    copy: Option<Arc<Mutex<Vec<u8>>>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cut = AtomicBool::new(freezes == Freezes::Everything);
@@ -432,6 +452,11 @@ async fn relay_connection(
             }
             if buffer[..n].windows(8).any(|bytes| bytes == b"REPLCONF") {
                 cut.store(true, Ordering::SeqCst);
+            }
+            if let Some(copy) = &copy {
+                copy.lock()
+                    .expect("never poisoned")
+                    .extend_from_slice(&buffer[..n]);
             }
             if to_server.write_all(&buffer[..n]).await.is_err() {
                 return;
